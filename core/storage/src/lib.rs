@@ -1,0 +1,472 @@
+//! Content-addressed blob storage and upload staging over Apache OpenDAL.
+//!
+//! [`BlobStore`] is the registry's whole view of storage: a handful of operations on
+//! verified blobs and on staged uploads. OpenDAL types never leave this crate, so the
+//! backend (filesystem, memory, S3 and friends) is configuration, and an OpenDAL API
+//! change touches this crate only.
+//!
+//! Architecture invariants:
+//! - Keys come only from [`layout`].
+//! - A blob key is written only by [`BlobStore::commit_upload`] or [`BlobStore::put_blob`],
+//!   each of which publishes the key atomically (rename, multipart completion, or an
+//!   atomic write), after the caller has verified the digest of the bytes.
+//! - Bytes stream through; nothing here buffers a whole blob in memory.
+
+pub mod layout;
+
+use std::pin::Pin;
+
+use berth_oci::range::ByteRange;
+use berth_oci::{Digest, Digester, UploadId};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use opendal::{services, ErrorKind, Operator};
+use serde::{Deserialize, Serialize};
+
+/// Which storage backend to use, chosen by configuration.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// Local filesystem under `root` (the embedded default: `<data dir>/blobs`).
+    Fs { root: String },
+    /// Process memory; lost at exit. For tests and throwaway registries.
+    Memory,
+    /// S3 or an S3-compatible service.
+    S3 {
+        bucket: String,
+        #[serde(default)]
+        endpoint: Option<String>,
+        #[serde(default)]
+        region: Option<String>,
+        #[serde(default)]
+        root: Option<String>,
+        #[serde(default)]
+        access_key_id: Option<String>,
+        #[serde(default)]
+        secret_access_key: Option<String>,
+    },
+}
+
+/// A storage failure. `NotFound` is a normal answer; `Backend` is logged and
+/// answered as 500 by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("not found")]
+    NotFound,
+    #[error("upload staging is inconsistent: {0}")]
+    Staging(String),
+    #[error("client stream failed: {0}")]
+    Client(String),
+    #[error("upload exceeds the size limit")]
+    TooLarge,
+    #[error("storage backend: {0}")]
+    Backend(#[from] opendal::Error),
+}
+
+impl StorageError {
+    fn from_dal(e: opendal::Error) -> Self {
+        if e.kind() == ErrorKind::NotFound {
+            StorageError::NotFound
+        } else {
+            StorageError::Backend(e)
+        }
+    }
+}
+
+/// How an upload's bytes are staged; persisted with the session so another process
+/// (after a restart, or another replica) can continue the upload.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Staging {
+    /// Append mode: the generation of `uploads/<id>/data-<gen>`. A generation is
+    /// replaced when a failed chunk left bytes past the recorded offset.
+    #[serde(default)]
+    pub generation: u32,
+    /// Parts mode: the start offsets of the committed chunks, in order.
+    #[serde(default)]
+    pub parts: Vec<u64>,
+}
+
+/// A stream of blob bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// The registry's blob store.
+#[derive(Clone)]
+pub struct BlobStore {
+    op: Operator,
+    append: bool,
+    rename: bool,
+    compose: bool,
+}
+
+/// Reads are fetched from the backend in pieces of this size.
+const READ_CHUNK: usize = 4 * 1024 * 1024;
+/// Writes are gathered into pieces of this size before reaching the backend.
+const WRITE_CHUNK: usize = 4 * 1024 * 1024;
+/// Chunks in flight between the writer and the hashing thread.
+const HASH_QUEUE: usize = 256;
+
+impl BlobStore {
+    /// Open the configured backend and check it is reachable.
+    pub async fn open(config: &StorageConfig) -> Result<Self, StorageError> {
+        let op = match config {
+            StorageConfig::Fs { root } => {
+                std::fs::create_dir_all(root).map_err(|e| StorageError::Staging(format!("create {root}: {e}")))?;
+                let tmp = std::path::Path::new(root).join(layout::TMP_DIR);
+                Operator::new(services::Fs::default().root(root).atomic_write_dir(&tmp.to_string_lossy()))?
+            }
+            StorageConfig::Memory => Operator::new(services::Memory::default())?,
+            StorageConfig::S3 { bucket, endpoint, region, root, access_key_id, secret_access_key } => {
+                let mut b = services::S3::default().bucket(bucket);
+                if let Some(v) = endpoint {
+                    b = b.endpoint(v);
+                }
+                b = b.region(region.as_deref().unwrap_or("us-east-1"));
+                if let Some(v) = root {
+                    b = b.root(v);
+                }
+                if let Some(v) = access_key_id {
+                    b = b.access_key_id(v);
+                }
+                if let Some(v) = secret_access_key {
+                    b = b.secret_access_key(v);
+                }
+                Operator::new(b)?
+            }
+        };
+        let cap = op.info().capability();
+        let store = BlobStore { append: cap.write_can_append, rename: cap.rename, compose: cap.compose, op };
+        store.op.check().await.map_err(StorageError::from_dal)?;
+        Ok(store)
+    }
+
+    /// Whether uploads stage into one appended file (else one object per chunk).
+    pub fn appends(&self) -> bool {
+        self.append
+    }
+
+    /// Size of a stored blob, or `None` if absent.
+    pub async fn stat_blob(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match self.op.stat(&layout::blob(digest)).await {
+            Ok(m) => Ok(Some(m.content_length())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stream a blob (or one byte range of it).
+    pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+        let reader = self.op.reader_with(&layout::blob(digest)).chunk(READ_CHUNK).await.map_err(StorageError::from_dal)?;
+        let stream = match range {
+            Some(r) => reader.into_bytes_stream(r.start..r.end + 1).await,
+            None => reader.into_bytes_stream(..).await,
+        }
+        .map_err(StorageError::from_dal)?;
+        Ok(Box::pin(stream))
+    }
+
+    /// Read a whole (small) blob, such as a manifest.
+    pub async fn read_blob_bytes(&self, digest: &Digest) -> Result<Bytes, StorageError> {
+        let buf = self.op.read(&layout::blob(digest)).await.map_err(StorageError::from_dal)?;
+        Ok(buf.to_bytes())
+    }
+
+    /// Store small verified content (a manifest) under its digest. The caller has
+    /// computed `digest` from `bytes`. Writing an existing blob is a no-op.
+    pub async fn put_blob(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
+        debug_assert_eq!(&Digest::of(digest.algorithm(), &bytes), digest);
+        if self.stat_blob(digest).await?.is_some() {
+            return Ok(());
+        }
+        self.op.write(&layout::blob(digest), bytes).await?;
+        Ok(())
+    }
+
+    /// Delete a blob's bytes. Absent is not an error.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.op.delete(&layout::blob(digest)).await?;
+        Ok(())
+    }
+
+    /// Append one chunk of an upload at `offset`, feeding every byte to `digester`.
+    ///
+    /// On success returns the number of bytes written and updates `staging`. On
+    /// failure `staging` is unchanged and the caller must discard `digester`; bytes a
+    /// failed chunk left behind are never counted (append mode repairs them on the
+    /// next chunk, parts mode overwrites the part).
+    pub async fn write_chunk<S, E>(
+        &self,
+        id: &UploadId,
+        staging: &mut Staging,
+        offset: u64,
+        body: S,
+        digester: &mut Digester,
+        max_total: u64,
+    ) -> Result<u64, StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let key = if self.append {
+            let key = layout::upload_data(id, staging.generation);
+            let on_disk = match self.op.stat(&key).await {
+                Ok(m) => m.content_length(),
+                Err(e) if e.kind() == ErrorKind::NotFound => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if on_disk < offset {
+                return Err(StorageError::Staging(format!("staging holds {on_disk} bytes, session says {offset}")));
+            }
+            if on_disk > offset {
+                // A chunk failed mid-stream earlier: keep only the recorded prefix.
+                let next = layout::upload_data(id, staging.generation + 1);
+                self.copy_prefix(&key, &next, offset).await?;
+                self.op.delete(&key).await?;
+                staging.generation += 1;
+                next
+            } else {
+                key
+            }
+        } else {
+            layout::upload_part(id, offset)
+        };
+        let mut writer = self.op.writer_with(&key).append(self.append).chunk(WRITE_CHUNK).await?;
+        // Hash on a blocking thread while this task writes: the two overlap, so a
+        // single upload runs at the speed of the slower one, not of their sum.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let mut local = digester.clone();
+        let hasher = tokio::task::spawn_blocking(move || {
+            while let Some(b) = rx.blocking_recv() {
+                local.update(&b);
+            }
+            local
+        });
+        let mut written = 0u64;
+        let mut body = body;
+        let result: Result<(), StorageError> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| StorageError::Client(e.to_string()))?;
+                written += chunk.len() as u64;
+                if offset + written > max_total {
+                    return Err(StorageError::TooLarge);
+                }
+                if tx.send(chunk.clone()).await.is_err() {
+                    return Err(StorageError::Staging("hasher stopped".into()));
+                }
+                writer.write(chunk).await?;
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let hashed = hasher.await;
+        match result {
+            Ok(()) => {
+                writer.close().await?;
+            }
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        }
+        let local = hashed.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+        if !self.append && written > 0 {
+            staging.parts.push(offset);
+        }
+        *digester = local;
+        Ok(written)
+    }
+
+    async fn copy_prefix(&self, from: &str, to: &str, len: u64) -> Result<(), StorageError> {
+        let mut w = self.op.writer(to).await?;
+        if len > 0 {
+            let reader = self.op.reader_with(from).chunk(READ_CHUNK).await?;
+            let mut s = reader.into_bytes_stream(0..len).await?;
+            while let Some(b) = s.next().await {
+                w.write(b.map_err(|e| StorageError::Staging(e.to_string()))?).await?;
+            }
+        }
+        w.close().await?;
+        Ok(())
+    }
+
+    /// Publish a fully staged and verified upload as the blob `digest`, then drop the
+    /// staging data. If the blob already exists the staged copy is simply dropped.
+    pub async fn commit_upload(&self, id: &UploadId, staging: &Staging, total: u64, digest: &Digest) -> Result<(), StorageError> {
+        let target = layout::blob(digest);
+        if self.stat_blob(digest).await?.is_none() {
+            if self.append {
+                let key = layout::upload_data(id, staging.generation);
+                if total == 0 {
+                    self.op.write(&target, Bytes::new()).await?;
+                } else if self.rename {
+                    self.op.rename(&key, &target).await?;
+                } else {
+                    self.op.copy(&key, &target).await?;
+                }
+            } else {
+                let parts: Vec<String> = staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect();
+                match parts.len() {
+                    0 => {
+                        self.op.write(&target, Bytes::new()).await?;
+                    }
+                    1 if self.rename => self.op.rename(&parts[0], &target).await?,
+                    1 => {
+                        self.op.copy(&parts[0], &target).await?;
+                    }
+                    _ if self.compose => {
+                        self.op.compose(parts, &target).await?;
+                    }
+                    _ => {
+                        // Concatenate through one writer, published on close.
+                        let mut w = self.op.writer(&target).await?;
+                        for part in &parts {
+                            let mut s = self.op.reader_with(part).chunk(READ_CHUNK).await?.into_bytes_stream(..).await?;
+                            while let Some(b) = s.next().await {
+                                w.write(b.map_err(|e| StorageError::Staging(e.to_string()))?).await?;
+                            }
+                        }
+                        w.close().await?;
+                    }
+                }
+            }
+        }
+        self.delete_upload(id).await
+    }
+
+    /// Stream the `total` bytes staged so far for an upload (to re-hash them with a
+    /// different digest algorithm than the one the session started with).
+    pub async fn read_staged(&self, id: &UploadId, staging: &Staging, total: u64) -> Result<ByteStream, StorageError> {
+        if total == 0 {
+            return Ok(Box::pin(futures::stream::empty()));
+        }
+        let keys: Vec<String> = if self.append {
+            vec![layout::upload_data(id, staging.generation)]
+        } else {
+            staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect()
+        };
+        let op = self.op.clone();
+        let limit = if self.append { Some(total) } else { None };
+        let stream = futures::stream::iter(keys)
+            .then(move |key| {
+                let op = op.clone();
+                async move {
+                    let reader = op.reader_with(&key).chunk(READ_CHUNK).await?;
+                    match limit {
+                        Some(n) => reader.into_bytes_stream(0..n).await,
+                        None => reader.into_bytes_stream(..).await,
+                    }
+                }
+            })
+            .map(|r| r.map_err(std::io::Error::other))
+            .try_flatten();
+        Ok(Box::pin(stream))
+    }
+
+    /// Remove everything staged for an upload. Absent is not an error.
+    pub async fn delete_upload(&self, id: &UploadId) -> Result<(), StorageError> {
+        match self.op.delete_with(&layout::upload_dir(id)).recursive(true).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Upload ids that have staging data (for sweeping data no session owns).
+    pub async fn staged_uploads(&self) -> Result<Vec<UploadId>, StorageError> {
+        let entries = match self.op.list("uploads/").await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(entries
+            .iter()
+            .filter_map(|e| e.name().trim_end_matches('/').parse::<UploadId>().ok())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_oci::DigestAlgorithm;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
+        futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect::<Vec<_>>())
+    }
+
+    async fn stores() -> Vec<(BlobStore, tempdir::Dir)> {
+        let dir = tempdir::Dir::new();
+        let fs = BlobStore::open(&StorageConfig::Fs { root: dir.path().to_string() }).await.unwrap();
+        let mem = BlobStore::open(&StorageConfig::Memory).await.unwrap();
+        assert!(fs.appends());
+        assert!(!mem.appends(), "memory exercises the parts strategy");
+        vec![(fs, dir), (mem, tempdir::Dir::new())]
+    }
+
+    #[tokio::test]
+    async fn chunked_upload_commits_verified_content() {
+        for (store, _dir) in stores().await {
+            let id = UploadId::random();
+            let mut staging = Staging::default();
+            let mut d = Digester::new(DigestAlgorithm::Sha256);
+            let n1 = store.write_chunk(&id, &mut staging, 0, chunks(&[b"hello ", b"wor"]), &mut d, u64::MAX).await.unwrap();
+            // A failed chunk leaves staging and the digester as they were.
+            let failing = futures::stream::iter(vec![Ok(Bytes::from_static(b"garbage")), Err("reset".to_string())]);
+            let saved = d.clone();
+            let mut d_fail = d.clone();
+            let before = staging.clone();
+            assert!(store.write_chunk(&id, &mut staging, n1, failing, &mut d_fail, u64::MAX).await.is_err());
+            assert_eq!(staging, before);
+            let mut d = saved;
+            let n2 = store.write_chunk(&id, &mut staging, n1, chunks(&[b"ld"]), &mut d, u64::MAX).await.unwrap();
+            let digest = d.finish();
+            assert_eq!(digest, Digest::sha256(b"hello world"));
+            store.commit_upload(&id, &staging, n1 + n2, &digest).await.unwrap();
+            assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(11));
+            assert_eq!(&store.read_blob_bytes(&digest).await.unwrap()[..], b"hello world");
+            let part: Vec<Bytes> = store
+                .read_blob(&digest, Some(ByteRange { start: 6, end: 9 }))
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            assert_eq!(part.concat(), b"worl");
+            assert!(store.staged_uploads().await.unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn size_limit_and_missing() {
+        for (store, _dir) in stores().await {
+            let id = UploadId::random();
+            let mut staging = Staging::default();
+            let mut d = Digester::new(DigestAlgorithm::Sha256);
+            let e = store.write_chunk(&id, &mut staging, 0, chunks(&[b"0123456789"]), &mut d, 5).await.unwrap_err();
+            assert!(matches!(e, StorageError::TooLarge));
+            assert_eq!(store.stat_blob(&Digest::sha256(b"nope")).await.unwrap(), None);
+            assert!(matches!(store.read_blob_bytes(&Digest::sha256(b"nope")).await, Err(StorageError::NotFound)));
+            store.delete_upload(&id).await.unwrap();
+        }
+    }
+
+    /// A minimal self-cleaning temporary directory.
+    mod tempdir {
+        pub struct Dir(std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!("berth-storage-test-{}", berth_oci::UploadId::random()));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+            pub fn path(&self) -> &str {
+                self.0.to_str().unwrap()
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+}
