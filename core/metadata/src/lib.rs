@@ -1,0 +1,363 @@
+//! Registry metadata over SurrealDB: repositories, manifests, tags, blob links and
+//! upload sessions.
+//!
+//! [`Metadata`] is the only type that speaks SurrealQL. Rows cross its boundary as
+//! plain structs of validated domain types; SurrealDB types never leave this crate.
+//!
+//! Architecture invariants:
+//! - Every multi-record change (a manifest with its tag, a manifest delete with its
+//!   tags) is one SurrealDB transaction, so no tag ever points at a missing manifest.
+//! - Record ids are derived from validated names and digests (`tag:[repo, name]`),
+//!   so writes are idempotent upserts.
+
+use berth_oci::{Digest, RepoName, Tag, UploadId};
+use serde::{Deserialize, Serialize};
+use surrealdb::engine::any::{self, Any};
+use surrealdb::opt::auth::Root;
+use surrealdb::Surreal;
+
+/// Which metadata store to use, chosen by configuration.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataConfig {
+    /// `surrealkv://<dir>` (embedded, the default), `mem://`, or `ws://host:port`.
+    pub url: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default = "default_db")]
+    pub database: String,
+    /// Root credentials for a SurrealDB server (`ws://`).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_ns() -> String {
+    "berth".into()
+}
+fn default_db() -> String {
+    "registry".into()
+}
+
+/// A metadata failure (always an internal error to the caller).
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("surrealdb: {0}")]
+    Db(#[from] surrealdb::Error),
+    #[error("corrupt metadata row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, MetadataError>;
+
+/// A manifest's facts, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestRow {
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub artifact_type: Option<String>,
+    pub subject: Option<Digest>,
+    /// Annotations, kept for the referrers index.
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+    pub created_ms: i64,
+}
+
+/// A tag, as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TagRow {
+    pub repo: RepoName,
+    pub name: Tag,
+    pub digest: Digest,
+    pub updated_ms: i64,
+}
+
+/// A blob linked into a repository (the only way a repository can serve a blob).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkRow {
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// An upload session, persisted after every chunk so it survives restarts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadRow {
+    pub id: UploadId,
+    pub repo: RepoName,
+    pub offset: u64,
+    /// Hex of the saved hasher state ([`berth_oci::Digester::save`]).
+    pub hash_state: String,
+    /// The storage crate's staging record, as JSON.
+    pub staging: serde_json::Value,
+    pub started_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Everything the read index needs, loaded once at start.
+#[derive(Default, Debug)]
+pub struct Snapshot {
+    pub repos: Vec<RepoName>,
+    pub manifests: Vec<ManifestRow>,
+    pub tags: Vec<TagRow>,
+    pub links: Vec<LinkRow>,
+}
+
+const SCHEMA: &str = r#"
+DEFINE TABLE IF NOT EXISTS repo SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS manifest SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS manifest_repo ON manifest FIELDS repo;
+DEFINE INDEX IF NOT EXISTS manifest_subject ON manifest FIELDS repo, subject;
+DEFINE TABLE IF NOT EXISTS tag SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS tag_repo ON tag FIELDS repo, name UNIQUE;
+DEFINE INDEX IF NOT EXISTS tag_digest ON tag FIELDS repo, digest;
+DEFINE TABLE IF NOT EXISTS blob_link SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS blob_link_digest ON blob_link FIELDS digest;
+DEFINE TABLE IF NOT EXISTS upload SCHEMALESS;
+"#;
+
+/// The metadata store.
+#[derive(Clone)]
+pub struct Metadata {
+    db: Surreal<Any>,
+}
+
+impl Metadata {
+    /// Connect (or open the embedded store) and make sure the schema exists.
+    pub async fn connect(config: &MetadataConfig) -> Result<Self> {
+        let db = any::connect(config.url.as_str()).await?;
+        if let (Some(username), Some(password)) = (&config.username, &config.password) {
+            db.signin(Root { username, password }).await?;
+        }
+        db.use_ns(&config.namespace).use_db(&config.database).await?;
+        db.query(SCHEMA).await?.check()?;
+        Ok(Metadata { db })
+    }
+
+    /// Load every repository, manifest, tag and blob link.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut r = self
+            .db
+            .query("SELECT VALUE name FROM repo")
+            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms FROM manifest")
+            .query("SELECT repo, name, digest, updated_ms FROM tag")
+            .query("SELECT repo, digest, size FROM blob_link")
+            .await?
+            .check()?;
+        Ok(Snapshot { repos: r.take(0)?, manifests: r.take(1)?, tags: r.take(2)?, links: r.take(3)? })
+    }
+
+    /// Link a verified blob into a repository (creating the repository record).
+    pub async fn link_blob(&self, link: &LinkRow) -> Result<()> {
+        self.db
+            .query(
+                "BEGIN TRANSACTION;
+                 UPSERT type::thing('repo', $repo) MERGE { name: $repo } RETURN NONE;
+                 UPSERT type::thing('blob_link', [$repo, $digest]) CONTENT { repo: $repo, digest: $digest, size: $size } RETURN NONE;
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("repo", link.repo.to_string()))
+            .bind(("digest", link.digest.to_string()))
+            .bind(("size", link.size))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Remove a blob link.
+    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.db
+            .query("DELETE type::thing('blob_link', [$repo, $digest]) RETURN NONE")
+            .bind(("repo", repo.to_string()))
+            .bind(("digest", digest.to_string()))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Store a manifest and, if given, point a tag at it: one transaction.
+    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<()> {
+        let mut sql = String::from(
+            "BEGIN TRANSACTION;
+             UPSERT type::thing('repo', $repo) MERGE { name: $repo } RETURN NONE;
+             UPSERT type::thing('manifest', [$repo, $digest]) CONTENT $manifest RETURN NONE;",
+        );
+        if tag.is_some() {
+            sql.push_str("UPSERT type::thing('tag', [$repo, $tag_name]) CONTENT $tag RETURN NONE;");
+        }
+        sql.push_str("COMMIT TRANSACTION;");
+        let mut q = self
+            .db
+            .query(sql)
+            .bind(("repo", m.repo.to_string()))
+            .bind(("digest", m.digest.to_string()))
+            .bind(("manifest", to_value(m)?));
+        if let Some(t) = tag {
+            q = q.bind(("tag_name", t.name.to_string())).bind(("tag", to_value(t)?));
+        }
+        q.await?.check()?;
+        Ok(())
+    }
+
+    /// Delete a manifest and every tag that points at it: one transaction.
+    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.db
+            .query(
+                "BEGIN TRANSACTION;
+                 DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
+                 DELETE type::thing('manifest', [$repo, $digest]) RETURN NONE;
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("repo", repo.to_string()))
+            .bind(("digest", digest.to_string()))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Delete one tag.
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
+        self.db
+            .query("DELETE type::thing('tag', [$repo, $tag]) RETURN NONE")
+            .bind(("repo", repo.to_string()))
+            .bind(("tag", tag.to_string()))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Create or update an upload session.
+    pub async fn put_upload(&self, u: &UploadRow) -> Result<()> {
+        self.db
+            .query("UPSERT type::thing('upload', $id) CONTENT $row RETURN NONE")
+            .bind(("id", u.id.to_string()))
+            .bind(("row", to_value(u)?))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Fetch an upload session.
+    pub async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRow>> {
+        let mut r = self
+            .db
+            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM ONLY type::thing('upload', $id)")
+            .bind(("id", id.to_string()))
+            .await?
+            .check()?;
+        let rows: Option<UploadRow> = r.take(0)?;
+        Ok(rows)
+    }
+
+    /// Delete an upload session.
+    pub async fn delete_upload(&self, id: &UploadId) -> Result<()> {
+        self.db
+            .query("DELETE type::thing('upload', $id) RETURN NONE")
+            .bind(("id", id.to_string()))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Upload sessions not touched since `before_ms`.
+    pub async fn stale_uploads(&self, before_ms: i64) -> Result<Vec<UploadRow>> {
+        let mut r = self
+            .db
+            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM upload WHERE updated_ms < $before")
+            .bind(("before", before_ms))
+            .await?
+            .check()?;
+        Ok(r.take(0)?)
+    }
+
+    /// All upload session ids (to find staging data that no session owns).
+    pub async fn upload_ids(&self) -> Result<Vec<UploadId>> {
+        let mut r = self.db.query("SELECT VALUE id_str FROM upload").await?.check()?;
+        let ids: Vec<UploadId> = r.take(0)?;
+        Ok(ids)
+    }
+}
+
+fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(v).map_err(|e| MetadataError::Corrupt(e.to_string()))?;
+    // Keep the upload id as a plain field: SurrealDB reserves `id` for the record id.
+    if let Some(obj) = v.as_object_mut() {
+        if let Some(id) = obj.remove("id") {
+            obj.insert("id_str".into(), id);
+        }
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn mem() -> Metadata {
+        Metadata::connect(&MetadataConfig {
+            url: "mem://".into(),
+            namespace: default_ns(),
+            database: default_db(),
+            username: None,
+            password: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn row(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
+        ManifestRow {
+            repo: repo.clone(),
+            digest: Digest::sha256(bytes),
+            media_type: berth_oci::manifest::OCI_MANIFEST.into(),
+            size: bytes.len() as u64,
+            artifact_type: Some("application/x".into()),
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn manifests_tags_links_round_trip() {
+        let md = mem().await;
+        let repo: RepoName = "acme/app".parse().unwrap();
+        let m = row(&repo, b"m1");
+        let tag = TagRow { repo: repo.clone(), name: "v1".parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
+        md.commit_manifest(&m, Some(&tag)).await.unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }).await.unwrap();
+        let s = md.snapshot().await.unwrap();
+        assert_eq!(s.repos, vec![repo.clone()]);
+        assert_eq!(s.manifests, vec![m.clone()]);
+        assert_eq!(s.tags, vec![tag.clone()]);
+        assert_eq!(s.links.len(), 1);
+
+        // Deleting the manifest removes its tags in the same transaction.
+        md.delete_manifest(&repo, &m.digest).await.unwrap();
+        let s = md.snapshot().await.unwrap();
+        assert!(s.manifests.is_empty() && s.tags.is_empty());
+    }
+
+    #[tokio::test]
+    async fn uploads_round_trip() {
+        let md = mem().await;
+        let u = UploadRow {
+            id: UploadId::random(),
+            repo: "a/b".parse().unwrap(),
+            offset: 10,
+            hash_state: "01ab".into(),
+            staging: serde_json::json!({"generation": 0, "parts": [0, 5]}),
+            started_ms: 5,
+            updated_ms: 6,
+        };
+        md.put_upload(&u).await.unwrap();
+        assert_eq!(md.get_upload(&u.id).await.unwrap(), Some(u.clone()));
+        assert_eq!(md.upload_ids().await.unwrap(), vec![u.id]);
+        assert_eq!(md.stale_uploads(7).await.unwrap(), vec![u.clone()]);
+        assert!(md.stale_uploads(6).await.unwrap().is_empty());
+        md.delete_upload(&u.id).await.unwrap();
+        assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
+    }
+}
