@@ -1,0 +1,160 @@
+//! The read index: an in-memory view of repositories, tags, manifests and blob
+//! links, loaded from metadata at start and changed only by the actors after
+//! their metadata writes succeed.
+//!
+//! Reads (manifest GET, blob authorization, listings) take a read lock and never
+//! touch the database or a mailbox, so a GET writes nothing and waits on no write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use berth_metadata::{ManifestRow, Snapshot};
+use berth_oci::{Digest, RepoName, Tag};
+use bytes::Bytes;
+
+/// What the registry knows about one manifest.
+#[derive(Clone, Debug)]
+pub struct ManifestEntry {
+    pub row: ManifestRow,
+    /// The manifest bytes when cached (filled on first read or on push).
+    pub bytes: Option<Bytes>,
+}
+
+/// One repository's state.
+#[derive(Default, Debug)]
+pub struct RepoState {
+    pub tags: BTreeMap<Tag, Digest>,
+    pub manifests: HashMap<Digest, ManifestEntry>,
+    pub blobs: HashMap<Digest, u64>,
+}
+
+/// The whole index. Repositories are kept sorted for the catalog.
+#[derive(Default)]
+pub struct Index {
+    repos: RwLock<BTreeMap<RepoName, Arc<RwLock<RepoState>>>>,
+    cached_bytes: AtomicUsize,
+    cache_budget: usize,
+}
+
+/// Manifests larger than this are not kept in memory (read from storage instead).
+const MAX_CACHED_MANIFEST: usize = 256 * 1024;
+
+impl Index {
+    pub fn from_snapshot(s: Snapshot, cache_budget: usize) -> Index {
+        let index = Index { cache_budget, ..Default::default() };
+        {
+            let mut repos = index.repos.write().unwrap();
+            let mut get = |name: &RepoName| repos.entry(name.clone()).or_default().clone();
+            for name in &s.repos {
+                get(name);
+            }
+            for m in s.manifests {
+                let r = get(&m.repo);
+                r.write().unwrap().manifests.insert(m.digest.clone(), ManifestEntry { row: m, bytes: None });
+            }
+            for t in s.tags {
+                let r = get(&t.repo);
+                r.write().unwrap().tags.insert(t.name, t.digest);
+            }
+            for l in s.links {
+                let r = get(&l.repo);
+                r.write().unwrap().blobs.insert(l.digest, l.size);
+            }
+        }
+        index
+    }
+
+    /// The repository's state, if it exists.
+    pub fn repo(&self, name: &RepoName) -> Option<Arc<RwLock<RepoState>>> {
+        self.repos.read().unwrap().get(name).cloned()
+    }
+
+    /// The repository's state, created empty if needed.
+    pub fn repo_or_create(&self, name: &RepoName) -> Arc<RwLock<RepoState>> {
+        if let Some(r) = self.repo(name) {
+            return r;
+        }
+        self.repos.write().unwrap().entry(name.clone()).or_default().clone()
+    }
+
+    /// Size of a blob linked into `repo`.
+    pub fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Option<u64> {
+        self.repo(repo)?.read().unwrap().blobs.get(digest).copied()
+    }
+
+    /// Up to `n` repository names after `last`, and whether more follow.
+    pub fn catalog(&self, n: usize, last: Option<&str>) -> (Vec<RepoName>, bool) {
+        let repos = self.repos.read().unwrap();
+        page(repos.keys(), |k| k.as_str(), n, last)
+    }
+
+    /// Up to `n` tags of `repo` after `last`, and whether more follow.
+    pub fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Option<(Vec<Tag>, bool)> {
+        let r = self.repo(repo)?;
+        let state = r.read().unwrap();
+        Some(page(state.tags.keys(), |k| k.as_str(), n, last))
+    }
+
+    /// Keep manifest bytes in memory if the budget allows.
+    pub fn cache_manifest_bytes(&self, repo: &RepoName, digest: &Digest, bytes: &Bytes) {
+        if bytes.len() > MAX_CACHED_MANIFEST {
+            return;
+        }
+        if self.cached_bytes.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len() > self.cache_budget {
+            self.cached_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+            return;
+        }
+        let Some(r) = self.repo(repo) else {
+            self.cached_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+            return;
+        };
+        let mut state = r.write().unwrap();
+        match state.manifests.get_mut(digest) {
+            Some(e) if e.bytes.is_none() => e.bytes = Some(bytes.clone()),
+            _ => {
+                self.cached_bytes.fetch_sub(bytes.len(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Account for a cached manifest that was dropped.
+    pub fn forget_cached(&self, len: usize) {
+        self.cached_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+}
+
+/// Keys of a sorted map strictly after `last` (lexically), at most `n`.
+fn page<'a, K: Clone + 'a>(
+    keys: impl Iterator<Item = &'a K>,
+    as_str: impl Fn(&K) -> &str,
+    n: usize,
+    last: Option<&str>,
+) -> (Vec<K>, bool) {
+    let mut it = keys.filter(|k| last.is_none_or(|l| as_str(k) > l));
+    let out: Vec<K> = it.by_ref().take(n).cloned().collect();
+    let more = it.next().is_some();
+    (out, more)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagination() {
+        let s = Snapshot {
+            repos: ["a", "b/c", "b/d", "e"].iter().map(|s| s.parse().unwrap()).collect(),
+            ..Default::default()
+        };
+        let idx = Index::from_snapshot(s, 1 << 20);
+        let (p, more) = idx.catalog(2, None);
+        assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["a", "b/c"]);
+        assert!(more);
+        let (p, more) = idx.catalog(2, Some("b/c"));
+        assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["b/d", "e"]);
+        assert!(!more);
+        let (p, more) = idx.catalog(10, Some("zzz"));
+        assert!(p.is_empty() && !more);
+    }
+}

@@ -1,0 +1,483 @@
+//! Registry services: what the OCI API does, independent of HTTP.
+//!
+//! [`Registry`] is the one entry point the HTTP crate calls. It owns the blob
+//! store, the metadata store, the read [`index::Index`] and the actix actors that
+//! own mutable state:
+//! - [`uploads::UploadSessions`] — every upload session (one actor);
+//! - [`repo::RepoActor`] — one per repository, serializing its manifest, tag and
+//!   blob-link changes.
+//!
+//! Architecture invariants:
+//! - Blob bytes stream from the request straight into storage while being hashed;
+//!   they never pass through an actor mailbox. Actors receive only state.
+//! - A blob is linked into a repository (and so becomes servable) only after its
+//!   digest was verified and its bytes were published in storage.
+//! - Reads (GET/HEAD) are answered from the index and storage and write nothing.
+//! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
+
+pub mod index;
+pub mod repo;
+pub mod uploads;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use actix_rt::ArbiterHandle;
+use berth_metadata::{ManifestRow, Metadata};
+use berth_oci::manifest::Descriptor;
+use berth_oci::range::{parse_range, ByteRange};
+use berth_oci::{Digest, DigestAlgorithm, Digester, ErrorCode, ParsedManifest, Reference, RegistryError, RepoName, Tag, UploadId};
+use berth_storage::{BlobStore, StorageError};
+pub use berth_storage::ByteStream;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+
+use crate::index::Index;
+use crate::repo::RepoActor;
+use crate::uploads::{Session, UploadSessions};
+
+/// Service-level settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Upload sessions idle this long are expired and their staging removed.
+    pub upload_ttl_secs: u64,
+    /// How often expired sessions are swept.
+    pub upload_sweep_secs: u64,
+    /// Largest blob accepted, in bytes.
+    pub max_blob_bytes: u64,
+    /// Memory budget for cached manifest bytes.
+    pub manifest_cache_bytes: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            upload_ttl_secs: 24 * 3600,
+            upload_sweep_secs: 600,
+            max_blob_bytes: 64 * 1024 * 1024 * 1024,
+            manifest_cache_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Log an internal failure and turn it into an opaque 500.
+pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
+    tracing::error!(error = %e, "{what} failed");
+    RegistryError::internal().with_detail(format!("{what} failed"))
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn storage_err(what: &str, e: StorageError) -> RegistryError {
+    match e {
+        StorageError::Client(m) => RegistryError::new(ErrorCode::BlobUploadInvalid).with_detail(format!("request body failed: {m}")),
+        StorageError::TooLarge => RegistryError::new(ErrorCode::SizeInvalid).with_status(413).with_detail("blob exceeds the size limit"),
+        other => internal(what, other),
+    }
+}
+
+/// A blob ready to be streamed.
+pub struct BlobBody {
+    pub size: u64,
+    /// The range served, when a single satisfiable range was asked for.
+    pub range: Option<ByteRange>,
+    pub stream: Option<ByteStream>,
+}
+
+/// A manifest ready to be served.
+pub struct ManifestBody {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// The outcome of a manifest PUT.
+pub struct PutManifest {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// The registry service.
+pub struct Registry {
+    store: BlobStore,
+    meta: Metadata,
+    index: Arc<Index>,
+    config: RegistryConfig,
+    arbiter: ArbiterHandle,
+    system: actix_rt::System,
+    uploads: Addr<UploadSessions>,
+    repos: Mutex<HashMap<RepoName, Addr<RepoActor>>>,
+}
+
+impl Registry {
+    /// Load the index from metadata and start the actors on their own thread.
+    pub async fn open(store: BlobStore, meta: Metadata, config: RegistryConfig) -> Result<Arc<Registry>, String> {
+        let snapshot = meta.snapshot().await.map_err(|e| format!("loading metadata: {e}"))?;
+        let index = Arc::new(Index::from_snapshot(snapshot, config.manifest_cache_bytes));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("berth-actors".into())
+            .spawn(move || {
+                let sys = actix_rt::System::new();
+                let _ = tx.send((actix_rt::System::current(), actix_rt::Arbiter::current()));
+                sys.run()
+            })
+            .map_err(|e| format!("starting actor thread: {e}"))?;
+        let (system, arbiter) = rx.recv().map_err(|e| format!("actor thread: {e}"))?;
+        let (m, s) = (meta.clone(), store.clone());
+        let ttl = Duration::from_secs(config.upload_ttl_secs);
+        let sweep = Duration::from_secs(config.upload_sweep_secs.max(1));
+        let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, ttl, sweep));
+        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()) }))
+    }
+
+    /// Stop the actors (after the HTTP server has drained).
+    pub fn shutdown(&self) {
+        self.system.stop();
+    }
+
+    fn repo_actor(&self, name: &RepoName) -> Addr<RepoActor> {
+        let mut repos = self.repos.lock().unwrap();
+        repos
+            .entry(name.clone())
+            .or_insert_with(|| {
+                let actor = RepoActor { name: name.clone(), meta: self.meta.clone(), index: self.index.clone() };
+                RepoActor::start_in_arbiter(&self.arbiter, move |_| actor)
+            })
+            .clone()
+    }
+
+    async fn ask<A, M>(addr: &Addr<A>, msg: M) -> Result<M::Result, RegistryError>
+    where
+        A: Actor + actix::Handler<M>,
+        A::Context: actix::dev::ToEnvelope<A, M>,
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+    {
+        addr.send(msg).await.map_err(|e| internal("actor mailbox", e))
+    }
+
+    // ----- blobs -----
+
+    /// Size of a blob readable through `repo` (its own blobs and its manifests).
+    pub fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
+        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+        let s = state.read().unwrap();
+        if let Some(size) = s.blobs.get(digest) {
+            return Ok(*size);
+        }
+        if let Some(m) = s.manifests.get(digest) {
+            return Ok(m.row.size);
+        }
+        Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()))
+    }
+
+    /// Open a blob for reading, honouring a `Range` header.
+    pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<&str>, body: bool) -> Result<BlobBody, RegistryError> {
+        let size = self.stat_blob(repo, digest)?;
+        let range = match range {
+            Some(h) => parse_range(h, size)?,
+            None => None,
+        };
+        let stream = if body {
+            match self.store.read_blob(digest, range).await {
+                Ok(s) => Some(s),
+                Err(StorageError::NotFound) => {
+                    tracing::error!(%repo, %digest, "linked blob missing from storage");
+                    return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
+                }
+                Err(e) => return Err(internal("read blob", e)),
+            }
+        } else {
+            None
+        };
+        Ok(BlobBody { size, range, stream })
+    }
+
+    /// Unlink a blob from a repository (its bytes stay while other repositories use them).
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+        if self.index.repo(repo).is_none() {
+            return Err(name_unknown(repo));
+        }
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None }).await?
+    }
+
+    // ----- uploads -----
+
+    /// Begin a chunked upload session.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
+        Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(DigestAlgorithm::Sha256) }).await?
+    }
+
+    /// Cross-repository mount: link `digest` from `from` into `repo` if `from` has it.
+    /// Returns false when it cannot be mounted (the caller then opens a session).
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName) -> Result<bool, RegistryError> {
+        let Some(size) = self.index.linked_blob(from, digest) else {
+            return Ok(false);
+        };
+        match self.store.stat_blob(digest).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(internal("stat blob", e)),
+        }
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size) }).await??;
+        Ok(true)
+    }
+
+    /// A whole blob in one request (`POST ?digest=` with a body).
+    pub async fn upload_monolithic<S, E>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let id = Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(digest.algorithm()) }).await??;
+        self.finish_upload(repo, &id, digest, Some(body)).await
+    }
+
+    /// Append a chunk (`PATCH`); returns the new committed size.
+    pub async fn upload_chunk<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        content_range: Option<ByteRange>,
+        body: S,
+    ) -> Result<u64, RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let result = self.write_chunk(&mut session, content_range, body).await;
+        let updated = result.is_ok().then(|| session.clone());
+        Self::ask(&self.uploads, uploads::Release { id: *id, updated }).await??;
+        result.map(|_| session.offset)
+    }
+
+    async fn write_chunk<S, E>(&self, session: &mut Session, content_range: Option<ByteRange>, body: S) -> Result<(), RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        if let Some(r) = content_range {
+            if r.start != session.offset {
+                return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
+                    .with_status(416)
+                    .with_detail(format!("chunk starts at {}, upload is at {}", r.start, session.offset)));
+            }
+        }
+        let mut staging = session.staging.clone();
+        let mut digester = session.digester.clone();
+        let written = self
+            .store
+            .write_chunk(&session.id, &mut staging, session.offset, body, &mut digester, self.config.max_blob_bytes)
+            .await
+            .map_err(|e| storage_err("write upload chunk", e))?;
+        if let Some(r) = content_range {
+            if written != r.len() {
+                return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
+                    .with_status(416)
+                    .with_detail(format!("Content-Range announces {} bytes, body had {written}", r.len())));
+            }
+        }
+        session.offset += written;
+        session.staging = staging;
+        session.digester = digester;
+        Ok(())
+    }
+
+    /// Complete an upload (`PUT ?digest=`), with an optional final chunk. The blob
+    /// becomes visible only if the content matches `digest`.
+    pub async fn finish_upload<S, E>(&self, repo: &RepoName, id: &UploadId, digest: &Digest, body: Option<S>) -> Result<(), RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let result = self.commit(&mut session, digest, body).await;
+        match &result {
+            Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false }).await??,
+            // A body that failed mid-way leaves the session as it was: the client may retry.
+            Err(e) if e.code() == ErrorCode::BlobUploadInvalid || e.code() == ErrorCode::Unknown => {
+                Self::ask(&self.uploads, uploads::Release { id: *id, updated: None }).await??
+            }
+            // A digest mismatch ends the session: its content can never become that blob.
+            Err(_) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false }).await??,
+        }
+        result
+    }
+
+    async fn commit<S, E>(&self, session: &mut Session, digest: &Digest, body: Option<S>) -> Result<(), RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        if let Some(body) = body {
+            self.write_chunk(session, None, body).await?;
+        }
+        let computed = if session.digester.algorithm() == digest.algorithm() {
+            session.digester.finish()
+        } else {
+            // The session hashed with another algorithm: hash the staged bytes again.
+            let mut d = Digester::new(digest.algorithm());
+            let mut s = self
+                .store
+                .read_staged(&session.id, &session.staging, session.offset)
+                .await
+                .map_err(|e| internal("read staged upload", e))?;
+            while let Some(chunk) = s.next().await {
+                d.update(&chunk.map_err(|e| internal("read staged upload", e))?);
+            }
+            d.finish()
+        };
+        if &computed != digest {
+            return Err(RegistryError::new(ErrorCode::DigestInvalid)
+                .with_detail(format!("content digest is {computed}, not {digest}")));
+        }
+        self.store
+            .commit_upload(&session.id, &session.staging, session.offset, digest)
+            .await
+            .map_err(|e| internal("commit upload", e))?;
+        Self::ask(&self.repo_actor(&session.repo), repo::Link { digest: digest.clone(), size: Some(session.offset) }).await?
+    }
+
+    /// Bytes received so far for an upload.
+    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64, RegistryError> {
+        Self::ask(&self.uploads, uploads::Status { id: *id, repo: repo.clone() }).await?
+    }
+
+    /// Abandon an upload and drop its staged data.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<(), RegistryError> {
+        Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: true }).await?
+    }
+
+    // ----- manifests -----
+
+    fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, String, u64, Option<Bytes>), RegistryError> {
+        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+        let s = state.read().unwrap();
+        let digest = match reference {
+            Reference::Digest(d) => d,
+            Reference::Tag(t) => s.tags.get(t).ok_or_else(|| {
+                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown"))
+            })?,
+        };
+        let e = s.manifests.get(digest).ok_or_else(|| {
+            RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("manifest {digest} is unknown"))
+        })?;
+        Ok((digest.clone(), e.row.media_type.clone(), e.row.size, e.bytes.clone()))
+    }
+
+    /// Fetch a manifest by tag or digest (HEAD passes `body = false`).
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
+        let (digest, media_type, size, cached) = self.resolve(repo, reference)?;
+        let bytes = match (cached, body) {
+            (Some(b), _) => b,
+            (None, false) => Bytes::new(),
+            (None, true) => {
+                let b = self.store.read_blob_bytes(&digest).await.map_err(|e| internal("read manifest", e))?;
+                self.index.cache_manifest_bytes(repo, &digest, &b);
+                b
+            }
+        };
+        Ok((ManifestBody { digest, media_type, bytes }, size))
+    }
+
+    /// Validate, store and commit a manifest, moving the tag if the reference is one.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<PutManifest, RegistryError> {
+        let parsed = ParsedManifest::parse(&bytes, content_type)?;
+        let (digest, tag) = match reference {
+            Reference::Digest(d) => {
+                let computed = Digest::of(d.algorithm(), &bytes);
+                if &computed != d {
+                    return Err(RegistryError::new(ErrorCode::DigestInvalid)
+                        .with_detail(format!("manifest digest is {computed}, not {d}")));
+                }
+                (computed, None)
+            }
+            Reference::Tag(t) => (Digest::sha256(&bytes), Some(t.clone())),
+        };
+        self.store.put_blob(&digest, bytes.clone()).await.map_err(|e| internal("store manifest", e))?;
+        let row = ManifestRow {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            media_type: parsed.media_type.clone(),
+            size: bytes.len() as u64,
+            artifact_type: parsed.artifact_type.clone(),
+            subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
+            annotations: parsed.annotations.clone(),
+            created_ms: now_ms(),
+        };
+        let msg = repo::CommitManifest {
+            row,
+            tag: tag.clone(),
+            required_blobs: parsed.required_blobs().cloned().collect(),
+            required_manifests: parsed.required_manifests().cloned().collect(),
+        };
+        Self::ask(&self.repo_actor(repo), msg).await??;
+        self.index.cache_manifest_bytes(repo, &digest, &bytes);
+        Ok(PutManifest { digest, subject: parsed.subject.map(|s| s.digest) })
+    }
+
+    /// Delete a manifest (by digest, with its tags) or just a tag.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(), RegistryError> {
+        if self.index.repo(repo).is_none() {
+            return Err(name_unknown(repo));
+        }
+        let actor = self.repo_actor(repo);
+        match reference {
+            Reference::Digest(d) => Self::ask(&actor, repo::DeleteManifest(d.clone())).await?,
+            Reference::Tag(t) => Self::ask(&actor, repo::DeleteTag(t.clone())).await?,
+        }
+    }
+
+    // ----- listings -----
+
+    pub fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<(Vec<Tag>, bool), RegistryError> {
+        self.index.tags(repo, n, last).ok_or_else(|| name_unknown(repo))
+    }
+
+    pub fn catalog(&self, n: usize, last: Option<&str>) -> (Vec<RepoName>, bool) {
+        self.index.catalog(n, last)
+    }
+
+    /// Manifests in `repo` whose subject is `digest`, optionally of one artifact type.
+    pub fn referrers(&self, repo: &RepoName, digest: &Digest, artifact_type: Option<&str>) -> Vec<Descriptor> {
+        let Some(state) = self.index.repo(repo) else {
+            return vec![];
+        };
+        let s = state.read().unwrap();
+        let mut out: Vec<Descriptor> = s
+            .manifests
+            .values()
+            .filter(|e| e.row.subject.as_ref() == Some(digest))
+            .filter(|e| artifact_type.is_none_or(|t| e.row.artifact_type.as_deref() == Some(t)))
+            .map(|e| Descriptor {
+                media_type: e.row.media_type.clone(),
+                digest: e.row.digest.clone(),
+                size: e.row.size,
+                artifact_type: e.row.artifact_type.clone(),
+                annotations: e.row.annotations.clone(),
+                platform: None,
+                urls: None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
+    }
+}
+
+fn name_unknown(repo: &RepoName) -> RegistryError {
+    RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("repository {repo} is unknown"))
+}

@@ -1,0 +1,204 @@
+//! The repository actor: one per repository, it serializes every change to that
+//! repository's manifests, tags and blob links. A change is validated against the
+//! index, written to metadata in one transaction, and only then applied to the
+//! index, so concurrent pushes of one tag are atomic and readers never see a tag
+//! whose manifest is not durable.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use berth_metadata::{LinkRow, ManifestRow, Metadata, TagRow};
+use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+
+use crate::index::{Index, ManifestEntry};
+use crate::{internal, now_ms};
+
+pub struct RepoActor {
+    pub name: RepoName,
+    pub meta: Metadata,
+    pub index: Arc<Index>,
+}
+
+impl Actor for RepoActor {
+    type Context = Context<Self>;
+}
+
+/// Store a manifest (already parsed, its bytes already stored) and move a tag.
+pub struct CommitManifest {
+    pub row: ManifestRow,
+    pub tag: Option<Tag>,
+    pub required_blobs: Vec<Digest>,
+    pub required_manifests: Vec<Digest>,
+}
+impl Message for CommitManifest {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<CommitManifest> for RepoActor {
+    type Result = AtomicResponse<Self, Result<(), RegistryError>>;
+
+    fn handle(&mut self, msg: CommitManifest, _: &mut Context<Self>) -> Self::Result {
+        let state = self.index.repo_or_create(&self.name);
+        let check = {
+            let s = state.read().unwrap();
+            let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
+            let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d));
+            match (missing_blob, missing_manifest) {
+                (Some(d), _) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
+                    .with_detail(format!("blob {d} is not in repository {}", self.name))),
+                (_, Some(d)) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
+                    .with_detail(format!("manifest {d} is not in repository {}", self.name))),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = check {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+        }
+        let meta = self.meta.clone();
+        let tag_row = msg.tag.map(|t| TagRow {
+            repo: self.name.clone(),
+            name: t,
+            digest: msg.row.digest.clone(),
+            updated_ms: now_ms(),
+        });
+        let row = msg.row;
+        AtomicResponse::new(Box::pin(
+            async move {
+                meta.commit_manifest(&row, tag_row.as_ref()).await.map_err(|e| internal("commit manifest", e))?;
+                Ok((row, tag_row))
+            }
+            .into_actor(self)
+            .map(move |res: Result<(ManifestRow, Option<TagRow>), RegistryError>, _, _| {
+                let (row, tag_row) = res?;
+                let mut s = state.write().unwrap();
+                s.manifests.entry(row.digest.clone()).or_insert(ManifestEntry { row, bytes: None });
+                if let Some(t) = tag_row {
+                    s.tags.insert(t.name, t.digest);
+                }
+                Ok(())
+            }),
+        ))
+    }
+}
+
+/// Delete a manifest and the tags pointing at it.
+pub struct DeleteManifest(pub Digest);
+impl Message for DeleteManifest {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<DeleteManifest> for RepoActor {
+    type Result = AtomicResponse<Self, Result<(), RegistryError>>;
+
+    fn handle(&mut self, msg: DeleteManifest, _: &mut Context<Self>) -> Self::Result {
+        let digest = msg.0;
+        let Some(state) = self.index.repo(&self.name) else {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
+        };
+        if !state.read().unwrap().manifests.contains_key(&digest) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
+        }
+        let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
+        let d = digest.clone();
+        AtomicResponse::new(Box::pin(
+            async move { meta.delete_manifest(&repo, &d).await.map_err(|e| internal("delete manifest", e)) }
+                .into_actor(self)
+                .map(move |res, _, _| {
+                    res?;
+                    let mut s = state.write().unwrap();
+                    if let Some(e) = s.manifests.remove(&digest) {
+                        if let Some(b) = e.bytes {
+                            index.forget_cached(b.len());
+                        }
+                    }
+                    s.tags.retain(|_, v| v != &digest);
+                    Ok(())
+                }),
+        ))
+    }
+}
+
+fn manifest_unknown(d: &Digest) -> RegistryError {
+    RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("manifest {d} is unknown"))
+}
+
+/// Delete one tag (the manifest stays).
+pub struct DeleteTag(pub Tag);
+impl Message for DeleteTag {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<DeleteTag> for RepoActor {
+    type Result = AtomicResponse<Self, Result<(), RegistryError>>;
+
+    fn handle(&mut self, msg: DeleteTag, _: &mut Context<Self>) -> Self::Result {
+        let tag = msg.0;
+        let state = self.index.repo(&self.name);
+        let known = state.as_ref().is_some_and(|s| s.read().unwrap().tags.contains_key(&tag));
+        if !known {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(
+                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")),
+            ))));
+        }
+        let state = state.expect("known implies present");
+        let (meta, repo) = (self.meta.clone(), self.name.clone());
+        let t = tag.clone();
+        AtomicResponse::new(Box::pin(
+            async move { meta.delete_tag(&repo, &t).await.map_err(|e| internal("delete tag", e)) }
+                .into_actor(self)
+                .map(move |res, _, _| {
+                    res?;
+                    state.write().unwrap().tags.remove(&tag);
+                    Ok(())
+                }),
+        ))
+    }
+}
+
+/// Link a verified, stored blob into the repository (or unlink it).
+pub struct Link {
+    pub digest: Digest,
+    /// `Some(size)` to link, `None` to unlink.
+    pub size: Option<u64>,
+}
+impl Message for Link {
+    type Result = Result<(), RegistryError>;
+}
+
+impl Handler<Link> for RepoActor {
+    type Result = AtomicResponse<Self, Result<(), RegistryError>>;
+
+    fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> Self::Result {
+        let state = self.index.repo_or_create(&self.name);
+        if msg.size.is_none() && !state.read().unwrap().blobs.contains_key(&msg.digest) {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(
+                RegistryError::new(ErrorCode::BlobUnknown).with_detail(msg.digest.to_string())
+            ))));
+        }
+        if msg.size.is_some() && state.read().unwrap().blobs.contains_key(&msg.digest) {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+        }
+        let (meta, repo) = (self.meta.clone(), self.name.clone());
+        let (digest, size) = (msg.digest, msg.size);
+        let d = digest.clone();
+        AtomicResponse::new(Box::pin(
+            async move {
+                match size {
+                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }).await,
+                    None => meta.unlink_blob(&repo, &d).await,
+                }
+                .map_err(|e| internal("blob link", e))
+            }
+            .into_actor(self)
+            .map(move |res, _, _| {
+                res?;
+                let mut s = state.write().unwrap();
+                match size {
+                    Some(size) => s.blobs.insert(digest, size),
+                    None => s.blobs.remove(&digest),
+                };
+                Ok(())
+            }),
+        ))
+    }
+}
