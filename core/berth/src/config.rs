@@ -1,0 +1,213 @@
+//! The one typed configuration, loaded once at start: defaults, then an optional
+//! TOML file, then `BERTH_*` environment variables, then command-line flags.
+//! Unknown keys in the file and unknown `BERTH_*` variables are errors.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use berth_metadata::MetadataConfig;
+use berth_registry::RegistryConfig;
+use berth_storage::StorageConfig;
+use serde::Deserialize;
+
+pub const ENV_CONFIG: &str = "BERTH_CONFIG";
+pub const ENV_LISTEN: &str = "BERTH_LISTEN";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+pub const ENV_DATA_DIR: &str = "BERTH_DATA_DIR";
+pub const DEFAULT_DATA_DIR: &str = "./berth-data";
+pub const ENV_STORAGE: &str = "BERTH_STORAGE";
+pub const ENV_METADATA_URL: &str = "BERTH_METADATA_URL";
+pub const ENV_LOG: &str = "BERTH_LOG";
+pub const DEFAULT_LOG: &str = "info";
+pub const ENV_LOG_FORMAT: &str = "BERTH_LOG_FORMAT";
+pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
+
+const KNOWN_ENV: &[&str] = &[
+    ENV_CONFIG,
+    ENV_LISTEN,
+    ENV_DATA_DIR,
+    ENV_STORAGE,
+    ENV_METADATA_URL,
+    ENV_LOG,
+    ENV_LOG_FORMAT,
+    ENV_UPLOAD_TTL,
+];
+
+/// The configuration file's shape (every section optional).
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub storage: Option<StorageConfig>,
+    pub metadata: Option<MetadataConfig>,
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    pub log: Option<LogConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `berth_http=debug,info`.
+    #[serde(default = "default_log")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_log() -> String {
+    DEFAULT_LOG.into()
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub metadata: MetadataConfig,
+    pub registry: RegistryConfig,
+    pub log: LogConfig,
+}
+
+/// Values given on the command line (they win over everything else).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Build the configuration from `env` (the process environment in production,
+    /// a map in tests) and command-line overrides.
+    pub fn load(env: &HashMap<String, String>, cli: Overrides) -> Result<Config, String> {
+        for key in env.keys().filter(|k| k.starts_with("BERTH_")) {
+            if !KNOWN_ENV.contains(&key.as_str()) {
+                return Err(format!("unknown environment variable {key} (known: {})", KNOWN_ENV.join(", ")));
+            }
+        }
+        let path = cli.config.clone().or_else(|| env.get(ENV_CONFIG).map(PathBuf::from));
+        let file = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("reading config {}: {e}", p.display()))?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| format!("config {}: {e}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let listen = cli
+            .listen
+            .or_else(|| env.get(ENV_LISTEN).cloned())
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen.parse().map_err(|e| format!("listen address {listen:?}: {e}"))?;
+        let data_dir = cli
+            .data_dir
+            .or_else(|| env.get(ENV_DATA_DIR).map(PathBuf::from))
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let storage = match env.get(ENV_STORAGE).map(String::as_str) {
+            Some("fs") | None if file.storage.is_none() => StorageConfig::Fs { root: path_str(&data_dir.join("blobs")) },
+            Some("fs") => StorageConfig::Fs { root: path_str(&data_dir.join("blobs")) },
+            Some("memory") => StorageConfig::Memory,
+            Some(other) => return Err(format!("{ENV_STORAGE}={other:?}: expected fs or memory (configure s3 in the file)")),
+            None => file.storage.expect("checked above"),
+        };
+        let metadata = match (env.get(ENV_METADATA_URL), file.metadata) {
+            (Some(url), Some(m)) => MetadataConfig { url: url.clone(), ..m },
+            (Some(url), None) => default_metadata(url.clone()),
+            (None, Some(m)) => m,
+            (None, None) => default_metadata(format!("surrealkv://{}", path_str(&data_dir.join("meta")))),
+        };
+        let mut registry = file.registry.unwrap_or_default();
+        if let Some(v) = env.get(ENV_UPLOAD_TTL) {
+            registry.upload_ttl_secs = v.parse().map_err(|e| format!("{ENV_UPLOAD_TTL}={v:?}: {e}"))?;
+        }
+        let mut log = file.log.unwrap_or(LogConfig { level: default_log(), format: LogFormat::Text });
+        if let Some(v) = env.get(ENV_LOG) {
+            log.level = v.clone();
+        }
+        if let Some(v) = env.get(ENV_LOG_FORMAT) {
+            log.format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(format!("{ENV_LOG_FORMAT}={v:?}: expected text or json")),
+            };
+        }
+        Ok(Config { listen, data_dir, storage, metadata, registry, log })
+    }
+}
+
+fn default_metadata(url: String) -> MetadataConfig {
+    MetadataConfig { url, namespace: "berth".into(), database: "registry".into(), username: None, password: None }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_embedded() {
+        let c = Config::load(&env(&[]), Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.storage, StorageConfig::Fs { root: "./berth-data/blobs".into() });
+        assert_eq!(c.metadata.url, "surrealkv://./berth-data/meta");
+    }
+
+    #[test]
+    fn precedence_cli_over_env_over_file() {
+        let dir = std::env::temp_dir().join(format!("berth-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("berth.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:7000\"\ndata_dir = \"/d\"\n[registry]\nupload_ttl_secs = 5\n").unwrap();
+        let e = env(&[(ENV_CONFIG, file.to_str().unwrap()), (ENV_LISTEN, "127.0.0.1:7001")]);
+        let c = Config::load(&e, Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.registry.upload_ttl_secs, 5);
+        let c = Config::load(&e, Overrides { listen: Some("127.0.0.1:7002".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.listen.port(), 7002);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = std::env::temp_dir().join(format!("berth-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for text in ["lisen = \"x\"", "[storage]\nbackend = \"fs\"\nroot = \"/x\"\nbogus = 1", "[registry]\nttl = 1"] {
+            let file = dir.join("bad.toml");
+            std::fs::write(&file, text).unwrap();
+            let err = Config::load(&env(&[]), Overrides { config: Some(file), ..Default::default() }).unwrap_err();
+            assert!(err.contains("unknown"), "{text}: {err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+        let err = Config::load(&env(&[("BERTH_LISTN", "x")]), Overrides::default()).unwrap_err();
+        assert!(err.contains("BERTH_LISTN"));
+        assert!(Config::load(&env(&[(ENV_LISTEN, "nope")]), Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn backends_by_config() {
+        let c = Config::load(&env(&[(ENV_STORAGE, "memory"), (ENV_METADATA_URL, "mem://")]), Overrides::default()).unwrap();
+        assert_eq!(c.storage, StorageConfig::Memory);
+        assert_eq!(c.metadata.url, "mem://");
+    }
+}

@@ -1,0 +1,127 @@
+//! `berth`: the registry binary.
+//!
+//! `berth serve` runs a complete registry on one machine with embedded defaults
+//! (blobs on the filesystem, metadata in embedded SurrealDB, both under the data
+//! directory). The same binary scales out by configuration (S3 storage, a
+//! SurrealDB server).
+
+mod config;
+
+use std::path::PathBuf;
+
+use berth_metadata::Metadata;
+use berth_registry::Registry;
+use berth_storage::BlobStore;
+use clap::{Parser, Subcommand};
+use config::{Config, LogFormat, Overrides};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "berth", version, about = "Berth: a multi-tenant OCI container registry")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry.
+    Serve {
+        /// Address to listen on [env: BERTH_LISTEN] [default: 127.0.0.1:5000]
+        #[arg(long)]
+        listen: Option<String>,
+        /// Directory for blobs and metadata [env: BERTH_DATA_DIR] [default: ./berth-data]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// TOML configuration file [env: BERTH_CONFIG]
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { listen, data_dir, config } => {
+            let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+            let cfg = match Config::load(&env, Overrides { config, listen, data_dir }) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: configuration error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            init_logging(&cfg);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("berth: starting runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(serve(cfg)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "berth stopped");
+                    eprintln!("berth: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
+    let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
+    let registry = Registry::open(store, meta, cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), storage = ?storage_kind(&cfg), metadata = %cfg.metadata.url, "berth listening");
+    // The line tests and scripts wait for (the bound port may have been 0).
+    println!("berth listening on http://{addr}");
+    berth_http::serve(registry.clone(), listener, shutdown_signal()).await;
+    tracing::info!("shutting down");
+    registry.shutdown();
+    Ok(())
+}
+
+fn storage_kind(cfg: &Config) -> &'static str {
+    match cfg.storage {
+        berth_storage::StorageConfig::Fs { .. } => "fs",
+        berth_storage::StorageConfig::Memory => "memory",
+        berth_storage::StorageConfig::S3 { .. } => "s3",
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,199 @@
+//! Test harness: runs the real `berth` binary on a loopback port with a temporary
+//! data directory, and small helpers to drive the OCI API.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use sha2::{Digest as _, Sha256};
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("berth-it-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    h.finish()
+}
+
+/// A running `berth serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub addr: String,
+    pub data: PathBuf,
+}
+
+impl Server {
+    /// Start on a free port with the given data dir and extra environment.
+    pub fn start_in(data: &Path, env: &[(&str, &str)]) -> Server {
+        Self::start_at(data, "127.0.0.1:0", env)
+    }
+
+    pub fn start_at(data: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data)
+            .env("BERTH_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // Only what the test sets: the runner's own BERTH_* variables stay out.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
+            cmd.env_remove(k);
+        }
+        cmd.env("BERTH_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn berth");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read banner");
+        let base = line
+            .trim()
+            .strip_prefix("berth listening on ")
+            .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+            .to_string();
+        let addr = base.trim_start_matches("http://").to_string();
+        Server { child: Some(child), base, addr, data: data.to_path_buf() }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stop with SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe_kill(c.id());
+            let status = c.wait().unwrap();
+            assert!(status.success(), "berth exited with {status}");
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Assert a response is a spec error with `status` and `code`.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str, what: &str) {
+    let got = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert_eq!(got, status, "{what}: status (body {text})");
+    if status == 405 || got == 404 && text.is_empty() {
+        return;
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+    assert_eq!(v["errors"][0]["code"], code, "{what}: {text}");
+    assert!(v["errors"][0]["message"].is_string(), "{what}: {text}");
+}
+
+/// Monolithic blob upload; returns the digest.
+pub async fn push_blob(c: &reqwest::Client, s: &Server, repo: &str, data: &[u8]) -> String {
+    let d = sha256(data);
+    let r = c
+        .post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+        .header("content-type", "application/octet-stream")
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "push blob");
+    d
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An OCI image manifest over the given config and layers.
+pub fn image_manifest(config: (&str, usize), layers: &[(&str, usize)], extra: serde_json::Value) -> Vec<u8> {
+    let mut m = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.0, "size": config.1},
+        "layers": layers.iter().map(|(d, n)| serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n
+        })).collect::<Vec<_>>(),
+    });
+    if let (Some(obj), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::to_vec(&m).unwrap()
+}
+
+/// Push config + layers + manifest under `reference`; returns the manifest digest.
+pub async fn push_image(c: &reqwest::Client, s: &Server, repo: &str, reference: &str, seed: u64, extra: serde_json::Value) -> String {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let cd = push_blob(c, s, repo, &config).await;
+    let layer = bytes(seed, 1000 + seed as usize);
+    let ld = push_blob(c, s, repo, &layer).await;
+    let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], extra);
+    put_manifest(c, s, repo, reference, OCI_MANIFEST, &m).await
+}
+
+pub async fn put_manifest(c: &reqwest::Client, s: &Server, repo: &str, reference: &str, ct: &str, body: &[u8]) -> String {
+    let r = c
+        .put(s.url(&format!("/v2/{repo}/manifests/{reference}")))
+        .header("content-type", ct)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let digest = r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(status, 201, "put manifest: {}", r.text().await.unwrap());
+    let d = digest.unwrap();
+    assert_eq!(d, sha256(body));
+    d
+}
