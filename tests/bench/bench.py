@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Drive the same workload against several OCI registries and print a comparison.
+
+Run through tests/bench/run.sh, which starts Berth and CNCF Distribution side by
+side. Every request loop is bounded; only loopback addresses are used.
+"""
+import argparse
+import concurrent.futures as cf
+import hashlib
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+MiB = 1 << 20
+BLOB_SIZE = (64 if QUICK else 1024) * MiB
+CHUNK = 16 * MiB
+N_TAGS = 1000 if QUICK else 10_000
+N_REPOS = 1000 if QUICK else 10_000
+N_PUSHERS = 50
+LAYERS = 5
+LAYER_SIZE = 1 * MiB
+WRK_SECS = "5s" if QUICK else "10s"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+class Target:
+    def __init__(self, spec):
+        name, rest = spec.split("=", 1)
+        url, pid = rest.rsplit(",", 1)
+        self.name, self.base, self.pid = name, url, int(pid)
+        u = urllib.parse.urlparse(url)
+        self.host, self.port = u.hostname, u.port
+
+    def conn(self):
+        return http.client.HTTPConnection(self.host, self.port, timeout=900, blocksize=MiB)
+
+    def rss(self, field):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # MiB
+        return float("nan")
+
+
+def req(c, method, path, body=None, headers=None):
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    data = r.read()
+    return r.status, r.headers, data
+
+
+def path_of(location):
+    u = urllib.parse.urlparse(location)
+    return u.path + (("?" + u.query) if u.query else "")
+
+
+def with_digest(loc, digest):
+    return loc + ("&" if "?" in loc else "?") + "digest=" + digest
+
+
+def start_upload(c, repo):
+    s, h, d = req(c, "POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"})
+    assert s == 202, (s, d)
+    return path_of(h["Location"])
+
+
+def push_bytes(c, repo, data, digest=None):
+    """POST a session, then PUT the whole body with its digest (what every client supports)."""
+    digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+    loc = start_upload(c, repo)
+    s, _, d = req(c, "PUT", with_digest(loc, digest), body=data,
+                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
+    assert s == 201, (s, d)
+    return digest
+
+
+def push_file_monolithic(t, repo, path, digest):
+    c = t.conn()
+    t0 = time.perf_counter()
+    loc = start_upload(c, repo)
+    with open(path, "rb") as f:
+        s, _, d = req(c, "PUT", with_digest(loc, digest), body=f,
+                      headers={"Content-Type": "application/octet-stream", "Content-Length": str(BLOB_SIZE)})
+    assert s == 201, (s, d)
+    return time.perf_counter() - t0
+
+
+def push_file_chunked(t, repo, path, digest):
+    c = t.conn()
+    t0 = time.perf_counter()
+    loc = start_upload(c, repo)
+    with open(path, "rb") as f:
+        off = 0
+        while off < BLOB_SIZE:
+            chunk = f.read(CHUNK)
+            s, h, d = req(c, "PATCH", loc, body=chunk, headers={
+                "Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
+                "Content-Range": f"{off}-{off + len(chunk) - 1}"})
+            assert s == 202, (s, d)
+            loc = path_of(h["Location"])
+            off += len(chunk)
+    s, _, d = req(c, "PUT", with_digest(loc, digest), headers={"Content-Length": "0"})
+    assert s == 201, (s, d)
+    return time.perf_counter() - t0
+
+
+def pull_blob(t, repo, digest):
+    c = t.conn()
+    buf = bytearray(8 * MiB)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    c.request("GET", f"/v2/{repo}/blobs/{digest}")
+    r = c.getresponse()
+    assert r.status == 200, r.status
+    total = 0
+    while True:
+        n = r.readinto(view)
+        if not n:
+            break
+        total += n
+    assert total == BLOB_SIZE, total
+    return time.perf_counter() - t0
+
+
+def image_manifest(config_digest, config_len, layers):
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_len},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n} for d, n in layers],
+    }, separators=(",", ":")).encode()
+
+
+def push_small_image(c, repo, seed):
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+    cd = push_bytes(c, repo, config)
+    layer = hashlib.sha256(str(seed).encode()).digest() * 64
+    ld = push_bytes(c, repo, layer)
+    return image_manifest(cd, len(config), [(ld, len(layer))])
+
+
+def put_manifest(c, repo, ref, body):
+    s, h, d = req(c, "PUT", f"/v2/{repo}/manifests/{ref}", body=body,
+                  headers={"Content-Type": OCI_MANIFEST, "Content-Length": str(len(body))})
+    assert s == 201, (s, d)
+
+
+def wrk(url, conns, script=None, headers=()):
+    args = ["wrk", "-t2", f"-c{conns}", f"-d{WRK_SECS}", "--latency"]
+    for h in headers:
+        args += ["-H", h]
+    if script:
+        args += ["-s", script]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert not non2xx, out
+    return rps, float(p99.group(1)) * scale
+
+
+def parallel(n_workers, items, fn):
+    with cf.ThreadPoolExecutor(n_workers) as ex:
+        list(ex.map(fn, items))
+
+
+def make_blob(path, seed):
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        block = hashlib.sha512(seed).digest() * (MiB // 64)
+        for i in range(BLOB_SIZE // MiB):
+            b = bytes(x ^ (i & 0xFF) for x in block[:64]) + block[64:]
+            f.write(b)
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def bench(t, work, blobs):
+    r = {}
+    r["idle RSS (MiB)"] = t.rss("VmRSS")
+    (pa, da), (pb, db) = blobs
+    r["push 1 blob monolithic (MB/s)"] = BLOB_SIZE / push_file_monolithic(t, "bench/mono", pa, da) / 1e6
+    r["push 1 blob, 16 MiB chunks (MB/s)"] = BLOB_SIZE / push_file_chunked(t, "bench/chunked", pb, db) / 1e6
+    r["pull 1 blob (MB/s)"] = BLOB_SIZE / statistics.median(pull_blob(t, "bench/mono", da) for _ in range(3)) / 1e6
+
+    c = t.conn()
+    m = push_small_image(c, "bench/app", 1)
+    put_manifest(c, "bench/app", "latest", m)
+    rps, p99 = wrk(f"{t.base}/v2/bench/app/manifests/latest", 64, headers=[f"Accept: {OCI_MANIFEST}"])
+    r["manifest GET by tag, 64 conns (req/s)"] = rps
+    r["manifest GET by tag, 64 conns p99 (ms)"] = p99
+
+    m = push_small_image(c, "bench/put", 2)
+    script = os.path.join(work, f"put-{t.name}.lua")
+    with open(script, "w") as f:
+        f.write('wrk.method = "PUT"\n')
+        f.write(f"wrk.body = {json.dumps(m.decode())}\n")
+        f.write(f'wrk.headers["Content-Type"] = "{OCI_MANIFEST}"\n')
+        f.write('request = function() return wrk.format(nil, "/v2/bench/put/manifests/t" .. math.random(1, 1000000000)) end\n')
+    rps, p99 = wrk(f"{t.base}/", 16, script=script)
+    r["manifest PUT (tag), 16 conns (req/s)"] = rps
+
+    # 10,000 tags on one repository.
+    m = push_small_image(c, "bench/tags", 3)
+    conns = {}
+
+    def put_tag(i):
+        import threading
+        k = threading.get_ident()
+        if k not in conns:
+            conns[k] = t.conn()
+        put_manifest(conns[k], "bench/tags", f"tag{i:05d}", m)
+    parallel(8, range(N_TAGS), put_tag)
+
+    def list_tags():
+        t0 = time.perf_counter()
+        s, _, d = req(c, "GET", "/v2/bench/tags/tags/list")
+        assert s == 200 and len(json.loads(d)["tags"]) == N_TAGS, (s, len(d))
+        return time.perf_counter() - t0
+    r[f"tags list, {N_TAGS} tags (ms)"] = statistics.median(list_tags() for _ in range(20)) * 1000
+
+    # 10,000 repositories in the catalog.
+    conns.clear()
+
+    def make_repo(i):
+        import threading
+        k = threading.get_ident()
+        if k not in conns:
+            conns[k] = t.conn()
+        push_bytes(conns[k], f"cat/r{i:05d}", b"x")
+    parallel(8, range(N_REPOS), make_repo)
+
+    def walk_catalog():
+        t0 = time.perf_counter()
+        path, seen = "/v2/_catalog?n=1000", 0
+        for _ in range(1000):
+            s, h, d = req(c, "GET", path)
+            assert s == 200, (s, d)
+            seen += len(json.loads(d)["repositories"])
+            link = h.get("Link")
+            if not link:
+                break
+            path = path_of(link.split(";")[0].strip("<> "))
+        assert seen >= N_REPOS, seen
+        return time.perf_counter() - t0
+    r[f"catalog, {N_REPOS} repos, pages of 1000 (ms)"] = statistics.median(walk_catalog() for _ in range(10)) * 1000
+
+    # 50 concurrent pushes of 5-layer images.
+    images = []
+    for i in range(N_PUSHERS):
+        layers = [os.urandom(LAYER_SIZE) for _ in range(LAYERS)]
+        images.append((i, layers))
+
+    def push_image(item):
+        i, layers = item
+        cc = t.conn()
+        repo = f"conc/img{i}"
+        descs = [(push_bytes(cc, repo, l), len(l)) for l in layers]
+        config = json.dumps({"architecture": "amd64", "os": "linux", "i": i}).encode()
+        cd = push_bytes(cc, repo, config)
+        put_manifest(cc, repo, "v1", image_manifest(cd, len(config), descs))
+    t0 = time.perf_counter()
+    parallel(N_PUSHERS, images, push_image)
+    dt = time.perf_counter() - t0
+    r[f"{N_PUSHERS} concurrent 5-layer pushes (s)"] = dt
+    r["peak RSS (MiB)"] = t.rss("VmHWM")
+    return r
+
+
+HIGHER_IS_BETTER = lambda k: "/s)" in k
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--target", action="append", required=True)
+    a = ap.parse_args()
+    targets = [Target(s) for s in a.target]
+    print(f"generating two {BLOB_SIZE // MiB} MiB blobs …", flush=True)
+    blobs = []
+    for n in (b"a", b"b"):
+        p = os.path.join(a.work, f"blob-{n.decode()}.bin")
+        blobs.append((p, make_blob(p, n)))
+    results = {}
+    for t in targets:
+        print(f"benchmarking {t.name} at {t.base} …", flush=True)
+        results[t.name] = bench(t, a.work, blobs)
+    names = [t.name for t in targets]
+    keys = list(results[names[0]].keys())
+    w = max(len(k) for k in keys)
+    print()
+    print(f"| {'metric':<{w}} | " + " | ".join(f"{n:>12}" for n in names) + f" | {names[0]}/{names[1]} |")
+    print(f"|{'-' * (w + 2)}|" + "|".join("-" * 14 for _ in names) + f"|{'-' * (len(names[0]) + len(names[1]) + 3)}|")
+    for k in keys:
+        vals = [results[n][k] for n in names]
+        ratio = vals[0] / vals[1] if vals[1] else float("nan")
+        better = "higher is better" if HIGHER_IS_BETTER(k) else "lower is better"
+        print(f"| {k:<{w}} | " + " | ".join(f"{v:>12.1f}" for v in vals) + f" | {ratio:>6.2f}× ({better}) |")
+    with open(os.path.join(a.work, "..", "berth-bench-last.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
