@@ -1,5 +1,6 @@
-//! Registry metadata over SurrealDB: repositories, manifests, tags, blob links and
-//! upload sessions.
+//! Registry metadata over SurrealDB: repositories, manifests, tags, blob links,
+//! upload sessions, and (in [`accounts`]) tenants, users, namespaces, tokens,
+//! signing keys, policy rules and shares.
 //!
 //! [`Metadata`] is the only type that speaks SurrealQL. Rows cross its boundary as
 //! plain structs of validated domain types; SurrealDB types never leave this crate.
@@ -10,6 +11,9 @@
 //! - Record ids are derived from validated names and digests (`tag:[repo, name]`),
 //!   so writes are idempotent upserts.
 
+pub mod accounts;
+
+pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
@@ -121,7 +125,7 @@ DEFINE TABLE IF NOT EXISTS upload SCHEMALESS;
 /// The metadata store.
 #[derive(Clone)]
 pub struct Metadata {
-    db: Surreal<Any>,
+    pub(crate) db: Surreal<Any>,
 }
 
 impl Metadata {
@@ -133,6 +137,7 @@ impl Metadata {
         }
         db.use_ns(&config.namespace).use_db(&config.database).await?;
         db.query(SCHEMA).await?.check()?;
+        db.query(accounts::SCHEMA).await?.check()?;
         Ok(Metadata { db })
     }
 
@@ -280,7 +285,7 @@ impl Metadata {
     }
 }
 
-fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+pub(crate) fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(v).map_err(|e| MetadataError::Corrupt(e.to_string()))?;
     // Keep the upload id as a plain field: SurrealDB reserves `id` for the record id.
     if let Some(obj) = v.as_object_mut() {
@@ -295,7 +300,7 @@ fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
 mod tests {
     use super::*;
 
-    async fn mem() -> Metadata {
+    pub(crate) async fn mem() -> Metadata {
         Metadata::connect(&MetadataConfig {
             url: "mem://".into(),
             namespace: default_ns(),

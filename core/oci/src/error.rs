@@ -52,6 +52,10 @@ error_codes! {
     PaginationInvalid    => ("PAGINATION_NUMBER_INVALID", 400, "invalid number of results requested"),
     TagInvalid           => ("TAG_INVALID", 400, "manifest tag did not match URI"),
     Unavailable          => ("UNAVAILABLE", 503, "service unavailable"),
+    // Management API (same JSON shape).
+    InvalidRequest       => ("INVALID_REQUEST", 400, "the request is malformed"),
+    NotFound             => ("NOT_FOUND", 404, "no such resource"),
+    Conflict             => ("CONFLICT", 409, "the resource already exists"),
     Unknown              => ("UNKNOWN", 500, "unknown error"),
 }
 

@@ -17,4 +17,4 @@ pub mod range;
 pub use digest::{Digest, DigestAlgorithm, Digester};
 pub use error::{ErrorCode, RegistryError};
 pub use manifest::{Descriptor, ManifestKind, ParsedManifest};
-pub use name::{Reference, RepoName, Tag, UploadId};
+pub use name::{AccountName, Reference, RepoName, Tag, UploadId};

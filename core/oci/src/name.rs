@@ -87,6 +87,43 @@ impl FromStr for RepoName {
     }
 }
 
+/// Longest tenant, user or namespace name.
+pub const MAX_ACCOUNT_LEN: usize = 64;
+
+/// Names no tenant or user may take: they mean something to the policy engine.
+pub const RESERVED_ACCOUNTS: &[&str] = &["anonymous", "public", "all"];
+
+/// A tenant, user or namespace name: one repository path component
+/// (`[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`), at most 64 characters, not reserved.
+/// Because it can hold neither `:` nor `*`, it can never be mistaken for a
+/// policy role (`role:…`), group (`tenant:…`) or wildcard.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AccountName(String);
+
+impl AccountName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AccountName {
+    type Err = RegistryError;
+    fn from_str(s: &str) -> Result<Self, RegistryError> {
+        let bad = |why: &str| RegistryError::new(ErrorCode::NameInvalid).with_detail(format!("{why}: {s:?}"));
+        if s.is_empty() || s.len() > MAX_ACCOUNT_LEN {
+            return Err(bad("name must be 1 to 64 characters"));
+        }
+        if !valid_path_component(s) {
+            return Err(bad("name must match [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*"));
+        }
+        if RESERVED_ACCOUNTS.contains(&s) {
+            return Err(bad("name is reserved"));
+        }
+        Ok(AccountName(s.to_owned()))
+    }
+}
+
 /// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -181,11 +218,21 @@ macro_rules! string_like {
         }
     )*};
 }
-string_like!(RepoName, Tag, UploadId);
+string_like!(RepoName, Tag, UploadId, AccountName);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_names() {
+        for good in ["acme", "a-b", "team_1", "x.y"] {
+            assert_eq!(good.parse::<AccountName>().unwrap().as_str(), good);
+        }
+        for bad in ["", "Acme", "a/b", "role:admin", "*", "anonymous", "a:b", "-a", &"a".repeat(65)] {
+            assert_eq!(bad.parse::<AccountName>().unwrap_err().code(), ErrorCode::NameInvalid, "{bad}");
+        }
+    }
 
     #[test]
     fn repo_names() {

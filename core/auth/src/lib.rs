@@ -1,0 +1,803 @@
+//! Authentication and authorization for Berth.
+//!
+//! [`Auth`] answers two questions for every request, centrally, before a handler
+//! runs: *who is this* ([`Auth::authenticate`]: anonymous, Basic with a password or
+//! a registry access token, or a Bearer token this registry signed) and *may they
+//! do this* ([`Auth::authorize`]: the casbin [`policy::Policy`] decides, and a
+//! bearer token additionally limits what its `access` claim lists).
+//!
+//! It also owns the account lifecycle: tenants and their namespaces, users with
+//! argon2id passwords, registry access tokens (through [`tokens::TokenActor`]),
+//! signing-key rotation, public repositories and cross-tenant shares — the last
+//! two are nothing but policy rules.
+//!
+//! Architecture invariants:
+//! - No secret is stored or logged in the clear: passwords are argon2id hashes,
+//!   tokens are SHA-256 hashes compared in constant time.
+//! - Every authorization decision goes through [`policy::Policy::check`]; nothing
+//!   else in Berth decides access.
+//! - This crate knows nothing of HTTP; it returns [`Refusal`]s the HTTP layer renders.
+
+pub mod identity;
+pub mod limiter;
+pub mod policy;
+pub mod secret;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use actix_rt::ArbiterHandle;
+use base64::Engine;
+use berth_metadata::{Metadata, NamespaceRow, PolicyRuleRow, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
+use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
+use serde::Deserialize;
+
+pub use identity::{Action, Credential, Grant, Identity, Principal, Scope};
+pub use policy::Decision;
+use secret::{Claims, KeyRing};
+use tokens::{TokenActor, TokenView};
+
+/// The casbin domain of platform-wide objects (no tenant can be called "").
+pub const PLATFORM_DOMAIN: &str = "";
+/// The bootstrap administrator.
+pub const ADMIN_USER: &str = "admin";
+
+/// Tenant roles a user can be given.
+pub const ROLES: [&str; 4] = ["tenant-admin", "maintainer", "developer", "reader"];
+
+/// Authentication and authorization settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The URL clients reach Berth at (e.g. `https://registry.example.com`); the
+    /// token realm is built from it. Unset: taken from the request's Host.
+    pub external_url: Option<String>,
+    /// Trust `X-Forwarded-Proto`/`X-Forwarded-Host` (only behind a proxy that sets them).
+    pub trust_proxy: bool,
+    /// The `service` of the token challenge and the audience of bearer tokens.
+    pub service: String,
+    /// Lifetime of bearer tokens from `/auth/token`.
+    pub bearer_ttl_secs: u64,
+    /// Default and largest lifetime of registry access tokens.
+    pub access_token_default_secs: u64,
+    pub access_token_max_secs: u64,
+    /// Lifetime of refresh tokens (docker's identity token).
+    pub refresh_token_secs: u64,
+    /// Directory holding `model.conf` and `policy.csv`; unset: the built-in defaults.
+    pub policy_dir: Option<PathBuf>,
+    /// Failed logins allowed per user and per source within the window.
+    pub login_max_failures: u32,
+    pub login_window_secs: u64,
+    /// Password of the bootstrap `admin` (also `BERTH_ADMIN_PASSWORD`); when
+    /// unset on first start, one is generated and printed once.
+    pub admin_password: Option<String>,
+    /// How often policy, shares, signing keys and tokens are refreshed.
+    pub refresh_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            external_url: None,
+            trust_proxy: false,
+            service: "berth".into(),
+            bearer_ttl_secs: 300,
+            access_token_default_secs: 12 * 3600,
+            access_token_max_secs: 30 * 24 * 3600,
+            refresh_token_secs: 7 * 24 * 3600,
+            policy_dir: None,
+            login_max_failures: 5,
+            login_window_secs: 300,
+            admin_password: None,
+            refresh_secs: 2,
+        }
+    }
+}
+
+/// Why a request is refused; the HTTP layer renders each kind.
+#[derive(Debug)]
+pub enum Refusal {
+    /// 401 with a `WWW-Authenticate: Bearer` challenge for `scope`.
+    Challenge { error: RegistryError, scope: Option<String> },
+    /// 403: authenticated, but policy says no.
+    Denied(RegistryError),
+    /// 429 with `Retry-After`.
+    Throttled { error: RegistryError, retry_after_secs: u64 },
+    /// Any other error (bad request, internal).
+    Error(RegistryError),
+}
+
+impl From<RegistryError> for Refusal {
+    fn from(e: RegistryError) -> Self {
+        Refusal::Error(e)
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
+    tracing::error!(error = %e, "{what} failed");
+    RegistryError::internal().with_detail(format!("{what} failed"))
+}
+
+fn unauthorized(detail: &str) -> Refusal {
+    Refusal::Challenge { error: RegistryError::new(ErrorCode::Unauthorized).with_detail(detail.to_owned()), scope: None }
+}
+
+fn denied(detail: String) -> RegistryError {
+    RegistryError::new(ErrorCode::Denied).with_detail(detail)
+}
+
+/// A bearer token issued by `/auth/token`.
+pub struct BearerToken {
+    pub token: String,
+    pub expires_in: u64,
+    pub issued_at: i64,
+    pub refresh_token: Option<String>,
+}
+
+/// What the token endpoint was given to prove identity.
+pub enum Login<'a> {
+    Anonymous,
+    Password { user: &'a str, secret: &'a str },
+    Refresh { token: &'a str },
+}
+
+/// The service.
+pub struct Auth {
+    meta: Metadata,
+    config: AuthConfig,
+    policy: policy::Policy,
+    keys: KeyRing,
+    tokens: TokenView,
+    token_actor: Addr<TokenActor>,
+    namespaces: RwLock<HashMap<String, AccountName>>,
+    limiter: limiter::Limiter,
+    /// Recently verified Basic credentials (hash of `user:secret` → user, expiry),
+    /// so simple clients sending Basic on every request do not pay argon2 each time.
+    verified: Mutex<HashMap<String, (AccountName, i64)>>,
+    /// The bootstrap admin password, when it was generated on this start.
+    pub generated_admin_password: Option<String>,
+}
+
+const VERIFIED_TTL_MS: i64 = 60_000;
+
+impl Auth {
+    /// Load keys, policy, namespaces and tokens; create the bootstrap admin on
+    /// first start; start the token actor on `arbiter` and the refresh loop.
+    pub async fn open(meta: Metadata, config: AuthConfig, arbiter: &ArbiterHandle) -> Result<Arc<Auth>, String> {
+        let policy = policy::Policy::open(meta.clone(), config.policy_dir.clone()).await?;
+        let keys = load_keys(&meta).await?;
+        let generated_admin_password = bootstrap_admin(&meta, config.admin_password.as_deref()).await?;
+        let now = tokens::now_ms();
+        let view: TokenView = Arc::new(RwLock::new(
+            meta.tokens()
+                .await
+                .map_err(|e| format!("loading tokens: {e}"))?
+                .into_iter()
+                .filter(|t| t.expires_ms > now)
+                .map(|t| (t.id.clone(), t))
+                .collect(),
+        ));
+        let (m, v) = (meta.clone(), view.clone());
+        let sweep = Duration::from_secs(config.refresh_secs.max(1) * 15);
+        let token_actor = TokenActor::start_in_arbiter(arbiter, move |_| TokenActor::new(m, v, sweep));
+        let limiter = limiter::Limiter::new(config.login_max_failures, Duration::from_secs(config.login_window_secs));
+        let auth = Arc::new(Auth {
+            meta,
+            config,
+            policy,
+            keys,
+            tokens: view,
+            token_actor,
+            namespaces: RwLock::new(HashMap::new()),
+            limiter,
+            verified: Mutex::new(HashMap::new()),
+            generated_admin_password,
+        });
+        auth.refresh_namespaces().await.map_err(|e| e.to_string())?;
+        let weak = Arc::downgrade(&auth);
+        let every = Duration::from_secs(auth.config.refresh_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(auth) = weak.upgrade() else { break };
+                auth.refresh().await;
+            }
+        });
+        Ok(auth)
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    pub fn policy(&self) -> &policy::Policy {
+        &self.policy
+    }
+
+    /// One refresh tick: policy from the store and the seed file, expired
+    /// shares, namespaces and signing keys from other replicas.
+    pub async fn refresh(&self) {
+        if let Err(e) = self.policy.poll().await {
+            tracing::warn!(error = %e, "policy refresh");
+        }
+        if let Err(e) = self.expire_shares().await {
+            tracing::warn!(error = %e.detail_or_message(), "share expiry");
+        }
+        if let Err(e) = self.refresh_namespaces().await {
+            tracing::warn!(error = %e.detail_or_message(), "namespace refresh");
+        }
+        if let Ok(rows) = self.meta.signing_keys().await {
+            for k in rows {
+                if let Ok(secret) = hex::decode(&k.secret_hex) {
+                    if k.retired_ms.is_none() {
+                        self.keys.rotate(k.kid, secret);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refresh_namespaces(&self) -> Result<(), RegistryError> {
+        let rows = self.meta.namespaces().await.map_err(|e| internal("loading namespaces", e))?;
+        *self.namespaces.write().unwrap() = rows.into_iter().map(|n| (n.name.to_string(), n.tenant)).collect();
+        Ok(())
+    }
+
+    /// The tenant owning a repository's namespace, if any.
+    pub fn tenant_of(&self, repo: &RepoName) -> Option<AccountName> {
+        self.namespaces.read().unwrap().get(repo.namespace()).cloned()
+    }
+
+    fn domain_of(&self, repo: &RepoName) -> String {
+        self.tenant_of(repo).map(|t| t.to_string()).unwrap_or_default()
+    }
+
+    // ----- authentication -----
+
+    /// Authenticate a request from its `Authorization` header and source address.
+    pub async fn authenticate(&self, authorization: Option<&str>, source: &str) -> Result<Identity, Refusal> {
+        let Some(h) = authorization else { return Ok(Identity::anonymous()) };
+        let (scheme, value) = h.trim().split_once(' ').unwrap_or((h.trim(), ""));
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => {
+                let (user, secret) = decode_basic(value.trim()).ok_or_else(|| unauthorized("malformed Basic credentials"))?;
+                let (user, _) = self.login(&user, &secret, source).await?;
+                Ok(Identity { principal: Principal::User(user), credential: Credential::Basic })
+            }
+            "bearer" => {
+                let claims = self
+                    .keys
+                    .verify(value.trim(), &self.config.service, now_secs(), 30)
+                    .map_err(|e| unauthorized(&format!("invalid bearer token: {e}")))?;
+                if let Some(tid) = &claims.tid {
+                    if !self.tokens.read().unwrap().contains_key(tid) {
+                        return Err(unauthorized("the access token behind this bearer token was revoked or expired"));
+                    }
+                }
+                let principal = if claims.sub.is_empty() {
+                    Principal::Anonymous
+                } else {
+                    Principal::User(claims.sub.parse().map_err(|_| unauthorized("invalid bearer token subject"))?)
+                };
+                Ok(Identity { principal, credential: Credential::Bearer(claims.access) })
+            }
+            _ => Err(unauthorized("unsupported Authorization scheme (use Basic or Bearer)")),
+        }
+    }
+
+    /// Check a user name with a password or a registry access token. Failures
+    /// are throttled per user and per source.
+    pub async fn login(&self, user: &str, secret: &str, source: &str) -> Result<(AccountName, Option<String>), Refusal> {
+        if let Err(wait) = self.limiter.check(user, source) {
+            return Err(Refusal::Throttled {
+                error: RegistryError::new(ErrorCode::TooManyRequests).with_detail("too many failed logins; try again later"),
+                retry_after_secs: wait,
+            });
+        }
+        let fail = || {
+            self.limiter.fail(user, source);
+            tracing::info!(user = %user.chars().take(64).collect::<String>(), %source, "failed login");
+            unauthorized("invalid username or password")
+        };
+        let Ok(name) = user.parse::<AccountName>() else { return Err(fail()) };
+        if tokens::split(secret).is_some() {
+            return match tokens::validate(&self.tokens, secret, TokenKind::Access, tokens::now_ms()) {
+                Some(row) if row.user == name => {
+                    self.token_actor.do_send(tokens::Touch(row.id.clone()));
+                    self.limiter.succeed(user);
+                    Ok((name, Some(row.id)))
+                }
+                _ => Err(fail()),
+            };
+        }
+        let key = secret::sha256_hex(format!("{user}\0{secret}").as_bytes());
+        let now = tokens::now_ms();
+        if let Some((u, until)) = self.verified.lock().unwrap().get(&key) {
+            if *until > now {
+                return Ok((u.clone(), None));
+            }
+        }
+        let row = self.meta.user(&name).await.map_err(|e| Refusal::Error(internal("loading user", e)))?;
+        // Unknown users still pay for a hash, so timing does not reveal who exists.
+        let phc = row.as_ref().map(|r| r.password_hash.clone()).unwrap_or_else(|| DUMMY_HASH.clone());
+        let pw = secret.to_owned();
+        let ok = tokio::task::spawn_blocking(move || secret::verify_password(&pw, &phc)).await.unwrap_or(false);
+        if !(ok && row.is_some()) {
+            return Err(fail());
+        }
+        self.limiter.succeed(user);
+        let mut v = self.verified.lock().unwrap();
+        if v.len() > 10_000 {
+            v.retain(|_, (_, until)| *until > now);
+        }
+        v.insert(key, (name.clone(), now + VERIFIED_TTL_MS));
+        Ok((name, None))
+    }
+
+    // ----- authorization -----
+
+    /// The policy decision for a principal, action and repository.
+    pub fn decide(&self, principal: &Principal, repo: &RepoName, action: Action) -> Decision {
+        self.policy.check(principal.subject(), &self.domain_of(repo), repo.as_str(), action.as_str())
+    }
+
+    /// Whether `identity` may do `action` on `repo` (policy and token scope).
+    pub fn can(&self, identity: &Identity, repo: &RepoName, action: Action) -> bool {
+        identity.credential_allows(repo, action) && self.decide(&identity.principal, repo, action).allowed
+    }
+
+    /// Allow, or say how to refuse: anonymous callers and bearer tokens lacking
+    /// the scope get a challenge (so clients fetch a token), authenticated users
+    /// whom policy refuses get 403.
+    pub fn authorize(&self, identity: &Identity, repo: &RepoName, action: Action) -> Result<(), Refusal> {
+        let policy_ok = self.decide(&identity.principal, repo, action).allowed;
+        if policy_ok && identity.credential_allows(repo, action) {
+            return Ok(());
+        }
+        let scope = Some(identity::challenge_scope(repo, action));
+        match (&identity.principal, policy_ok) {
+            (Principal::User(u), false) => Err(Refusal::Denied(denied(format!("{u} may not {action} {repo}")))),
+            _ => Err(Refusal::Challenge {
+                error: RegistryError::new(ErrorCode::Unauthorized).with_detail(format!("authentication required to {action} {repo}")),
+                scope,
+            }),
+        }
+    }
+
+    fn require_platform_admin(&self, who: &Principal) -> Result<(), RegistryError> {
+        if self.policy.check(who.subject(), PLATFORM_DOMAIN, "*", "admin").allowed {
+            Ok(())
+        } else {
+            Err(denied("platform administrator required".into()))
+        }
+    }
+
+    fn require_tenant_admin(&self, who: &Principal, tenant: &AccountName) -> Result<(), RegistryError> {
+        if self.policy.check(who.subject(), tenant.as_str(), tenant.as_str(), "admin").allowed {
+            Ok(())
+        } else {
+            Err(denied(format!("administrator of tenant {tenant} required")))
+        }
+    }
+
+    fn require_repo_admin(&self, who: &Principal, repo: &RepoName) -> Result<AccountName, RegistryError> {
+        let tenant = self
+            .tenant_of(repo)
+            .ok_or_else(|| RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("no tenant owns the namespace of {repo}")))?;
+        if self.decide(who, repo, Action::Admin).allowed {
+            Ok(tenant)
+        } else {
+            Err(denied(format!("administrator of {repo} required")))
+        }
+    }
+
+    // ----- the token endpoint -----
+
+    /// Issue a bearer token for the requested scopes, each cut down to what the
+    /// policy allows the caller (docker's token flow and OAuth2's password and
+    /// refresh_token grants).
+    pub async fn token(&self, login: Login<'_>, scopes: &[Scope], offline: bool, source: &str) -> Result<BearerToken, Refusal> {
+        let (principal, tid) = match login {
+            Login::Anonymous => (Principal::Anonymous, None),
+            Login::Password { user, secret } => {
+                let (u, tid) = self.login(user, secret, source).await?;
+                (Principal::User(u), tid)
+            }
+            Login::Refresh { token } => match tokens::validate(&self.tokens, token, TokenKind::Refresh, tokens::now_ms()) {
+                Some(row) => {
+                    self.token_actor.do_send(tokens::Touch(row.id.clone()));
+                    (Principal::User(row.user), None)
+                }
+                None => return Err(unauthorized("invalid or expired refresh token")),
+            },
+        };
+        let mut access = Vec::new();
+        for s in scopes {
+            match s {
+                Scope::Repository(repo, actions) => {
+                    let granted: Vec<String> = actions
+                        .iter()
+                        .filter(|a| self.decide(&principal, repo, **a).allowed)
+                        .map(|a| a.as_str().to_owned())
+                        .collect();
+                    access.push(Grant { kind: "repository".into(), name: repo.to_string(), actions: granted });
+                }
+                Scope::Catalog if principal != Principal::Anonymous => {
+                    access.push(Grant { kind: "registry".into(), name: "catalog".into(), actions: vec!["*".into()] });
+                }
+                Scope::Catalog => {}
+            }
+        }
+        let now = now_secs();
+        let ttl = self.config.bearer_ttl_secs.max(1);
+        let claims = Claims {
+            iss: "berth".into(),
+            sub: principal.user().map(|u| u.to_string()).unwrap_or_default(),
+            aud: self.config.service.clone(),
+            exp: now + ttl as i64,
+            nbf: now,
+            iat: now,
+            jti: secret::random_token(12),
+            access,
+            tid,
+        };
+        let refresh_token = match (&principal, offline) {
+            (Principal::User(u), true) => {
+                let ttl = Duration::from_secs(self.config.refresh_token_secs);
+                let issued = self.issue(u.clone(), TokenKind::Refresh, ttl, "refresh token".into()).await?;
+                Some(issued.token)
+            }
+            _ => None,
+        };
+        Ok(BearerToken { token: self.keys.sign(&claims), expires_in: ttl, issued_at: now, refresh_token })
+    }
+
+    async fn issue(&self, user: AccountName, kind: TokenKind, ttl: Duration, description: String) -> Result<tokens::Issued, RegistryError> {
+        self.token_actor
+            .send(tokens::Issue { user, kind, ttl, description })
+            .await
+            .map_err(|e| internal("token actor", e))?
+            .map_err(|e| internal("issuing token", e))
+    }
+
+    // ----- registry access tokens -----
+
+    /// Issue a registry access token for the caller (default 12 h, capped).
+    pub async fn issue_access_token(
+        &self,
+        who: &Principal,
+        ttl_secs: Option<u64>,
+        description: String,
+    ) -> Result<tokens::Issued, RegistryError> {
+        let user = who.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized).with_detail("log in to issue tokens"))?;
+        let ttl = ttl_secs.unwrap_or(self.config.access_token_default_secs);
+        if ttl == 0 || ttl > self.config.access_token_max_secs {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest)
+                .with_detail(format!("token lifetime must be 1 to {} seconds", self.config.access_token_max_secs)));
+        }
+        if description.len() > 256 {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("description longer than 256 characters"));
+        }
+        self.issue(user.clone(), TokenKind::Access, Duration::from_secs(ttl), description).await
+    }
+
+    /// The caller's access tokens (never their secrets).
+    pub fn list_tokens(&self, who: &Principal) -> Vec<TokenRow> {
+        let Some(user) = who.user() else { return Vec::new() };
+        let mut rows: Vec<TokenRow> = self
+            .tokens
+            .read()
+            .unwrap()
+            .values()
+            .filter(|t| &t.user == user && t.kind == TokenKind::Access)
+            .cloned()
+            .collect();
+        rows.sort_by_key(|t| t.created_ms);
+        rows
+    }
+
+    /// Revoke one of the caller's tokens (a platform admin may revoke any).
+    pub async fn revoke_token(&self, who: &Principal, id: &str) -> Result<(), RegistryError> {
+        let owner = self.tokens.read().unwrap().get(id).map(|t| t.user.clone());
+        let not_found = || RegistryError::new(ErrorCode::NotFound).with_detail(format!("no token {id:?}"));
+        let owner = owner.ok_or_else(not_found)?;
+        if who.user() != Some(&owner) && self.require_platform_admin(who).is_err() {
+            return Err(not_found());
+        }
+        self.token_actor
+            .send(tokens::Revoke(vec![id.to_owned()]))
+            .await
+            .map_err(|e| internal("token actor", e))?
+            .map_err(|e| internal("revoking token", e))?;
+        Ok(())
+    }
+
+    // ----- tenants and users -----
+
+    pub async fn create_tenant(&self, who: &Principal, name: AccountName) -> Result<(), RegistryError> {
+        self.require_platform_admin(who)?;
+        let created = self
+            .meta
+            .create_tenant(&TenantRow { name: name.clone(), created_ms: tokens::now_ms() })
+            .await
+            .map_err(|e| internal("creating tenant", e))?;
+        if !created {
+            return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("tenant or namespace {name} exists")));
+        }
+        self.refresh_namespaces().await
+    }
+
+    pub async fn tenants(&self, who: &Principal) -> Result<Vec<TenantRow>, RegistryError> {
+        self.require_platform_admin(who)?;
+        self.meta.tenants().await.map_err(|e| internal("listing tenants", e))
+    }
+
+    /// Give a tenant another namespace (platform admin).
+    pub async fn add_namespace(&self, who: &Principal, tenant: AccountName, ns: AccountName) -> Result<(), RegistryError> {
+        self.require_platform_admin(who)?;
+        if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == tenant) {
+            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {tenant}")));
+        }
+        let created = self
+            .meta
+            .create_namespace(&NamespaceRow { name: ns.clone(), tenant })
+            .await
+            .map_err(|e| internal("creating namespace", e))?;
+        if !created {
+            return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {ns} is taken")));
+        }
+        self.refresh_namespaces().await
+    }
+
+    /// Create a user in a tenant with one of [`ROLES`] (tenant admin).
+    pub async fn create_user(
+        &self,
+        who: &Principal,
+        tenant: AccountName,
+        name: AccountName,
+        password: &str,
+        role: &str,
+    ) -> Result<(), RegistryError> {
+        self.require_tenant_admin(who, &tenant)?;
+        if !ROLES.contains(&role) {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail(format!("role must be one of {}", ROLES.join(", "))));
+        }
+        check_password(password)?;
+        if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == tenant) {
+            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {tenant}")));
+        }
+        let pw = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| internal("hashing", e))?;
+        let row = UserRow { name: name.clone(), tenant: Some(tenant.clone()), password_hash: hash, created_ms: tokens::now_ms() };
+        if !self.meta.create_user(&row).await.map_err(|e| internal("creating user", e))? {
+            return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("user {name} exists")));
+        }
+        let rules = [
+            PolicyRuleRow { ptype: "g".into(), fields: vec![name.to_string(), format!("role:{role}"), tenant.to_string()] },
+            PolicyRuleRow { ptype: "g2".into(), fields: vec![name.to_string(), format!("tenant:{tenant}")] },
+        ];
+        self.policy.change(&rules, &[]).await.map_err(|e| internal("granting role", e))
+    }
+
+    /// Users visible to the caller: all for a platform admin, else the caller's tenant's.
+    pub async fn users(&self, who: &Principal) -> Result<Vec<(AccountName, Option<AccountName>)>, RegistryError> {
+        let rows = self.meta.users().await.map_err(|e| internal("listing users", e))?;
+        let all = self.require_platform_admin(who).is_ok();
+        Ok(rows
+            .into_iter()
+            .filter(|u| all || u.tenant.as_ref().is_some_and(|t| self.require_tenant_admin(who, t).is_ok()))
+            .map(|u| (u.name, u.tenant))
+            .collect())
+    }
+
+    /// Change the caller's own password.
+    pub async fn change_password(&self, who: &Principal, password: &str) -> Result<(), RegistryError> {
+        let user = who.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized))?;
+        check_password(password)?;
+        let pw = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| internal("hashing", e))?;
+        self.meta.set_password(user, &hash).await.map_err(|e| internal("setting password", e))?;
+        self.verified.lock().unwrap().retain(|_, (u, _)| u != user);
+        Ok(())
+    }
+
+    // ----- public repositories and shares (policy rules) -----
+
+    fn public_rule(tenant: &AccountName, repo: &RepoName) -> PolicyRuleRow {
+        PolicyRuleRow { ptype: "p".into(), fields: vec!["*".into(), tenant.to_string(), repo.to_string(), "pull".into(), "allow".into()] }
+    }
+
+    fn share_rules(owner: &AccountName, repo: &RepoName, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
+        actions
+            .iter()
+            .map(|a| PolicyRuleRow {
+                ptype: "p".into(),
+                fields: vec![format!("tenant:{with}"), owner.to_string(), repo.to_string(), a.clone(), "allow".into()],
+            })
+            .collect()
+    }
+
+    /// Make a repository public (anonymous pull) or private again.
+    pub async fn set_public(&self, who: &Principal, repo: &RepoName, public: bool) -> Result<(), RegistryError> {
+        let tenant = self.require_repo_admin(who, repo)?;
+        let rule = Self::public_rule(&tenant, repo);
+        let (add, remove) = if public { (vec![rule], vec![]) } else { (vec![], vec![rule]) };
+        self.policy.change(&add, &remove).await.map_err(|e| internal("changing visibility", e))
+    }
+
+    pub fn is_public(&self, repo: &RepoName) -> bool {
+        self.tenant_of(repo).is_some_and(|t| self.policy.rules().contains(&Self::public_rule(&t, repo)))
+    }
+
+    /// Share a repository with another tenant for pull or pull+push, optionally until a time.
+    pub async fn share(
+        &self,
+        who: &Principal,
+        repo: &RepoName,
+        with: AccountName,
+        push: bool,
+        expires_in_secs: Option<u64>,
+    ) -> Result<(), RegistryError> {
+        let owner = self.require_repo_admin(who, repo)?;
+        if with == owner {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("a repository is already visible to its own tenant"));
+        }
+        if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == with) {
+            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {with}")));
+        }
+        let actions: Vec<String> = if push { vec!["pull".into(), "push".into()] } else { vec!["pull".into()] };
+        let expires_ms = expires_in_secs.map(|s| tokens::now_ms() + (s as i64) * 1000);
+        // Replace any earlier share with this tenant.
+        let old = Self::share_rules(&owner, repo, &with, &["pull".into(), "push".into()]);
+        let new = Self::share_rules(&owner, repo, &with, &actions);
+        self.meta
+            .put_share(&ShareRow { repo: repo.clone(), tenant: with, actions, expires_ms })
+            .await
+            .map_err(|e| internal("storing share", e))?;
+        let remove: Vec<PolicyRuleRow> = old.into_iter().filter(|r| !new.contains(r)).collect();
+        self.policy.change(&new, &remove).await.map_err(|e| internal("sharing", e))
+    }
+
+    pub async fn unshare(&self, who: &Principal, repo: &RepoName, with: AccountName) -> Result<(), RegistryError> {
+        let owner = self.require_repo_admin(who, repo)?;
+        self.withdraw_share(&owner, repo, &with).await
+    }
+
+    async fn withdraw_share(&self, owner: &AccountName, repo: &RepoName, with: &AccountName) -> Result<(), RegistryError> {
+        let rules = Self::share_rules(owner, repo, with, &["pull".into(), "push".into()]);
+        self.policy.change(&[], &rules).await.map_err(|e| internal("withdrawing share", e))?;
+        self.meta.delete_share(repo, with).await.map_err(|e| internal("deleting share", e))
+    }
+
+    pub async fn shares(&self, who: &Principal, repo: &RepoName) -> Result<Vec<ShareRow>, RegistryError> {
+        self.require_repo_admin(who, repo)?;
+        let rows = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| &s.repo == repo).collect())
+    }
+
+    async fn expire_shares(&self) -> Result<(), RegistryError> {
+        let now = tokens::now_ms();
+        let rows = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;
+        for s in rows.into_iter().filter(|s| s.expires_ms.is_some_and(|t| t <= now)) {
+            if let Some(owner) = self.tenant_of(&s.repo) {
+                self.withdraw_share(&owner, &s.repo, &s.tenant).await?;
+                tracing::info!(repo = %s.repo, tenant = %s.tenant, "share expired");
+            }
+        }
+        Ok(())
+    }
+
+    // ----- policy administration (platform admin) -----
+
+    pub fn policy_rules(&self, who: &Principal) -> Result<Vec<PolicyRuleRow>, RegistryError> {
+        self.require_platform_admin(who)?;
+        Ok(self.policy.rules())
+    }
+
+    pub async fn change_policy(&self, who: &Principal, add: Vec<PolicyRuleRow>, remove: Vec<PolicyRuleRow>) -> Result<(), RegistryError> {
+        self.require_platform_admin(who)?;
+        self.policy.change(&add, &remove).await.map_err(|e| internal("changing policy", e))
+    }
+
+    /// Decide an arbitrary request (for `berth policy check`).
+    pub fn check_policy(&self, who: &Principal, sub: &str, dom: &str, obj: &str, act: Action) -> Result<Decision, RegistryError> {
+        self.require_platform_admin(who)?;
+        Ok(self.policy.check(sub, dom, obj, act.as_str()))
+    }
+
+    /// Start signing with a new key; the old one verifies until its tokens expire.
+    pub async fn rotate_signing_key(&self, who: &Principal) -> Result<String, RegistryError> {
+        self.require_platform_admin(who)?;
+        let kid = rotate_key(&self.meta).await.map_err(|e| internal("rotating key", e))?;
+        self.refresh().await;
+        let keep = (self.config.bearer_ttl_secs as i64 + 60) * 1000;
+        let _ = self.meta.prune_signing_keys(tokens::now_ms() - keep).await;
+        Ok(kid)
+    }
+}
+
+fn now_secs() -> i64 {
+    tokens::now_ms() / 1000
+}
+
+fn check_password(p: &str) -> Result<(), RegistryError> {
+    if p.chars().count() < 8 || p.len() > 1024 {
+        return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("password must be 8 to 1024 characters"));
+    }
+    Ok(())
+}
+
+/// Decode `base64(user:secret)`.
+pub fn decode_basic(v: &str) -> Option<(String, String)> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(v).ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_owned(), p.to_owned()))
+}
+
+static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| secret::hash_password("berth-dummy-password"));
+
+async fn rotate_key(meta: &Metadata) -> Result<String, String> {
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+    let kid = secret::random_token(9);
+    let row = SigningKeyRow { kid: kid.clone(), secret_hex: hex::encode(secret), created_ms: tokens::now_ms(), retired_ms: None };
+    meta.rotate_signing_key(&row).await.map_err(|e| e.to_string())?;
+    Ok(kid)
+}
+
+async fn load_keys(meta: &Metadata) -> Result<KeyRing, String> {
+    let mut rows = meta.signing_keys().await.map_err(|e| format!("loading signing keys: {e}"))?;
+    if !rows.iter().any(|k| k.retired_ms.is_none()) {
+        rotate_key(meta).await?;
+        rows = meta.signing_keys().await.map_err(|e| format!("loading signing keys: {e}"))?;
+    }
+    // Current key last.
+    rows.sort_by_key(|k| (k.retired_ms.is_none(), k.created_ms));
+    let keys = rows
+        .into_iter()
+        .filter_map(|k| hex::decode(&k.secret_hex).ok().map(|s| (k.kid, s)))
+        .collect();
+    Ok(KeyRing::new(keys))
+}
+
+/// Create the platform admin on first start; returns the password if generated.
+async fn bootstrap_admin(meta: &Metadata, configured: Option<&str>) -> Result<Option<String>, String> {
+    let name: AccountName = ADMIN_USER.parse().expect("valid name");
+    match meta.user(&name).await.map_err(|e| e.to_string())? {
+        Some(row) => {
+            // A configured password wins (recovery): re-hash when it changed.
+            if let Some(pw) = configured {
+                let (pw, phc) = (pw.to_owned(), row.password_hash.clone());
+                let same = tokio::task::spawn_blocking(move || secret::verify_password(&pw, &phc)).await.unwrap_or(false);
+                if !same {
+                    let pw = configured.unwrap().to_owned();
+                    let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| e.to_string())?;
+                    meta.set_password(&name, &hash).await.map_err(|e| e.to_string())?;
+                    tracing::info!("admin password reset from configuration");
+                }
+            }
+            Ok(None)
+        }
+        None => {
+            let (pw, generated) = match configured {
+                Some(p) => (p.to_owned(), None),
+                None => {
+                    let p = secret::random_password();
+                    (p.clone(), Some(p))
+                }
+            };
+            let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| e.to_string())?;
+            let row = UserRow { name, tenant: None, password_hash: hash, created_ms: tokens::now_ms() };
+            meta.create_user(&row).await.map_err(|e| e.to_string())?;
+            tracing::info!("created the platform admin user 'admin'");
+            Ok(generated)
+        }
+    }
+}
