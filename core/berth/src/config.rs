@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use berth_auth::AuthConfig;
 use berth_metadata::MetadataConfig;
 use berth_registry::RegistryConfig;
 use berth_storage::StorageConfig;
@@ -20,8 +21,16 @@ pub const ENV_STORAGE: &str = "BERTH_STORAGE";
 pub const ENV_METADATA_URL: &str = "BERTH_METADATA_URL";
 pub const ENV_LOG: &str = "BERTH_LOG";
 pub const DEFAULT_LOG: &str = "info";
+pub const DEFAULT_POLICY_DIR: &str = "./policies";
 pub const ENV_LOG_FORMAT: &str = "BERTH_LOG_FORMAT";
 pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
+pub const ENV_ADMIN_PASSWORD: &str = "BERTH_ADMIN_PASSWORD";
+pub const ENV_EXTERNAL_URL: &str = "BERTH_EXTERNAL_URL";
+pub const ENV_POLICY_DIR: &str = "BERTH_POLICY_DIR";
+/// Used by the client subcommands (`berth policy …`, `berth token …`).
+pub const ENV_SERVER: &str = "BERTH_SERVER";
+pub const ENV_USER: &str = "BERTH_USER";
+pub const ENV_PASSWORD: &str = "BERTH_PASSWORD";
 
 const KNOWN_ENV: &[&str] = &[
     ENV_CONFIG,
@@ -32,6 +41,12 @@ const KNOWN_ENV: &[&str] = &[
     ENV_LOG,
     ENV_LOG_FORMAT,
     ENV_UPLOAD_TTL,
+    ENV_ADMIN_PASSWORD,
+    ENV_EXTERNAL_URL,
+    ENV_POLICY_DIR,
+    ENV_SERVER,
+    ENV_USER,
+    ENV_PASSWORD,
 ];
 
 /// The configuration file's shape (every section optional).
@@ -45,6 +60,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub registry: Option<RegistryConfig>,
     pub log: Option<LogConfig>,
+    pub auth: Option<AuthConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -78,6 +94,7 @@ pub struct Config {
     pub metadata: MetadataConfig,
     pub registry: RegistryConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
 }
 
 /// Values given on the command line (they win over everything else).
@@ -144,7 +161,27 @@ impl Config {
                 _ => return Err(format!("{ENV_LOG_FORMAT}={v:?}: expected text or json")),
             };
         }
-        Ok(Config { listen, data_dir, storage, metadata, registry, log })
+        let mut auth = file.auth.unwrap_or_default();
+        if let Some(v) = env.get(ENV_ADMIN_PASSWORD) {
+            auth.admin_password = Some(v.clone());
+        }
+        if let Some(v) = env.get(ENV_EXTERNAL_URL) {
+            auth.external_url = Some(v.clone());
+        }
+        if let Some(v) = env.get(ENV_POLICY_DIR) {
+            auth.policy_dir = Some(PathBuf::from(v));
+        }
+        if let Some(u) = &auth.external_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("external_url {u:?} must start with http:// or https://"));
+            }
+        }
+        // Policies as code: a `policies/` directory next to where Berth runs is
+        // used when none is configured; otherwise the built-in defaults.
+        if auth.policy_dir.is_none() && Path::new(DEFAULT_POLICY_DIR).join("model.conf").is_file() {
+            auth.policy_dir = Some(PathBuf::from(DEFAULT_POLICY_DIR));
+        }
+        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth })
     }
 }
 

@@ -5,6 +5,7 @@
 //! directory). The same binary scales out by configuration (S3 storage, a
 //! SurrealDB server).
 
+mod client;
 mod config;
 
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    conn: client::Conn,
 }
 
 #[derive(Subcommand)]
@@ -37,11 +40,46 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Administer policies (casbin rules) of a running Berth, or test policy files.
+    #[command(subcommand)]
+    Policy(client::PolicyCmd),
+    /// Issue, list and revoke registry access tokens.
+    #[command(subcommand)]
+    Token(client::TokenCmd),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(client::TenantCmd),
+    /// Manage users.
+    #[command(subcommand)]
+    User(client::UserCmd),
+    /// Repository visibility and sharing.
+    #[command(subcommand)]
+    Repo(client::RepoCmd),
+    /// Rotate the bearer-token signing key.
+    RotateKey,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let conn = cli.conn.clone();
+    let run_client = |f: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<bool>>>>| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        match rt.block_on(f) {
+            Ok(true) => std::process::ExitCode::SUCCESS,
+            Ok(false) => std::process::ExitCode::from(1),
+            Err(e) => {
+                eprintln!("berth: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        }
+    };
     match cli.command {
+        Command::Policy(c) => run_client(Box::pin(async move { client::policy(&conn, c).await })),
+        Command::Token(c) => run_client(Box::pin(async move { client::token(&conn, c).await })),
+        Command::Tenant(c) => run_client(Box::pin(async move { client::tenant(&conn, c).await })),
+        Command::User(c) => run_client(Box::pin(async move { client::user(&conn, c).await })),
+        Command::Repo(c) => run_client(Box::pin(async move { client::repo(&conn, c).await })),
+        Command::RotateKey => run_client(Box::pin(async move { client::rotate_key(&conn).await })),
         Command::Serve { listen, data_dir, config } => {
             let env: std::collections::HashMap<String, String> = std::env::vars().collect();
             let cfg = match Config::load(&env, Overrides { config, listen, data_dir }) {
@@ -85,13 +123,22 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
     let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
-    let registry = Registry::open(store, meta, cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let registry = Registry::open(store, meta.clone(), cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let auth = berth_auth::Auth::open(meta, cfg.auth.clone(), registry.arbiter()).await.map_err(|e| anyhow::anyhow!("auth: {e}"))?;
+    if let Some(dir) = &cfg.auth.policy_dir {
+        tracing::info!(dir = %dir.display(), "policies loaded");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), storage = ?storage_kind(&cfg), metadata = %cfg.metadata.url, "berth listening");
     // The line tests and scripts wait for (the bound port may have been 0).
     println!("berth listening on http://{addr}");
-    berth_http::serve(registry.clone(), listener, shutdown_signal()).await;
+    if let Some(pw) = &auth.generated_admin_password {
+        // Shown once, on the first start of a new data directory.
+        println!("berth created the platform admin: user 'admin', password '{pw}' (shown once; set BERTH_ADMIN_PASSWORD to choose it)");
+    }
+    let services = berth_http::Services { registry: registry.clone(), auth };
+    berth_http::serve(services, listener, shutdown_signal()).await;
     tracing::info!("shutting down");
     registry.shutdown();
     Ok(())

@@ -90,6 +90,11 @@ fn blob_files(layout: &Path) -> Vec<String> {
 fn skopeo_round_trips_image_and_multi_arch_index() {
     let dir = TempDir::new("skopeo");
     let s = Server::start_in(&dir.path().join("data"), &[]);
+    // A developer of tenant "skopeo" logs in with a registry access token.
+    let token = block_on(tenant_user_token(&s, "skopeo", "sam", "developer"));
+    let authfile = dir.path().join("auth.json");
+    let authfile = authfile.to_str().unwrap();
+    skopeo(&["login", "--tls-verify=false", "--authfile", authfile, "-u", "sam", "-p", &token, &s.addr]);
 
     // A three-layer image.
     let src = dir.path().join("src-image");
@@ -98,13 +103,31 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     write_layout(&src, json!({"mediaType": OCI_MANIFEST, "digest": md, "size": mn,
         "annotations": {"org.opencontainers.image.ref.name": "v1"}}));
     let dest = format!("docker://{}/skopeo/image:v1", s.addr);
-    skopeo(&["copy", "--dest-tls-verify=false", &format!("oci:{}:v1", src.display()), &dest]);
+    skopeo(&["copy", "--authfile", authfile, "--dest-tls-verify=false", &format!("oci:{}:v1", src.display()), &dest]);
     let back = dir.path().join("back-image");
-    skopeo(&["copy", "--src-tls-verify=false", &dest, &format!("oci:{}:v1", back.display())]);
+    skopeo(&["copy", "--authfile", authfile, "--src-tls-verify=false", &dest, &format!("oci:{}:v1", back.display())]);
     assert_eq!(layout_top(&back), md, "manifest digest survives the round trip");
     assert_eq!(blob_files(&back), blob_files(&src), "every blob comes back byte-identical");
-    let raw = skopeo(&["inspect", "--tls-verify=false", "--raw", &dest]);
+    let raw = skopeo(&["inspect", "--authfile", authfile, "--tls-verify=false", "--raw", &dest]);
     assert_eq!(sha256(raw.as_bytes()), md);
+
+    // Private by default: an anonymous client is refused; public after the switch.
+    let anon = dir.path().join("anon.json");
+    std::fs::write(&anon, "{}").unwrap();
+    let anon = anon.to_str().unwrap();
+    let out = Command::new("skopeo").args(["inspect", "--authfile", anon, "--tls-verify=false", "--raw", &dest]).output().unwrap();
+    assert!(!out.status.success(), "anonymous pull of a private repository must fail");
+    block_on(async {
+        let r = client()
+            .put(s.url("/api/v1/repositories/skopeo/image/visibility"))
+            .json(&json!({"public": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    let raw = skopeo(&["inspect", "--authfile", anon, "--tls-verify=false", "--raw", &dest]);
+    assert_eq!(sha256(raw.as_bytes()), md, "anonymous pull of a public repository");
 
     // A multi-arch index of two images.
     let src = dir.path().join("src-index");
@@ -123,13 +146,13 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     write_layout(&src, json!({"mediaType": OCI_INDEX, "digest": id, "size": idn,
         "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
     let dest = format!("docker://{}/skopeo/multi:latest", s.addr);
-    skopeo(&["copy", "--all", "--dest-tls-verify=false", &format!("oci:{}:multi", src.display()), &dest]);
+    skopeo(&["copy", "--authfile", authfile, "--all", "--dest-tls-verify=false", &format!("oci:{}:multi", src.display()), &dest]);
     let back = dir.path().join("back-index");
-    skopeo(&["copy", "--all", "--src-tls-verify=false", &dest, &format!("oci:{}:multi", back.display())]);
+    skopeo(&["copy", "--authfile", authfile, "--all", "--src-tls-verify=false", &dest, &format!("oci:{}:multi", back.display())]);
     assert_eq!(layout_top(&back), id, "index digest survives the round trip");
     assert_eq!(blob_files(&back), blob_files(&src));
 
-    let tags = skopeo(&["list-tags", "--tls-verify=false", &format!("docker://{}/skopeo/image", s.addr)]);
+    let tags = skopeo(&["list-tags", "--authfile", authfile, "--tls-verify=false", &format!("docker://{}/skopeo/image", s.addr)]);
     let v: serde_json::Value = serde_json::from_str(&tags).unwrap();
     assert_eq!(v["Tags"], json!(["v1"]));
 }
@@ -149,18 +172,45 @@ fn docker_engine_push_and_pull() {
     let tar = dir.path().join("rootfs.tar");
     run("tar", &["-C", root.to_str().unwrap(), "-cf", tar.to_str().unwrap(), "."]);
     let image = format!("{}/docker/e2e:v1", s.addr);
+    // docker login with a registry access token, into a private docker config.
+    let token = block_on(tenant_user_token(&s, "docker", "dan", "maintainer"));
+    let cfg = dir.path().join("docker-config");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let env = [("DOCKER_CONFIG", cfg.to_str().unwrap())];
+    run_in("docker", &["login", "-u", "dan", "--password-stdin", &s.addr], &env, Some(&token));
     run("docker", &["import", tar.to_str().unwrap(), &image]);
-    run("docker", &["push", &image]);
+    run_in("docker", &["push", &image], &env, None);
     let pushed_id = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]);
     run("docker", &["rmi", &image]);
-    run("docker", &["pull", &image]);
+    run_in("docker", &["pull", &image], &env, None);
     let pulled_id = run("docker", &["image", "inspect", "--format", "{{.Id}}", &image]);
     assert_eq!(pushed_id, pulled_id);
     run("docker", &["rmi", &image]);
+    // Without credentials the private image cannot be pulled.
+    let anon_cfg = dir.path().join("docker-anon");
+    std::fs::create_dir_all(&anon_cfg).unwrap();
+    let out = Command::new("docker").args(["pull", &image]).env("DOCKER_CONFIG", &anon_cfg).output().unwrap();
+    assert!(!out.status.success(), "anonymous docker pull of a private image must fail");
+    run_in("docker", &["logout", &s.addr], &env, None);
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    run_in(cmd, args, &[], None)
+}
+
+fn run_in(cmd: &str, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut c = Command::new(cmd);
+    c.args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

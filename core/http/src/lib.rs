@@ -12,6 +12,8 @@
 //! - Domain errors are never warp rejections: handlers return `Result<Response, RegistryError>`.
 //! - Request and response bodies stream; only manifests (≤ 4 MiB) are buffered.
 
+mod api;
+mod gate;
 pub mod route;
 
 use std::future::Future;
@@ -24,6 +26,7 @@ use std::time::Instant;
 use berth_oci::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
 use berth_oci::range::parse_content_range;
 use berth_oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, UploadId};
+use berth_auth::{Action, Auth, Identity};
 use berth_registry::{BlobBody, Registry};
 use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
@@ -32,7 +35,7 @@ use route::Route;
 use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use warp::Filter;
 
-type Reply = warp::reply::Response;
+pub(crate) type Reply = warp::reply::Response;
 type Body = Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>;
 
 const API_VERSION: &str = "registry/2.0";
@@ -40,23 +43,31 @@ const API_VERSION: &str = "registry/2.0";
 const CATALOG_DEFAULT_N: usize = 1000;
 const MAX_N: usize = 100_000;
 
+/// The services the HTTP layer fronts.
+#[derive(Clone)]
+pub struct Services {
+    pub registry: Arc<Registry>,
+    pub auth: Arc<Auth>,
+}
+
 /// The whole HTTP application as one warp filter.
-pub fn app(registry: Arc<Registry>) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     let ids = Arc::new(AtomicU64::new(0));
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(warp::body::stream().map(box_body))
-        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, body: Body| {
-            let registry = registry.clone();
+        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, remote: Option<std::net::SocketAddr>, body: Body| {
+            let services = services.clone();
             let id = ids.fetch_add(1, Ordering::Relaxed);
             async move {
                 let started = Instant::now();
                 let request_id = format!("{:x}-{id:x}", std::process::id());
                 let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
-                let req = Request { method, query, headers, body: Some(body) };
-                let (label, mut resp) = handle(&registry, path.as_str(), req).instrument(span.clone()).await;
+                let req = Request { method, query, headers, remote, body: Some(body) };
+                let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
                 let h = resp.headers_mut();
                 h.insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
                 if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -71,31 +82,65 @@ pub fn app(registry: Arc<Registry>) -> impl Filter<Extract = (Reply,), Error = w
 }
 
 /// Serve until `shutdown` resolves, then drain in-flight requests.
-pub async fn serve(registry: Arc<Registry>, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
-    warp::serve(app(registry)).incoming(listener).graceful(shutdown).run().await;
+pub async fn serve(services: Services, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
+    warp::serve(app(services)).incoming(listener).graceful(shutdown).run().await;
 }
 
-struct Request {
-    method: Method,
+pub(crate) struct Request {
+    pub(crate) method: Method,
     query: String,
     headers: HeaderMap,
+    pub(crate) remote: Option<std::net::SocketAddr>,
     body: Option<Body>,
 }
 
+/// Decode `a=1&b=2` (form or query), `+` as space.
+pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| route::percent_decode(&s.replace('+', " ")).unwrap_or_default();
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+/// Read a small body (JSON or form) fully, refusing more than `limit` bytes.
+pub(crate) async fn read_small_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RegistryError> {
+    let mut buf = Vec::new();
+    if let Some(mut body) = req.take_body() {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| RegistryError::new(ErrorCode::InvalidRequest).with_detail(format!("reading body: {e}")))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(RegistryError::new(ErrorCode::InvalidRequest)
+                    .with_status(413)
+                    .with_detail(format!("body larger than {limit} bytes")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    Ok(buf)
+}
+
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn param(&self, name: &str) -> Option<String> {
+    pub(crate) fn param(&self, name: &str) -> Option<String> {
         self.query.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             (k == name).then(|| route::percent_decode(&v.replace('+', " ")).unwrap_or_default())
         })
     }
 
+    pub(crate) fn params(&self) -> Vec<(String, String)> {
+        parse_query(&self.query)
+    }
+
     /// The body, or `None` when the request announced none.
-    fn take_body(&mut self) -> Option<Body> {
+    pub(crate) fn take_body(&mut self) -> Option<Body> {
         let body = self.body.take()?;
         match self.header("content-length").map(str::trim) {
             Some("0") => None,
@@ -106,31 +151,56 @@ impl Request {
     }
 }
 
-async fn handle(registry: &Registry, full_path: &str, req: Request) -> (&'static str, Reply) {
+async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'static str, Reply) {
+    let auth = &services.auth;
     let Some(path) = full_path.strip_prefix("/v2/").or_else(|| (full_path == "/v2").then_some("")) else {
-        return match full_path {
-            "/healthz" => ("health", json_response(StatusCode::OK, b"{\"status\":\"ok\"}".to_vec())),
-            _ => ("none", error_response(&RegistryError::new(ErrorCode::Unsupported).with_status(404).with_detail("not found"))),
-        };
+        if full_path == "/healthz" {
+            return ("health", json_response(StatusCode::OK, b"{\"status\":\"ok\"}".to_vec()));
+        }
+        if full_path == "/auth/token" {
+            return ("token", gate::token_endpoint(auth, &mut req).await);
+        }
+        if let Some(rest) = full_path.strip_prefix("/api/v1/") {
+            return ("api", api::handle(services, rest, req).await);
+        }
+        return ("none", error_response(&RegistryError::new(ErrorCode::Unsupported).with_status(404).with_detail("not found")));
     };
     let route = match route::parse(path) {
         Ok(r) => r,
         Err(e) => return ("invalid", error_response(&e)),
     };
     let label = route.label();
-    let result = dispatch(registry, route, req).await;
+    let identity = match gate::authenticate(auth, &req).await {
+        Ok(i) => i,
+        Err(r) => return (label, gate::refusal_response(auth, &req, r)),
+    };
+    let grants = match gate::authorize(auth, &identity, &route, &req) {
+        Ok(g) => g,
+        Err(r) => return (label, gate::refusal_response(auth, &req, r)),
+    };
+    let ctx = Ctx { registry: &services.registry, auth, identity: &identity, grants: &grants };
+    let result = dispatch(&ctx, route, req).await;
     (label, result.unwrap_or_else(|e| error_response(&e)))
 }
 
-fn method_not_allowed(m: &Method) -> RegistryError {
+/// What a handler may use: the registry, and the already-made access decisions.
+struct Ctx<'a> {
+    registry: &'a Registry,
+    auth: &'a Auth,
+    identity: &'a Identity,
+    grants: &'a gate::Grants,
+}
+
+pub(crate) fn method_not_allowed(m: &Method) -> RegistryError {
     RegistryError::new(ErrorCode::Unsupported).with_status(405).with_detail(format!("method {m} not allowed here"))
 }
 
-async fn dispatch(registry: &Registry, route: Route, mut req: Request) -> Result<Reply, RegistryError> {
+async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply, RegistryError> {
+    let registry = ctx.registry;
     let m = req.method.clone();
     match (route, m) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
-        (Route::Catalog, Method::GET) => catalog(registry, &req),
+        (Route::Catalog, Method::GET) => catalog(ctx, &req),
         (Route::Tags(repo), Method::GET) => tags(registry, &repo, &req),
         (Route::Manifest(repo, r), Method::GET) => get_manifest(registry, &repo, &r, true).await,
         (Route::Manifest(repo, r), Method::HEAD) => get_manifest(registry, &repo, &r, false).await,
@@ -145,7 +215,7 @@ async fn dispatch(registry: &Registry, route: Route, mut req: Request) -> Result
             registry.delete_blob(&repo, &d).await?;
             Ok(empty(StatusCode::ACCEPTED))
         }
-        (Route::Uploads(repo), Method::POST) => start_upload(registry, &repo, &mut req).await,
+        (Route::Uploads(repo), Method::POST) => start_upload(registry, &repo, ctx.grants.mount_allowed, &mut req).await,
         (Route::Upload(repo, id), Method::PATCH) => patch_upload(registry, &repo, &id, &mut req).await,
         (Route::Upload(repo, id), Method::PUT) => put_upload(registry, &repo, &id, &mut req).await,
         (Route::Upload(repo, id), Method::GET) => {
@@ -164,12 +234,12 @@ async fn dispatch(registry: &Registry, route: Route, mut req: Request) -> Result
 // ----- rendering -----
 
 /// The one place an error becomes a response.
-pub fn error_response(e: &RegistryError) -> Reply {
+pub(crate) fn error_response(e: &RegistryError) -> Reply {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, e.to_json())
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Reply {
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Reply {
     let len = body.len();
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
@@ -186,7 +256,7 @@ fn empty(status: StatusCode) -> Reply {
     r
 }
 
-fn set(r: &mut Reply, name: &'static str, value: impl AsRef<str>) {
+pub(crate) fn set(r: &mut Reply, name: &'static str, value: impl AsRef<str>) {
     if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
         r.headers_mut().insert(name, v);
     }
@@ -209,9 +279,10 @@ fn link_next(path: &str, n: usize, last: Option<&str>) -> Option<String> {
     Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""))
 }
 
-fn catalog(registry: &Registry, req: &Request) -> Result<Reply, RegistryError> {
+fn catalog(ctx: &Ctx<'_>, req: &Request) -> Result<Reply, RegistryError> {
     let (n, last) = page_params(req, CATALOG_DEFAULT_N)?;
-    let (repos, more) = registry.catalog(n, last.as_deref());
+    // Only what the caller may pull is listed.
+    let (repos, more) = ctx.registry.catalog(n, last.as_deref(), |r| ctx.auth.can(ctx.identity, r, Action::Pull));
     let body = serde_json::json!({ "repositories": repos });
     let mut r = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
     if more {
@@ -377,10 +448,11 @@ fn empty_body() -> Body {
     Box::pin(futures::stream::empty())
 }
 
-async fn start_upload(registry: &Registry, repo: &RepoName, req: &mut Request) -> Result<Reply, RegistryError> {
+async fn start_upload(registry: &Registry, repo: &RepoName, mount_allowed: bool, req: &mut Request) -> Result<Reply, RegistryError> {
     if let Some(mount) = req.param("mount") {
         let digest: Digest = mount.parse()?;
-        if let Some(from) = req.param("from") {
+        // A source the caller may not read is never mounted from: plain session instead.
+        if let Some(from) = req.param("from").filter(|_| mount_allowed) {
             // An unparsable or unknown source is simply not mountable.
             if let Ok(from) = from.parse::<RepoName>() {
                 if registry.mount_blob(repo, &digest, &from).await? {

@@ -84,9 +84,10 @@ impl Index {
     }
 
     /// Up to `n` repository names after `last`, and whether more follow.
-    pub fn catalog(&self, n: usize, last: Option<&str>) -> (Vec<RepoName>, bool) {
+    /// Up to `n` repositories after `last` that `visible` admits, and whether more follow.
+    pub fn catalog(&self, n: usize, last: Option<&str>, visible: impl Fn(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
         let repos = self.repos.read().unwrap();
-        page(repos.keys(), |k| k.as_str(), n, last)
+        page(repos.keys().filter(|r| visible(r)), |k| k.as_str(), n, last)
     }
 
     /// Up to `n` tags of `repo` after `last`, and whether more follow.
@@ -148,13 +149,13 @@ mod tests {
             ..Default::default()
         };
         let idx = Index::from_snapshot(s, 1 << 20);
-        let (p, more) = idx.catalog(2, None);
+        let (p, more) = idx.catalog(2, None, |_| true);
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["a", "b/c"]);
         assert!(more);
-        let (p, more) = idx.catalog(2, Some("b/c"));
+        let (p, more) = idx.catalog(2, Some("b/c"), |_| true);
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["b/d", "e"]);
         assert!(!more);
-        let (p, more) = idx.catalog(10, Some("zzz"));
+        let (p, more) = idx.catalog(10, Some("zzz"), |_| true);
         assert!(p.is_empty() && !more);
     }
 }

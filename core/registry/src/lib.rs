@@ -448,8 +448,14 @@ impl Registry {
         self.index.tags(repo, n, last).ok_or_else(|| name_unknown(repo))
     }
 
-    pub fn catalog(&self, n: usize, last: Option<&str>) -> (Vec<RepoName>, bool) {
-        self.index.catalog(n, last)
+    /// A page of the repositories `visible` admits (the caller's readable ones).
+    pub fn catalog(&self, n: usize, last: Option<&str>, visible: impl Fn(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
+        self.index.catalog(n, last, visible)
+    }
+
+    /// The actor system's arbiter, for services that run their own actors.
+    pub fn arbiter(&self) -> &ArbiterHandle {
+        &self.arbiter
     }
 
     /// Manifests in `repo` whose subject is `digest`, optionally of one artifact type.

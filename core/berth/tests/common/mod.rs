@@ -60,6 +60,9 @@ impl Server {
             cmd.env_remove(k);
         }
         cmd.env("BERTH_LOG", "warn");
+        cmd.env("BERTH_ADMIN_PASSWORD", ADMIN_PASSWORD);
+        // The repository's own policies, wherever the test runs from.
+        cmd.env("BERTH_POLICY_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -107,7 +110,28 @@ pub fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
+/// The bootstrap admin's password in tests.
+pub const ADMIN_PASSWORD: &str = "admin-test-password";
+
+pub fn basic(user: &str, secret: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}")))
+}
+
+/// A client that authenticates as the platform admin (Basic) on every request.
 pub fn client() -> reqwest::Client {
+    client_as("admin", ADMIN_PASSWORD)
+}
+
+/// A client that authenticates as `user` with `secret` (password or access token).
+pub fn client_as(user: &str, secret: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, basic(user, secret).parse().unwrap());
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).default_headers(h).build().unwrap()
+}
+
+/// A client that sends no credentials.
+pub fn anon_client() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
@@ -196,4 +220,28 @@ pub async fn put_manifest(c: &reqwest::Client, s: &Server, repo: &str, reference
     let d = digest.unwrap();
     assert_eq!(d, sha256(body));
     d
+}
+
+/// As admin: create `tenant` (if new) and a user in it with `role`; then, as that
+/// user, issue a registry access token. Returns the token.
+pub async fn tenant_user_token(s: &Server, tenant: &str, user: &str, role: &str) -> String {
+    let admin = client();
+    let r = admin.post(s.url("/api/v1/tenants")).json(&serde_json::json!({"name": tenant})).send().await.unwrap();
+    assert!(r.status() == 201 || r.status() == 409, "create tenant: {}", r.text().await.unwrap());
+    let password = format!("{user}-password");
+    let r = admin
+        .post(s.url(&format!("/api/v1/tenants/{tenant}/users")))
+        .json(&serde_json::json!({"name": user, "password": password, "role": role}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "create user: {}", r.text().await.unwrap());
+    let r = client_as(user, &password).post(s.url("/api/v1/tokens")).json(&serde_json::json!({"description": "test"})).send().await.unwrap();
+    assert_eq!(r.status(), 201, "issue token");
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
