@@ -1,0 +1,228 @@
+//! Tenant isolation, cell by cell: 3 tenants × {tenant admin, maintainer,
+//! developer, reader, anonymous, user of the tenant a repository is shared with,
+//! user of an unrelated tenant} × {private, public, shared} repositories ×
+//! {pull, push, delete, list tags, catalog}. Every cell is asserted.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
+const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
+const OPS: [&str; 5] = ["pull", "push", "delete", "tags", "catalog"];
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Who {
+    Role(usize),
+    Anonymous,
+    /// A developer of the tenant the shared repository is shared with.
+    ShareTenant,
+    /// A developer of a tenant with no grant at all.
+    Stranger,
+}
+
+fn password(user: &str) -> String {
+    format!("{user}-password")
+}
+
+/// What the default policy promises for one cell.
+fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
+    let read = matches!(op, "pull" | "tags" | "catalog");
+    match who {
+        Who::Role(0) => true,
+        Who::Role(1) => true,
+        Who::Role(2) => op != "delete",
+        Who::Role(3) => read,
+        Who::Role(_) => unreachable!(),
+        Who::Anonymous => read && repo_kind == "public",
+        Who::ShareTenant => read && (repo_kind == "public" || repo_kind == "shared"),
+        Who::Stranger => read && repo_kind == "public",
+    }
+}
+
+async fn setup(s: &Server) -> Vec<(String, String)> {
+    let admin = client();
+    for (i, t) in TENANTS.iter().enumerate() {
+        let r = admin.post(s.url("/api/v1/tenants")).json(&json!({"name": t})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        // Tenant admins are created by the platform admin; they create the rest.
+        let ta = format!("{t}-admin");
+        let r = admin
+            .post(s.url(&format!("/api/v1/tenants/{t}/users")))
+            .json(&json!({"name": ta, "password": password(&ta), "role": "tenant-admin"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let tac = client_as(&ta, &password(&ta));
+        for (suffix, role) in &ROLES[1..] {
+            let u = format!("{t}-{suffix}");
+            let r = tac
+                .post(s.url(&format!("/api/v1/tenants/{t}/users")))
+                .json(&json!({"name": u, "password": password(&u), "role": role}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        }
+        // A tenant admin cannot create users in another tenant.
+        let other = TENANTS[(i + 1) % 3];
+        let r = tac
+            .post(s.url(&format!("/api/v1/tenants/{other}/users")))
+            .json(&json!({"name": format!("{t}-intruder"), "password": "intruder-password", "role": "reader"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    // Each tenant's maintainer pushes three repositories; its admin makes one
+    // public and shares one with the next tenant.
+    let mut repos = vec![];
+    for (i, t) in TENANTS.iter().enumerate() {
+        let m = client_as(&format!("{t}-maint"), &password(&format!("{t}-maint")));
+        let ta = client_as(&format!("{t}-admin"), &password(&format!("{t}-admin")));
+        for kind in ["private", "public", "shared"] {
+            let repo = format!("{t}/{kind}");
+            push_image(&m, s, &repo, "v1", 100 + i as u64, json!({})).await;
+            repos.push((t.to_string(), kind.to_string()));
+        }
+        let r = ta.put(s.url(&format!("/api/v1/repositories/{t}/public/visibility"))).json(&json!({"public": true})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let next = TENANTS[(i + 1) % 3];
+        let r = ta.put(s.url(&format!("/api/v1/repositories/{t}/shared/shares/{next}"))).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        // A maintainer is not a repository admin.
+        let r = m.put(s.url(&format!("/api/v1/repositories/{t}/private/visibility"))).json(&json!({"public": true})).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    repos
+}
+
+fn caller(owner: usize, who: Who) -> Option<String> {
+    match who {
+        Who::Role(i) => Some(format!("{}-{}", TENANTS[owner], ROLES[i].0)),
+        Who::Anonymous => None,
+        Who::ShareTenant => Some(format!("{}-dev", TENANTS[(owner + 1) % 3])),
+        Who::Stranger => Some(format!("{}-dev", TENANTS[(owner + 2) % 3])),
+    }
+}
+
+/// Perform one operation; `true` if it was allowed.
+async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u64) -> bool {
+    let denied = |code: u16| code == 401 || code == 403;
+    match op {
+        "pull" => {
+            let r = c.get(s.url(&format!("/v2/{repo}/manifests/v1"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "pull {repo}: {code}");
+            code == 200
+        }
+        "push" => {
+            let data = bytes(seed, 64);
+            let r = c
+                .post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={}", sha256(&data))))
+                .body(data)
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 201 || denied(code), "push {repo}: {code}");
+            code == 201
+        }
+        "delete" => {
+            // A blob that does not exist: allowed callers get 404, refused ones 401/403.
+            let d = sha256(&bytes(seed ^ 0xdead, 8));
+            let r = c.delete(s.url(&format!("/v2/{repo}/blobs/{d}"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 404 || denied(code), "delete {repo}: {code}");
+            code == 404
+        }
+        "tags" => {
+            let r = c.get(s.url(&format!("/v2/{repo}/tags/list"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "tags {repo}: {code}");
+            code == 200
+        }
+        "catalog" => {
+            let r = c.get(s.url("/v2/_catalog")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["repositories"].as_array().unwrap().iter().any(|x| x == repo)
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn isolation_matrix() {
+    let dir = TempDir::new("isolation");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    let repos = setup(&s).await;
+    let whos = [Who::Role(0), Who::Role(1), Who::Role(2), Who::Role(3), Who::Anonymous, Who::ShareTenant, Who::Stranger];
+    let mut cells = 0;
+    let mut failures = vec![];
+    let mut seed = 1000;
+    for (tenant, kind) in &repos {
+        let owner = TENANTS.iter().position(|t| t == tenant).unwrap();
+        let repo = format!("{tenant}/{kind}");
+        for who in whos {
+            let c = match caller(owner, who) {
+                Some(u) => client_as(&u, &password(&u)),
+                None => anon_client(),
+            };
+            for op in OPS {
+                seed += 1;
+                let got = attempt(&s, &c, &repo, op, seed).await;
+                let want = expected(who, kind, op);
+                cells += 1;
+                if got != want {
+                    failures.push(format!("{repo} {who:?} ({:?}) {op}: expected {want}, got {got}", caller(owner, who)));
+                }
+            }
+        }
+    }
+    assert_eq!(cells, 3 * 3 * 7 * 5);
+    assert!(failures.is_empty(), "{} of {cells} cells wrong:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[tokio::test]
+async fn no_cross_tenant_blob_access_by_digest_or_mount() {
+    let dir = TempDir::new("isolation-blobs");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    let acme = tenant_user_token(&s, "acme", "alice", "maintainer").await;
+    let beta = tenant_user_token(&s, "beta", "bob", "maintainer").await;
+    let alice = client_as("alice", &acme);
+    let bob = client_as("bob", &beta);
+
+    let secret = bytes(7, 5000);
+    let d = push_blob(&alice, &s, "acme/secret", &secret).await;
+    // Bob knows the digest. Through Alice's repository: refused.
+    let r = bob.get(s.url(&format!("/v2/acme/secret/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = bob.head(s.url(&format!("/v2/acme/secret/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    // Through his own repository: the blob is not linked there, so it is unknown.
+    push_blob(&bob, &s, "beta/own", b"bob's own").await;
+    expect_error(bob.get(s.url(&format!("/v2/beta/own/blobs/{d}"))).send().await.unwrap(), 404, "BLOB_UNKNOWN", "guess by digest").await;
+    // Mounting from a repository he cannot read never mounts: a plain session instead.
+    let r = bob.post(s.url(&format!("/v2/beta/own/blobs/uploads/?mount={d}&from=acme/secret"))).send().await.unwrap();
+    assert_eq!(r.status(), 202, "mount from an unreadable repository falls back to an upload");
+    expect_error(bob.get(s.url(&format!("/v2/beta/own/blobs/{d}"))).send().await.unwrap(), 404, "BLOB_UNKNOWN", "after mount").await;
+    // Anonymous: challenged, never served.
+    let r = anon_client().get(s.url(&format!("/v2/acme/secret/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Bob cannot push into Alice's namespace, nor into a namespace nobody owns.
+    let r = bob.post(s.url("/v2/acme/secret/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = bob.post(s.url("/v2/nobody/x/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    // Once shared for pull, the mount works.
+    let r = client().put(s.url("/api/v1/repositories/acme/secret/shares/beta")).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = bob.post(s.url(&format!("/v2/beta/own/blobs/uploads/?mount={d}&from=acme/secret"))).send().await.unwrap();
+    assert_eq!(r.status(), 201, "mount from a shared repository");
+    // Catalog: Bob sees his repository and the shared one, never more.
+    let v: serde_json::Value = bob.get(s.url("/v2/_catalog")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["repositories"], json!(["acme/secret", "beta/own"]));
+}
