@@ -14,9 +14,9 @@ pub struct Conn {
     /// Berth's URL [env: BERTH_SERVER] [default: http://127.0.0.1:5000]
     #[arg(long, global = true)]
     pub server: Option<String>,
-    /// User name [env: BERTH_USER] [default: admin]
+    /// User to log in as [env: BERTH_USER] [default: admin]
     #[arg(long, global = true)]
-    pub user: Option<String>,
+    pub login: Option<String>,
     /// Password or registry access token [env: BERTH_PASSWORD]
     #[arg(long, global = true)]
     pub password: Option<String>,
@@ -129,7 +129,7 @@ impl Client {
     fn new(c: &Conn) -> Result<Self> {
         let env = |k: &str| std::env::var(k).ok();
         let base = c.server.clone().or_else(|| env("BERTH_SERVER")).unwrap_or_else(|| "http://127.0.0.1:5000".into());
-        let user = c.user.clone().or_else(|| env("BERTH_USER")).unwrap_or_else(|| "admin".into());
+        let user = c.login.clone().or_else(|| env("BERTH_USER")).unwrap_or_else(|| "admin".into());
         let password = c
             .password
             .clone()

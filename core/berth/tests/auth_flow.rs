@@ -1,0 +1,310 @@
+//! Authentication end to end: the docker token flow, OAuth2 grants, registry
+//! access tokens (issue, list, use, revoke), refused credentials, login
+//! throttling, and policy administration through the `berth` CLI with hot reload.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+async fn token_for(s: &Server, auth: Option<&str>, scope: &str) -> (u16, serde_json::Value) {
+    let mut rq = anon_client().get(s.url(&format!("/auth/token?service=berth&scope={scope}")));
+    if let Some(a) = auth {
+        rq = rq.header("authorization", a);
+    }
+    let r = rq.send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or(json!(null)))
+}
+
+#[tokio::test]
+async fn docker_token_flow_and_scopes() {
+    let dir = TempDir::new("auth-flow");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    tenant_user_token(&s, "acme", "mia", "maintainer").await;
+    tenant_user_token(&s, "acme", "rea", "reader").await;
+
+    // The challenge docker follows.
+    let r = anon_client().get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert_eq!(challenge, format!("Bearer realm=\"{}/auth/token\",service=\"berth\"", s.base));
+    let r = anon_client().post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let c = r.headers()["www-authenticate"].to_str().unwrap().to_string();
+    assert!(c.ends_with(",scope=\"repository:acme/app:pull,push\""), "{c}");
+    // Behind a proxy with an external URL the realm follows it.
+    let dir2 = TempDir::new("auth-flow-ext");
+    let s2 = Server::start_in(&dir2.path().join("data"), &[("BERTH_EXTERNAL_URL", "https://registry.example.com")]);
+    let r = anon_client().get(s2.url("/v2/")).send().await.unwrap();
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer realm=\"https://registry.example.com/auth/token\""));
+
+    // A token for pull+push, as mia: granted both; as rea: only pull.
+    let mia = basic("mia", "mia-password");
+    let (code, v) = token_for(&s, Some(&mia), "repository:acme/app:pull,push").await;
+    assert_eq!(code, 200);
+    let mia_token = v["token"].as_str().unwrap().to_string();
+    assert_eq!(v["access_token"], v["token"]);
+    assert!(v["expires_in"].as_u64().unwrap() > 0);
+    let mia_c = |t: &str| {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("authorization", bearer(t).parse().unwrap());
+        reqwest::Client::builder().default_headers(h).build().unwrap()
+    };
+    let d = push_blob(&mia_c(&mia_token), &s, "acme/app", b"layer").await;
+    let r = mia_c(&mia_token).get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The token names acme/app only: another repository asks for a new token.
+    let r = mia_c(&mia_token).get(s.url("/v2/acme/other/tags/list")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["www-authenticate"].to_str().unwrap().contains("scope=\"repository:acme/other:pull\""));
+
+    let (_, v) = token_for(&s, Some(&basic("rea", "rea-password")), "repository:acme/app:pull,push").await;
+    let rea_token = v["token"].as_str().unwrap().to_string();
+    let r = mia_c(&rea_token).get(s.url(&format!("/v2/acme/app/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = mia_c(&rea_token).post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403, "policy refuses the reader push");
+
+    // Anonymous tokens carry nothing for a private repository.
+    let (code, v) = token_for(&s, None, "repository:acme/app:pull").await;
+    assert_eq!(code, 200);
+    let r = mia_c(v["token"].as_str().unwrap()).get(s.url(&format!("/v2/acme/app/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Forged, truncated and foreign tokens.
+    let mut forged = mia_token.clone();
+    forged.pop();
+    forged.push(if mia_token.ends_with('A') { 'B' } else { 'A' });
+    for bad in [forged.as_str(), "a.b.c", "not-a-jwt", &mia_token[..mia_token.len() / 2]] {
+        expect_error(mia_c(bad).get(s.url("/v2/")).send().await.unwrap(), 401, "UNAUTHORIZED", bad).await;
+    }
+    // A token from another Berth (another signing key) is refused.
+    let (_, v) = token_for(&s2, Some(&basic("admin", ADMIN_PASSWORD)), "repository:acme/app:pull").await;
+    expect_error(mia_c(v["token"].as_str().unwrap()).get(s.url("/v2/")).send().await.unwrap(), 401, "UNAUTHORIZED", "foreign").await;
+
+    // OAuth2: password grant with a refresh token, then the refresh grant.
+    let r = anon_client()
+        .post(s.url("/auth/token"))
+        .form(&[("grant_type", "password"), ("username", "mia"), ("password", "mia-password"), ("service", "berth"),
+                ("scope", "repository:acme/app:pull"), ("access_type", "offline"), ("client_id", "test")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let refresh = v["refresh_token"].as_str().unwrap().to_string();
+    let r = anon_client()
+        .post(s.url("/auth/token"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("service", "berth"), ("scope", "repository:acme/app:pull")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let r = mia_c(v["access_token"].as_str().unwrap()).get(s.url(&format!("/v2/acme/app/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A refresh token is not a password, and bad grants are clear 4xx.
+    let r = anon_client()
+        .post(s.url("/auth/token"))
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", "bt_0123456789abcdef_nope")])
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "UNAUTHORIZED", "bad refresh").await;
+    let r = anon_client().post(s.url("/auth/token")).form(&[("grant_type", "magic")]).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "bad grant").await;
+    let (code, _) = token_for(&s, Some(&mia), "repository:ACME:pull").await;
+    assert_eq!(code, 400);
+    let r = anon_client().get(s.url("/auth/token?service=other")).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "wrong service").await;
+}
+
+#[tokio::test]
+async fn access_tokens_lifecycle_and_refused_credentials() {
+    let dir = TempDir::new("auth-tokens");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    let token = tenant_user_token(&s, "acme", "mia", "maintainer").await;
+    let mia_pw = client_as("mia", "mia-password");
+
+    // Listed without the secret; default lifetime 12 h.
+    let v: serde_json::Value = mia_pw.get(s.url("/api/v1/tokens")).send().await.unwrap().json().await.unwrap();
+    let list = v["tokens"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert!(list[0].get("token").is_none() && !v.to_string().contains(&token[20..]));
+    let lifetime = list[0]["expires_ms"].as_i64().unwrap() - list[0]["created_ms"].as_i64().unwrap();
+    assert_eq!(lifetime, 12 * 3600 * 1000);
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    // The docker_auth form decodes to user:token.
+    let r = mia_pw.post(s.url("/api/v1/tokens")).json(&json!({"expires_in": 60, "description": "ci"})).send().await.unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(v["docker_auth"].as_str().unwrap()).unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), format!("mia:{}", v["token"].as_str().unwrap()));
+    let r = mia_pw.post(s.url("/api/v1/tokens")).json(&json!({"expires_in": 10_000_000_000u64})).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "too long").await;
+
+    // The token works for Basic, and for the token endpoint; then it is revoked.
+    let mia_tok = client_as("mia", &token);
+    push_blob(&mia_tok, &s, "acme/app", b"x").await;
+    let (code, v) = token_for(&s, Some(&basic("mia", &token)), "repository:acme/app:pull").await;
+    assert_eq!(code, 200);
+    let minted = v["token"].as_str().unwrap().to_string();
+    let bearer_c = {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("authorization", bearer(&minted).parse().unwrap());
+        reqwest::Client::builder().default_headers(h).build().unwrap()
+    };
+    assert_eq!(bearer_c.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status(), 200);
+    // Another user may not revoke it (and cannot tell it exists).
+    tenant_user_token(&s, "beta", "bob", "developer").await;
+    let r = client_as("bob", "bob-password").delete(s.url(&format!("/api/v1/tokens/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = mia_pw.delete(s.url(&format!("/api/v1/tokens/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    // Immediately refused, and so is the bearer token minted from it.
+    expect_error(mia_tok.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap(), 401, "UNAUTHORIZED", "revoked").await;
+    expect_error(bearer_c.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap(), 401, "UNAUTHORIZED", "minted").await;
+    // A token is bound to its user.
+    let token2 = tenant_user_token(&s, "acme", "dev", "developer").await;
+    expect_error(client_as("mia", &token2).get(s.url("/v2/")).send().await.unwrap(), 401, "UNAUTHORIZED", "other user's token").await;
+
+    // Malformed Authorization headers.
+    for h in ["Basic !!!", "Basic", "Foo bar", "Bearer", "Basic bWlh"] {
+        let r = anon_client().get(s.url("/v2/")).header("authorization", h).send().await.unwrap();
+        expect_error(r, 401, "UNAUTHORIZED", h).await;
+    }
+    // The management API wants credentials.
+    let r = anon_client().get(s.url("/api/v1/tokens")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Repeated failed logins are throttled (per user, and per source).
+    let mut last = 0;
+    for _ in 0..8 {
+        last = client_as("dev", "wrong-password").get(s.url("/v2/")).send().await.unwrap().status().as_u16();
+    }
+    assert_eq!(last, 429);
+    let r = client_as("dev", "wrong-password").get(s.url("/v2/")).send().await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    expect_error(r, 429, "TOOMANYREQUESTS", "throttled").await;
+}
+
+fn berth_cli(s: &Server, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env("BERTH_SERVER", &s.base)
+        .env("BERTH_USER", "admin")
+        .env("BERTH_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[tokio::test]
+async fn policy_cli_hot_reload_and_expiring_shares() {
+    let dir = TempDir::new("auth-policy");
+    // A private copy of the policies, to edit while Berth runs.
+    let pol = dir.path().join("policies");
+    std::fs::create_dir_all(&pol).unwrap();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies");
+    for f in ["model.conf", "policy.csv"] {
+        std::fs::copy(format!("{src}/{f}"), pol.join(f)).unwrap();
+    }
+    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_POLICY_DIR", pol.to_str().unwrap())]);
+    let token = tenant_user_token(&s, "acme", "mia", "maintainer").await;
+    let mia = client_as("mia", &token);
+    push_blob(&mia, &s, "acme/app", b"one").await;
+
+    let (ok, out) = berth_cli(&s, &["policy", "check", "--user", "mia", "--tenant", "acme", "--object", "acme/app", "--action", "push"]);
+    assert!(ok && out.starts_with("allow (rule: role:maintainer, *, *, push, allow)"), "{out}");
+    let (ok, out) = berth_cli(&s, &["policy", "check", "--user", "mia", "--tenant", "acme", "--object", "acme/app", "--action", "admin"]);
+    assert!(!ok && out.starts_with("deny"), "{out}");
+
+    // An explicit deny added through the CLI wins at once, without a restart.
+    let deny = ["p", "mia", "acme", "acme/app", "push", "deny"];
+    let (ok, out) = berth_cli(&s, &[&["policy", "add"][..], &deny[..]].concat());
+    assert!(ok, "{out}");
+    let r = mia.post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let (_, out) = berth_cli(&s, &["policy", "export"]);
+    assert!(out.contains("p, mia, acme, acme/app, push, deny"), "{out}");
+    let (ok, _) = berth_cli(&s, &[&["policy", "remove"][..], &deny[..]].concat());
+    assert!(ok);
+    let r = mia.post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let (ok, out) = berth_cli(&s, &["policy", "add", "p", "mia", "acme", "acme/app", "fly", "allow"]);
+    assert!(!ok && out.contains("INVALID_REQUEST"), "{out}");
+
+    // Editing policy.csv reloads it while Berth runs.
+    let mut text = std::fs::read_to_string(pol.join("policy.csv")).unwrap();
+    text.push_str("p, mia, acme, acme/frozen, push, deny\n");
+    std::fs::write(pol.join("policy.csv"), &text).unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if mia.post(s.url("/v2/acme/frozen/blobs/uploads/")).send().await.unwrap().status() == 403 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the edited policy file took effect");
+    // Removing the line withdraws the rule again.
+    std::fs::write(pol.join("policy.csv"), text.replace("p, mia, acme, acme/frozen, push, deny\n", "")).unwrap();
+    let mut allowed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if mia.post(s.url("/v2/acme/frozen/blobs/uploads/")).send().await.unwrap().status() == 202 {
+            allowed = true;
+            break;
+        }
+    }
+    assert!(allowed, "the removed line was withdrawn");
+
+    // A share that expires stops working without a restart.
+    let bob_token = tenant_user_token(&s, "beta", "bob", "developer").await;
+    let bob = client_as("bob", &bob_token);
+    assert_eq!(bob.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status(), 403);
+    let (ok, out) = berth_cli(&s, &["repo", "share", "acme/app", "--tenant", "beta", "--expires-in", "2"]);
+    assert!(ok, "{out}");
+    assert_eq!(bob.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status(), 200);
+    let mut expired = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if bob.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status() == 403 {
+            expired = true;
+            break;
+        }
+    }
+    assert!(expired, "the share expired");
+    // Non-admins cannot administer policies.
+    let r = mia.get(s.url("/api/v1/policies")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+}
+
+#[test]
+fn policy_test_tables_run_offline() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["policy", "test", &format!("{root}/policies/tests/default.csv"), "--policy-dir", &format!("{root}/policies")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(", 0 failed"), "{text}");
+    // A wrong expectation fails the run.
+    let dir = TempDir::new("policy-table");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "anonymous, acme, acme/app, push, allow\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["policy", "test", bad.to_str().unwrap(), "--policy-dir", &format!("{root}/policies")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
+}
