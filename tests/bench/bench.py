@@ -5,6 +5,7 @@ Run through tests/bench/run.sh, which starts Berth and CNCF Distribution side by
 side. Every request loop is bounded; only loopback addresses are used.
 """
 import argparse
+import base64
 import concurrent.futures as cf
 import hashlib
 import http.client
@@ -30,16 +31,34 @@ WRK_SECS = "5s" if QUICK else "10s"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
+class AuthConn(http.client.HTTPConnection):
+    """A connection that sends the target's Authorization header on every request."""
+    authorization = None
+
+    def putrequest(self, method, url, *a, **kw):
+        super().putrequest(method, url, *a, **kw)
+        if self.authorization:
+            self.putheader("Authorization", self.authorization)
+
+
 class Target:
-    def __init__(self, spec):
+    def __init__(self, spec, credentials=None):
         name, rest = spec.split("=", 1)
         url, pid = rest.rsplit(",", 1)
         self.name, self.base, self.pid = name, url, int(pid)
         u = urllib.parse.urlparse(url)
         self.host, self.port = u.hostname, u.port
+        self.authorization = None
+        if credentials:
+            self.authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+
+    def auth_headers(self):
+        return [f"Authorization: {self.authorization}"] if self.authorization else []
 
     def conn(self):
-        return http.client.HTTPConnection(self.host, self.port, timeout=900, blocksize=MiB)
+        c = AuthConn(self.host, self.port, timeout=900, blocksize=MiB)
+        c.authorization = self.authorization
+        return c
 
     def rss(self, field):
         with open(f"/proc/{self.pid}/status") as f:
@@ -193,7 +212,7 @@ def bench(t, work, blobs):
     c = t.conn()
     m = push_small_image(c, "bench/app", 1)
     put_manifest(c, "bench/app", "latest", m)
-    rps, p99 = wrk(f"{t.base}/v2/bench/app/manifests/latest", 64, headers=[f"Accept: {OCI_MANIFEST}"])
+    rps, p99 = wrk(f"{t.base}/v2/bench/app/manifests/latest", 64, headers=[f"Accept: {OCI_MANIFEST}"] + t.auth_headers())
     r["manifest GET by tag, 64 conns (req/s)"] = rps
     r["manifest GET by tag, 64 conns p99 (ms)"] = p99
 
@@ -203,6 +222,8 @@ def bench(t, work, blobs):
         f.write('wrk.method = "PUT"\n')
         f.write(f"wrk.body = {json.dumps(m.decode())}\n")
         f.write(f'wrk.headers["Content-Type"] = "{OCI_MANIFEST}"\n')
+        if t.authorization:
+            f.write(f'wrk.headers["Authorization"] = "{t.authorization}"\n')
         f.write('request = function() return wrk.format(nil, "/v2/bench/put/manifests/t" .. math.random(1, 1000000000)) end\n')
     rps, p99 = wrk(f"{t.base}/", 16, script=script)
     r["manifest PUT (tag), 16 conns (req/s)"] = rps
@@ -281,8 +302,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
     ap.add_argument("--target", action="append", required=True)
+    ap.add_argument("--credentials", action="append", default=[], help="name=user:password (Basic auth for that target)")
     a = ap.parse_args()
-    targets = [Target(s) for s in a.target]
+    creds = dict(c.split("=", 1) for c in a.credentials)
+    targets = [Target(s, creds.get(s.split("=", 1)[0])) for s in a.target]
     print(f"generating two {BLOB_SIZE // MiB} MiB blobs …", flush=True)
     blobs = []
     for n in (b"a", b"b"):

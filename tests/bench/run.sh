@@ -27,7 +27,7 @@ trap cleanup EXIT
 BERTH_PORT=${BERTH_PORT:-5101}
 DIST_PORT=${DIST_PORT:-5102}
 
-BERTH_LOG=warn "$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
+BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
 pids+=($!); berth_pid=$!
 
 cat >"$work/dist.yml" <<YML
@@ -50,7 +50,7 @@ docker-registry serve "$work/dist.yml" >"$work/dist.out" 2>&1 &
 pids+=($!); dist_pid=$!
 
 for url in "http://127.0.0.1:$BERTH_PORT/v2/" "http://127.0.0.1:$DIST_PORT/v2/"; do
-  for _ in $(seq 100); do curl -sf "$url" >/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.1; done
 done
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -60,4 +60,5 @@ openssl speed -evp sha256 -seconds 2 2>/dev/null | awk '/^sha256/ {print "  " $N
 python3 tests/bench/bench.py \
   --work "$work" \
   --target "berth=http://127.0.0.1:$BERTH_PORT,$berth_pid" \
+  --credentials "berth=admin:bench-admin-password" \
   --target "distribution=http://127.0.0.1:$DIST_PORT,$dist_pid"
