@@ -10,6 +10,18 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
+/// Poll `path` with `c` (POST when `post`) until it answers `want` (up to 10 s).
+async fn eventually(c: &reqwest::Client, url: String, post: bool, want: u16) -> bool {
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rq = if post { c.post(&url) } else { c.get(&url) };
+        if rq.send().await.unwrap().status() == want {
+            return true;
+        }
+    }
+    false
+}
+
 fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
@@ -245,26 +257,10 @@ async fn policy_cli_hot_reload_and_expiring_shares() {
     let mut text = std::fs::read_to_string(pol.join("policy.csv")).unwrap();
     text.push_str("p, mia, acme, acme/frozen, push, deny\n");
     std::fs::write(pol.join("policy.csv"), &text).unwrap();
-    let mut refused = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if mia.post(s.url("/v2/acme/frozen/blobs/uploads/")).send().await.unwrap().status() == 403 {
-            refused = true;
-            break;
-        }
-    }
-    assert!(refused, "the edited policy file took effect");
+    assert!(eventually(&mia, s.url("/v2/acme/frozen/blobs/uploads/"), true, 403).await, "the edited policy file took effect");
     // Removing the line withdraws the rule again.
     std::fs::write(pol.join("policy.csv"), text.replace("p, mia, acme, acme/frozen, push, deny\n", "")).unwrap();
-    let mut allowed = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if mia.post(s.url("/v2/acme/frozen/blobs/uploads/")).send().await.unwrap().status() == 202 {
-            allowed = true;
-            break;
-        }
-    }
-    assert!(allowed, "the removed line was withdrawn");
+    assert!(eventually(&mia, s.url("/v2/acme/frozen/blobs/uploads/"), true, 202).await, "the removed line was withdrawn");
 
     // A share that expires stops working without a restart.
     let bob_token = tenant_user_token(&s, "beta", "bob", "developer").await;
@@ -273,15 +269,7 @@ async fn policy_cli_hot_reload_and_expiring_shares() {
     let (ok, out) = berth_cli(&s, &["repo", "share", "acme/app", "--tenant", "beta", "--expires-in", "2"]);
     assert!(ok, "{out}");
     assert_eq!(bob.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status(), 200);
-    let mut expired = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if bob.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap().status() == 403 {
-            expired = true;
-            break;
-        }
-    }
-    assert!(expired, "the share expired");
+    assert!(eventually(&bob, s.url("/v2/acme/app/tags/list"), false, 403).await, "the share expired");
     // Non-admins cannot administer policies.
     let r = mia.get(s.url("/api/v1/policies")).send().await.unwrap();
     assert_eq!(r.status(), 403);

@@ -144,24 +144,30 @@ impl Metadata {
         Ok(r.take(0)?)
     }
 
-    /// Create a user; `false` if the name is taken.
-    pub async fn create_user(&self, u: &UserRow) -> Result<bool> {
+    /// Create `table:name` with `row` unless it exists; `false` if it did.
+    async fn create_if_absent(&self, table: &'static str, name: &AccountName, row: serde_json::Value) -> Result<bool> {
         let mut r = self
             .db
             .query(
                 "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::thing('user', $name)) { RETURN false; };
-                 CREATE type::thing('user', $name) CONTENT $row RETURN NONE;
+                 IF (SELECT VALUE name FROM ONLY type::thing($table, $name)) { RETURN false; };
+                 CREATE type::thing($table, $name) CONTENT $row RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
             )
-            .bind(("name", u.name.to_string()))
-            .bind(("row", crate::to_value(u)?))
+            .bind(("table", table))
+            .bind(("name", name.to_string()))
+            .bind(("row", row))
             .await?
             .check()?;
         let n = r.num_statements();
         let created: Option<bool> = r.take(n - 1)?;
         Ok(created.unwrap_or(false))
+    }
+
+    /// Create a user; `false` if the name is taken.
+    pub async fn create_user(&self, u: &UserRow) -> Result<bool> {
+        self.create_if_absent("user", &u.name, crate::to_value(u)?).await
     }
 
     pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<()> {
@@ -205,22 +211,7 @@ impl Metadata {
 
     /// Assign a namespace to a tenant; `false` if it is already owned.
     pub async fn create_namespace(&self, ns: &NamespaceRow) -> Result<bool> {
-        let mut r = self
-            .db
-            .query(
-                "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::thing('namespace', $name)) { RETURN false; };
-                 CREATE type::thing('namespace', $name) CONTENT $row RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-            )
-            .bind(("name", ns.name.to_string()))
-            .bind(("row", crate::to_value(ns)?))
-            .await?
-            .check()?;
-        let n = r.num_statements();
-        let created: Option<bool> = r.take(n - 1)?;
-        Ok(created.unwrap_or(false))
+        self.create_if_absent("namespace", &ns.name, crate::to_value(ns)?).await
     }
 
     pub async fn namespaces(&self) -> Result<Vec<NamespaceRow>> {
