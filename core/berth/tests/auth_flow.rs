@@ -73,6 +73,14 @@ async fn docker_token_flow_and_scopes() {
     let d = push_blob(&mia_c(&mia_token), &s, "acme/app", b"layer").await;
     let r = mia_c(&mia_token).get(s.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+    // Rotating the signing key keeps issued tokens valid; new ones use the new key.
+    let r = client().post(s.url("/api/v1/keys/rotate")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mia_c(&mia_token).get(s.url("/v2/")).send().await.unwrap().status(), 200);
+    let (_, v) = token_for(&s, Some(&mia), "repository:acme/app:pull").await;
+    let rotated = v["token"].as_str().unwrap().to_string();
+    assert_ne!(rotated.split('.').next(), mia_token.split('.').next(), "a new key id in the header");
+    assert_eq!(mia_c(&rotated).get(s.url("/v2/")).send().await.unwrap().status(), 200);
     // The token names acme/app only: another repository asks for a new token.
     let r = mia_c(&mia_token).get(s.url("/v2/acme/other/tags/list")).send().await.unwrap();
     assert_eq!(r.status(), 401);
