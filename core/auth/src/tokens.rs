@@ -6,6 +6,10 @@
 //! it is compared in constant time. Revocation removes the token from the view
 //! before the actor answers, so it takes effect on this node at once; other
 //! replicas drop it at their next refresh from the store.
+//!
+//! Issue, revoke and sweep are atomic responses: the actor handles nothing else
+//! until one has finished, so a sweep that reloads the view from the store can
+//! never resurrect a token whose revocation is still being written.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -79,11 +83,11 @@ pub struct Issue {
 }
 
 impl Handler<Issue> for TokenActor {
-    type Result = ResponseFuture<Result<Issued, String>>;
+    type Result = AtomicResponse<Self, Result<Issued, String>>;
 
     fn handle(&mut self, m: Issue, _: &mut Self::Context) -> Self::Result {
         let (meta, view) = (self.meta.clone(), self.view.clone());
-        Box::pin(async move {
+        AtomicResponse::new(Box::pin(async move {
             let id = {
                 let mut b = [0u8; 8];
                 rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
@@ -105,7 +109,8 @@ impl Handler<Issue> for TokenActor {
             meta.put_token(&row).await.map_err(|e| e.to_string())?;
             view.write().unwrap().insert(id.clone(), row.clone());
             Ok(Issued { row, token: format!("{PREFIX}{id}_{secret}") })
-        })
+        }
+        .into_actor(self)))
     }
 }
 
@@ -115,7 +120,7 @@ impl Handler<Issue> for TokenActor {
 pub struct Revoke(pub Vec<String>);
 
 impl Handler<Revoke> for TokenActor {
-    type Result = ResponseFuture<Result<usize, String>>;
+    type Result = AtomicResponse<Self, Result<usize, String>>;
 
     fn handle(&mut self, m: Revoke, _: &mut Self::Context) -> Self::Result {
         // Out of the view first: from this moment the token no longer validates here.
@@ -127,10 +132,13 @@ impl Handler<Revoke> for TokenActor {
             self.touched.remove(id);
         }
         let meta = self.meta.clone();
-        Box::pin(async move {
-            meta.delete_tokens(&m.0).await.map_err(|e| e.to_string())?;
-            Ok(n)
-        })
+        AtomicResponse::new(Box::pin(
+            async move {
+                meta.delete_tokens(&m.0).await.map_err(|e| e.to_string())?;
+                Ok(n)
+            }
+            .into_actor(self),
+        ))
     }
 }
 
@@ -157,7 +165,7 @@ impl Handler<Touch> for TokenActor {
 pub struct Sweep;
 
 impl Handler<Sweep> for TokenActor {
-    type Result = ResponseFuture<()>;
+    type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, _: Sweep, _: &mut Self::Context) -> Self::Result {
         let now = now_ms();
@@ -171,7 +179,7 @@ impl Handler<Sweep> for TokenActor {
         };
         let touched: Vec<(String, i64)> = self.touched.drain().collect();
         let (meta, view) = (self.meta.clone(), self.view.clone());
-        Box::pin(async move {
+        AtomicResponse::new(Box::pin(async move {
             if let Err(e) = meta.delete_tokens(&expired).await {
                 tracing::warn!(error = %e, "deleting expired tokens");
             }
@@ -196,7 +204,8 @@ impl Handler<Sweep> for TokenActor {
                 }
                 Err(e) => tracing::warn!(error = %e, "refreshing tokens"),
             }
-        })
+        }
+        .into_actor(self)))
     }
 }
 
