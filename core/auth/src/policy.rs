@@ -286,10 +286,10 @@ impl Policy {
             }
             None => (DEFAULT_MODEL.to_owned(), DEFAULT_POLICY.to_owned(), None),
         };
-        // Fail early and clearly on a broken model or seed.
-        build_enforcer(&model, MetadataAdapter::fixed(Vec::new())).await?;
-        let seed = parse_rules(&seed_text).map_err(|e| format!("policy.csv: {e}"))?;
+        // Fail early and clearly on a broken model or seed (this empty enforcer
+        // stands in until the first rebuild below).
         let enforcer = build_enforcer(&model, MetadataAdapter::fixed(Vec::new())).await?;
+        let seed = parse_rules(&seed_text).map_err(|e| format!("policy.csv: {e}"))?;
         let policy = Policy {
             meta,
             model,
