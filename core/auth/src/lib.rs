@@ -158,6 +158,10 @@ pub struct Auth {
     /// Recently verified Basic credentials (hash of `user:secret` → user, expiry),
     /// so simple clients sending Basic on every request do not pay argon2 each time.
     verified: Mutex<HashMap<String, (AccountName, i64)>>,
+    /// Bounds concurrent argon2 verifications (each takes ~19 MiB and tens of ms of
+    /// a core) to the core count, so a burst of logins neither exhausts memory nor
+    /// starves request handling, and a burst with one credential hashes it once.
+    hashing: tokio::sync::Semaphore,
     /// The bootstrap admin password, when it was generated on this start.
     pub generated_admin_password: Option<String>,
 }
@@ -195,6 +199,7 @@ impl Auth {
             namespaces: RwLock::new(HashMap::new()),
             limiter,
             verified: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             generated_admin_password,
         });
         auth.refresh_namespaces().await.map_err(|e| e.to_string())?;
@@ -317,12 +322,15 @@ impl Auth {
             };
         }
         let key = secret::sha256_hex(format!("{user}\0{secret}").as_bytes());
-        let now = tokens::now_ms();
-        if let Some((u, until)) = self.verified.lock().unwrap().get(&key) {
-            if *until > now {
-                return Ok((u.clone(), None));
-            }
+        if let Some(u) = self.recently_verified(&key) {
+            return Ok((u, None));
         }
+        let _permit = self.hashing.acquire().await.map_err(|e| Refusal::Error(internal("login", e)))?;
+        // Another request may have verified the same credential while this one waited.
+        if let Some(u) = self.recently_verified(&key) {
+            return Ok((u, None));
+        }
+        let now = tokens::now_ms();
         let row = self.meta.user(&name).await.map_err(|e| Refusal::Error(internal("loading user", e)))?;
         // Unknown users still pay for a hash, so timing does not reveal who exists.
         let phc = row.as_ref().map(|r| r.password_hash.clone()).unwrap_or_else(|| DUMMY_HASH.clone());
@@ -338,6 +346,11 @@ impl Auth {
         }
         v.insert(key, (name.clone(), now + VERIFIED_TTL_MS));
         Ok((name, None))
+    }
+
+    fn recently_verified(&self, key: &str) -> Option<AccountName> {
+        let now = tokens::now_ms();
+        self.verified.lock().unwrap().get(key).filter(|(_, until)| *until > now).map(|(u, _)| u.clone())
     }
 
     // ----- authorization -----

@@ -16,6 +16,7 @@ pub mod layout;
 mod local;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use berth_oci::range::ByteRange;
 use berth_oci::{Digest, Digester, UploadId};
@@ -116,7 +117,9 @@ const READ_CHUNK: usize = 4 * 1024 * 1024;
 /// Writes are gathered into pieces of this size before reaching the backend.
 const WRITE_CHUNK: usize = 4 * 1024 * 1024;
 /// Chunks in flight between the writer and the hashing thread.
-const HASH_QUEUE: usize = 256;
+const HASH_QUEUE: usize = 64;
+/// Most request-body frames gathered into one batch for the hasher and writer.
+const BATCH_FRAMES: usize = 64;
 
 impl BlobStore {
     /// Open the configured backend and check it is reachable.
@@ -250,49 +253,38 @@ impl BlobStore {
         } else {
             layout::upload_part(id, offset)
         };
-        let mut sink = if let Some(local) = &self.local {
-            Sink::local(local.path(&key), offset)
-        } else {
-            Sink::Dal(self.op.writer_with(&key).append(self.append).chunk(WRITE_CHUNK).await?)
+        let mut sink = match &self.local {
+            Some(local) => Sink::local(local.path(&key), offset, digester.clone()),
+            None => Sink::dal(self.op.writer_with(&key).append(self.append).chunk(WRITE_CHUNK).await?, digester.clone()),
         };
-        // Hash on a blocking thread while this task writes: the two overlap, so a
-        // single upload runs at the speed of the slower one, not of their sum.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
-        let mut local = digester.clone();
-        let hasher = tokio::task::spawn_blocking(move || {
-            while let Some(b) = rx.blocking_recv() {
-                local.update(&b);
-            }
-            local
-        });
         let mut written = 0u64;
-        let mut body = body;
+        // Frames that are already received travel together: one wake-up of the
+        // hashing and writing threads per batch rather than per frame.
+        let mut body = body.ready_chunks(BATCH_FRAMES);
         let result: Result<(), StorageError> = async {
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| StorageError::Client(e.to_string()))?;
-                written += chunk.len() as u64;
+            while let Some(frames) = body.next().await {
+                let mut batch = Vec::with_capacity(frames.len());
+                for frame in frames {
+                    let frame = frame.map_err(|e| StorageError::Client(e.to_string()))?;
+                    written += frame.len() as u64;
+                    batch.push(frame);
+                }
                 if offset + written > max_total {
                     return Err(StorageError::TooLarge);
                 }
-                if tx.send(chunk.clone()).await.is_err() {
-                    return Err(StorageError::Staging("hasher stopped".into()));
-                }
-                sink.write(chunk).await?;
+                sink.write(Arc::new(batch)).await?;
             }
             Ok(())
         }
         .await;
-        drop(tx);
-        let hashed = hasher.await;
-        match result {
+        let hashed = match result {
             Ok(()) => sink.close().await?,
             Err(e) => return Err(sink.abort(e).await),
-        }
-        let local = hashed.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+        };
         if !self.append && written > 0 {
             staging.parts.push(offset);
         }
-        *digester = local;
+        *digester = hashed;
         Ok(written)
     }
 
@@ -408,54 +400,77 @@ impl BlobStore {
     }
 }
 
-/// Where [`BlobStore::write_chunk`] sends a chunk's bytes.
+type Batch = Arc<Vec<Bytes>>;
+
+/// Where [`BlobStore::write_chunk`] sends a chunk's bytes to be hashed and stored.
 enum Sink {
-    /// An OpenDAL writer (every backend but `fs`).
-    Dal(opendal::Writer),
-    /// A [`local::StagedWriter`] on a blocking thread, fed through a channel.
+    /// An OpenDAL writer (every backend but `fs`), with the hash computed on a
+    /// blocking thread so hashing overlaps the backend's writes.
+    Dal {
+        writer: opendal::Writer,
+        tx: tokio::sync::mpsc::Sender<Batch>,
+        hasher: tokio::task::JoinHandle<Digester>,
+    },
+    /// One blocking thread that hashes and appends to the staging file (see
+    /// [`local_worker`]), fed through a channel.
     Local {
-        tx: tokio::sync::mpsc::Sender<Bytes>,
-        abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
-        task: tokio::task::JoinHandle<std::io::Result<()>>,
+        tx: tokio::sync::mpsc::Sender<Batch>,
+        abort: Arc<std::sync::atomic::AtomicBool>,
+        task: tokio::task::JoinHandle<std::io::Result<Digester>>,
     },
 }
 
+/// Bytes a local upload hashes on its writing thread before hashing moves to a
+/// thread of its own: small blobs (most layers, configs) cost one thread hand-off,
+/// large ones hash and write in parallel.
+const INLINE_HASH: u64 = 8 * 1024 * 1024;
+
 impl Sink {
-    fn local(path: std::path::PathBuf, offset: u64) -> Sink {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
-        let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let aborted = abort.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut w = local::StagedWriter::open(&path, offset)?;
-            while let Some(b) = rx.blocking_recv() {
-                w.push(b)?;
+    fn dal(writer: opendal::Writer, mut digester: Digester) -> Sink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(HASH_QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || {
+            while let Some(batch) = rx.blocking_recv() {
+                for b in batch.iter() {
+                    digester.update(b);
+                }
             }
-            if aborted.load(std::sync::atomic::Ordering::Acquire) {
-                return Ok(());
-            }
-            w.finish()
+            digester
         });
+        Sink::Dal { writer, tx, hasher }
+    }
+
+    fn local(path: std::path::PathBuf, offset: u64, digester: Digester) -> Sink {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(HASH_QUEUE);
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let aborted = abort.clone();
+        let task = tokio::task::spawn_blocking(move || local_worker(&path, offset, digester, rx, &aborted));
         Sink::Local { tx, abort, task }
     }
 
-    async fn write(&mut self, bytes: Bytes) -> Result<(), StorageError> {
+    async fn write(&mut self, batch: Batch) -> Result<(), StorageError> {
         match self {
-            Sink::Dal(w) => Ok(w.write(bytes).await?),
-            Sink::Local { tx, .. } => tx.send(bytes).await.map_err(|_| StorageError::Staging("staging writer stopped".into())),
+            Sink::Dal { writer, tx, .. } => {
+                if tx.send(batch.clone()).await.is_err() {
+                    return Err(StorageError::Staging("hasher stopped".into()));
+                }
+                Ok(writer.write(batch.as_ref().clone()).await?)
+            }
+            Sink::Local { tx, .. } => tx.send(batch).await.map_err(|_| StorageError::Staging("staging writer stopped".into())),
         }
     }
 
-    /// Make the written bytes durable.
-    async fn close(self) -> Result<(), StorageError> {
+    /// Make the written bytes durable; returns the digester having seen them.
+    async fn close(self) -> Result<Digester, StorageError> {
         match self {
-            Sink::Dal(mut w) => {
-                w.close().await?;
-                Ok(())
+            Sink::Dal { mut writer, tx, hasher } => {
+                drop(tx);
+                let digester = hasher.await.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+                writer.close().await?;
+                Ok(digester)
             }
             Sink::Local { tx, task, .. } => {
                 drop(tx);
-                task.await.map_err(|e| StorageError::Staging(format!("staging writer: {e}")))??;
-                Ok(())
+                Ok(task.await.map_err(|e| StorageError::Staging(format!("staging writer: {e}")))??)
             }
         }
     }
@@ -464,8 +479,10 @@ impl Sink {
     /// when it is the reason the chunk stopped).
     async fn abort(self, cause: StorageError) -> StorageError {
         match self {
-            Sink::Dal(mut w) => {
-                let _ = w.abort().await;
+            Sink::Dal { mut writer, tx, hasher } => {
+                drop(tx);
+                let _ = hasher.await;
+                let _ = writer.abort().await;
                 cause
             }
             Sink::Local { tx, abort, task } => {
@@ -478,6 +495,66 @@ impl Sink {
             }
         }
     }
+}
+
+/// The local sink's thread: hash each batch, then append it with write-behind.
+/// Past [`INLINE_HASH`] bytes the digester moves to a scoped thread of its own and
+/// batches are handed to it, so a large upload hashes and writes in parallel.
+fn local_worker(
+    path: &std::path::Path,
+    offset: u64,
+    digester: Digester,
+    mut rx: tokio::sync::mpsc::Receiver<Batch>,
+    aborted: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<Digester> {
+    let mut w = local::StagedWriter::open(path, offset)?;
+    std::thread::scope(|scope| {
+        let mut inline = Some(digester);
+        let mut hashed = 0u64;
+        let mut offloaded: Option<(std::sync::mpsc::SyncSender<Batch>, std::thread::ScopedJoinHandle<'_, Digester>)> = None;
+        let mut result = Ok(());
+        while let Some(batch) = rx.blocking_recv() {
+            if let Some(d) = inline.as_mut() {
+                if hashed >= INLINE_HASH {
+                    let mut d = inline.take().expect("inline digester");
+                    let (htx, hrx) = std::sync::mpsc::sync_channel::<Batch>(HASH_QUEUE);
+                    let handle = scope.spawn(move || {
+                        for batch in hrx {
+                            for b in batch.iter() {
+                                d.update(b);
+                            }
+                        }
+                        d
+                    });
+                    offloaded = Some((htx, handle));
+                } else {
+                    for b in batch.iter() {
+                        d.update(b);
+                        hashed += b.len() as u64;
+                    }
+                }
+            }
+            if let Some((htx, _)) = &offloaded {
+                let _ = htx.send(batch.clone());
+            }
+            if let Err(e) = batch.iter().try_for_each(|b| w.push(b.clone())) {
+                result = Err(e);
+                break;
+            }
+        }
+        let digester = match offloaded {
+            Some((htx, handle)) => {
+                drop(htx);
+                handle.join().map_err(|_| std::io::Error::other("hasher panicked"))?
+            }
+            None => inline.expect("inline digester"),
+        };
+        result?;
+        if !aborted.load(std::sync::atomic::Ordering::Acquire) {
+            w.finish()?;
+        }
+        Ok(digester)
+    })
 }
 
 #[cfg(test)]

@@ -93,6 +93,24 @@ struct MapSlice {
     end: usize,
 }
 
+impl Drop for MapSlice {
+    /// Unmap the pages this slice covered once it has been sent, so a long read
+    /// keeps only the slices in flight mapped (they stay in the page cache). Only
+    /// pages wholly inside the slice are released; a neighbour sharing an edge
+    /// page keeps it.
+    fn drop(&mut self) {
+        const PAGE: usize = 4096;
+        let base = self.map.as_ptr() as usize;
+        let first = (base + self.start).next_multiple_of(PAGE) - base;
+        let last = (base + self.end) / PAGE * PAGE - base;
+        if last > first {
+            // SAFETY: `DontNeed` on a read-only private file mapping only drops
+            // page-table entries; later reads fault the file's bytes back in.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first) };
+        }
+    }
+}
+
 impl AsRef<[u8]> for MapSlice {
     fn as_ref(&self) -> &[u8] {
         &self.map[self.start..self.end]
