@@ -118,6 +118,9 @@ const READ_CHUNK: usize = 4 * 1024 * 1024;
 const WRITE_CHUNK: usize = 4 * 1024 * 1024;
 /// Chunks in flight between the writer and the hashing thread.
 const HASH_QUEUE: usize = 64;
+/// Bytes of one upload in flight between the socket and the disk (received but
+/// not yet both hashed and written); the request body is read no faster than that.
+const IN_FLIGHT_KIB: usize = 32 * 1024;
 /// Most request-body frames gathered into one batch for the hasher and writer.
 const BATCH_FRAMES: usize = 64;
 
@@ -261,6 +264,7 @@ impl BlobStore {
         // Frames that are already received travel together: one wake-up of the
         // hashing and writing threads per batch rather than per frame.
         let mut body = body.ready_chunks(BATCH_FRAMES);
+        let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_KIB));
         let result: Result<(), StorageError> = async {
             while let Some(frames) = body.next().await {
                 let mut batch = Vec::with_capacity(frames.len());
@@ -272,7 +276,9 @@ impl BlobStore {
                 if offset + written > max_total {
                     return Err(StorageError::TooLarge);
                 }
-                sink.write(Arc::new(batch)).await?;
+                let kib = batch.iter().map(|b| b.len()).sum::<usize>().div_ceil(1024).clamp(1, IN_FLIGHT_KIB);
+                let permit = budget.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
+                sink.write(Arc::new(Frames { bytes: batch, _permit: permit })).await?;
             }
             Ok(())
         }
@@ -400,7 +406,21 @@ impl BlobStore {
     }
 }
 
-type Batch = Arc<Vec<Bytes>>;
+/// Received frames on their way to the hasher and the writer; their share of the
+/// upload's in-flight budget returns when both are done with them.
+struct Frames {
+    bytes: Vec<Bytes>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Frames {
+    type Target = Vec<Bytes>;
+    fn deref(&self) -> &Vec<Bytes> {
+        &self.bytes
+    }
+}
+
+type Batch = Arc<Frames>;
 
 /// Where [`BlobStore::write_chunk`] sends a chunk's bytes to be hashed and stored.
 enum Sink {
@@ -453,7 +473,7 @@ impl Sink {
                 if tx.send(batch.clone()).await.is_err() {
                     return Err(StorageError::Staging("hasher stopped".into()));
                 }
-                Ok(writer.write(batch.as_ref().clone()).await?)
+                Ok(writer.write(batch.bytes.clone()).await?)
             }
             Sink::Local { tx, .. } => tx.send(batch).await.map_err(|_| StorageError::Staging("staging writer stopped".into())),
         }
