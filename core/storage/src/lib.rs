@@ -413,6 +413,14 @@ struct Frames {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl Frames {
+    fn hash_into(&self, digester: &mut Digester) {
+        for b in &self.bytes {
+            digester.update(b);
+        }
+    }
+}
+
 impl std::ops::Deref for Frames {
     type Target = Vec<Bytes>;
     fn deref(&self) -> &Vec<Bytes> {
@@ -450,9 +458,7 @@ impl Sink {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(HASH_QUEUE);
         let hasher = tokio::task::spawn_blocking(move || {
             while let Some(batch) = rx.blocking_recv() {
-                for b in batch.iter() {
-                    digester.update(b);
-                }
+                batch.hash_into(&mut digester);
             }
             digester
         });
@@ -534,28 +540,25 @@ fn local_worker(
         let mut offloaded: Option<(std::sync::mpsc::SyncSender<Batch>, std::thread::ScopedJoinHandle<'_, Digester>)> = None;
         let mut result = Ok(());
         while let Some(batch) = rx.blocking_recv() {
-            if let Some(d) = inline.as_mut() {
-                if hashed >= INLINE_HASH {
-                    let mut d = inline.take().expect("inline digester");
+            if hashed >= INLINE_HASH {
+                if let Some(mut d) = inline.take() {
                     let (htx, hrx) = std::sync::mpsc::sync_channel::<Batch>(HASH_QUEUE);
                     let handle = scope.spawn(move || {
-                        for batch in hrx {
-                            for b in batch.iter() {
-                                d.update(b);
-                            }
-                        }
+                        hrx.iter().for_each(|batch| batch.hash_into(&mut d));
                         d
                     });
                     offloaded = Some((htx, handle));
-                } else {
-                    for b in batch.iter() {
-                        d.update(b);
-                        hashed += b.len() as u64;
-                    }
                 }
             }
-            if let Some((htx, _)) = &offloaded {
-                let _ = htx.send(batch.clone());
+            match (&mut inline, &offloaded) {
+                (Some(d), _) => {
+                    batch.hash_into(d);
+                    hashed += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+                }
+                (None, Some((htx, _))) => {
+                    let _ = htx.send(batch.clone());
+                }
+                (None, None) => unreachable!("the digester is inline or offloaded"),
             }
             if let Err(e) = batch.iter().try_for_each(|b| w.push(b.clone())) {
                 result = Err(e);

@@ -19,6 +19,7 @@
 //!   concurrent delete cannot change the bytes a reader sees.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, IoSlice, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -182,7 +183,6 @@ impl Stream for MappedSlices {
     }
 }
 
-use std::future::Future;
 
 /// Appends bytes to a staging file with a bounded dirty window; runs on a blocking
 /// thread, fed through a channel by the task reading the request body.
