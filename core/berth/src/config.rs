@@ -134,8 +134,8 @@ impl Config {
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let storage = match env.get(ENV_STORAGE).map(String::as_str) {
-            Some("fs") | None if file.storage.is_none() => StorageConfig::Fs { root: path_str(&data_dir.join("blobs")) },
-            Some("fs") => StorageConfig::Fs { root: path_str(&data_dir.join("blobs")) },
+            Some("fs") | None if file.storage.is_none() => StorageConfig::fs(path_str(&data_dir.join("blobs"))),
+            Some("fs") => StorageConfig::fs(path_str(&data_dir.join("blobs"))),
             Some("memory") => StorageConfig::Memory,
             Some(other) => return Err(format!("{ENV_STORAGE}={other:?}: expected fs or memory (configure s3 in the file)")),
             None => file.storage.expect("checked above"),
@@ -205,7 +205,7 @@ mod tests {
     fn defaults_are_embedded() {
         let c = Config::load(&env(&[]), Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(c.storage, StorageConfig::Fs { root: "./berth-data/blobs".into() });
+        assert_eq!(c.storage, StorageConfig::fs("./berth-data/blobs"));
         assert_eq!(c.metadata.url, "surrealkv://./berth-data/meta");
     }
 

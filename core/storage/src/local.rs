@@ -37,15 +37,25 @@ const GATHER: usize = 1024 * 1024;
 /// Size of the slices a read hands out.
 const SLICE: usize = 4 * 1024 * 1024;
 
+/// Blobs smaller than this are always read through the page cache.
+const DIRECT_READ_MIN: u64 = 256 * 1024;
+
 /// Local files under the backend's root.
 #[derive(Clone, Debug)]
 pub(crate) struct LocalFiles {
     root: PathBuf,
+    /// Move bulk bytes with direct I/O where the filesystem allows it (see [`crate::direct`]).
+    direct: bool,
 }
 
 impl LocalFiles {
-    pub(crate) fn new(root: impl Into<PathBuf>) -> Self {
-        LocalFiles { root: root.into() }
+    pub(crate) fn new(root: impl Into<PathBuf>, direct: bool) -> Self {
+        LocalFiles { root: root.into(), direct }
+    }
+
+    /// Whether staged writes should use direct I/O.
+    pub(crate) fn direct(&self) -> bool {
+        self.direct
     }
 
     /// The file behind a key from [`crate::layout`].
@@ -61,17 +71,63 @@ impl LocalFiles {
         }
     }
 
-    /// Stream a blob file's bytes `start..end` (end exclusive) from a mapping.
+    /// Stream a blob file's bytes `start..end` (end exclusive): from a mapping when
+    /// the range is small or mostly in the page cache already, else with direct reads.
     pub(crate) async fn read(&self, key: &str, range: Option<(u64, u64)>) -> io::Result<ByteStream> {
         let path = self.path(key);
-        let map = tokio::task::spawn_blocking(move || map_file(&path)).await.map_err(io::Error::other)??;
-        let len = map.as_ref().map_or(0, |m| m.len() as u64);
-        let (start, end) = range.unwrap_or((0, len));
-        if start > end || end > len {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range past the end of the blob"));
-        }
-        Ok(Box::pin(MappedSlices::new(map, start as usize, end as usize)))
+        let direct = self.direct;
+        tokio::task::spawn_blocking(move || -> io::Result<ByteStream> {
+            let map = map_file(&path)?;
+            let len = map.as_ref().map_or(0, |m| m.len() as u64);
+            let (start, end) = range.unwrap_or((0, len));
+            if start > end || end > len {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range past the end of the blob"));
+            }
+            if direct && end - start >= DIRECT_READ_MIN && !mostly_cached(map.as_deref(), start, end) {
+                if let Some(file) = crate::direct::open(&path, false)? {
+                    return Ok(Box::pin(crate::direct::DirectSlices::new(file, start, end)));
+                }
+            }
+            Ok(Box::pin(MappedSlices::new(map, start as usize, end as usize)))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
+
+    /// Whether most of a file is in the page cache (tests).
+    #[cfg(test)]
+    pub(crate) fn cached(&self, key: &str) -> bool {
+        let map = map_file(&self.path(key)).unwrap();
+        let len = map.as_ref().map_or(0, |m| m.len() as u64);
+        mostly_cached(map.as_deref(), 0, len)
+    }
+
+    /// Read `start..end` with direct I/O (tests); `None` where the filesystem refuses it.
+    #[cfg(test)]
+    pub(crate) fn read_direct(&self, key: &str, start: u64, end: u64) -> Option<ByteStream> {
+        let file = crate::direct::open(&self.path(key), false).ok()??;
+        Some(Box::pin(crate::direct::DirectSlices::new(file, start, end)))
+    }
+}
+
+/// Whether at least half the pages of `start..end` are in the page cache (a blob
+/// pulled recently, or written through the cache): then the mapping serves it
+/// without touching the disk.
+fn mostly_cached(map: Option<&memmap2::Mmap>, start: u64, end: u64) -> bool {
+    const PAGE: u64 = 4096;
+    let Some(map) = map else { return true };
+    let first = start / PAGE * PAGE;
+    let pages = (end - first).div_ceil(PAGE) as usize;
+    let mut resident = vec![0u8; pages];
+    // SAFETY: the range lies inside the live mapping (end <= its length) and
+    // `resident` has one byte per page of it.
+    let rc = unsafe {
+        libc::mincore(map.as_ptr().add(first as usize) as *mut libc::c_void, (end - first) as usize, resident.as_mut_ptr())
+    };
+    if rc != 0 {
+        return true;
+    }
+    resident.iter().filter(|&&b| b & 1 != 0).count() * 2 >= pages
 }
 
 /// Map a whole file read-only; `None` for an empty file (which cannot be mapped).
@@ -184,12 +240,17 @@ impl Stream for MappedSlices {
 }
 
 
-/// Appends bytes to a staging file with a bounded dirty window; runs on a blocking
-/// thread, fed through a channel by the task reading the request body.
+/// Appends bytes to a staging file; runs on a blocking thread, fed through a
+/// channel by the task reading the request body. With direct I/O, bytes are
+/// gathered into an aligned buffer written straight to the file; otherwise they go
+/// through the page cache with a bounded dirty window (write-behind).
 pub(crate) struct StagedWriter {
+    /// Opened for appending through the page cache: unaligned heads and tails, and
+    /// everything when direct I/O is off or refused.
     file: File,
     /// File offset of the next byte.
     pos: u64,
+    direct: Option<Direct>,
     /// End of the last window whose writeback was started.
     started: u64,
     /// End of the last window waited for.
@@ -198,10 +259,21 @@ pub(crate) struct StagedWriter {
     gathered_len: usize,
 }
 
+/// The direct half of a [`StagedWriter`].
+struct Direct {
+    file: File,
+    buf: crate::direct::AlignedBuf,
+    /// File offset of `buf`'s first byte (aligned).
+    at: u64,
+    /// Bytes still to append through the page cache before the file offset is aligned.
+    head: usize,
+}
+
 impl StagedWriter {
     /// Open (creating) the staging file for appending at `offset`, which must be its
     /// current length.
-    pub(crate) fn open(path: &Path, offset: u64) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path, offset: u64, direct: bool) -> io::Result<Self> {
+        use crate::direct::ALIGN;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -210,15 +282,71 @@ impl StagedWriter {
         if len != offset {
             return Err(io::Error::other(format!("staging file holds {len} bytes, expected {offset}")));
         }
+        let direct = match direct {
+            true => crate::direct::open(path, true)?.map(|f| {
+                let head = (ALIGN - (offset % ALIGN as u64) as usize) % ALIGN;
+                Direct { file: f, buf: crate::direct::AlignedBuf::take(), at: offset + head as u64, head }
+            }),
+            false => None,
+        };
         let window = offset - offset % WINDOW;
-        Ok(StagedWriter { file, pos: offset, started: window, waited: window, gathered: Vec::new(), gathered_len: 0 })
+        Ok(StagedWriter { file, pos: offset, direct, started: window, waited: window, gathered: Vec::new(), gathered_len: 0 })
     }
 
     pub(crate) fn push(&mut self, bytes: Bytes) -> io::Result<()> {
+        let mut rest = 0;
+        if self.direct.is_some() {
+            while rest < bytes.len() {
+                // `None` once the filesystem refused direct I/O part-way.
+                let Some(d) = &mut self.direct else { break };
+                let b = &bytes[rest..];
+                let n = if d.head > 0 {
+                    let n = d.head.min(b.len());
+                    self.file.write_all(&b[..n])?;
+                    d.head -= n;
+                    n
+                } else {
+                    d.buf.append(b)
+                };
+                rest += n;
+                self.pos += n as u64;
+                if self.direct.as_ref().is_some_and(|d| d.buf.is_full()) {
+                    self.write_direct(false)?;
+                }
+            }
+            if rest == bytes.len() {
+                return Ok(());
+            }
+        }
+        let bytes = bytes.slice(rest..);
         self.gathered_len += bytes.len();
         self.gathered.push(bytes);
         if self.gathered_len >= GATHER {
             self.flush_gathered()?;
+        }
+        Ok(())
+    }
+
+    /// Write the direct buffer's aligned part straight to the file and, at the end
+    /// (`last`), its unaligned tail through the page cache. If the filesystem
+    /// refuses direct I/O part-way, the rest goes through the page cache and the
+    /// writer stays there.
+    fn write_direct(&mut self, last: bool) -> io::Result<()> {
+        let Some(d) = &mut self.direct else { return Ok(()) };
+        let data = d.buf.data();
+        let aligned = data.len() / crate::direct::ALIGN * crate::direct::ALIGN;
+        let done = crate::direct::write_at(&d.file, &data[..aligned], d.at)?;
+        let refused = done < aligned;
+        if refused || last {
+            // The file now ends at `d.at + done`; append the rest there.
+            self.file.write_all(&data[done..])?;
+        }
+        d.at += data.len() as u64;
+        d.buf.clear();
+        if refused {
+            self.direct = None;
+            let window = self.pos - self.pos % WINDOW;
+            (self.started, self.waited) = (window, window);
         }
         Ok(())
     }
@@ -264,6 +392,9 @@ impl StagedWriter {
 
     /// Write what is gathered and make the file durable.
     pub(crate) fn finish(mut self) -> io::Result<()> {
+        if self.direct.is_some() {
+            self.write_direct(true)?;
+        }
         if self.gathered_len > 0 {
             self.flush_gathered()?;
         }
