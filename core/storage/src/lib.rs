@@ -127,6 +127,7 @@ pub struct BlobStore {
     local: Option<local::LocalFiles>,
     append: bool,
     rename: bool,
+    copy: bool,
     compose: bool,
 }
 
@@ -175,7 +176,7 @@ impl BlobStore {
             }
         };
         let cap = op.info().capability();
-        let store = BlobStore { local, append: cap.write_can_append, rename: cap.rename, compose: cap.compose, op };
+        let store = BlobStore { local, append: cap.write_can_append, rename: cap.rename, copy: cap.copy, compose: cap.compose, op };
         store.op.check().await.map_err(StorageError::from_dal)?;
         Ok(store)
     }
@@ -251,7 +252,11 @@ impl BlobStore {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        let key = if self.append {
+        let key = if self.local.is_some() {
+            // The staging writer checks (and repairs) the file's length itself, on
+            // its own thread: one blocking hand-off per chunk.
+            layout::upload_data(id, staging.generation)
+        } else if self.append {
             let key = layout::upload_data(id, staging.generation);
             let on_disk = match self.op.stat(&key).await {
                 Ok(m) => m.content_length(),
@@ -329,16 +334,33 @@ impl BlobStore {
     /// staging data. If the blob already exists the staged copy is simply dropped.
     pub async fn commit_upload(&self, id: &UploadId, staging: &Staging, total: u64, digest: &Digest) -> Result<(), StorageError> {
         let target = layout::blob(digest);
+        if let Some(local) = &self.local {
+            // Stat, rename, directory sync and staging removal in one blocking call.
+            let (local, staged, dir) = (local.clone(), layout::upload_data(id, staging.generation), layout::upload_dir(id));
+            return tokio::task::spawn_blocking(move || local.publish(&staged, &target, total, &dir))
+                .await
+                .map_err(|e| StorageError::Staging(format!("publish: {e}")))?
+                .map_err(StorageError::from_io);
+        }
         if self.stat_blob(digest).await?.is_none() {
             if self.append {
-                let key = layout::upload_data(id, staging.generation);
+                let mut key = layout::upload_data(id, staging.generation);
+                let on_disk = match self.op.stat(&key).await {
+                    Ok(m) => m.content_length(),
+                    Err(e) if e.kind() == ErrorKind::NotFound => 0,
+                    Err(e) => return Err(e.into()),
+                };
+                if on_disk > total {
+                    // A chunk failed part-way after the last recorded one: publish
+                    // only the recorded prefix.
+                    let next = layout::upload_data(id, staging.generation + 1);
+                    self.copy_prefix(&key, &next, total).await?;
+                    key = next;
+                }
                 if total == 0 {
                     self.op.write(&target, Bytes::new()).await?;
                 } else if self.rename {
                     self.op.rename(&key, &target).await?;
-                    if let Some(local) = &self.local {
-                        local.sync_dir_of(&target)?;
-                    }
                 } else {
                     self.op.copy(&key, &target).await?;
                 }
@@ -349,7 +371,7 @@ impl BlobStore {
                         self.op.write(&target, Bytes::new()).await?;
                     }
                     1 if self.rename => self.op.rename(&parts[0], &target).await?,
-                    1 => {
+                    1 if self.copy => {
                         self.op.copy(&parts[0], &target).await?;
                     }
                     _ if self.compose => {
@@ -403,6 +425,13 @@ impl BlobStore {
 
     /// Remove everything staged for an upload. Absent is not an error.
     pub async fn delete_upload(&self, id: &UploadId) -> Result<(), StorageError> {
+        if let Some(local) = &self.local {
+            let (local, dir) = (local.clone(), layout::upload_dir(id));
+            return tokio::task::spawn_blocking(move || local.remove_dir(&dir))
+                .await
+                .map_err(|e| StorageError::Staging(format!("remove staging: {e}")))?
+                .map_err(StorageError::from_io);
+        }
         match self.op.delete_with(&layout::upload_dir(id)).recursive(true).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -649,6 +678,38 @@ mod tests {
                 .unwrap();
             assert_eq!(part.concat(), b"worl");
             assert!(store.staged_uploads().await.unwrap().is_empty());
+        }
+    }
+
+    /// Bytes a failed chunk left after the recorded ones never become part of the
+    /// blob, even when the upload is completed without another chunk.
+    #[tokio::test]
+    async fn failed_chunk_tail_is_not_published() {
+        for (store, _dir) in stores().await {
+            let id = UploadId::random();
+            let mut staging = Staging::default();
+            let mut d = Digester::new(DigestAlgorithm::Sha256);
+            let n = store.write_chunk(&id, &mut staging, 0, chunks(&[b"hello ", b"world"]), &mut d, u64::MAX).await.unwrap();
+            let failing = futures::stream::iter(vec![Ok(Bytes::from(vec![b'x'; 300_000])), Err("reset".to_string())]);
+            let mut d_fail = d.clone();
+            assert!(store.write_chunk(&id, &mut staging, n, failing, &mut d_fail, u64::MAX).await.is_err());
+            let digest = d.finish();
+            store.commit_upload(&id, &staging, n, &digest).await.unwrap();
+            assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(n));
+            assert_eq!(&store.read_blob_bytes(&digest).await.unwrap()[..], b"hello world");
+            assert!(store.staged_uploads().await.unwrap().is_empty());
+        }
+    }
+
+    /// An upload of no bytes at all publishes the empty blob.
+    #[tokio::test]
+    async fn empty_upload_publishes_empty_blob() {
+        for (store, _dir) in stores().await {
+            let id = UploadId::random();
+            let digest = Digester::new(DigestAlgorithm::Sha256).finish();
+            store.commit_upload(&id, &Staging::default(), 0, &digest).await.unwrap();
+            assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(0));
+            assert!(store.read_blob_bytes(&digest).await.unwrap().is_empty());
         }
     }
 

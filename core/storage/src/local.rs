@@ -63,11 +63,47 @@ impl LocalFiles {
         self.root.join(key)
     }
 
-    /// Flush a directory entry change (a rename into `dir`) to disk.
-    pub(crate) fn sync_dir_of(&self, key: &str) -> io::Result<()> {
-        match self.path(key).parent() {
-            Some(dir) => File::open(dir)?.sync_all(),
-            None => Ok(()),
+    /// Publish the verified staging file `staged` (`total` bytes) as the blob file
+    /// `target`, unless that blob exists already, then remove the upload's staging
+    /// directory `upload_dir`. The rename is made durable (directory `fsync`) before
+    /// the staging directory goes. Blocking: run it on a blocking thread.
+    pub(crate) fn publish(&self, staged: &str, target: &str, total: u64, upload_dir: &str) -> io::Result<()> {
+        let target = self.path(target);
+        if !target.exists() {
+            let dir = target.parent().expect("blob keys have a directory");
+            std::fs::create_dir_all(dir)?;
+            let staged = self.path(staged);
+            let open = || OpenOptions::new().create(true).write(true).truncate(false).open(&staged);
+            let file = match open() {
+                // An empty upload may never have created its staging directory.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && total == 0 => {
+                    std::fs::create_dir_all(staged.parent().expect("staging keys have a directory"))?;
+                    open()?
+                }
+                r => r?,
+            };
+            let len = file.metadata()?.len();
+            if len < total {
+                return Err(io::Error::other(format!("staging file holds {len} bytes, the upload has {total}")));
+            }
+            if len > total || len == 0 {
+                // Bytes of a chunk that failed part-way after the last recorded one
+                // are not part of the blob; an empty upload may have no file yet.
+                file.set_len(total)?;
+                file.sync_data()?;
+            }
+            drop(file);
+            std::fs::rename(&staged, &target)?;
+            File::open(dir)?.sync_all()?;
+        }
+        self.remove_dir(upload_dir)
+    }
+
+    /// Remove a directory and everything in it; absent is not an error. Blocking.
+    pub(crate) fn remove_dir(&self, key: &str) -> io::Result<()> {
+        match std::fs::remove_dir_all(self.path(key)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -279,8 +315,12 @@ impl StagedWriter {
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let len = file.metadata()?.len();
-        if len != offset {
-            return Err(io::Error::other(format!("staging file holds {len} bytes, expected {offset}")));
+        if len < offset {
+            return Err(io::Error::other(format!("staging file holds {len} bytes, the session says {offset}")));
+        }
+        if len > offset {
+            // A chunk failed part-way earlier: only the recorded prefix counts.
+            file.set_len(offset)?;
         }
         let direct = match direct {
             true => crate::direct::open(path, true)?.map(|f| {
