@@ -487,12 +487,50 @@ enum Sink {
         hasher: tokio::task::JoinHandle<Digester>,
     },
     /// One blocking thread that hashes and appends to the staging file (see
-    /// [`local_worker`]), fed through a channel.
+    /// [`local_worker`]), fed through a channel. The thread starts only once
+    /// [`SMALL_CHUNK`] bytes have arrived: a smaller chunk is handed over whole, in
+    /// one thread hand-off instead of one wake-up per batch.
     Local {
-        tx: tokio::sync::mpsc::Sender<Batch>,
-        abort: Arc<std::sync::atomic::AtomicBool>,
-        task: tokio::task::JoinHandle<std::io::Result<Digester>>,
+        pending: Option<Pending>,
+        started: Option<LocalWorker>,
     },
+}
+
+/// A local chunk's first batches, held until the chunk is known to be small or not.
+struct Pending {
+    path: std::path::PathBuf,
+    offset: u64,
+    direct: bool,
+    digester: Digester,
+    batches: Vec<Batch>,
+    len: usize,
+}
+
+struct LocalWorker {
+    tx: tokio::sync::mpsc::Sender<Batch>,
+    abort: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<std::io::Result<Digester>>,
+}
+
+/// Chunks up to this size reach the local staging thread in one piece.
+const SMALL_CHUNK: usize = 2 * 1024 * 1024;
+
+impl Pending {
+    /// Start the staging thread with the batches held so far; with `more` false the
+    /// chunk is complete and the thread needs no channel.
+    fn start(self, more: bool) -> LocalWorker {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(HASH_QUEUE);
+        let rx = more.then_some(rx);
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let aborted = abort.clone();
+        let Pending { path, offset, direct, digester, batches, .. } = self;
+        let task = tokio::task::spawn_blocking(move || {
+            let mut rx = rx;
+            let incoming = batches.into_iter().chain(std::iter::from_fn(move || rx.as_mut()?.blocking_recv()));
+            local_worker(&path, offset, direct, digester, incoming, &aborted)
+        });
+        LocalWorker { tx, abort, task }
+    }
 }
 
 /// Bytes a local upload hashes on its writing thread before hashing moves to a
@@ -513,11 +551,7 @@ impl Sink {
     }
 
     fn local(path: std::path::PathBuf, offset: u64, direct: bool, digester: Digester) -> Sink {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(HASH_QUEUE);
-        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let aborted = abort.clone();
-        let task = tokio::task::spawn_blocking(move || local_worker(&path, offset, direct, digester, rx, &aborted));
-        Sink::Local { tx, abort, task }
+        Sink::Local { pending: Some(Pending { path, offset, direct, digester, batches: Vec::new(), len: 0 }), started: None }
     }
 
     async fn write(&mut self, batch: Batch) -> Result<(), StorageError> {
@@ -528,7 +562,19 @@ impl Sink {
                 }
                 Ok(writer.write(batch.bytes.clone()).await?)
             }
-            Sink::Local { tx, .. } => tx.send(batch).await.map_err(|_| StorageError::Staging("staging writer stopped".into())),
+            Sink::Local { pending, started } => {
+                if let Some(p) = pending {
+                    p.len += batch.iter().map(|b| b.len()).sum::<usize>();
+                    p.batches.push(batch);
+                    if p.len <= SMALL_CHUNK {
+                        return Ok(());
+                    }
+                    *started = pending.take().map(|p| p.start(true));
+                    return Ok(());
+                }
+                let w = started.as_ref().expect("a local sink is pending or started");
+                w.tx.send(batch).await.map_err(|_| StorageError::Staging("staging writer stopped".into()))
+            }
         }
     }
 
@@ -541,7 +587,12 @@ impl Sink {
                 writer.close().await?;
                 Ok(digester)
             }
-            Sink::Local { tx, task, .. } => {
+            Sink::Local { pending, started } => {
+                let LocalWorker { tx, task, .. } = match (pending, started) {
+                    (Some(p), _) => p.start(false),
+                    (None, Some(w)) => w,
+                    (None, None) => unreachable!("a local sink is pending or started"),
+                };
                 drop(tx);
                 Ok(task.await.map_err(|e| StorageError::Staging(format!("staging writer: {e}")))??)
             }
@@ -558,7 +609,9 @@ impl Sink {
                 let _ = writer.abort().await;
                 cause
             }
-            Sink::Local { tx, abort, task } => {
+            // Nothing was staged yet: nothing to undo.
+            Sink::Local { started: None, .. } => cause,
+            Sink::Local { started: Some(LocalWorker { tx, abort, task }), .. } => {
                 abort.store(true, std::sync::atomic::Ordering::Release);
                 drop(tx);
                 match task.await {
@@ -578,7 +631,7 @@ fn local_worker(
     offset: u64,
     direct: bool,
     digester: Digester,
-    mut rx: tokio::sync::mpsc::Receiver<Batch>,
+    incoming: impl Iterator<Item = Batch>,
     aborted: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<Digester> {
     let mut w = local::StagedWriter::open(path, offset, direct)?;
@@ -587,7 +640,7 @@ fn local_worker(
         let mut hashed = 0u64;
         let mut offloaded: Option<(std::sync::mpsc::SyncSender<Batch>, std::thread::ScopedJoinHandle<'_, Digester>)> = None;
         let mut result = Ok(());
-        while let Some(batch) = rx.blocking_recv() {
+        for batch in incoming {
             if hashed >= INLINE_HASH {
                 if let Some(mut d) = inline.take() {
                     let (htx, hrx) = std::sync::mpsc::sync_channel::<Batch>(HASH_QUEUE);
@@ -690,7 +743,13 @@ mod tests {
             let mut staging = Staging::default();
             let mut d = Digester::new(DigestAlgorithm::Sha256);
             let n = store.write_chunk(&id, &mut staging, 0, chunks(&[b"hello ", b"world"]), &mut d, u64::MAX).await.unwrap();
-            let failing = futures::stream::iter(vec![Ok(Bytes::from(vec![b'x'; 300_000])), Err("reset".to_string())]);
+            // The bytes reach the staging file before the client's stream breaks.
+            let failing = Box::pin(futures::stream::iter(vec![Ok(Bytes::from(vec![b'x'; 3 << 20]))]).chain(
+                futures::stream::once(async {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    Err("reset".to_string())
+                }),
+            ));
             let mut d_fail = d.clone();
             assert!(store.write_chunk(&id, &mut staging, n, failing, &mut d_fail, u64::MAX).await.is_err());
             let digest = d.finish();
