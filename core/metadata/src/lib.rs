@@ -154,15 +154,20 @@ impl Metadata {
         Ok(Snapshot { repos: r.take(0)?, manifests: r.take(1)?, tags: r.take(2)?, links: r.take(3)? })
     }
 
-    /// Link a verified blob into a repository (creating the repository record).
-    pub async fn link_blob(&self, link: &LinkRow) -> Result<()> {
+    /// Link a verified blob into a repository (creating the repository record); when
+    /// the blob is the result of an upload session, that session's record goes in
+    /// the same transaction.
+    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<()> {
+        let end = if ends_upload.is_some() { "DELETE type::thing('upload', $upload) RETURN NONE;" } else { "" };
         self.db
-            .query(
+            .query(format!(
                 "BEGIN TRANSACTION;
-                 UPSERT type::thing('repo', $repo) MERGE { name: $repo } RETURN NONE;
-                 UPSERT type::thing('blob_link', [$repo, $digest]) CONTENT { repo: $repo, digest: $digest, size: $size } RETURN NONE;
-                 COMMIT TRANSACTION;",
-            )
+                 UPSERT type::thing('repo', $repo) MERGE {{ name: $repo }} RETURN NONE;
+                 UPSERT type::thing('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
+                 {end}
+                 COMMIT TRANSACTION;"
+            ))
+            .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
             .bind(("repo", link.repo.to_string()))
             .bind(("digest", link.digest.to_string()))
             .bind(("size", link.size))
@@ -332,7 +337,7 @@ mod tests {
         let m = row(&repo, b"m1");
         let tag = TagRow { repo: repo.clone(), name: "v1".parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
         md.commit_manifest(&m, Some(&tag)).await.unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }).await.unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert_eq!(s.repos, vec![repo.clone()]);
         assert_eq!(s.manifests, vec![m.clone()]);
@@ -364,5 +369,11 @@ mod tests {
         assert!(md.stale_uploads(6).await.unwrap().is_empty());
         md.delete_upload(&u.id).await.unwrap();
         assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
+        // The link that completes an upload removes its record in the same transaction.
+        md.put_upload(&u).await.unwrap();
+        let link = LinkRow { repo: u.repo.clone(), digest: Digest::sha256(b"done"), size: 4 };
+        md.link_blob(&link, Some(&u.id)).await.unwrap();
+        assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
+        assert!(md.snapshot().await.unwrap().links.iter().any(|l| l.digest == link.digest));
     }
 }

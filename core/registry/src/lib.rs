@@ -205,7 +205,7 @@ impl Registry {
         if self.index.repo(repo).is_none() {
             return Err(name_unknown(repo));
         }
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None }).await?
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None }).await?
     }
 
     // ----- uploads -----
@@ -226,7 +226,7 @@ impl Registry {
             Ok(None) => return Ok(false),
             Err(e) => return Err(internal("stat blob", e)),
         }
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size) }).await??;
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None }).await??;
         Ok(true)
     }
 
@@ -301,13 +301,14 @@ impl Registry {
         let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
         let result = self.commit(&mut session, digest, body).await;
         match &result {
-            Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false }).await??,
+            // The commit removed the staging data and, with the link, the record.
+            Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
             // A body that failed mid-way leaves the session as it was: the client may retry.
             Err(e) if e.code() == ErrorCode::BlobUploadInvalid || e.code() == ErrorCode::Unknown => {
                 Self::ask(&self.uploads, uploads::Release { id: *id, updated: None }).await??
             }
             // A digest mismatch ends the session: its content can never become that blob.
-            Err(_) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false }).await??,
+            Err(_) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: false }).await??,
         }
         result
     }
@@ -343,7 +344,7 @@ impl Registry {
             .commit_upload(&session.id, &session.staging, session.offset, digest)
             .await
             .map_err(|e| internal("commit upload", e))?;
-        Self::ask(&self.repo_actor(&session.repo), repo::Link { digest: digest.clone(), size: Some(session.offset) }).await?
+        Self::ask(&self.repo_actor(&session.repo), repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id) }).await?
     }
 
     /// Bytes received so far for an upload.
@@ -353,7 +354,7 @@ impl Registry {
 
     /// Abandon an upload and drop its staged data.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<(), RegistryError> {
-        Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: true }).await?
+        Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: true, committed: false }).await?
     }
 
     // ----- manifests -----

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use berth_metadata::{LinkRow, ManifestRow, Metadata, TagRow};
-use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 
 use crate::index::{Index, ManifestEntry};
 use crate::{internal, now_ms};
@@ -160,6 +160,9 @@ pub struct Link {
     pub digest: Digest,
     /// `Some(size)` to link, `None` to unlink.
     pub size: Option<u64>,
+    /// The upload session this blob completes: its record is removed together with
+    /// the link (one metadata transaction per uploaded blob).
+    pub ends_upload: Option<UploadId>,
 }
 impl Message for Link {
     type Result = Result<(), RegistryError>;
@@ -176,15 +179,22 @@ impl Handler<Link> for RepoActor {
             ))));
         }
         if msg.size.is_some() && state.read().unwrap().blobs.contains_key(&msg.digest) {
-            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+            let Some(upload) = msg.ends_upload else {
+                return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+            };
+            let meta = self.meta.clone();
+            return AtomicResponse::new(Box::pin(
+                async move { meta.delete_upload(&upload).await.map_err(|e| internal("delete upload session", e)) }.into_actor(self),
+            ));
         }
+        let ends_upload = msg.ends_upload;
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let (digest, size) = (msg.digest, msg.size);
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 match size {
-                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }).await,
+                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref()).await,
                     None => meta.unlink_blob(&repo, &d).await,
                 }
                 .map_err(|e| internal("blob link", e))

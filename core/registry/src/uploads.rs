@@ -257,6 +257,9 @@ pub struct End {
     pub repo: RepoName,
     /// True when the caller does not hold the lease (DELETE by the client).
     pub cancel: bool,
+    /// True after a successful commit, which already removed the staging data and
+    /// (with the blob link) the persisted record: only the memory entry is left.
+    pub committed: bool,
 }
 impl Message for End {
     type Result = Result<(), RegistryError>;
@@ -277,6 +280,9 @@ impl Handler<End> for UploadSessions {
             }
         }
         let known_here = self.sessions.remove(&id).is_some();
+        if msg.committed {
+            return Box::pin(fut::ready(Ok(())));
+        }
         let (meta, store) = (self.meta.clone(), self.store.clone());
         let repo = msg.repo;
         Box::pin(
