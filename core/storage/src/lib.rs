@@ -836,6 +836,11 @@ mod tests {
         // The store picks direct reads for an uncached blob; the bytes are the same.
         let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
         assert_eq!(whole.concat(), &data[..]);
+        assert!(!local.cached(&key), "a first cold read does not fill the page cache");
+        // A second read goes through the page cache, which then keeps the blob.
+        let again: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+        assert_eq!(again.concat(), &data[..]);
+        assert!(local.cached(&key), "a blob read twice ends up in the page cache");
     }
 
     #[tokio::test]

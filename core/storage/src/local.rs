@@ -39,6 +39,36 @@ const SLICE: usize = 4 * 1024 * 1024;
 
 /// Blobs smaller than this are always read through the page cache.
 const DIRECT_READ_MIN: u64 = 256 * 1024;
+/// A cold blob read with direct I/O is remembered this long: a second read within
+/// it goes through the page cache, so a blob pulled repeatedly (or by several
+/// clients at once) ends up cached, while a one-off read of a cold blob neither
+/// waits on the page cache nor evicts what is in it.
+const SECOND_TOUCH: std::time::Duration = std::time::Duration::from_secs(600);
+/// At most this many recently read blobs are remembered.
+const RECENT_MAX: usize = 4096;
+
+/// Blobs recently read with direct I/O, by key.
+#[derive(Debug, Default)]
+struct RecentReads(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl RecentReads {
+    /// Note a cold read of `key`; true if it is the second within [`SECOND_TOUCH`].
+    fn second_touch(&self, key: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(key).is_some_and(|t| now.duration_since(*t) < SECOND_TOUCH) {
+            return true;
+        }
+        if m.len() >= RECENT_MAX {
+            m.retain(|_, t| now.duration_since(*t) < SECOND_TOUCH);
+            if m.len() >= RECENT_MAX {
+                m.clear();
+            }
+        }
+        m.insert(key.to_owned(), now);
+        false
+    }
+}
 
 /// Local files under the backend's root.
 #[derive(Clone, Debug)]
@@ -46,11 +76,12 @@ pub(crate) struct LocalFiles {
     root: PathBuf,
     /// Move bulk bytes with direct I/O where the filesystem allows it (see [`crate::direct`]).
     direct: bool,
+    recent: Arc<RecentReads>,
 }
 
 impl LocalFiles {
     pub(crate) fn new(root: impl Into<PathBuf>, direct: bool) -> Self {
-        LocalFiles { root: root.into(), direct }
+        LocalFiles { root: root.into(), direct, recent: Arc::default() }
     }
 
     /// Whether staged writes should use direct I/O.
@@ -108,10 +139,12 @@ impl LocalFiles {
     }
 
     /// Stream a blob file's bytes `start..end` (end exclusive): from a mapping when
-    /// the range is small or mostly in the page cache already, else with direct reads.
+    /// the range is small, mostly in the page cache already, or read a second time
+    /// recently (the mapping then caches it); else with direct reads.
     pub(crate) async fn read(&self, key: &str, range: Option<(u64, u64)>) -> io::Result<ByteStream> {
         let path = self.path(key);
         let direct = self.direct;
+        let (recent, key) = (self.recent.clone(), key.to_owned());
         tokio::task::spawn_blocking(move || -> io::Result<ByteStream> {
             let map = map_file(&path)?;
             let len = map.as_ref().map_or(0, |m| m.len() as u64);
@@ -119,7 +152,11 @@ impl LocalFiles {
             if start > end || end > len {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range past the end of the blob"));
             }
-            if direct && end - start >= DIRECT_READ_MIN && !mostly_cached(map.as_deref(), start, end) {
+            if direct
+                && end - start >= DIRECT_READ_MIN
+                && !mostly_cached(map.as_deref(), start, end)
+                && !recent.second_touch(&key)
+            {
                 if let Some(file) = crate::direct::open(&path, false)? {
                     return Ok(Box::pin(crate::direct::DirectSlices::new(file, start, end)));
                 }
