@@ -4,6 +4,8 @@
 #
 #   tests/bench/run.sh            # full run (1 GiB blob, 10,000 tags/repos)
 #   BENCH_QUICK=1 tests/bench/run.sh   # a smaller smoke run
+#   BENCH_BERTH_CONFIG=berth.toml tests/bench/run.sh   # Berth with a config file
+#   (for example `[storage]` with `backend = "fs"`, `root = …`, `direct_io = false`)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
@@ -27,7 +29,7 @@ trap cleanup EXIT
 BERTH_PORT=${BERTH_PORT:-5101}
 DIST_PORT=${DIST_PORT:-5102}
 
-BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
+BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve ${BENCH_BERTH_CONFIG:+--config "$BENCH_BERTH_CONFIG"} --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
 pids+=($!); berth_pid=$!
 
 cat >"$work/dist.yml" <<YML
