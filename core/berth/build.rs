@@ -1,4 +1,4 @@
-//! Release builds on x86_64 Linux (linked by lld, Rust's default there) place the
+//! Release builds on x86_64 Linux (linked by lld, Rust's default there since 1.90) place the
 //! code and data `berth serve` touches from start to idle together, so fewer pages
 //! of the 40 MiB of code become resident: see `startup_order.py`, which writes the
 //! list. `BERTH_NO_STARTUP_ORDER=1` links without it.
@@ -15,7 +15,8 @@ fn main() {
         && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && var("CARGO_CFG_TARGET_OS") == "linux"
         && var("CARGO_CFG_TARGET_ENV") == "gnu"
-        && var("BERTH_NO_STARTUP_ORDER") != "1";
+        && var("BERTH_NO_STARTUP_ORDER") != "1"
+        && links_with_lld(&var("RUSTC"));
     if !wanted {
         return;
     }
@@ -30,4 +31,17 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", out.display());
     // Names from an older build that the linker no longer finds are skipped.
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+}
+
+/// Whether rustc links x86_64 Linux binaries with its bundled lld by default
+/// (Rust 1.90 and later); older toolchains use the system `ld`, which has no
+/// `--symbol-ordering-file`.
+fn links_with_lld(rustc: &str) -> bool {
+    let Ok(out) = std::process::Command::new(if rustc.is_empty() { "rustc" } else { rustc }).arg("-V").output() else {
+        return false;
+    };
+    // "rustc 1.95.0 (59807616e 2026-04-14)"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v = text.split_whitespace().nth(1).unwrap_or("").split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    matches!((v.next(), v.next()), (Some(1), Some(minor)) if minor >= 90)
 }
