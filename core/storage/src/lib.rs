@@ -129,6 +129,10 @@ pub struct BlobStore {
     rename: bool,
     copy: bool,
     compose: bool,
+    /// Received upload bytes not yet hashed and written, across all uploads.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// The most one upload may hold of it.
+    upload_in_flight_kib: usize,
 }
 
 /// Reads are fetched from the backend in pieces of this size.
@@ -140,6 +144,10 @@ const HASH_QUEUE: usize = 64;
 /// Bytes of one upload in flight between the socket and the disk (received but
 /// not yet both hashed and written); the request body is read no faster than that.
 const IN_FLIGHT_KIB: usize = 32 * 1024;
+/// Bytes in flight across all uploads: many concurrent large pushes that arrive
+/// faster than they can be hashed wait on their sockets instead of each buffering
+/// [`IN_FLIGHT_KIB`].
+const ALL_IN_FLIGHT_KIB: usize = 256 * 1024;
 /// Most request-body frames gathered into one batch for the hasher and writer.
 const BATCH_FRAMES: usize = 64;
 
@@ -176,7 +184,16 @@ impl BlobStore {
             }
         };
         let cap = op.info().capability();
-        let store = BlobStore { local, append: cap.write_can_append, rename: cap.rename, copy: cap.copy, compose: cap.compose, op };
+        let store = BlobStore {
+            local,
+            append: cap.write_can_append,
+            rename: cap.rename,
+            copy: cap.copy,
+            compose: cap.compose,
+            op,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(ALL_IN_FLIGHT_KIB)),
+            upload_in_flight_kib: IN_FLIGHT_KIB,
+        };
         store.op.check().await.map_err(StorageError::from_dal)?;
         Ok(store)
     }
@@ -287,7 +304,7 @@ impl BlobStore {
         // Frames that are already received travel together: one wake-up of the
         // hashing and writing threads per batch rather than per frame.
         let mut body = body.ready_chunks(BATCH_FRAMES);
-        let budget = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_KIB));
+        let budget = Arc::new(tokio::sync::Semaphore::new(self.upload_in_flight_kib));
         let result: Result<(), StorageError> = async {
             while let Some(frames) = body.next().await {
                 let mut batch = Vec::with_capacity(frames.len());
@@ -299,9 +316,12 @@ impl BlobStore {
                 if offset + written > max_total {
                     return Err(StorageError::TooLarge);
                 }
-                let kib = batch.iter().map(|b| b.len()).sum::<usize>().div_ceil(1024).clamp(1, IN_FLIGHT_KIB);
+                // A batch larger than the budget takes all of it (it is still bounded
+                // by the frames one poll gathers), so no batch waits forever.
+                let kib = batch.iter().map(|b| b.len()).sum::<usize>().div_ceil(1024).clamp(1, self.upload_in_flight_kib);
                 let permit = budget.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
-                sink.write(Arc::new(Frames { bytes: batch, _permit: permit })).await?;
+                let shared = self.in_flight.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
+                sink.write(Arc::new(Frames { bytes: batch, _permits: (permit, shared) })).await?;
             }
             Ok(())
         }
@@ -453,11 +473,22 @@ impl BlobStore {
     }
 }
 
+#[cfg(test)]
+impl BlobStore {
+    /// The same store with other in-flight budgets (tests).
+    fn with_in_flight(mut self, all_kib: usize, upload_kib: usize) -> Self {
+        assert!(upload_kib <= all_kib, "one upload's budget must fit in the shared one");
+        self.in_flight = Arc::new(tokio::sync::Semaphore::new(all_kib));
+        self.upload_in_flight_kib = upload_kib;
+        self
+    }
+}
+
 /// Received frames on their way to the hasher and the writer; their share of the
-/// upload's in-flight budget returns when both are done with them.
+/// upload's and the store's in-flight budgets returns when both are done with them.
 struct Frames {
     bytes: Vec<Bytes>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
 }
 
 impl Frames {
@@ -841,6 +872,42 @@ mod tests {
         let again: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
         assert_eq!(again.concat(), &data[..]);
         assert!(local.cached(&key), "a blob read twice ends up in the page cache");
+    }
+
+    /// Concurrent uploads that together (and batch by batch) want more than the
+    /// shared in-flight budget all complete with the right content, and every
+    /// permit is returned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_share_a_bounded_in_flight_budget() {
+        for (store, _dir) in stores().await {
+            let store = Arc::new(store.with_in_flight(256, 128));
+            let tasks: Vec<_> = (0..6u32)
+                .map(|n| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let data = Bytes::from((0..(1 << 20) + n * 4099).map(|i| (i ^ n).wrapping_mul(31) as u8).collect::<Vec<u8>>());
+                        let frames = futures::stream::iter(
+                            (0..data.len()).step_by(50_000).map(|i| Ok::<_, String>(data.slice(i..(i + 50_000).min(data.len())))).collect::<Vec<_>>(),
+                        );
+                        let id = UploadId::random();
+                        let mut staging = Staging::default();
+                        let mut d = Digester::new(DigestAlgorithm::Sha256);
+                        let n = store.write_chunk(&id, &mut staging, 0, frames, &mut d, u64::MAX).await.unwrap();
+                        let digest = d.finish();
+                        assert_eq!(digest, Digest::sha256(&data));
+                        store.commit_upload(&id, &staging, n, &digest).await.unwrap();
+                        assert_eq!(store.read_blob_bytes(&digest).await.unwrap(), data);
+                    })
+                })
+                .collect();
+            let all = async {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("uploads must not wait on each other forever");
+            assert_eq!(store.in_flight.available_permits(), 256, "every in-flight permit is returned");
+        }
     }
 
     #[tokio::test]
