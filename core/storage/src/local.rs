@@ -47,16 +47,16 @@ const SECOND_TOUCH: std::time::Duration = std::time::Duration::from_secs(600);
 /// At most this many recently read blobs are remembered.
 const RECENT_MAX: usize = 4096;
 
-/// Blobs recently read with direct I/O, by key.
+/// Blob files recently read with direct I/O.
 #[derive(Debug, Default)]
-struct RecentReads(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+struct RecentReads(std::sync::Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>);
 
 impl RecentReads {
-    /// Note a cold read of `key`; true if it is the second within [`SECOND_TOUCH`].
-    fn second_touch(&self, key: &str) -> bool {
+    /// Note a cold read of `file`; true if it is the second within [`SECOND_TOUCH`].
+    fn second_touch(&self, file: &Path) -> bool {
         let now = std::time::Instant::now();
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if m.get(key).is_some_and(|t| now.duration_since(*t) < SECOND_TOUCH) {
+        if m.get(file).is_some_and(|t| now.duration_since(*t) < SECOND_TOUCH) {
             return true;
         }
         if m.len() >= RECENT_MAX {
@@ -65,7 +65,7 @@ impl RecentReads {
                 m.clear();
             }
         }
-        m.insert(key.to_owned(), now);
+        m.insert(file.to_owned(), now);
         false
     }
 }
@@ -144,7 +144,7 @@ impl LocalFiles {
     pub(crate) async fn read(&self, key: &str, range: Option<(u64, u64)>) -> io::Result<ByteStream> {
         let path = self.path(key);
         let direct = self.direct;
-        let (recent, key) = (self.recent.clone(), key.to_owned());
+        let recent = self.recent.clone();
         tokio::task::spawn_blocking(move || -> io::Result<ByteStream> {
             let map = map_file(&path)?;
             let len = map.as_ref().map_or(0, |m| m.len() as u64);
@@ -155,7 +155,7 @@ impl LocalFiles {
             if direct
                 && end - start >= DIRECT_READ_MIN
                 && !mostly_cached(map.as_deref(), start, end)
-                && !recent.second_touch(&key)
+                && !recent.second_touch(&path)
             {
                 if let Some(file) = crate::direct::open(&path, false)? {
                     return Ok(Box::pin(crate::direct::DirectSlices::new(file, start, end)));
