@@ -19,6 +19,7 @@ the symbols that overlap them. Needs root (read-ahead, pagemap) and Linux.
 """
 import bisect
 import gzip
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,8 +76,12 @@ def sections(binary):
 
 
 def main():
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/berth/target"))
-    built = os.path.join(target, "release", "berth")
+    # Where cargo put the release binary (CARGO_TARGET_DIR, cargo config, or ./target).
+    meta = subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=HERE,
+                          capture_output=True, text=True, check=True).stdout
+    built = os.path.join(json.loads(meta)["target_directory"], "release", "berth")
+    if not os.path.exists(built):
+        sys.exit(f"{built} is missing: run `cargo build --release -p berth` first")
     work = tempfile.mkdtemp(prefix="berth-order.")
     binary = os.path.join(work, "berth")
     shutil.copy(built, binary)
