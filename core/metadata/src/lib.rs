@@ -18,6 +18,8 @@ use berth_oci::{Digest, RepoName, Tag, UploadId};
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
 use surrealdb::opt::auth::Root;
+use surrealdb::opt::capabilities::Capabilities;
+use surrealdb::opt::Config;
 use surrealdb::Surreal;
 
 /// Which metadata store to use, chosen by configuration.
@@ -131,7 +133,10 @@ pub struct Metadata {
 impl Metadata {
     /// Connect (or open the embedded store) and make sure the schema exists.
     pub async fn connect(config: &MetadataConfig) -> Result<Self> {
-        let db = any::connect(config.url.as_str()).await?;
+        // Berth runs no live queries: without their notification channel the
+        // embedded engine does not preallocate its 15,000 slots (2 MiB, touched).
+        let engine = Config::new().capabilities(Capabilities::new().with_live_query_notifications(false));
+        let db = any::connect((config.url.as_str(), engine)).await?;
         if let (Some(username), Some(password)) = (&config.username, &config.password) {
             db.signin(Root { username, password }).await?;
         }
