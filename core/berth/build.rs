@@ -2,6 +2,11 @@
 //! code and data `berth serve` touches from start to idle together, so fewer pages
 //! of the 40 MiB of code become resident: see `startup_order.py`, which writes the
 //! list. `BERTH_NO_STARTUP_ORDER=1` links without it.
+//!
+//! The same builds pack their relative relocations (`-z pack-relative-relocs`, DT_RELR)
+//! when the C library they link against reads them (glibc 2.36 and later): the
+//! position-independent binary's 1.8 MiB relocation table, read in full by the
+//! dynamic loader at every start, shrinks to a few KiB, and ASLR stays.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -11,13 +16,18 @@ fn main() {
     println!("cargo:rerun-if-changed={LIST}");
     println!("cargo:rerun-if-env-changed=BERTH_NO_STARTUP_ORDER");
     let var = |k: &str| std::env::var(k).unwrap_or_default();
-    let wanted = var("PROFILE") == "release"
+    let release_linux = var("PROFILE") == "release"
         && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ENV") == "gnu"
-        && var("BERTH_NO_STARTUP_ORDER") != "1"
-        && links_with_lld(&var("RUSTC"));
-    if !wanted {
+        && var("CARGO_CFG_TARGET_ENV") == "gnu";
+    if !release_linux {
+        return;
+    }
+    // Native builds only: the binary then needs the C library it was linked on.
+    if var("HOST") == var("TARGET") && glibc_reads_relr() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
+    if var("BERTH_NO_STARTUP_ORDER") == "1" || !links_with_lld(&var("RUSTC")) {
         return;
     }
     let mut names = String::new();
@@ -31,6 +41,18 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", out.display());
     // Names from an older build that the linker no longer finds are skipped.
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+}
+
+/// Whether the build machine's glibc is 2.36 or later, the first to apply DT_RELR
+/// relocations (a binary that has them refuses to start on an older one).
+fn glibc_reads_relr() -> bool {
+    let Ok(out) = std::process::Command::new("getconf").arg("GNU_LIBC_VERSION").output() else {
+        return false;
+    };
+    // "glibc 2.36"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v = text.split_whitespace().nth(1).unwrap_or("").split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    matches!((v.next(), v.next()), (Some(2), Some(minor)) if minor >= 36)
 }
 
 /// Whether rustc links x86_64 Linux binaries with its bundled lld by default
