@@ -46,24 +46,23 @@ fn main() {
 /// Whether the build machine's glibc is 2.36 or later, the first to apply DT_RELR
 /// relocations (a binary that has them refuses to start on an older one).
 fn glibc_reads_relr() -> bool {
-    let Ok(out) = std::process::Command::new("getconf").arg("GNU_LIBC_VERSION").output() else {
-        return false;
-    };
     // "glibc 2.36"
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut v = text.split_whitespace().nth(1).unwrap_or("").split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    matches!((v.next(), v.next()), (Some(2), Some(minor)) if minor >= 36)
+    matches!(version_of("getconf", "GNU_LIBC_VERSION"), Some((2, minor)) if minor >= 36)
 }
 
 /// Whether rustc links x86_64 Linux binaries with its bundled lld by default
 /// (Rust 1.90 and later); older toolchains use the system `ld`, which has no
 /// `--symbol-ordering-file`.
 fn links_with_lld(rustc: &str) -> bool {
-    let Ok(out) = std::process::Command::new(if rustc.is_empty() { "rustc" } else { rustc }).arg("-V").output() else {
-        return false;
-    };
     // "rustc 1.95.0 (59807616e 2026-04-14)"
+    matches!(version_of(if rustc.is_empty() { "rustc" } else { rustc }, "-V"), Some((1, minor)) if minor >= 90)
+}
+
+/// Major and minor version from the second word `program arg` prints, as in
+/// "glibc 2.36" or "rustc 1.95.0 (…)"; `None` if it does not run.
+fn version_of(program: &str, arg: &str) -> Option<(u32, u32)> {
+    let out = std::process::Command::new(program).arg(arg).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut v = text.split_whitespace().nth(1).unwrap_or("").split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    matches!((v.next(), v.next()), (Some(1), Some(minor)) if minor >= 90)
+    let mut v = text.split_whitespace().nth(1)?.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Some((v.next()?, v.next()?))
 }
