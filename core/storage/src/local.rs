@@ -36,6 +36,10 @@ const WINDOW: u64 = 8 * 1024 * 1024;
 const GATHER: usize = 1024 * 1024;
 /// Size of the slices a read hands out.
 const SLICE: usize = 4 * 1024 * 1024;
+/// Bytes past the slice being faulted in for which a mapped read asks the kernel
+/// to start reading (`WILLNEED`), so a blob that is not in the page cache yet is
+/// read with several requests in flight instead of one fault's readahead at a time.
+const ADVISE_AHEAD: usize = 3 * SLICE;
 
 /// Blobs smaller than this are always read through the page cache.
 const DIRECT_READ_MIN: u64 = 256 * 1024;
@@ -253,12 +257,14 @@ struct MappedSlices {
     map: Option<Arc<memmap2::Mmap>>,
     next: usize,
     end: usize,
+    /// End of the bytes the kernel has been asked to read ahead.
+    advised: usize,
     pending: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
 }
 
 impl MappedSlices {
     fn new(map: Option<Arc<memmap2::Mmap>>, start: usize, end: usize) -> Self {
-        MappedSlices { map, next: start, end, pending: None }
+        MappedSlices { map, next: start, end, advised: start, pending: None }
     }
 
     /// Start faulting in the next slice, if any.
@@ -270,17 +276,33 @@ impl MappedSlices {
         let start = self.next;
         let end = (start + SLICE).min(self.end);
         self.next = end;
+        // Only bytes not advised before: each is asked for once, ahead of its turn.
+        let advise = self.advised..(end + ADVISE_AHEAD).min(self.end);
+        self.advised = self.advised.max(advise.end);
         let map = map.clone();
         self.pending = Some(tokio::task::spawn_blocking(move || {
-            let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
-            populate(&map[start..end]);
+            if !advise.is_empty() {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, advise.start, advise.len());
+            }
+            populate(&map, start, end);
             Ok(Bytes::from_owner(MapSlice { map, start, end }))
         }));
     }
 }
 
+/// Make every page of `bytes` (a slice of `map`) resident and mapped: in one call
+/// where the kernel offers it (`MADV_POPULATE_READ`, Linux 5.14), which maps the
+/// pages without a fault per page, else by touching one byte per page.
+fn populate(map: &memmap2::Mmap, start: usize, end: usize) {
+    #[cfg(target_os = "linux")]
+    if map.advise_range(memmap2::Advice::PopulateRead, start, end - start).is_ok() {
+        return;
+    }
+    touch(&map[start..end]);
+}
+
 /// Touch one byte per page so every page of `bytes` is resident and mapped.
-fn populate(bytes: &[u8]) {
+fn touch(bytes: &[u8]) {
     let mut sum = 0u8;
     for i in (0..bytes.len()).step_by(4096) {
         sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(bytes.as_ptr().add(i)) });
