@@ -77,7 +77,25 @@ async fn chunked_upload_range_reads_and_cancel() {
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     let r = c.patch(s.url(&loc)).body(data[..123_457].to_vec()).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c.put(s.url(&format!("{loc}?digest={digest}"))).body(data[123_457..].to_vec()).send().await.unwrap();
+    // A final chunk on PUT with a Content-Range is held to the same order check as
+    // a PATCH: placed anywhere but the current offset it is refused, and the
+    // session stays usable.
+    let r = c
+        .put(s.url(&format!("{loc}?digest={digest}")))
+        .header("content-range", format!("{}-{}", 123_456, data.len() - 2))
+        .body(data[123_457..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 416, "BLOB_UPLOAD_INVALID", "final chunk out of order").await;
+    assert_eq!(c.get(s.url(&loc)).send().await.unwrap().headers()["range"], "0-123456");
+    let r = c
+        .put(s.url(&format!("{loc}?digest={digest}")))
+        .header("content-range", format!("{}-{}", 123_457, data.len() - 1))
+        .body(data[123_457..].to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/acme/app/blobs/{digest}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());

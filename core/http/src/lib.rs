@@ -480,8 +480,9 @@ async fn put_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &m
     let digest = digest_param(req)?.ok_or_else(|| {
         RegistryError::new(ErrorCode::DigestInvalid).with_detail("the digest query parameter is required")
     })?;
+    let range = req.header("content-range").map(parse_content_range).transpose()?;
     let body = req.take_body();
-    registry.finish_upload(repo, id, &digest, body).await?;
+    registry.finish_upload(repo, id, &digest, range, body).await?;
     Ok(blob_created(repo, &digest))
 }
 

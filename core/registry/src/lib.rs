@@ -237,7 +237,7 @@ impl Registry {
         E: std::fmt::Display,
     {
         let id = Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(digest.algorithm()) }).await??;
-        self.finish_upload(repo, &id, digest, Some(body)).await
+        self.finish_upload(repo, &id, digest, None, Some(body)).await
     }
 
     /// Append a chunk (`PATCH`); returns the new committed size.
@@ -291,15 +291,23 @@ impl Registry {
         Ok(())
     }
 
-    /// Complete an upload (`PUT ?digest=`), with an optional final chunk. The blob
-    /// becomes visible only if the content matches `digest`.
-    pub async fn finish_upload<S, E>(&self, repo: &RepoName, id: &UploadId, digest: &Digest, body: Option<S>) -> Result<(), RegistryError>
+    /// Complete an upload (`PUT ?digest=`), with an optional final chunk that
+    /// `content_range`, if given, must place at the upload's current offset. The
+    /// blob becomes visible only if the content matches `digest`.
+    pub async fn finish_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &UploadId,
+        digest: &Digest,
+        content_range: Option<ByteRange>,
+        body: Option<S>,
+    ) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
-        let result = self.commit(&mut session, digest, body).await;
+        let result = self.commit(&mut session, digest, content_range, body).await;
         match &result {
             // The commit removed the staging data and, with the link, the record.
             Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
@@ -313,13 +321,13 @@ impl Registry {
         result
     }
 
-    async fn commit<S, E>(&self, session: &mut Session, digest: &Digest, body: Option<S>) -> Result<(), RegistryError>
+    async fn commit<S, E>(&self, session: &mut Session, digest: &Digest, content_range: Option<ByteRange>, body: Option<S>) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         if let Some(body) = body {
-            self.write_chunk(session, None, body).await?;
+            self.write_chunk(session, content_range, body).await?;
         }
         let computed = if session.digester.algorithm() == digest.algorithm() {
             session.digester.finish()
