@@ -15,7 +15,6 @@
 //!   keeps the two views of a file coherent).
 //! - A buffer's bytes past what a request filled are never exposed.
 
-use std::alloc::Layout;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -42,8 +41,42 @@ unsafe impl Send for Raw {}
 
 static POOL: Mutex<Vec<Raw>> = Mutex::new(Vec::new());
 
-fn layout() -> Layout {
-    Layout::from_size_align(BUF, ALIGN).expect("valid layout")
+/// Alignment of a buffer's mapping: a huge page, so that each buffer can be
+/// backed by transparent huge pages (see [`alloc_buf`]).
+const HUGE: usize = 2 * 1024 * 1024;
+
+/// A fresh buffer of [`BUF`] bytes: its own anonymous mapping, aligned to [`HUGE`]
+/// (so to [`ALIGN`] too) and marked for transparent huge pages before its first
+/// touch. A direct request on it then pins two pages instead of 1,024, and copies
+/// into it miss the TLB less. The mapping is its own, not the heap's, because heap
+/// memory freed earlier is already backed by small pages.
+fn alloc_buf() -> NonNull<u8> {
+    const _: () = assert!(BUF % HUGE == 0 && HUGE % ALIGN == 0);
+    let len = BUF + HUGE;
+    // SAFETY: a private anonymous mapping, no address hint; checked below.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(BUF, HUGE).expect("valid layout"));
+    }
+    let start = p as usize;
+    let aligned = start.next_multiple_of(HUGE);
+    // SAFETY: both trimmed pieces lie inside the mapping just made and are never
+    // used; what stays is `aligned..aligned + BUF`.
+    unsafe {
+        if aligned > start {
+            libc::munmap(p, aligned - start);
+        }
+        let end = start + len;
+        if end > aligned + BUF {
+            libc::munmap((aligned + BUF) as *mut libc::c_void, end - aligned - BUF);
+        }
+        // Only a hint: `transparent_hugepage` may be off.
+        #[cfg(target_os = "linux")]
+        libc::madvise(aligned as *mut libc::c_void, BUF, libc::MADV_HUGEPAGE);
+    }
+    NonNull::new(aligned as *mut u8).expect("mmap returned a non-null address")
 }
 
 /// An [`ALIGN`]-aligned buffer of [`BUF`] bytes, of which the first `len` hold data.
@@ -58,11 +91,7 @@ impl AlignedBuf {
     /// small blob never touches, nor zeroes, the rest of a fresh buffer).
     pub(crate) fn take() -> AlignedBuf {
         let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let ptr = pooled.unwrap_or_else(|| {
-            // SAFETY: the layout has a non-zero size.
-            let p = unsafe { std::alloc::alloc(layout()) };
-            Raw(NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout())))
-        });
+        let ptr = pooled.unwrap_or_else(|| Raw(alloc_buf()));
         AlignedBuf { ptr, len: 0 }
     }
 
@@ -119,8 +148,8 @@ impl Drop for AlignedBuf {
             pool.push(raw);
         } else {
             drop(pool);
-            // SAFETY: allocated in `take` with this layout, owned by this buffer.
-            unsafe { std::alloc::dealloc(raw.0.as_ptr(), layout()) };
+            // SAFETY: mapped by `alloc_buf` with this length, owned by this buffer.
+            unsafe { libc::munmap(raw.0.as_ptr() as *mut libc::c_void, BUF) };
         }
     }
 }
