@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -35,22 +36,65 @@ const POOL_KEEP: usize = 8;
 /// Direct reads kept in flight ahead of the one being sent.
 const READ_AHEAD: usize = 2;
 
-struct Raw(NonNull<u8>);
-// SAFETY: `Raw` is an owned heap allocation, used by one owner at a time.
+/// A buffer's memory: a huge-page mapping of its own ([`alloc_huge`]) or a heap
+/// allocation.
+struct Raw {
+    ptr: NonNull<u8>,
+    huge: bool,
+}
+// SAFETY: `Raw` is an owned allocation, used by one owner at a time.
 unsafe impl Send for Raw {}
 
+impl Raw {
+    /// A huge-page buffer while fewer than [`POOL_KEEP`] exist (they end up in the
+    /// pool and are reused), else a heap one: the buffers of a burst of concurrent
+    /// uploads come from memory the heap recycles, instead of fresh huge pages that
+    /// would each be zeroed and unmapped again.
+    fn new() -> Raw {
+        if HUGE_LIVE.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < POOL_KEEP).then_some(n + 1)).is_ok() {
+            if let Some(ptr) = alloc_huge() {
+                return Raw { ptr, huge: true };
+            }
+            HUGE_LIVE.fetch_sub(1, Ordering::AcqRel);
+        }
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(heap_layout()) };
+        Raw { ptr: NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(heap_layout())), huge: false }
+    }
+
+    fn free(self) {
+        if self.huge {
+            // SAFETY: mapped by `alloc_huge` with this length, owned by this buffer.
+            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, BUF) };
+            HUGE_LIVE.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            // SAFETY: allocated in `new` with this layout, owned by this buffer.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), heap_layout()) };
+        }
+    }
+}
+
+fn heap_layout() -> std::alloc::Layout {
+    std::alloc::Layout::from_size_align(BUF, ALIGN).expect("valid layout")
+}
+
 static POOL: Mutex<Vec<Raw>> = Mutex::new(Vec::new());
+/// Huge-page buffers in existence, pooled or in use.
+static HUGE_LIVE: AtomicUsize = AtomicUsize::new(0);
 
 /// Alignment of a buffer's mapping: a huge page, so that each buffer can be
-/// backed by transparent huge pages (see [`alloc_buf`]).
+/// backed by transparent huge pages (see [`alloc_huge`]).
 const HUGE: usize = 2 * 1024 * 1024;
 
 /// A fresh buffer of [`BUF`] bytes: its own anonymous mapping, aligned to [`HUGE`]
 /// (so to [`ALIGN`] too) and marked for transparent huge pages before its first
-/// touch. A direct request on it then pins two pages instead of 1,024, and copies
-/// into it miss the TLB less. The mapping is its own, not the heap's, because heap
-/// memory freed earlier is already backed by small pages.
-fn alloc_buf() -> NonNull<u8> {
+/// touch. A direct request on it is then two physically contiguous pieces instead
+/// of 1,024 pages: fewer pages to pin, fewer segments per disk request (on the
+/// 2-core reference VM direct reads went from ~0.9 to ~1.9 GB/s and a 1 GiB push
+/// from ~0.95 to ~1.25 GB/s), fewer TLB misses in the copies. The mapping is its
+/// own, not the heap's, because heap memory freed earlier is already backed by
+/// small pages. `None` if the kernel refuses the mapping.
+fn alloc_huge() -> Option<NonNull<u8>> {
     const _: () = assert!(BUF % HUGE == 0 && HUGE % ALIGN == 0);
     let len = BUF + HUGE;
     // SAFETY: a private anonymous mapping, no address hint; checked below.
@@ -58,7 +102,7 @@ fn alloc_buf() -> NonNull<u8> {
         libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     };
     if p == libc::MAP_FAILED {
-        std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(BUF, HUGE).expect("valid layout"));
+        return None;
     }
     let start = p as usize;
     let aligned = start.next_multiple_of(HUGE);
@@ -76,7 +120,7 @@ fn alloc_buf() -> NonNull<u8> {
         #[cfg(target_os = "linux")]
         libc::madvise(aligned as *mut libc::c_void, BUF, libc::MADV_HUGEPAGE);
     }
-    NonNull::new(aligned as *mut u8).expect("mmap returned a non-null address")
+    NonNull::new(aligned as *mut u8)
 }
 
 /// An [`ALIGN`]-aligned buffer of [`BUF`] bytes, of which the first `len` hold data.
@@ -91,7 +135,7 @@ impl AlignedBuf {
     /// small blob never touches, nor zeroes, the rest of a fresh buffer).
     pub(crate) fn take() -> AlignedBuf {
         let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let ptr = pooled.unwrap_or_else(|| Raw(alloc_buf()));
+        let ptr = pooled.unwrap_or_else(Raw::new);
         AlignedBuf { ptr, len: 0 }
     }
 
@@ -107,7 +151,7 @@ impl AlignedBuf {
     pub(crate) fn append(&mut self, b: &[u8]) -> usize {
         let n = b.len().min(BUF - self.len);
         // SAFETY: `len + n <= BUF`; the source is a distinct, live slice.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.0.as_ptr().add(self.len), n) };
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.ptr.ptr.as_ptr().add(self.len), n) };
         self.len += n;
         n
     }
@@ -122,7 +166,7 @@ impl AlignedBuf {
         let n = unsafe {
             libc::pread(
                 file.as_raw_fd(),
-                self.ptr.0.as_ptr().add(self.len) as *mut libc::c_void,
+                self.ptr.ptr.as_ptr().add(self.len) as *mut libc::c_void,
                 upto - self.len,
                 at as libc::off_t,
             )
@@ -136,21 +180,26 @@ impl AlignedBuf {
 
     pub(crate) fn data(&self) -> &[u8] {
         // SAFETY: the first `len` bytes were written by `append` or `read_at`.
-        unsafe { std::slice::from_raw_parts(self.ptr.0.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(self.ptr.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let raw = Raw(self.ptr.0);
+        let mut raw = Raw { ptr: self.ptr.ptr, huge: self.ptr.huge };
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_KEEP {
             pool.push(raw);
-        } else {
-            drop(pool);
-            // SAFETY: mapped by `alloc_buf` with this length, owned by this buffer.
-            unsafe { libc::munmap(raw.0.as_ptr() as *mut libc::c_void, BUF) };
+            return;
         }
+        // A full pool keeps huge-page buffers rather than heap ones.
+        if raw.huge {
+            if let Some(heap) = pool.iter_mut().find(|r| !r.huge) {
+                std::mem::swap(heap, &mut raw);
+            }
+        }
+        drop(pool);
+        raw.free();
     }
 }
 
@@ -278,7 +327,7 @@ mod tests {
     #[test]
     fn buffers_are_aligned_filled_and_reused() {
         let mut a = AlignedBuf::take();
-        assert_eq!(a.ptr.0.as_ptr() as usize % ALIGN, 0);
+        assert_eq!(a.ptr.ptr.as_ptr() as usize % ALIGN, 0);
         assert_eq!(a.append(b"abc"), 3);
         assert_eq!(a.data(), b"abc");
         let big = vec![7u8; BUF];
@@ -286,5 +335,25 @@ mod tests {
         assert!(a.is_full());
         a.clear();
         assert!(a.data().is_empty());
+    }
+
+    /// A burst of buffers beyond what the pool keeps: every one is aligned and
+    /// writable over its whole length, at most `POOL_KEEP` are huge-page mappings,
+    /// and all go back (pooled or freed) without upsetting the count.
+    #[test]
+    fn a_burst_of_buffers_mixes_huge_and_heap_memory() {
+        let mut bufs: Vec<AlignedBuf> = (0..POOL_KEEP + 5).map(|_| AlignedBuf::take()).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            assert_eq!(b.ptr.ptr.as_ptr() as usize % ALIGN, 0);
+            let fill = vec![i as u8; BUF];
+            assert_eq!(b.append(&fill), BUF);
+            assert!(b.data().iter().all(|&x| x == i as u8));
+        }
+        let huge = bufs.iter().filter(|b| b.ptr.huge).count();
+        assert!(huge <= POOL_KEEP, "{huge} huge-page buffers");
+        assert!(bufs.iter().any(|b| !b.ptr.huge), "the burst spills onto the heap");
+        drop(bufs);
+        assert!(HUGE_LIVE.load(Ordering::Acquire) <= POOL_KEEP);
+        assert!(POOL.lock().unwrap().len() <= POOL_KEEP);
     }
 }
