@@ -132,7 +132,8 @@ pub(crate) struct AlignedBuf {
 impl AlignedBuf {
     /// A buffer from the pool, or a new one. Its bytes are not initialized: only
     /// `append` and `read_at` write them, and only bytes they wrote are exposed (so a
-    /// small blob never touches, nor zeroes, the rest of a fresh buffer).
+    /// small blob touches only the start of a fresh buffer: one 2 MiB huge page, or
+    /// the 4 KiB pages it fills).
     pub(crate) fn take() -> AlignedBuf {
         let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let ptr = pooled.unwrap_or_else(Raw::new);
