@@ -80,22 +80,13 @@ async fn chunked_upload_range_reads_and_cancel() {
     // A final chunk on PUT with a Content-Range is held to the same order check as
     // a PATCH: placed anywhere but the current offset it is refused, and the
     // session stays usable.
-    let r = c
-        .put(s.url(&format!("{loc}?digest={digest}")))
-        .header("content-range", format!("{}-{}", 123_456, data.len() - 2))
-        .body(data[123_457..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let put_final = |range: String| {
+        c.put(s.url(&format!("{loc}?digest={digest}"))).header("content-range", range).body(data[123_457..].to_vec()).send()
+    };
+    let r = put_final(format!("{}-{}", 123_456, data.len() - 2)).await.unwrap();
     expect_error(r, 416, "BLOB_UPLOAD_INVALID", "final chunk out of order").await;
     assert_eq!(c.get(s.url(&loc)).send().await.unwrap().headers()["range"], "0-123456");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={digest}")))
-        .header("content-range", format!("{}-{}", 123_457, data.len() - 1))
-        .body(data[123_457..].to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = put_final(format!("{}-{}", 123_457, data.len() - 1)).await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], format!("/v2/acme/app/blobs/{digest}").as_str());
     assert_eq!(r.headers()["docker-content-digest"], digest.as_str());

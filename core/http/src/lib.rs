@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use berth_oci::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
-use berth_oci::range::parse_content_range;
+use berth_oci::range::{parse_content_range, ByteRange};
 use berth_oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, UploadId};
 use berth_auth::{Action, Auth, Identity};
 use berth_registry::{BlobBody, Registry};
@@ -470,7 +470,7 @@ async fn start_upload(registry: &Registry, repo: &RepoName, mount_allowed: bool,
 }
 
 async fn patch_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &mut Request) -> Result<Reply, RegistryError> {
-    let range = req.header("content-range").map(parse_content_range).transpose()?;
+    let range = content_range(req)?;
     let body = req.take_body().unwrap_or_else(empty_body);
     let offset = registry.upload_chunk(repo, id, range, body).await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, repo, id, offset))
@@ -480,10 +480,15 @@ async fn put_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &m
     let digest = digest_param(req)?.ok_or_else(|| {
         RegistryError::new(ErrorCode::DigestInvalid).with_detail("the digest query parameter is required")
     })?;
-    let range = req.header("content-range").map(parse_content_range).transpose()?;
+    let range = content_range(req)?;
     let body = req.take_body();
     registry.finish_upload(repo, id, &digest, range, body).await?;
     Ok(blob_created(repo, &digest))
+}
+
+/// The upload chunk's `Content-Range` (`start-end`), if the request has one.
+fn content_range(req: &Request) -> Result<Option<ByteRange>, RegistryError> {
+    req.header("content-range").map(parse_content_range).transpose()
 }
 
 fn box_body<S, B>(s: S) -> Body

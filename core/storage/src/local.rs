@@ -290,7 +290,7 @@ impl MappedSlices {
     }
 }
 
-/// Make every page of `bytes` (a slice of `map`) resident and mapped: in one call
+/// Make every page of `map[start..end]` resident and mapped: in one call
 /// where the kernel offers it (`MADV_POPULATE_READ`, Linux 5.14), which maps the
 /// pages without a fault per page, else by touching one byte per page.
 fn populate(map: &memmap2::Mmap, start: usize, end: usize) {
