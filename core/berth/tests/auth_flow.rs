@@ -304,3 +304,31 @@ fn policy_test_tables_run_offline() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }
+
+/// The throttle's "source" is the connection's peer address: failed logins from
+/// one loopback address lock that address out and no other.
+#[tokio::test]
+async fn failed_logins_lock_out_their_source_address_only() {
+    let dir = TempDir::new("auth-source");
+    let s = Server::start_in(dir.path(), &[]);
+    let from = |ip: [u8; 4], user: &str, secret: &str| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .default_headers(reqwest::header::HeaderMap::from_iter([(
+                reqwest::header::AUTHORIZATION,
+                basic(user, secret).parse().unwrap(),
+            )]))
+            .build()
+            .unwrap()
+    };
+    // One failure each for eight different (unknown) users: no user reaches the
+    // limit, but the source does.
+    for i in 0..8 {
+        let r = from([127, 0, 0, 2], &format!("nobody{i}"), "wrong").get(s.url("/v2/")).send().await.unwrap();
+        assert!(matches!(r.status().as_u16(), 401 | 429), "{}", r.status());
+    }
+    let r = from([127, 0, 0, 2], "admin", ADMIN_PASSWORD).get(s.url("/v2/")).send().await.unwrap();
+    expect_error(r, 429, "TOOMANYREQUESTS", "the source that failed").await;
+    let r = from([127, 0, 0, 3], "admin", ADMIN_PASSWORD).get(s.url("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "another source is not locked out");
+}

@@ -548,6 +548,15 @@ async fn bad_input_gets_spec_errors() {
     let id = loc.rsplit('/').next().unwrap();
     let r = c.get(s.url(&format!("/v2/ok/other/blobs/uploads/{id}"))).send().await.unwrap();
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN", "session of another repo").await;
+    // Request heads no HTTP client would send get a 400 and a closed connection.
+    for head in [&b"GET /v2/ HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n"[..], b"GET /v2/ HTTP/1.1\r\nHo st: x\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n"] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        tcp.write_all(head).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{:?} -> {:?}", String::from_utf8_lossy(head), String::from_utf8_lossy(&answer));
+    }
     // The server is still healthy after all of that.
     assert_eq!(c.get(s.url("/v2/ok/repo/manifests/v1")).send().await.unwrap().status(), 200);
 }

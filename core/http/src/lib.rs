@@ -13,6 +13,7 @@
 //! - Request and response bodies stream; only manifests (≤ 4 MiB) are buffered.
 
 mod api;
+mod conn;
 mod gate;
 pub mod route;
 
@@ -57,7 +58,7 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(warp::ext::optional::<conn::Peer>().map(|p: Option<conn::Peer>| p.map(|p| p.0)))
         .and(warp::body::stream().map(box_body))
         .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, remote: Option<std::net::SocketAddr>, body: Body| {
             let services = services.clone();
@@ -83,7 +84,7 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
 
 /// Serve until `shutdown` resolves, then drain in-flight requests.
 pub async fn serve(services: Services, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
-    warp::serve(app(services)).incoming(listener).graceful(shutdown).run().await;
+    conn::serve(services, listener, shutdown).await;
 }
 
 pub(crate) struct Request {
