@@ -5,11 +5,16 @@ Starts the given binary on a free loopback port with a temporary data directory,
 seeds one image, then sends random and mutated requests: malformed names,
 references, digests, upload ids, queries, Range and Content-Range values,
 Authorization headers and manifest bodies (valid ones mutated field by field).
+Then it drives real upload sessions with random PATCH (in order, out of order,
+with and without Content-Range), status, PUT (right and wrong digests, with and
+without a final chunk) and cancel sequences, checked against a model of each
+session: offsets move only on accepted chunks, a refused chunk changes nothing,
+and a blob becomes visible only under the digest of exactly the bytes accepted.
 Fails if any answer is a 5xx, if an error answer under /v2/ is not the spec's
 JSON error document, if a connection breaks without an answer, if the server
 dies, logs a panic or an error, or does not stop cleanly on SIGTERM.
 
-    tests/fuzz/http_fuzz.py target/debug/berth [--requests N] [--seeds 1,2,3]
+    tests/fuzz/http_fuzz.py target/debug/berth [--requests N] [--sessions N] [--seeds 1,2,3]
 
 Requests that send wrong credentials come from random 127.x.y.z addresses, so
 the login throttle (per user and per source) does not lock the fuzzer out.
@@ -40,6 +45,7 @@ class Target:
     def __init__(self, port):
         self.port = port
         self.source = "127.0.0.1"
+        self.headers = None  # of the last answer
 
     def send(self, method, path, body=None, headers=None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30, source_address=(self.source, 0))
@@ -52,6 +58,7 @@ class Target:
                 c.putheader("Content-Length", str(len(body)))
             c.endheaders(body)
             r = c.getresponse()
+            self.headers = r.headers
             return r.status, r.read()
         finally:
             c.close()
@@ -194,6 +201,89 @@ def seed_image(t):
     return man, mb, [sha(layer), sha(cfg), sha(mb)]
 
 
+def upload_sessions(t, rng, sessions, failures):
+    """Random PATCH / PUT / status / cancel sequences on real upload sessions,
+    checked against a model of each session: offsets move only on accepted
+    chunks, a refused chunk changes nothing, and a blob becomes visible only
+    under the digest of exactly the bytes accepted."""
+    auth = {"Authorization": AUTH}
+    for n in range(sessions):
+        status, _ = t.send("POST", "/v2/fz/up/blobs/uploads/", b"", auth)
+        assert status == 202, status
+        loc = t.headers["Location"]
+        path = loc[loc.index("/v2/"):]
+        data = b""
+
+        def what(op):
+            return f"session {n} at {len(data)}: {op}"
+        for _ in range(rng.randrange(1, 12)):
+            op = rng.random()
+            if op < 0.5:
+                chunk = rng.randbytes(rng.choice([0, 1, 7, 4096, 65536, rng.randrange(1, 200000)]))
+                h = dict(auth, **{"Content-Type": "application/octet-stream"})
+                form = rng.random()
+                if form < 0.5 and chunk:
+                    h["Content-Range"] = f"{len(data)}-{len(data) + len(chunk) - 1}"
+                elif form < 0.8:
+                    a = rng.choice([0, len(data) + 1, max(len(data) - 1, 0), 10 ** 12])
+                    h["Content-Range"] = f"{a}-{a + max(len(chunk), 1) - 1}"
+                status, body = t.send("PATCH", path, chunk, h)
+                if status >= 500:
+                    failures.append(what(f"PATCH {h.get('Content-Range')} -> {status} {body[:200]!r}"))
+                    break
+                in_order = "Content-Range" not in h or h["Content-Range"] == f"{len(data)}-{len(data) + len(chunk) - 1}"
+                if status == 202:
+                    if not in_order and chunk:
+                        failures.append(what(f"PATCH with Content-Range {h['Content-Range']} accepted"))
+                        break
+                    data += chunk
+                    if data and t.headers.get("Range") != f"0-{len(data) - 1}":
+                        failures.append(what(f"PATCH answered Range {t.headers.get('Range')!r}"))
+                        break
+                elif in_order and chunk:
+                    failures.append(what(f"in-order PATCH {h.get('Content-Range')} refused: {status} {body[:200]!r}"))
+                    break
+            elif op < 0.65:
+                status, _ = t.send("GET", path, None, auth)
+                rng_h = t.headers.get("Range") or ""
+                end = int(rng_h.split("-")[1]) + 1 if rng_h.startswith("0-") and rng_h.split("-")[1].isdigit() else None
+                if status != 204 or (data and end != len(data)):
+                    failures.append(what(f"status {status} Range {rng_h!r}"))
+                    break
+            elif op < 0.9:
+                final = rng.randbytes(rng.choice([0, 0, 10, 5000]))
+                good = rng.random() < 0.6
+                digest = sha(data + final) if good else sha(data + final + b"x")
+                status, body = t.send("PUT", f"{path}{'&' if '?' in path else '?'}digest={digest}", final,
+                                      dict(auth, **{"Content-Type": "application/octet-stream"}))
+                if status >= 500:
+                    failures.append(what(f"PUT -> {status} {body[:200]!r}"))
+                    break
+                if status == 201 and not good:
+                    failures.append(what("PUT with a wrong digest accepted"))
+                got, blob = t.send("GET", f"/v2/fz/up/blobs/{digest}", None, auth)
+                if good and status == 201 and (got != 200 or blob != data + final):
+                    failures.append(what(f"blob after PUT 201: {got}, {len(blob)} bytes, wanted {len(data + final)}"))
+                if not good and got == 200:
+                    failures.append(what("blob visible under a digest it does not have"))
+                if status == 201:
+                    break
+                if status == 400 and good:
+                    failures.append(what(f"PUT with the right digest refused: {body[:200]!r}"))
+                    break
+                # A refused PUT either ends the session or leaves it as it was.
+                if t.send("GET", path, None, auth)[0] == 404:
+                    break
+            else:
+                status, _ = t.send("DELETE", path, None, auth)
+                if status != 204:
+                    failures.append(what(f"cancel -> {status}"))
+                gone, _ = t.send("GET", path, None, auth)
+                if gone != 404:
+                    failures.append(what(f"status after cancel -> {gone}"))
+                break
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +294,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("--requests", type=int, default=3000, help="requests per seed")
+    ap.add_argument("--sessions", type=int, default=100, help="upload sessions per seed")
     ap.add_argument("--seeds", default="1,2")
     a = ap.parse_args()
 
@@ -240,6 +331,8 @@ def main():
                     failures.append(f"{what}: {status} {answer[:200]!r}")
                 elif status >= 400 and path.startswith("/v2/") and method != "HEAD" and not answer.startswith(b'{"errors":['):
                     failures.append(f"{what}: {status} without the spec's error document: {answer[:200]!r}")
+            if server.poll() is None:
+                upload_sessions(t, random.Random(seed), a.sessions, failures)
             if server.poll() is not None:
                 failures.append(f"server exited with {server.returncode} during seed {seed}")
                 break
