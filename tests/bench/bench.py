@@ -313,6 +313,9 @@ def bench(t, work, blobs):
     r[f"{N_PUSHERS} concurrent 5-layer pushes (s)"] = statistics.median(t_conc)
     r["_samples"][f"{N_PUSHERS} pushes s"] = [round(x, 3) for x in t_conc]
     r["peak RSS (MiB)"] = t.rss("VmHWM")
+    # What the process keeps once the load is over.
+    time.sleep(5)
+    r["RSS 5 s after the load (MiB)"] = t.rss("VmRSS")
     return r
 
 
