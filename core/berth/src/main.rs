@@ -139,6 +139,33 @@ fn fix_malloc_thresholds(env: &std::collections::HashMap<String, String>) {
     let _ = env;
 }
 
+/// Hand the allocator's free memory back to the system once the server has been
+/// quiet for a tick after handling requests.
+///
+/// A burst of concurrent uploads runs on many blocking threads, each with an
+/// allocator arena of its own, and each arena keeps up to its trim threshold
+/// (above) free: after the benchmark's 50 concurrent pushes the process stayed
+/// at its peak, ~227 MiB. `malloc_trim` releases the free pages of every arena;
+/// doing it only when no request arrived during a whole tick keeps it off the
+/// path of a busy server.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_when_quiet() {
+    const TICK: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut seen = berth_http::request_counts();
+    let mut trimmed_at = seen;
+    loop {
+        tokio::time::sleep(TICK).await;
+        let now = berth_http::request_counts();
+        let quiet = now == seen && now.0 == now.1;
+        if quiet && now != trimmed_at {
+            // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+            tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) });
+            trimmed_at = now;
+        }
+        seen = now;
+    }
+}
+
 fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -168,6 +195,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("berth created the platform admin: user 'admin', password '{pw}' (shown once; set BERTH_ADMIN_PASSWORD to choose it)");
     }
     let services = berth_http::Services { registry: registry.clone(), auth };
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(trim_when_quiet());
     berth_http::serve(services, listener, shutdown_signal()).await;
     tracing::info!("shutting down");
     registry.shutdown();

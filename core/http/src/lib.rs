@@ -51,9 +51,28 @@ pub struct Services {
     pub auth: Arc<Auth>,
 }
 
+/// Requests begun and requests answered since start (an answer's streamed body
+/// may still be on its way).
+static BEGUN: AtomicU64 = AtomicU64::new(0);
+static ANSWERED: AtomicU64 = AtomicU64::new(0);
+
+/// `(begun, answered)` request counts: equal and unchanged over an interval means
+/// no request was handled during it.
+pub fn request_counts() -> (u64, u64) {
+    let answered = ANSWERED.load(Ordering::Acquire);
+    (BEGUN.load(Ordering::Acquire), answered)
+}
+
+struct Answered;
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        ANSWERED.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// The whole HTTP application as one warp filter.
 pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
-    let ids = Arc::new(AtomicU64::new(0));
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -62,8 +81,12 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
         .and(warp::body::stream().map(box_body))
         .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, remote: Option<std::net::SocketAddr>, body: Body| {
             let services = services.clone();
-            let id = ids.fetch_add(1, Ordering::Relaxed);
+            let id = BEGUN.fetch_add(1, Ordering::AcqRel);
+            // Counts the request as answered however its future ends (a client
+            // that goes away mid-upload drops it).
+            let answered = Answered;
             async move {
+                let _answered = answered;
                 let started = Instant::now();
                 let request_id = format!("{:x}-{id:x}", std::process::id());
                 let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
