@@ -104,9 +104,9 @@ impl Identity {
     pub fn credential_allows(&self, repo: &RepoName, action: Action) -> bool {
         match &self.credential {
             Credential::None | Credential::Basic => true,
-            Credential::Bearer(grants) => grants
-                .iter()
-                .any(|g| g.kind == "repository" && g.name == repo.as_str() && g.actions.iter().any(|a| a == action.as_str())),
+            Credential::Bearer(grants) => {
+                grants.iter().any(|g| g.kind == "repository" && g.name == repo.as_str() && g.actions.iter().any(|a| a == action.as_str()))
+            }
         }
     }
 }
@@ -192,7 +192,11 @@ mod tests {
         let repo: RepoName = "acme/app".parse().unwrap();
         let id = Identity {
             principal: Principal::User("alice".parse().unwrap()),
-            credential: Credential::Bearer(vec![Grant { kind: "repository".into(), name: "acme/app".into(), actions: vec!["pull".into()] }]),
+            credential: Credential::Bearer(vec![Grant {
+                kind: "repository".into(),
+                name: "acme/app".into(),
+                actions: vec!["pull".into()],
+            }]),
         };
         assert!(id.credential_allows(&repo, Action::Pull));
         assert!(!id.credential_allows(&repo, Action::Push));

@@ -434,11 +434,8 @@ impl Auth {
         for s in scopes {
             match s {
                 Scope::Repository(repo, actions) => {
-                    let granted: Vec<String> = actions
-                        .iter()
-                        .filter(|a| self.decide(&principal, repo, **a).allowed)
-                        .map(|a| a.as_str().to_owned())
-                        .collect();
+                    let granted: Vec<String> =
+                        actions.iter().filter(|a| self.decide(&principal, repo, **a).allowed).map(|a| a.as_str().to_owned()).collect();
                     access.push(Grant { kind: "repository".into(), name: repo.to_string(), actions: granted });
                 }
                 Scope::Catalog if principal != Principal::Anonymous => {
@@ -503,14 +500,8 @@ impl Auth {
     /// The caller's access tokens (never their secrets).
     pub fn list_tokens(&self, who: &Principal) -> Vec<TokenRow> {
         let Some(user) = who.user() else { return Vec::new() };
-        let mut rows: Vec<TokenRow> = self
-            .tokens
-            .read()
-            .unwrap()
-            .values()
-            .filter(|t| &t.user == user && t.kind == TokenKind::Access)
-            .cloned()
-            .collect();
+        let mut rows: Vec<TokenRow> =
+            self.tokens.read().unwrap().values().filter(|t| &t.user == user && t.kind == TokenKind::Access).cloned().collect();
         rows.sort_by_key(|t| t.created_ms);
         rows
     }
@@ -557,11 +548,8 @@ impl Auth {
         if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == tenant) {
             return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {tenant}")));
         }
-        let created = self
-            .meta
-            .create_namespace(&NamespaceRow { name: ns.clone(), tenant })
-            .await
-            .map_err(|e| internal("creating namespace", e))?;
+        let created =
+            self.meta.create_namespace(&NamespaceRow { name: ns.clone(), tenant }).await.map_err(|e| internal("creating namespace", e))?;
         if !created {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {ns} is taken")));
         }
@@ -773,10 +761,7 @@ async fn load_keys(meta: &Metadata) -> Result<KeyRing, String> {
     }
     // Current key last.
     rows.sort_by_key(|k| (k.retired_ms.is_none(), k.created_ms));
-    let keys = rows
-        .into_iter()
-        .filter_map(|k| hex::decode(&k.secret_hex).ok().map(|s| (k.kid, s)))
-        .collect();
+    let keys = rows.into_iter().filter_map(|k| hex::decode(&k.secret_hex).ok().map(|s| (k.kid, s))).collect();
     Ok(KeyRing::new(keys))
 }
 

@@ -18,8 +18,8 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use berth_metadata::{Metadata, PolicyRuleRow};
 use berth_oci::{ErrorCode, RegistryError};
-use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model};
 use casbin::{Adapter, Filter};
+use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model};
 
 /// The default model and policy, used when no `policies/` directory is configured.
 pub const DEFAULT_MODEL: &str = include_str!("../../../policies/model.conf");
@@ -222,10 +222,7 @@ impl Adapter for MetadataAdapter {
             .into_iter()
             .filter(|r| {
                 r.ptype == ptype
-                    && field_values
-                        .iter()
-                        .enumerate()
-                        .all(|(i, v)| v.is_empty() || r.fields.get(field_index + i).is_some_and(|f| f == v))
+                    && field_values.iter().enumerate().all(|(i, v)| v.is_empty() || r.fields.get(field_index + i).is_some_and(|f| f == v))
             })
             .collect();
         let any = !gone.is_empty();

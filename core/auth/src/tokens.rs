@@ -87,30 +87,32 @@ impl Handler<Issue> for TokenActor {
 
     fn handle(&mut self, m: Issue, _: &mut Self::Context) -> Self::Result {
         let (meta, view) = (self.meta.clone(), self.view.clone());
-        AtomicResponse::new(Box::pin(async move {
-            let id = {
-                let mut b = [0u8; 8];
-                rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
-                hex::encode(b)
-            };
-            let secret = random_token(32);
-            let now = now_ms();
-            let row = TokenRow {
-                id: id.clone(),
-                user: m.user,
-                kind: m.kind,
-                secret_sha256: sha256_hex(secret.as_bytes()),
-                description: m.description,
-                created_ms: now,
-                expires_ms: now + m.ttl.as_millis() as i64,
-                last_used_ms: None,
-            };
-            // Persist first: a token the store does not know cannot survive a restart.
-            meta.put_token(&row).await.map_err(|e| e.to_string())?;
-            view.write().unwrap().insert(id.clone(), row.clone());
-            Ok(Issued { row, token: format!("{PREFIX}{id}_{secret}") })
-        }
-        .into_actor(self)))
+        AtomicResponse::new(Box::pin(
+            async move {
+                let id = {
+                    let mut b = [0u8; 8];
+                    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+                    hex::encode(b)
+                };
+                let secret = random_token(32);
+                let now = now_ms();
+                let row = TokenRow {
+                    id: id.clone(),
+                    user: m.user,
+                    kind: m.kind,
+                    secret_sha256: sha256_hex(secret.as_bytes()),
+                    description: m.description,
+                    created_ms: now,
+                    expires_ms: now + m.ttl.as_millis() as i64,
+                    last_used_ms: None,
+                };
+                // Persist first: a token the store does not know cannot survive a restart.
+                meta.put_token(&row).await.map_err(|e| e.to_string())?;
+                view.write().unwrap().insert(id.clone(), row.clone());
+                Ok(Issued { row, token: format!("{PREFIX}{id}_{secret}") })
+            }
+            .into_actor(self),
+        ))
     }
 }
 
@@ -179,33 +181,35 @@ impl Handler<Sweep> for TokenActor {
         };
         let touched: Vec<(String, i64)> = self.touched.drain().collect();
         let (meta, view) = (self.meta.clone(), self.view.clone());
-        AtomicResponse::new(Box::pin(async move {
-            if let Err(e) = meta.delete_tokens(&expired).await {
-                tracing::warn!(error = %e, "deleting expired tokens");
-            }
-            if !expired.is_empty() {
-                tracing::info!(count = expired.len(), "expired tokens swept");
-            }
-            if let Err(e) = meta.touch_tokens(&touched).await {
-                tracing::warn!(error = %e, "recording token use");
-            }
-            match meta.tokens().await {
-                Ok(rows) => {
-                    let mut v = view.write().unwrap();
-                    let last_used: HashMap<String, i64> =
-                        v.values().filter_map(|r| r.last_used_ms.map(|t| (r.id.clone(), t))).collect();
-                    v.clear();
-                    for mut r in rows.into_iter().filter(|r| r.expires_ms > now) {
-                        if let Some(t) = last_used.get(&r.id) {
-                            r.last_used_ms = r.last_used_ms.max(Some(*t));
-                        }
-                        v.insert(r.id.clone(), r);
-                    }
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Err(e) = meta.delete_tokens(&expired).await {
+                    tracing::warn!(error = %e, "deleting expired tokens");
                 }
-                Err(e) => tracing::warn!(error = %e, "refreshing tokens"),
+                if !expired.is_empty() {
+                    tracing::info!(count = expired.len(), "expired tokens swept");
+                }
+                if let Err(e) = meta.touch_tokens(&touched).await {
+                    tracing::warn!(error = %e, "recording token use");
+                }
+                match meta.tokens().await {
+                    Ok(rows) => {
+                        let mut v = view.write().unwrap();
+                        let last_used: HashMap<String, i64> =
+                            v.values().filter_map(|r| r.last_used_ms.map(|t| (r.id.clone(), t))).collect();
+                        v.clear();
+                        for mut r in rows.into_iter().filter(|r| r.expires_ms > now) {
+                            if let Some(t) = last_used.get(&r.id) {
+                                r.last_used_ms = r.last_used_ms.max(Some(*t));
+                            }
+                            v.insert(r.id.clone(), r);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "refreshing tokens"),
+                }
             }
-        }
-        .into_actor(self)))
+            .into_actor(self),
+        ))
     }
 }
 

@@ -72,10 +72,15 @@ pub enum TokenCmd {
 #[derive(Subcommand)]
 pub enum TenantCmd {
     /// Create a tenant (and its namespace of the same name).
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
     /// Give a tenant another namespace.
-    AddNamespace { tenant: String, namespace: String },
+    AddNamespace {
+        tenant: String,
+        namespace: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -293,13 +298,14 @@ pub async fn repo(conn: &Conn, cmd: RepoCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
     match cmd {
-        RepoCmd::Public { name } => print(&c.json(M::PUT, &format!("repositories/{name}/visibility"), Some(json!({"public": true}))).await?),
+        RepoCmd::Public { name } => {
+            print(&c.json(M::PUT, &format!("repositories/{name}/visibility"), Some(json!({"public": true}))).await?)
+        }
         RepoCmd::Private { name } => {
             print(&c.json(M::PUT, &format!("repositories/{name}/visibility"), Some(json!({"public": false}))).await?)
         }
         RepoCmd::Share { name, tenant, push, expires_in } => print(
-            &c.json(M::PUT, &format!("repositories/{name}/shares/{tenant}"), Some(json!({"push": push, "expires_in": expires_in})))
-                .await?,
+            &c.json(M::PUT, &format!("repositories/{name}/shares/{tenant}"), Some(json!({"push": push, "expires_in": expires_in}))).await?,
         ),
         RepoCmd::Unshare { name, tenant } => {
             c.json(M::DELETE, &format!("repositories/{name}/shares/{tenant}"), None).await?;

@@ -122,11 +122,7 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        let listen = cli
-            .listen
-            .or_else(|| env.get(ENV_LISTEN).cloned())
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen = cli.listen.or_else(|| env.get(ENV_LISTEN).cloned()).or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into());
         let listen: SocketAddr = listen.parse().map_err(|e| format!("listen address {listen:?}: {e}"))?;
         let data_dir = cli
             .data_dir

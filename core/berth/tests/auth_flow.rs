@@ -113,8 +113,15 @@ async fn docker_token_flow_and_scopes() {
     // OAuth2: password grant with a refresh token, then the refresh grant.
     let r = anon_client()
         .post(s.url("/auth/token"))
-        .form(&[("grant_type", "password"), ("username", "mia"), ("password", "mia-password"), ("service", "berth"),
-                ("scope", "repository:acme/app:pull"), ("access_type", "offline"), ("client_id", "test")])
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "mia"),
+            ("password", "mia-password"),
+            ("service", "berth"),
+            ("scope", "repository:acme/app:pull"),
+            ("access_type", "offline"),
+            ("client_id", "test"),
+        ])
         .send()
         .await
         .unwrap();
@@ -123,7 +130,12 @@ async fn docker_token_flow_and_scopes() {
     let refresh = v["refresh_token"].as_str().unwrap().to_string();
     let r = anon_client()
         .post(s.url("/auth/token"))
-        .form(&[("grant_type", "refresh_token"), ("refresh_token", refresh.as_str()), ("service", "berth"), ("scope", "repository:acme/app:pull")])
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh.as_str()),
+            ("service", "berth"),
+            ("scope", "repository:acme/app:pull"),
+        ])
         .send()
         .await
         .unwrap();

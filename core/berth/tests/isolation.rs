@@ -120,12 +120,7 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
         }
         "push" => {
             let data = bytes(seed, 64);
-            let r = c
-                .post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={}", sha256(&data))))
-                .body(data)
-                .send()
-                .await
-                .unwrap();
+            let r = c.post(s.url(&format!("/v2/{repo}/blobs/uploads/?digest={}", sha256(&data)))).body(data).send().await.unwrap();
             let code = r.status().as_u16();
             assert!(code == 201 || denied(code), "push {repo}: {code}");
             code == 201

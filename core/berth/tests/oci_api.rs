@@ -57,13 +57,7 @@ async fn chunked_upload_range_reads_and_cancel() {
     let r = c.patch(s.url(&loc)).header("content-range", "5-9").body(vec![0u8; 5]).send().await.unwrap();
     expect_error(r, 416, "BLOB_UPLOAD_INVALID", "out of order chunk").await;
     // Content-Range whose length disagrees with the body.
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", format!("{}-{}", off, off + 99))
-        .body(vec![0u8; 5])
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).header("content-range", format!("{}-{}", off, off + 99)).body(vec![0u8; 5]).send().await.unwrap();
     expect_error(r, 416, "BLOB_UPLOAD_INVALID", "short chunk").await;
     // A wrong digest on close is DIGEST_INVALID and the blob never appears.
     let wrong = sha256(b"something else");
@@ -242,10 +236,12 @@ async fn manifests_by_tag_and_digest() {
     expect_error(r, 413, "MANIFEST_INVALID", "oversize").await;
 
     // Tag delete keeps the manifest; digest delete removes it and its tags.
-    let r = c.put(s.url(&format!("/v2/{repo}/manifests/v1-alias"))).header("content-type", OCI_MANIFEST).body(m.clone()).send().await.unwrap();
+    let r =
+        c.put(s.url(&format!("/v2/{repo}/manifests/v1-alias"))).header("content-type", OCI_MANIFEST).body(m.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(c.delete(s.url(&format!("/v2/{repo}/manifests/v1-alias"))).send().await.unwrap().status(), 202);
-    expect_error(c.get(s.url(&format!("/v2/{repo}/manifests/v1-alias"))).send().await.unwrap(), 404, "MANIFEST_UNKNOWN", "deleted tag").await;
+    expect_error(c.get(s.url(&format!("/v2/{repo}/manifests/v1-alias"))).send().await.unwrap(), 404, "MANIFEST_UNKNOWN", "deleted tag")
+        .await;
     assert_eq!(c.get(s.url(&format!("/v2/{repo}/manifests/{md}"))).send().await.unwrap().status(), 200);
     assert_eq!(c.delete(s.url(&format!("/v2/{repo}/manifests/{md}"))).send().await.unwrap().status(), 202);
     expect_error(c.get(s.url(&format!("/v2/{repo}/manifests/v1"))).send().await.unwrap(), 404, "MANIFEST_UNKNOWN", "tag of deleted").await;
@@ -313,7 +309,8 @@ async fn referrers_and_subject() {
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["manifests"], json!([]));
     }
-    expect_error(c.get(s.url(&format!("/v2/{repo}/referrers/v1"))).send().await.unwrap(), 400, "DIGEST_INVALID", "tag as referrers digest").await;
+    expect_error(c.get(s.url(&format!("/v2/{repo}/referrers/v1"))).send().await.unwrap(), 400, "DIGEST_INVALID", "tag as referrers digest")
+        .await;
 }
 
 #[tokio::test]
@@ -549,7 +546,11 @@ async fn bad_input_gets_spec_errors() {
     let r = c.get(s.url(&format!("/v2/ok/other/blobs/uploads/{id}"))).send().await.unwrap();
     expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN", "session of another repo").await;
     // Request heads no HTTP client would send get a 400 and a closed connection.
-    for head in [&b"GET /v2/ HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n"[..], b"GET /v2/ HTTP/1.1\r\nHo st: x\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n"] {
+    for head in [
+        &b"GET /v2/ HTTP/1.1\r\nHost: x\r\nbad header line\r\n\r\n"[..],
+        b"GET /v2/ HTTP/1.1\r\nHo st: x\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+    ] {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
         tcp.write_all(head).await.unwrap();

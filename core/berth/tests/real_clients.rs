@@ -78,10 +78,8 @@ fn layout_top(layout: &Path) -> String {
 }
 
 fn blob_files(layout: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     v.sort();
     v
 }
@@ -100,8 +98,11 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     let src = dir.path().join("src-image");
     std::fs::create_dir_all(&src).unwrap();
     let (md, mn) = image(&src, "amd64", 3, 1);
-    write_layout(&src, json!({"mediaType": OCI_MANIFEST, "digest": md, "size": mn,
-        "annotations": {"org.opencontainers.image.ref.name": "v1"}}));
+    write_layout(
+        &src,
+        json!({"mediaType": OCI_MANIFEST, "digest": md, "size": mn,
+        "annotations": {"org.opencontainers.image.ref.name": "v1"}}),
+    );
     let dest = format!("docker://{}/skopeo/image:v1", s.addr);
     skopeo(&["copy", "--authfile", authfile, "--dest-tls-verify=false", &format!("oci:{}:v1", src.display()), &dest]);
     let back = dir.path().join("back-image");
@@ -118,12 +119,7 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     let out = Command::new("skopeo").args(["inspect", "--authfile", anon, "--tls-verify=false", "--raw", &dest]).output().unwrap();
     assert!(!out.status.success(), "anonymous pull of a private repository must fail");
     block_on(async {
-        let r = client()
-            .put(s.url("/api/v1/repositories/skopeo/image/visibility"))
-            .json(&json!({"public": true}))
-            .send()
-            .await
-            .unwrap();
+        let r = client().put(s.url("/api/v1/repositories/skopeo/image/visibility")).json(&json!({"public": true})).send().await.unwrap();
         assert_eq!(r.status(), 200);
     });
     let raw = skopeo(&["inspect", "--authfile", anon, "--tls-verify=false", "--raw", &dest]);
@@ -143,8 +139,11 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     }))
     .unwrap();
     let (id, idn) = put_blob(&src, &index);
-    write_layout(&src, json!({"mediaType": OCI_INDEX, "digest": id, "size": idn,
-        "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
+    write_layout(
+        &src,
+        json!({"mediaType": OCI_INDEX, "digest": id, "size": idn,
+        "annotations": {"org.opencontainers.image.ref.name": "multi"}}),
+    );
     let dest = format!("docker://{}/skopeo/multi:latest", s.addr);
     skopeo(&["copy", "--authfile", authfile, "--all", "--dest-tls-verify=false", &format!("oci:{}:multi", src.display()), &dest]);
     let back = dir.path().join("back-index");

@@ -256,7 +256,9 @@ async fn repository(services: &Services, who: &Principal, segs: &[&str], req: &m
         }
         (["shares"], &Method::GET) => {
             let shares = auth.shares(who, &repo).await?;
-            ok(json!({"shares": shares.iter().map(|s| json!({"tenant": s.tenant, "actions": s.actions, "expires_ms": s.expires_ms})).collect::<Vec<_>>()}))
+            ok(
+                json!({"shares": shares.iter().map(|s| json!({"tenant": s.tenant, "actions": s.actions, "expires_ms": s.expires_ms})).collect::<Vec<_>>()}),
+            )
         }
         (["shares", t], &Method::PUT) => {
             let tenant: AccountName = t.parse()?;

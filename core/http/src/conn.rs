@@ -16,7 +16,11 @@ pub(crate) struct Peer(pub(crate) SocketAddr);
 
 /// Accept connections until `shutdown` resolves, then let open connections finish
 /// the requests they are serving.
-pub(crate) async fn serve(services: crate::Services, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
+pub(crate) async fn serve(
+    services: crate::Services,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower_service::Service;
 

@@ -24,15 +24,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use berth_auth::{Action, Auth, Identity};
 use berth_oci::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
 use berth_oci::range::{parse_content_range, ByteRange};
 use berth_oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, UploadId};
-use berth_auth::{Action, Auth, Identity};
 use berth_registry::{BlobBody, Registry};
 use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
-use tracing::Instrument;
 use route::Route;
+use tracing::Instrument;
 use warp::http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 use warp::Filter;
 
@@ -79,30 +79,42 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<conn::Peer>().map(|p: Option<conn::Peer>| p.map(|p| p.0)))
         .and(warp::body::stream().map(box_body))
-        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, remote: Option<std::net::SocketAddr>, body: Body| {
-            let services = services.clone();
-            let id = BEGUN.fetch_add(1, Ordering::AcqRel);
-            // Counts the request as answered however its future ends (a client
-            // that goes away mid-upload drops it).
-            let answered = Answered;
-            async move {
-                let _answered = answered;
-                let started = Instant::now();
-                let request_id = format!("{:x}-{id:x}", std::process::id());
-                let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
-                let req = Request { method, query, headers, remote, body: Some(body) };
-                let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
-                let h = resp.headers_mut();
-                h.insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
-                if let Ok(v) = HeaderValue::from_str(&request_id) {
-                    h.insert("x-request-id", v);
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  remote: Option<std::net::SocketAddr>,
+                  body: Body| {
+                let services = services.clone();
+                let id = BEGUN.fetch_add(1, Ordering::AcqRel);
+                // Counts the request as answered however its future ends (a client
+                // that goes away mid-upload drops it).
+                let answered = Answered;
+                async move {
+                    let _answered = answered;
+                    let started = Instant::now();
+                    let request_id = format!("{:x}-{id:x}", std::process::id());
+                    let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
+                    let req = Request { method, query, headers, remote, body: Some(body) };
+                    let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
+                    let h = resp.headers_mut();
+                    h.insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
+                    if let Ok(v) = HeaderValue::from_str(&request_id) {
+                        h.insert("x-request-id", v);
+                    }
+                    span.in_scope(|| {
+                        tracing::info!(
+                            route = label,
+                            status = resp.status().as_u16(),
+                            micros = started.elapsed().as_micros() as u64,
+                            "served"
+                        );
+                    });
+                    resp
                 }
-                span.in_scope(|| {
-                    tracing::info!(route = label, status = resp.status().as_u16(), micros = started.elapsed().as_micros() as u64, "served");
-                });
-                resp
-            }
-        })
+            },
+        )
 }
 
 /// Serve until `shutdown` resolves, then drain in-flight requests.
@@ -416,7 +428,13 @@ impl Stream for SyncStream {
     }
 }
 
-async fn get_blob(registry: &Registry, repo: &RepoName, digest: &Digest, range: Option<String>, body: bool) -> Result<Reply, RegistryError> {
+async fn get_blob(
+    registry: &Registry,
+    repo: &RepoName,
+    digest: &Digest,
+    range: Option<String>,
+    body: bool,
+) -> Result<Reply, RegistryError> {
     let BlobBody { size, range, stream } = match registry.get_blob(repo, digest, range.as_deref(), body).await {
         Ok(b) => b,
         Err(e) if e.code() == ErrorCode::RangeInvalid => {
@@ -501,9 +519,8 @@ async fn patch_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: 
 }
 
 async fn put_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &mut Request) -> Result<Reply, RegistryError> {
-    let digest = digest_param(req)?.ok_or_else(|| {
-        RegistryError::new(ErrorCode::DigestInvalid).with_detail("the digest query parameter is required")
-    })?;
+    let digest = digest_param(req)?
+        .ok_or_else(|| RegistryError::new(ErrorCode::DigestInvalid).with_detail("the digest query parameter is required"))?;
     let range = content_range(req)?;
     let body = req.take_body();
     registry.finish_upload(repo, id, &digest, range, body).await?;

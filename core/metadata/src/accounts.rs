@@ -244,11 +244,7 @@ impl Metadata {
         if ids.is_empty() {
             return Ok(());
         }
-        self.db
-            .query("FOR $id IN $ids { DELETE type::thing('token', $id) RETURN NONE; }")
-            .bind(("ids", ids.to_vec()))
-            .await?
-            .check()?;
+        self.db.query("FOR $id IN $ids { DELETE type::thing('token', $id) RETURN NONE; }").bind(("ids", ids.to_vec())).await?.check()?;
         Ok(())
     }
 
@@ -311,8 +307,7 @@ impl Metadata {
 
     /// Add and remove rules and bump the policy version, in one transaction.
     pub async fn change_policy(&self, add: &[PolicyRuleRow], remove: &[PolicyRuleRow], seed: Option<&[PolicyRuleRow]>) -> Result<u64> {
-        let add: Vec<serde_json::Value> =
-            add.iter().map(|r| serde_json::json!({"key": rule_key(r), "row": r})).collect();
+        let add: Vec<serde_json::Value> = add.iter().map(|r| serde_json::json!({"key": rule_key(r), "row": r})).collect();
         let remove: Vec<Vec<String>> = remove.iter().map(rule_key).collect();
         let mut sql = String::from(
             "BEGIN TRANSACTION;
@@ -384,7 +379,8 @@ mod tests {
         let other: AccountName = "other".parse().unwrap();
         assert!(!md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: other }).await.unwrap());
 
-        let alice = UserRow { name: "alice".parse().unwrap(), tenant: Some(acme.clone()), password_hash: "$argon2id$x".into(), created_ms: 3 };
+        let alice =
+            UserRow { name: "alice".parse().unwrap(), tenant: Some(acme.clone()), password_hash: "$argon2id$x".into(), created_ms: 3 };
         assert!(md.create_user(&alice).await.unwrap());
         assert!(!md.create_user(&alice).await.unwrap());
         assert_eq!(md.user(&alice.name).await.unwrap(), Some(alice.clone()));
@@ -405,7 +401,8 @@ mod tests {
         md.delete_tokens(&["tok1".into()]).await.unwrap();
         assert!(md.tokens().await.unwrap().is_empty());
 
-        let rule = PolicyRuleRow { ptype: "p".into(), fields: vec!["role:reader".into(), "*".into(), "*".into(), "pull".into(), "allow".into()] };
+        let rule =
+            PolicyRuleRow { ptype: "p".into(), fields: vec!["role:reader".into(), "*".into(), "*".into(), "pull".into(), "allow".into()] };
         let v1 = md.change_policy(&[rule.clone()], &[], Some(&[rule.clone()])).await.unwrap();
         let v2 = md.change_policy(&[rule.clone()], &[], None).await.unwrap();
         assert_eq!(v2, v1 + 1);

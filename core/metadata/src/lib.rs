@@ -203,12 +203,8 @@ impl Metadata {
             sql.push_str("UPSERT type::thing('tag', [$repo, $tag_name]) CONTENT $tag RETURN NONE;");
         }
         sql.push_str("COMMIT TRANSACTION;");
-        let mut q = self
-            .db
-            .query(sql)
-            .bind(("repo", m.repo.to_string()))
-            .bind(("digest", m.digest.to_string()))
-            .bind(("manifest", to_value(m)?));
+        let mut q =
+            self.db.query(sql).bind(("repo", m.repo.to_string())).bind(("digest", m.digest.to_string())).bind(("manifest", to_value(m)?));
         if let Some(t) = tag {
             q = q.bind(("tag_name", t.name.to_string())).bind(("tag", to_value(t)?));
         }
@@ -268,11 +264,7 @@ impl Metadata {
 
     /// Delete an upload session.
     pub async fn delete_upload(&self, id: &UploadId) -> Result<()> {
-        self.db
-            .query("DELETE type::thing('upload', $id) RETURN NONE")
-            .bind(("id", id.to_string()))
-            .await?
-            .check()?;
+        self.db.query("DELETE type::thing('upload', $id) RETURN NONE").bind(("id", id.to_string())).await?.check()?;
         Ok(())
     }
 

@@ -82,9 +82,7 @@ impl fmt::Debug for Digest {
 
 fn is_algorithm_component(s: &str) -> bool {
     // algorithm-component ::= [a-z0-9]+ ; separators [+._-] between components
-    !s.is_empty()
-        && s.split(['+', '.', '_', '-'])
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+    !s.is_empty() && s.split(['+', '.', '_', '-']).all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
 }
 
 impl FromStr for Digest {
@@ -102,10 +100,7 @@ impl FromStr for Digest {
         let algorithm = match alg {
             "sha256" => DigestAlgorithm::Sha256,
             "sha512" => DigestAlgorithm::Sha512,
-            _ => {
-                return Err(RegistryError::new(ErrorCode::Unsupported)
-                    .with_detail(format!("unsupported digest algorithm {alg:?}")))
-            }
+            _ => return Err(RegistryError::new(ErrorCode::Unsupported).with_detail(format!("unsupported digest algorithm {alg:?}"))),
         };
         if enc.len() != algorithm.hex_len() || !enc.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(invalid("digest encoding must be lowercase hex of the algorithm's length"));

@@ -135,9 +135,7 @@ impl RegistryError {
             #[serde(skip_serializing_if = "Option::is_none")]
             detail: Option<&'a serde_json::Value>,
         }
-        let body = Body {
-            errors: [Entry { code: self.code.code(), message: self.code.message(), detail: self.detail.as_ref() }],
-        };
+        let body = Body { errors: [Entry { code: self.code.code(), message: self.code.message(), detail: self.detail.as_ref() }] };
         serde_json::to_vec(&body).expect("error body serializes")
     }
 }
@@ -181,10 +179,7 @@ mod tests {
     fn serializes_spec_json() {
         let e = RegistryError::new(ErrorCode::BlobUnknown).with_detail("sha256:abc");
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:abc"}]})
-        );
+        assert_eq!(v, serde_json::json!({"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:abc"}]}));
         let e = RegistryError::new(ErrorCode::NameUnknown);
         assert_eq!(
             String::from_utf8(e.to_json()).unwrap(),

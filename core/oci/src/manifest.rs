@@ -98,15 +98,13 @@ impl ParsedManifest {
     /// Parse and validate manifest bytes uploaded with `content_type`.
     pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, RegistryError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(invalid(format!("manifest of {} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit", bytes.len()))
-                .with_status(413));
+            return Err(invalid(format!("manifest of {} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit", bytes.len())).with_status(413));
         }
         let header_type = content_type.map(essence).filter(|s| !s.is_empty());
         if matches!(header_type, Some(DOCKER_SCHEMA1 | DOCKER_SCHEMA1_SIGNED)) {
             return Err(schema1());
         }
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(format!("manifest is not valid JSON: {e}")))?;
         if !value.is_object() {
             return Err(invalid("manifest must be a JSON object"));
         }

@@ -37,10 +37,7 @@ pub fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, Registr
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec
-        .trim()
-        .split_once('-')
-        .ok_or_else(|| unsatisfiable(format!("malformed range {header:?}")))?;
+    let (a, b) = spec.trim().split_once('-').ok_or_else(|| unsatisfiable(format!("malformed range {header:?}")))?;
     let num = |s: &str| -> Result<u64, RegistryError> {
         if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
             return Err(unsatisfiable(format!("malformed range {header:?}")));
@@ -81,11 +78,8 @@ pub fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, Registr
 /// Parse the `Content-Range` of an upload chunk: `<start>-<end>` as the spec writes
 /// it, also accepting the RFC form `bytes <start>-<end>/<total|*>`.
 pub fn parse_content_range(header: &str) -> Result<ByteRange, RegistryError> {
-    let bad = || {
-        RegistryError::new(ErrorCode::BlobUploadInvalid)
-            .with_status(416)
-            .with_detail(format!("malformed Content-Range {header:?}"))
-    };
+    let bad =
+        || RegistryError::new(ErrorCode::BlobUploadInvalid).with_status(416).with_detail(format!("malformed Content-Range {header:?}"));
     let mut s = header.trim();
     if let Some(rest) = s.strip_prefix("bytes ").or_else(|| s.strip_prefix("bytes=")) {
         s = rest.split('/').next().unwrap_or("").trim();

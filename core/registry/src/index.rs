@@ -126,12 +126,7 @@ impl Index {
 }
 
 /// Keys of a sorted map strictly after `last` (lexically), at most `n`.
-fn page<'a, K: Clone + 'a>(
-    keys: impl Iterator<Item = &'a K>,
-    as_str: impl Fn(&K) -> &str,
-    n: usize,
-    last: Option<&str>,
-) -> (Vec<K>, bool) {
+fn page<'a, K: Clone + 'a>(keys: impl Iterator<Item = &'a K>, as_str: impl Fn(&K) -> &str, n: usize, last: Option<&str>) -> (Vec<K>, bool) {
     let mut it = keys.filter(|k| last.is_none_or(|l| as_str(k) > l));
     let out: Vec<K> = it.by_ref().take(n).cloned().collect();
     let more = it.next().is_some();
@@ -144,10 +139,7 @@ mod tests {
 
     #[test]
     fn pagination() {
-        let s = Snapshot {
-            repos: ["a", "b/c", "b/d", "e"].iter().map(|s| s.parse().unwrap()).collect(),
-            ..Default::default()
-        };
+        let s = Snapshot { repos: ["a", "b/c", "b/d", "e"].iter().map(|s| s.parse().unwrap()).collect(), ..Default::default() };
         let idx = Index::from_snapshot(s, 1 << 20);
         let (p, more) = idx.catalog(2, None, |_| true);
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["a", "b/c"]);

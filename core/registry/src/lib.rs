@@ -29,8 +29,8 @@ use berth_metadata::{ManifestRow, Metadata};
 use berth_oci::manifest::Descriptor;
 use berth_oci::range::{parse_range, ByteRange};
 use berth_oci::{Digest, DigestAlgorithm, Digester, ErrorCode, ParsedManifest, Reference, RegistryError, RepoName, Tag, UploadId};
-use berth_storage::{BlobStore, StorageError};
 pub use berth_storage::ByteStream;
+use berth_storage::{BlobStore, StorageError};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -321,7 +321,13 @@ impl Registry {
         result
     }
 
-    async fn commit<S, E>(&self, session: &mut Session, digest: &Digest, content_range: Option<ByteRange>, body: Option<S>) -> Result<(), RegistryError>
+    async fn commit<S, E>(
+        &self,
+        session: &mut Session,
+        digest: &Digest,
+        content_range: Option<ByteRange>,
+        body: Option<S>,
+    ) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
@@ -345,14 +351,14 @@ impl Registry {
             d.finish()
         };
         if &computed != digest {
-            return Err(RegistryError::new(ErrorCode::DigestInvalid)
-                .with_detail(format!("content digest is {computed}, not {digest}")));
+            return Err(RegistryError::new(ErrorCode::DigestInvalid).with_detail(format!("content digest is {computed}, not {digest}")));
         }
-        self.store
-            .commit_upload(&session.id, &session.staging, session.offset, digest)
-            .await
-            .map_err(|e| internal("commit upload", e))?;
-        Self::ask(&self.repo_actor(&session.repo), repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id) }).await?
+        self.store.commit_upload(&session.id, &session.staging, session.offset, digest).await.map_err(|e| internal("commit upload", e))?;
+        Self::ask(
+            &self.repo_actor(&session.repo),
+            repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id) },
+        )
+        .await?
     }
 
     /// Bytes received so far for an upload.
@@ -372,13 +378,14 @@ impl Registry {
         let s = state.read().unwrap();
         let digest = match reference {
             Reference::Digest(d) => d,
-            Reference::Tag(t) => s.tags.get(t).ok_or_else(|| {
-                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown"))
-            })?,
+            Reference::Tag(t) => {
+                s.tags.get(t).ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown")))?
+            }
         };
-        let e = s.manifests.get(digest).ok_or_else(|| {
-            RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("manifest {digest} is unknown"))
-        })?;
+        let e = s
+            .manifests
+            .get(digest)
+            .ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("manifest {digest} is unknown")))?;
         Ok((digest.clone(), e.row.media_type.clone(), e.row.size, e.bytes.clone()))
     }
 
@@ -410,8 +417,7 @@ impl Registry {
             Reference::Digest(d) => {
                 let computed = Digest::of(d.algorithm(), &bytes);
                 if &computed != d {
-                    return Err(RegistryError::new(ErrorCode::DigestInvalid)
-                        .with_detail(format!("manifest digest is {computed}, not {d}")));
+                    return Err(RegistryError::new(ErrorCode::DigestInvalid).with_detail(format!("manifest digest is {computed}, not {d}")));
                 }
                 (computed, None)
             }

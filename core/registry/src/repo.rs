@@ -39,28 +39,24 @@ impl Handler<CommitManifest> for RepoActor {
 
     fn handle(&mut self, msg: CommitManifest, _: &mut Context<Self>) -> Self::Result {
         let state = self.index.repo_or_create(&self.name);
-        let check = {
-            let s = state.read().unwrap();
-            let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
-            let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d));
-            match (missing_blob, missing_manifest) {
-                (Some(d), _) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
-                    .with_detail(format!("blob {d} is not in repository {}", self.name))),
-                (_, Some(d)) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
-                    .with_detail(format!("manifest {d} is not in repository {}", self.name))),
-                _ => Ok(()),
-            }
-        };
+        let check =
+            {
+                let s = state.read().unwrap();
+                let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
+                let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d));
+                match (missing_blob, missing_manifest) {
+                    (Some(d), _) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
+                        .with_detail(format!("blob {d} is not in repository {}", self.name))),
+                    (_, Some(d)) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
+                        .with_detail(format!("manifest {d} is not in repository {}", self.name))),
+                    _ => Ok(()),
+                }
+            };
         if let Err(e) = check {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
         }
         let meta = self.meta.clone();
-        let tag_row = msg.tag.map(|t| TagRow {
-            repo: self.name.clone(),
-            name: t,
-            digest: msg.row.digest.clone(),
-            updated_ms: now_ms(),
-        });
+        let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: msg.row.digest.clone(), updated_ms: now_ms() });
         let row = msg.row;
         AtomicResponse::new(Box::pin(
             async move {
@@ -101,9 +97,8 @@ impl Handler<DeleteManifest> for RepoActor {
         let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
-            async move { meta.delete_manifest(&repo, &d).await.map_err(|e| internal("delete manifest", e)) }
-                .into_actor(self)
-                .map(move |res, _, _| {
+            async move { meta.delete_manifest(&repo, &d).await.map_err(|e| internal("delete manifest", e)) }.into_actor(self).map(
+                move |res, _, _| {
                     res?;
                     let mut s = state.write().unwrap();
                     if let Some(e) = s.manifests.remove(&digest) {
@@ -113,7 +108,8 @@ impl Handler<DeleteManifest> for RepoActor {
                     }
                     s.tags.retain(|_, v| v != &digest);
                     Ok(())
-                }),
+                },
+            ),
         ))
     }
 }
@@ -137,20 +133,20 @@ impl Handler<DeleteTag> for RepoActor {
         let known = state.as_ref().is_some_and(|s| s.read().unwrap().tags.contains_key(&tag));
         if !known {
             return AtomicResponse::new(Box::pin(fut::ready(Err(
-                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")),
+                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown"))
             ))));
         }
         let state = state.expect("known implies present");
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let t = tag.clone();
         AtomicResponse::new(Box::pin(
-            async move { meta.delete_tag(&repo, &t).await.map_err(|e| internal("delete tag", e)) }
-                .into_actor(self)
-                .map(move |res, _, _| {
+            async move { meta.delete_tag(&repo, &t).await.map_err(|e| internal("delete tag", e)) }.into_actor(self).map(
+                move |res, _, _| {
                     res?;
                     state.write().unwrap().tags.remove(&tag);
                     Ok(())
-                }),
+                },
+            ),
         ))
     }
 }

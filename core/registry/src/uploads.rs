@@ -122,18 +122,16 @@ impl Handler<Create> for UploadSessions {
         let row = session.to_row();
         self.sessions.insert(id, Entry { session, busy: true, touched_ms: now_ms() });
         let meta = self.meta.clone();
-        Box::pin(async move { meta.put_upload(&row).await }.into_actor(self).map(move |res, act, _| {
-            match res {
-                Ok(()) => {
-                    if let Some(e) = act.sessions.get_mut(&id) {
-                        e.busy = false;
-                    }
-                    Ok(id)
+        Box::pin(async move { meta.put_upload(&row).await }.into_actor(self).map(move |res, act, _| match res {
+            Ok(()) => {
+                if let Some(e) = act.sessions.get_mut(&id) {
+                    e.busy = false;
                 }
-                Err(e) => {
-                    act.sessions.remove(&id);
-                    Err(internal("persist upload session", e))
-                }
+                Ok(id)
+            }
+            Err(e) => {
+                act.sessions.remove(&id);
+                Err(internal("persist upload session", e))
             }
         }))
     }
@@ -275,8 +273,7 @@ impl Handler<End> for UploadSessions {
                 return Box::pin(fut::ready(Err(unknown(&id))));
             }
             if msg.cancel && e.busy {
-                return Box::pin(fut::ready(Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
-                    .with_detail("upload is in progress"))));
+                return Box::pin(fut::ready(Err(RegistryError::new(ErrorCode::BlobUploadInvalid).with_detail("upload is in progress"))));
             }
         }
         let known_here = self.sessions.remove(&id).is_some();
@@ -312,12 +309,8 @@ impl Handler<Sweep> for UploadSessions {
 
     fn handle(&mut self, _: Sweep, _: &mut Context<Self>) -> Self::Result {
         let cutoff = now_ms() - self.ttl.as_millis() as i64;
-        let expired_here: Vec<UploadId> = self
-            .sessions
-            .iter()
-            .filter(|(_, e)| !e.busy && e.touched_ms < cutoff)
-            .map(|(id, _)| *id)
-            .collect();
+        let expired_here: Vec<UploadId> =
+            self.sessions.iter().filter(|(_, e)| !e.busy && e.touched_ms < cutoff).map(|(id, _)| *id).collect();
         for id in &expired_here {
             self.sessions.remove(id);
         }

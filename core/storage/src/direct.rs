@@ -165,12 +165,7 @@ impl AlignedBuf {
         // SAFETY: the destination lies inside the allocation; the kernel writes at
         // most `upto - len` bytes there, and only the count it reports is exposed.
         let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                self.ptr.ptr.as_ptr().add(self.len) as *mut libc::c_void,
-                upto - self.len,
-                at as libc::off_t,
-            )
+            libc::pread(file.as_raw_fd(), self.ptr.ptr.as_ptr().add(self.len) as *mut libc::c_void, upto - self.len, at as libc::off_t)
         };
         if n < 0 {
             return Err(io::Error::last_os_error());

@@ -47,10 +47,7 @@ mod tests {
     #[test]
     fn keys() {
         let d = Digest::sha256(b"");
-        assert_eq!(
-            blob(&d),
-            "blobs/sha256/e3/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(blob(&d), "blobs/sha256/e3/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         let id: UploadId = "6f9619ff-8b86-d011-b42d-00cf4fc964ff".parse().unwrap();
         assert_eq!(upload_data(&id, 2), "uploads/6f9619ff-8b86-d011-b42d-00cf4fc964ff/data-2");
         assert_eq!(upload_part(&id, 42), "uploads/6f9619ff-8b86-d011-b42d-00cf4fc964ff/part-00000000000000000042");

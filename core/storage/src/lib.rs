@@ -12,8 +12,8 @@
 //!   atomic write), after the caller has verified the digest of the bytes.
 //! - Bytes stream through; nothing here buffers a whole blob in memory.
 
-pub mod layout;
 mod direct;
+pub mod layout;
 mod local;
 
 use std::pin::Pin;
@@ -466,10 +466,7 @@ impl BlobStore {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![]),
             Err(e) => return Err(e.into()),
         };
-        Ok(entries
-            .iter()
-            .filter_map(|e| e.name().trim_end_matches('/').parse::<UploadId>().ok())
-            .collect())
+        Ok(entries.iter().filter_map(|e| e.name().trim_end_matches('/').parse::<UploadId>().ok()).collect())
     }
 }
 
@@ -512,19 +509,12 @@ type Batch = Arc<Frames>;
 enum Sink {
     /// An OpenDAL writer (every backend but `fs`), with the hash computed on a
     /// blocking thread so hashing overlaps the backend's writes.
-    Dal {
-        writer: opendal::Writer,
-        tx: tokio::sync::mpsc::Sender<Batch>,
-        hasher: tokio::task::JoinHandle<Digester>,
-    },
+    Dal { writer: opendal::Writer, tx: tokio::sync::mpsc::Sender<Batch>, hasher: tokio::task::JoinHandle<Digester> },
     /// One blocking thread that hashes and appends to the staging file (see
     /// [`local_worker`]), fed through a channel. The thread starts only once
     /// [`SMALL_CHUNK`] bytes have arrived: a smaller chunk is handed over whole, in
     /// one thread hand-off instead of one wake-up per batch.
-    Local {
-        pending: Option<Pending>,
-        started: Option<LocalWorker>,
-    },
+    Local { pending: Option<Pending>, started: Option<LocalWorker> },
 }
 
 /// A local chunk's first batches, held until the chunk is known to be small or not.
@@ -724,8 +714,7 @@ mod tests {
     async fn stores() -> Vec<(BlobStore, tempdir::Dir)> {
         let (dir, dir_buffered) = (tempdir::Dir::new(), tempdir::Dir::new());
         let fs = BlobStore::open(&StorageConfig::fs(dir.path())).await.unwrap();
-        let buffered =
-            BlobStore::open(&StorageConfig::Fs { root: dir_buffered.path().to_string(), direct_io: false }).await.unwrap();
+        let buffered = BlobStore::open(&StorageConfig::Fs { root: dir_buffered.path().to_string(), direct_io: false }).await.unwrap();
         let mem = BlobStore::open(&StorageConfig::Memory).await.unwrap();
         assert!(fs.appends());
         assert!(!mem.appends(), "memory exercises the parts strategy");
@@ -753,13 +742,8 @@ mod tests {
             store.commit_upload(&id, &staging, n1 + n2, &digest).await.unwrap();
             assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(11));
             assert_eq!(&store.read_blob_bytes(&digest).await.unwrap()[..], b"hello world");
-            let part: Vec<Bytes> = store
-                .read_blob(&digest, Some(ByteRange { start: 6, end: 9 }))
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
+            let part: Vec<Bytes> =
+                store.read_blob(&digest, Some(ByteRange { start: 6, end: 9 })).await.unwrap().try_collect().await.unwrap();
             assert_eq!(part.concat(), b"worl");
             assert!(store.staged_uploads().await.unwrap().is_empty());
         }
@@ -775,12 +759,10 @@ mod tests {
             let mut d = Digester::new(DigestAlgorithm::Sha256);
             let n = store.write_chunk(&id, &mut staging, 0, chunks(&[b"hello ", b"world"]), &mut d, u64::MAX).await.unwrap();
             // The bytes reach the staging file before the client's stream breaks.
-            let failing = Box::pin(futures::stream::iter(vec![Ok(Bytes::from(vec![b'x'; 3 << 20]))]).chain(
-                futures::stream::once(async {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    Err("reset".to_string())
-                }),
-            ));
+            let failing = Box::pin(futures::stream::iter(vec![Ok(Bytes::from(vec![b'x'; 3 << 20]))]).chain(futures::stream::once(async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Err("reset".to_string())
+            })));
             let mut d_fail = d.clone();
             assert!(store.write_chunk(&id, &mut staging, n, failing, &mut d_fail, u64::MAX).await.is_err());
             let digest = d.finish();
@@ -814,7 +796,9 @@ mod tests {
             let id = UploadId::random();
             let mut staging = Staging::default();
             let mut d = Digester::new(DigestAlgorithm::Sha256);
-            let pieces = |b: Bytes| futures::stream::iter((0..b.len()).step_by(65_537).map(move |i| Ok::<_, String>(b.slice(i..(i + 65_537).min(b.len())))));
+            let pieces = |b: Bytes| {
+                futures::stream::iter((0..b.len()).step_by(65_537).map(move |i| Ok::<_, String>(b.slice(i..(i + 65_537).min(b.len())))))
+            };
             let n1 = store.write_chunk(&id, &mut staging, 0, pieces(data.slice(..split)), &mut d, u64::MAX).await.unwrap();
             let n2 = store.write_chunk(&id, &mut staging, n1, pieces(data.slice(split..)), &mut d, u64::MAX).await.unwrap();
             assert_eq!(n1 + n2, data.len() as u64);
@@ -824,8 +808,7 @@ mod tests {
             let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
             assert_eq!(whole.concat(), &data[..]);
             for (start, end) in [(0u64, 0u64), (4 << 20, 4 << 20), ((4 << 20) - 1, (8 << 20) + 1), (5, (13 << 20) + 6)] {
-                let part: Vec<Bytes> =
-                    store.read_blob(&digest, Some(ByteRange { start, end })).await.unwrap().try_collect().await.unwrap();
+                let part: Vec<Bytes> = store.read_blob(&digest, Some(ByteRange { start, end })).await.unwrap().try_collect().await.unwrap();
                 assert_eq!(part.concat(), &data[start as usize..=end as usize], "range {start}-{end}");
             }
         }
@@ -851,7 +834,9 @@ mod tests {
         let id = UploadId::random();
         let mut staging = Staging::default();
         let mut d = Digester::new(DigestAlgorithm::Sha256);
-        let pieces = |b: Bytes| futures::stream::iter((0..b.len()).step_by(100_003).map(move |i| Ok::<_, String>(b.slice(i..(i + 100_003).min(b.len())))));
+        let pieces = |b: Bytes| {
+            futures::stream::iter((0..b.len()).step_by(100_003).map(move |i| Ok::<_, String>(b.slice(i..(i + 100_003).min(b.len())))))
+        };
         let n1 = store.write_chunk(&id, &mut staging, 0, pieces(data.slice(..split)), &mut d, u64::MAX).await.unwrap();
         let n2 = store.write_chunk(&id, &mut staging, n1, pieces(data.slice(split..)), &mut d, u64::MAX).await.unwrap();
         let digest = d.finish();
@@ -887,7 +872,10 @@ mod tests {
                     tokio::spawn(async move {
                         let data = Bytes::from((0..(1 << 20) + n * 4099).map(|i| (i ^ n).wrapping_mul(31) as u8).collect::<Vec<u8>>());
                         let frames = futures::stream::iter(
-                            (0..data.len()).step_by(50_000).map(|i| Ok::<_, String>(data.slice(i..(i + 50_000).min(data.len())))).collect::<Vec<_>>(),
+                            (0..data.len())
+                                .step_by(50_000)
+                                .map(|i| Ok::<_, String>(data.slice(i..(i + 50_000).min(data.len()))))
+                                .collect::<Vec<_>>(),
                         );
                         let id = UploadId::random();
                         let mut staging = Staging::default();

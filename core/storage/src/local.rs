@@ -152,11 +152,7 @@ impl LocalFiles {
             if start > end || end > len {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range past the end of the blob"));
             }
-            if direct
-                && end - start >= DIRECT_READ_MIN
-                && !mostly_cached(map.as_deref(), start, end)
-                && !recent.second_touch(&path)
-            {
+            if direct && end - start >= DIRECT_READ_MIN && !mostly_cached(map.as_deref(), start, end) && !recent.second_touch(&path) {
                 if let Some(file) = crate::direct::open(&path, false)? {
                     return Ok(Box::pin(crate::direct::DirectSlices::new(file, start, end)));
                 }
@@ -194,9 +190,7 @@ fn mostly_cached(map: Option<&memmap2::Mmap>, start: u64, end: u64) -> bool {
     let mut resident = vec![0u8; pages];
     // SAFETY: the range lies inside the live mapping (end <= its length) and
     // `resident` has one byte per page of it.
-    let rc = unsafe {
-        libc::mincore(map.as_ptr().add(first as usize) as *mut libc::c_void, (end - first) as usize, resident.as_mut_ptr())
-    };
+    let rc = unsafe { libc::mincore(map.as_ptr().add(first as usize) as *mut libc::c_void, (end - first) as usize, resident.as_mut_ptr()) };
     if rc != 0 {
         return true;
     }
@@ -326,7 +320,6 @@ impl Stream for MappedSlices {
         }
     }
 }
-
 
 /// Appends bytes to a staging file; runs on a blocking thread, fed through a
 /// channel by the task reading the request body. With direct I/O, bytes are

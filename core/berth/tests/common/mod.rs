@@ -70,11 +70,7 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read banner");
-        let base = line
-            .trim()
-            .strip_prefix("berth listening on ")
-            .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
-            .to_string();
+        let base = line.trim().strip_prefix("berth listening on ").unwrap_or_else(|| panic!("unexpected banner {line:?}")).to_string();
         let addr = base.trim_start_matches("http://").to_string();
         Server { child: Some(child), base, addr, data: data.to_path_buf() }
     }
@@ -207,13 +203,7 @@ pub async fn push_image(c: &reqwest::Client, s: &Server, repo: &str, reference: 
 }
 
 pub async fn put_manifest(c: &reqwest::Client, s: &Server, repo: &str, reference: &str, ct: &str, body: &[u8]) -> String {
-    let r = c
-        .put(s.url(&format!("/v2/{repo}/manifests/{reference}")))
-        .header("content-type", ct)
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(s.url(&format!("/v2/{repo}/manifests/{reference}"))).header("content-type", ct).body(body.to_vec()).send().await.unwrap();
     let status = r.status();
     let digest = r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_string());
     assert_eq!(status, 201, "put manifest: {}", r.text().await.unwrap());
@@ -236,7 +226,8 @@ pub async fn tenant_user_token(s: &Server, tenant: &str, user: &str, role: &str)
         .await
         .unwrap();
     assert_eq!(r.status(), 201, "create user: {}", r.text().await.unwrap());
-    let r = client_as(user, &password).post(s.url("/api/v1/tokens")).json(&serde_json::json!({"description": "test"})).send().await.unwrap();
+    let r =
+        client_as(user, &password).post(s.url("/api/v1/tokens")).json(&serde_json::json!({"description": "test"})).send().await.unwrap();
     assert_eq!(r.status(), 201, "issue token");
     let v: serde_json::Value = r.json().await.unwrap();
     v["token"].as_str().unwrap().to_string()
