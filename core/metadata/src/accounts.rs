@@ -7,7 +7,7 @@
 use berth_oci::{AccountName, RepoName};
 use serde::{Deserialize, Serialize};
 
-use crate::{Metadata, Result};
+use crate::{one, returned, rows, Metadata, Result};
 
 /// A tenant: owns namespaces and users.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -123,10 +123,10 @@ impl Metadata {
             .db
             .query(
                 "BEGIN TRANSACTION;
-                 LET $taken = (SELECT VALUE name FROM ONLY type::thing('tenant', $name)) OR (SELECT VALUE name FROM ONLY type::thing('namespace', $name));
+                 LET $taken = (SELECT VALUE name FROM ONLY type::record('tenant', $name)) OR (SELECT VALUE name FROM ONLY type::record('namespace', $name));
                  IF $taken { RETURN false; };
-                 CREATE type::thing('tenant', $name) CONTENT $row RETURN NONE;
-                 CREATE type::thing('namespace', $name) CONTENT { name: $name, tenant: $name } RETURN NONE;
+                 CREATE type::record('tenant', $name) CONTENT $row RETURN NONE;
+                 CREATE type::record('namespace', $name) CONTENT { name: $name, tenant: $name } RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
             )
@@ -134,14 +134,12 @@ impl Metadata {
             .bind(("row", crate::to_value(t)?))
             .await?
             .check()?;
-        let n = r.num_statements();
-        let created: Option<bool> = r.take(n - 1)?;
-        Ok(created.unwrap_or(false))
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
         let mut r = self.db.query("SELECT name, created_ms FROM tenant ORDER BY name").await?.check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     /// Create `table:name` with `row` unless it exists; `false` if it did.
@@ -150,8 +148,8 @@ impl Metadata {
             .db
             .query(
                 "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::thing($table, $name)) { RETURN false; };
-                 CREATE type::thing($table, $name) CONTENT $row RETURN NONE;
+                 IF (SELECT VALUE name FROM ONLY type::record($table, $name)) { RETURN false; };
+                 CREATE type::record($table, $name) CONTENT $row RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
             )
@@ -160,9 +158,7 @@ impl Metadata {
             .bind(("row", row))
             .await?
             .check()?;
-        let n = r.num_statements();
-        let created: Option<bool> = r.take(n - 1)?;
-        Ok(created.unwrap_or(false))
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
     /// Create a user; `false` if the name is taken.
@@ -172,7 +168,7 @@ impl Metadata {
 
     pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<()> {
         self.db
-            .query("UPDATE type::thing('user', $name) SET password_hash = $h RETURN NONE")
+            .query("UPDATE type::record('user', $name) SET password_hash = $h RETURN NONE")
             .bind(("name", user.to_string()))
             .bind(("h", password_hash.to_owned()))
             .await?
@@ -183,16 +179,16 @@ impl Metadata {
     pub async fn user(&self, name: &AccountName) -> Result<Option<UserRow>> {
         let mut r = self
             .db
-            .query("SELECT name, tenant, password_hash, created_ms FROM ONLY type::thing('user', $name)")
+            .query("SELECT name, tenant, password_hash, created_ms FROM ONLY type::record('user', $name)")
             .bind(("name", name.to_string()))
             .await?
             .check()?;
-        Ok(r.take(0)?)
+        one(&mut r, 0)
     }
 
     pub async fn users(&self) -> Result<Vec<UserRow>> {
         let mut r = self.db.query("SELECT name, tenant, password_hash, created_ms FROM user ORDER BY name").await?.check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     pub async fn delete_user(&self, name: &AccountName) -> Result<()> {
@@ -200,7 +196,7 @@ impl Metadata {
             .query(
                 "BEGIN TRANSACTION;
                  DELETE token WHERE user = $name RETURN NONE;
-                 DELETE type::thing('user', $name) RETURN NONE;
+                 DELETE type::record('user', $name) RETURN NONE;
                  COMMIT TRANSACTION;",
             )
             .bind(("name", name.to_string()))
@@ -216,14 +212,14 @@ impl Metadata {
 
     pub async fn namespaces(&self) -> Result<Vec<NamespaceRow>> {
         let mut r = self.db.query("SELECT name, tenant FROM namespace").await?.check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     // ----- tokens -----
 
     pub async fn put_token(&self, t: &TokenRow) -> Result<()> {
         self.db
-            .query("UPSERT type::thing('token', $id) CONTENT $row RETURN NONE")
+            .query("UPSERT type::record('token', $id) CONTENT $row RETURN NONE")
             .bind(("id", t.id.clone()))
             .bind(("row", crate::to_value(t)?))
             .await?
@@ -237,14 +233,14 @@ impl Metadata {
             .query("SELECT id_str AS id, user, kind, secret_sha256, description, created_ms, expires_ms, last_used_ms FROM token")
             .await?
             .check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     pub async fn delete_tokens(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.db.query("FOR $id IN $ids { DELETE type::thing('token', $id) RETURN NONE; }").bind(("ids", ids.to_vec())).await?.check()?;
+        self.db.query("FOR $id IN $ids { DELETE type::record('token', $id) RETURN NONE; }").bind(("ids", ids.to_vec())).await?.check()?;
         Ok(())
     }
 
@@ -255,7 +251,7 @@ impl Metadata {
         }
         let rows: Vec<serde_json::Value> = used.iter().map(|(id, ms)| serde_json::json!({"id": id, "ms": ms})).collect();
         self.db
-            .query("FOR $u IN $rows { UPDATE type::thing('token', $u.id) SET last_used_ms = $u.ms RETURN NONE; }")
+            .query("FOR $u IN $rows { UPDATE type::record('token', $u.id) SET last_used_ms = $u.ms RETURN NONE; }")
             .bind(("rows", rows))
             .await?
             .check()?;
@@ -266,7 +262,7 @@ impl Metadata {
 
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>> {
         let mut r = self.db.query("SELECT kid, secret_hex, created_ms, retired_ms FROM signing_key ORDER BY created_ms").await?.check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     /// Add a new current key and retire every other one, atomically.
@@ -275,7 +271,7 @@ impl Metadata {
             .query(
                 "BEGIN TRANSACTION;
                  UPDATE signing_key SET retired_ms = $now WHERE retired_ms = NONE OR retired_ms = NULL RETURN NONE;
-                 CREATE type::thing('signing_key', $kid) CONTENT $row RETURN NONE;
+                 CREATE type::record('signing_key', $kid) CONTENT $row RETURN NONE;
                  COMMIT TRANSACTION;",
             )
             .bind(("now", k.created_ms))
@@ -300,7 +296,7 @@ impl Metadata {
 
     pub async fn policy_rules(&self) -> Result<Vec<PolicyRuleRow>> {
         let mut r = self.db.query("SELECT ptype, fields FROM policy_rule").await?.check()?;
-        let mut rules: Vec<PolicyRuleRow> = r.take(0)?;
+        let mut rules: Vec<PolicyRuleRow> = rows(&mut r, 0)?;
         rules.sort();
         Ok(rules)
     }
@@ -311,8 +307,8 @@ impl Metadata {
         let remove: Vec<Vec<String>> = remove.iter().map(rule_key).collect();
         let mut sql = String::from(
             "BEGIN TRANSACTION;
-             FOR $k IN $remove { DELETE type::thing('policy_rule', $k) RETURN NONE; };
-             FOR $a IN $add { UPSERT type::thing('policy_rule', $a.key) CONTENT $a.row RETURN NONE; };
+             FOR $k IN $remove { DELETE type::record('policy_rule', $k) RETURN NONE; };
+             FOR $a IN $add { UPSERT type::record('policy_rule', $a.key) CONTENT $a.row RETURN NONE; };
              UPSERT policy_state:current SET version = (version OR 0) + 1 RETURN NONE;",
         );
         if seed.is_some() {
@@ -324,22 +320,19 @@ impl Metadata {
             q = q.bind(("seed", serde_json::to_value(seed).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?));
         }
         let mut r = q.await?.check()?;
-        let n = r.num_statements();
-        let v: Option<u64> = r.take(n - 1)?;
-        Ok(v.unwrap_or(0))
+        Ok(returned::<u64>(&mut r)?.unwrap_or(0))
     }
 
     pub async fn policy_state(&self) -> Result<PolicyState> {
         let mut r = self.db.query("SELECT version, seed OR [] AS seed FROM ONLY policy_state:current").await?.check()?;
-        let s: Option<PolicyState> = r.take(0)?;
-        Ok(s.unwrap_or_default())
+        Ok(one::<PolicyState>(&mut r, 0)?.unwrap_or_default())
     }
 
     // ----- shares -----
 
     pub async fn put_share(&self, s: &ShareRow) -> Result<()> {
         self.db
-            .query("UPSERT type::thing('share', [$repo, $tenant]) CONTENT $row RETURN NONE")
+            .query("UPSERT type::record('share', [$repo, $tenant]) CONTENT $row RETURN NONE")
             .bind(("repo", s.repo.to_string()))
             .bind(("tenant", s.tenant.to_string()))
             .bind(("row", crate::to_value(s)?))
@@ -350,7 +343,7 @@ impl Metadata {
 
     pub async fn delete_share(&self, repo: &RepoName, tenant: &AccountName) -> Result<()> {
         self.db
-            .query("DELETE type::thing('share', [$repo, $tenant]) RETURN NONE")
+            .query("DELETE type::record('share', [$repo, $tenant]) RETURN NONE")
             .bind(("repo", repo.to_string()))
             .bind(("tenant", tenant.to_string()))
             .await?
@@ -360,7 +353,7 @@ impl Metadata {
 
     pub async fn shares(&self) -> Result<Vec<ShareRow>> {
         let mut r = self.db.query("SELECT repo, tenant, actions, expires_ms FROM share").await?.check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 }
 
@@ -403,8 +396,8 @@ mod tests {
 
         let rule =
             PolicyRuleRow { ptype: "p".into(), fields: vec!["role:reader".into(), "*".into(), "*".into(), "pull".into(), "allow".into()] };
-        let v1 = md.change_policy(&[rule.clone()], &[], Some(&[rule.clone()])).await.unwrap();
-        let v2 = md.change_policy(&[rule.clone()], &[], None).await.unwrap();
+        let v1 = md.change_policy(std::slice::from_ref(&rule), &[], Some(std::slice::from_ref(&rule))).await.unwrap();
+        let v2 = md.change_policy(std::slice::from_ref(&rule), &[], None).await.unwrap();
         assert_eq!(v2, v1 + 1);
         assert_eq!(md.policy_rules().await.unwrap(), vec![rule.clone()]);
         assert_eq!(md.policy_state().await.unwrap().seed, vec![rule.clone()]);

@@ -15,12 +15,13 @@ pub mod accounts;
 
 pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
 use surrealdb::opt::auth::Root;
 use surrealdb::opt::capabilities::Capabilities;
 use surrealdb::opt::Config;
-use surrealdb::Surreal;
+use surrealdb::{IndexedResults, Surreal};
 
 /// Which metadata store to use, chosen by configuration.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -138,7 +139,7 @@ impl Metadata {
         let engine = Config::new().capabilities(Capabilities::new().with_live_query_notifications(false));
         let db = any::connect((config.url.as_str(), engine)).await?;
         if let (Some(username), Some(password)) = (&config.username, &config.password) {
-            db.signin(Root { username, password }).await?;
+            db.signin(Root { username: username.clone(), password: password.clone() }).await?;
         }
         db.use_ns(&config.namespace).use_db(&config.database).await?;
         db.query(SCHEMA).await?.check()?;
@@ -156,19 +157,19 @@ impl Metadata {
             .query("SELECT repo, digest, size FROM blob_link")
             .await?
             .check()?;
-        Ok(Snapshot { repos: r.take(0)?, manifests: r.take(1)?, tags: r.take(2)?, links: r.take(3)? })
+        Ok(Snapshot { repos: rows(&mut r, 0)?, manifests: rows(&mut r, 1)?, tags: rows(&mut r, 2)?, links: rows(&mut r, 3)? })
     }
 
     /// Link a verified blob into a repository (creating the repository record); when
     /// the blob is the result of an upload session, that session's record goes in
     /// the same transaction.
     pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<()> {
-        let end = if ends_upload.is_some() { "DELETE type::thing('upload', $upload) RETURN NONE;" } else { "" };
+        let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
         self.db
             .query(format!(
                 "BEGIN TRANSACTION;
-                 UPSERT type::thing('repo', $repo) MERGE {{ name: $repo }} RETURN NONE;
-                 UPSERT type::thing('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
+                 UPSERT type::record('repo', $repo) MERGE {{ name: $repo }} RETURN NONE;
+                 UPSERT type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
                  {end}
                  COMMIT TRANSACTION;"
             ))
@@ -184,7 +185,7 @@ impl Metadata {
     /// Remove a blob link.
     pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         self.db
-            .query("DELETE type::thing('blob_link', [$repo, $digest]) RETURN NONE")
+            .query("DELETE type::record('blob_link', [$repo, $digest]) RETURN NONE")
             .bind(("repo", repo.to_string()))
             .bind(("digest", digest.to_string()))
             .await?
@@ -196,11 +197,11 @@ impl Metadata {
     pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<()> {
         let mut sql = String::from(
             "BEGIN TRANSACTION;
-             UPSERT type::thing('repo', $repo) MERGE { name: $repo } RETURN NONE;
-             UPSERT type::thing('manifest', [$repo, $digest]) CONTENT $manifest RETURN NONE;",
+             UPSERT type::record('repo', $repo) MERGE { name: $repo } RETURN NONE;
+             UPSERT type::record('manifest', [$repo, $digest]) CONTENT $manifest RETURN NONE;",
         );
         if tag.is_some() {
-            sql.push_str("UPSERT type::thing('tag', [$repo, $tag_name]) CONTENT $tag RETURN NONE;");
+            sql.push_str("UPSERT type::record('tag', [$repo, $tag_name]) CONTENT $tag RETURN NONE;");
         }
         sql.push_str("COMMIT TRANSACTION;");
         let mut q =
@@ -218,7 +219,7 @@ impl Metadata {
             .query(
                 "BEGIN TRANSACTION;
                  DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
-                 DELETE type::thing('manifest', [$repo, $digest]) RETURN NONE;
+                 DELETE type::record('manifest', [$repo, $digest]) RETURN NONE;
                  COMMIT TRANSACTION;",
             )
             .bind(("repo", repo.to_string()))
@@ -231,7 +232,7 @@ impl Metadata {
     /// Delete one tag.
     pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
         self.db
-            .query("DELETE type::thing('tag', [$repo, $tag]) RETURN NONE")
+            .query("DELETE type::record('tag', [$repo, $tag]) RETURN NONE")
             .bind(("repo", repo.to_string()))
             .bind(("tag", tag.to_string()))
             .await?
@@ -242,7 +243,7 @@ impl Metadata {
     /// Create or update an upload session.
     pub async fn put_upload(&self, u: &UploadRow) -> Result<()> {
         self.db
-            .query("UPSERT type::thing('upload', $id) CONTENT $row RETURN NONE")
+            .query("UPSERT type::record('upload', $id) CONTENT $row RETURN NONE")
             .bind(("id", u.id.to_string()))
             .bind(("row", to_value(u)?))
             .await?
@@ -254,17 +255,16 @@ impl Metadata {
     pub async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRow>> {
         let mut r = self
             .db
-            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM ONLY type::thing('upload', $id)")
+            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM ONLY type::record('upload', $id)")
             .bind(("id", id.to_string()))
             .await?
             .check()?;
-        let rows: Option<UploadRow> = r.take(0)?;
-        Ok(rows)
+        one(&mut r, 0)
     }
 
     /// Delete an upload session.
     pub async fn delete_upload(&self, id: &UploadId) -> Result<()> {
-        self.db.query("DELETE type::thing('upload', $id) RETURN NONE").bind(("id", id.to_string())).await?.check()?;
+        self.db.query("DELETE type::record('upload', $id) RETURN NONE").bind(("id", id.to_string())).await?.check()?;
         Ok(())
     }
 
@@ -276,15 +276,47 @@ impl Metadata {
             .bind(("before", before_ms))
             .await?
             .check()?;
-        Ok(r.take(0)?)
+        rows(&mut r, 0)
     }
 
     /// All upload session ids (to find staging data that no session owns).
     pub async fn upload_ids(&self) -> Result<Vec<UploadId>> {
         let mut r = self.db.query("SELECT VALUE id_str FROM upload").await?.check()?;
-        let ids: Vec<UploadId> = r.take(0)?;
-        Ok(ids)
+        rows(&mut r, 0)
     }
+}
+
+/// The rows a statement returned, decoded through serde into our own (validated)
+/// types: SurrealDB's value types stay inside this crate.
+pub(crate) fn rows<T: DeserializeOwned>(r: &mut IndexedResults, statement: usize) -> Result<Vec<T>> {
+    let values: Vec<serde_json::Value> = r.take(statement)?;
+    values.into_iter().map(decode).collect()
+}
+
+/// The single value (`SELECT … FROM ONLY`, `RETURN`) a statement returned, if any.
+pub(crate) fn one<T: DeserializeOwned>(r: &mut IndexedResults, statement: usize) -> Result<Option<T>> {
+    let value: Option<serde_json::Value> = r.take(statement)?;
+    value.filter(|v| !v.is_null()).map(decode).transpose()
+}
+
+/// What a transaction `RETURN`ed. SurrealDB 3 answers for `BEGIN` and `COMMIT` too,
+/// and a `RETURN` ends the transaction early (committing what ran before it), so
+/// the value sits at no fixed index: it is the last statement result that is not
+/// NONE. Transactions read this way make every other statement `RETURN NONE`.
+pub(crate) fn returned<T: DeserializeOwned>(r: &mut IndexedResults) -> Result<Option<T>> {
+    for i in (0..r.num_statements()).rev() {
+        let value: Option<serde_json::Value> = r.take(i)?;
+        match value {
+            None | Some(serde_json::Value::Null) => continue,
+            Some(serde_json::Value::Array(a)) if a.is_empty() => continue,
+            Some(v) => return decode(v).map(Some),
+        }
+    }
+    Ok(None)
+}
+
+fn decode<T: DeserializeOwned>(v: serde_json::Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| MetadataError::Corrupt(e.to_string()))
 }
 
 pub(crate) fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
