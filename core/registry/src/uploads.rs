@@ -57,7 +57,7 @@ fn hex_encode(b: &[u8]) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -176,9 +176,9 @@ impl Handler<Lease> for UploadSessions {
         let id = msg.id;
         Box::pin(async move { meta.get_upload(&id).await }.into_actor(self).map(move |res, act, _| {
             let row = res.map_err(|e| internal("load upload session", e))?.ok_or_else(|| unknown(&id))?;
-            if !act.sessions.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = act.sessions.entry(id) {
                 let session = Session::from_row(row).ok_or_else(|| internal("decode upload session", id))?;
-                act.sessions.insert(id, Entry { session, busy: false, touched_ms: now_ms() });
+                slot.insert(Entry { session, busy: false, touched_ms: now_ms() });
             }
             act.take(&id, &msg.repo)
         }))

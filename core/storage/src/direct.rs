@@ -95,7 +95,7 @@ const HUGE: usize = 2 * 1024 * 1024;
 /// own, not the heap's, because heap memory freed earlier is already backed by
 /// small pages. `None` if the kernel refuses the mapping.
 fn alloc_huge() -> Option<NonNull<u8>> {
-    const _: () = assert!(BUF % HUGE == 0 && HUGE % ALIGN == 0);
+    const _: () = assert!(BUF.is_multiple_of(HUGE) && HUGE.is_multiple_of(ALIGN));
     let len = BUF + HUGE;
     // SAFETY: a private anonymous mapping, no address hint; checked below.
     let p = unsafe {
@@ -246,7 +246,7 @@ fn read_piece(file: &File, at: u64, len: usize, skip: usize) -> io::Result<Bytes
     while buf.len < len {
         // A direct read stops at the end of the file, which may fall inside the last
         // aligned block; a short read anywhere else is continued (it stays aligned).
-        if buf.len % ALIGN != 0 {
+        if !buf.len.is_multiple_of(ALIGN) {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file ended early"));
         }
         match buf.read_at(file, upto, at + buf.len as u64) {

@@ -506,6 +506,8 @@ impl std::ops::Deref for Frames {
 type Batch = Arc<Frames>;
 
 /// Where [`BlobStore::write_chunk`] sends a chunk's bytes to be hashed and stored.
+// One per chunk being written, held by its task: its size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Sink {
     /// An OpenDAL writer (every backend but `fs`), with the hash computed on a
     /// blocking thread so hashing overlaps the backend's writes.
