@@ -12,9 +12,11 @@
 //!   so writes are idempotent upserts.
 
 pub mod accounts;
+pub mod manage;
 
 pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
+pub use manage::{PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
@@ -112,6 +114,15 @@ pub struct Snapshot {
     pub links: Vec<LinkRow>,
 }
 
+/// Creates the repository record on first use (implicit creation by a push) and
+/// marks it updated; binds `$repo`, `$namespace`, `$now`.
+const REPO_TOUCH: &str = "UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
+     created_ms = created_ms OR $now, updated_ms = $now RETURN NONE;";
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 const SCHEMA: &str = r#"
 DEFINE TABLE IF NOT EXISTS repo SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS manifest SCHEMALESS;
@@ -144,6 +155,7 @@ impl Metadata {
         db.use_ns(&config.namespace).use_db(&config.database).await?;
         db.query(SCHEMA).await?.check()?;
         db.query(accounts::SCHEMA).await?.check()?;
+        db.query(manage::SCHEMA).await?.check()?;
         Ok(Metadata { db })
     }
 
@@ -168,13 +180,15 @@ impl Metadata {
         self.db
             .query(format!(
                 "BEGIN TRANSACTION;
-                 UPSERT type::record('repo', $repo) MERGE {{ name: $repo }} RETURN NONE;
+                 {REPO_TOUCH}
                  UPSERT type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
                  {end}
                  COMMIT TRANSACTION;"
             ))
             .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
             .bind(("repo", link.repo.to_string()))
+            .bind(("namespace", link.repo.namespace().to_string()))
+            .bind(("now", now_ms()))
             .bind(("digest", link.digest.to_string()))
             .bind(("size", link.size))
             .await?
@@ -195,17 +209,23 @@ impl Metadata {
 
     /// Store a manifest and, if given, point a tag at it: one transaction.
     pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<()> {
-        let mut sql = String::from(
+        // A push of a manifest already stored (a re-tag, a retry) keeps its counters.
+        let mut sql = format!(
             "BEGIN TRANSACTION;
-             UPSERT type::record('repo', $repo) MERGE { name: $repo } RETURN NONE;
-             UPSERT type::record('manifest', [$repo, $digest]) CONTENT $manifest RETURN NONE;",
+             {REPO_TOUCH}
+             UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
+             UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest RETURN NONE;"
         );
         if tag.is_some() {
-            sql.push_str("UPSERT type::record('tag', [$repo, $tag_name]) CONTENT $tag RETURN NONE;");
+            sql.push_str(
+                "UPSERT type::record('tag', [$repo, $tag_name]) MERGE $tag RETURN NONE;
+                 UPDATE type::record('tag', [$repo, $tag_name]) SET pushes = (pushes OR 0) + 1 RETURN NONE;",
+            );
         }
         sql.push_str("COMMIT TRANSACTION;");
         let mut q =
             self.db.query(sql).bind(("repo", m.repo.to_string())).bind(("digest", m.digest.to_string())).bind(("manifest", to_value(m)?));
+        q = q.bind(("namespace", m.repo.namespace().to_string())).bind(("now", now_ms()));
         if let Some(t) = tag {
             q = q.bind(("tag_name", t.name.to_string())).bind(("tag", to_value(t)?));
         }

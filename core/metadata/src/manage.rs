@@ -1,0 +1,368 @@
+//! What the management API reads and writes beyond the OCI core: repository
+//! profiles (description, category, labels, creation time), pull and push
+//! counters, and the per-repository and per-tag figures of listings.
+//!
+//! Counters: pushes are counted in the transaction that commits the manifest (so
+//! they are exact); pulls arrive in batches from the registry's counter actor
+//! ([`Metadata::record_pulls`]), one transaction per batch.
+
+use std::collections::BTreeMap;
+
+use berth_oci::{AccountName, Digest, RepoName, Tag};
+use serde::{Deserialize, Serialize};
+
+use crate::{one, returned, rows, Metadata, Result};
+
+/// A repository as the management API shows it (without its computed figures).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RepoProfile {
+    pub name: RepoName,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub pulls: u64,
+    #[serde(default)]
+    pub pushes: u64,
+    #[serde(default)]
+    pub last_pulled_ms: Option<i64>,
+    #[serde(default)]
+    pub last_pushed_ms: Option<i64>,
+}
+
+/// Fields of a repository profile to change; `None` leaves one as it is.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RepoPatch {
+    pub description: Option<String>,
+    pub category: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// A repository's computed figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepoStats {
+    pub tag_count: u64,
+    pub manifest_count: u64,
+    /// Bytes the repository references: its linked blobs and its manifests.
+    pub size: u64,
+    /// The most recently pushed tag.
+    pub latest_tag: Option<Tag>,
+}
+
+/// A tag with its manifest's facts and its counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TagInfo {
+    pub name: Tag,
+    pub digest: Digest,
+    pub media_type: String,
+    /// The manifest's own bytes.
+    pub manifest_size: u64,
+    /// Pushed (the tag last moved) at.
+    pub pushed_ms: i64,
+    #[serde(default)]
+    pub pushes: u64,
+    #[serde(default)]
+    pub pulls: u64,
+    #[serde(default)]
+    pub last_pulled_ms: Option<i64>,
+}
+
+/// Pulls counted since the last batch: of a repository, of the manifest served,
+/// and of the tag when the pull named one.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PullDelta {
+    pub repo: RepoName,
+    pub tag: Option<Tag>,
+    pub digest: Digest,
+    pub count: u64,
+    pub last_ms: i64,
+}
+
+/// What deleting a repository removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Removed {
+    pub tags: u64,
+    pub manifests: u64,
+    pub blob_links: u64,
+}
+
+pub(crate) const SCHEMA: &str = r#"
+DEFINE INDEX IF NOT EXISTS repo_namespace ON repo FIELDS namespace;
+DEFINE INDEX IF NOT EXISTS blob_link_repo ON blob_link FIELDS repo;
+"#;
+
+/// The profile's fields, with defaults for rows written before they existed.
+const PROFILE: &str = "name, created_ms OR 0 AS created_ms, updated_ms OR created_ms OR 0 AS updated_ms, \
+     description OR '' AS description, category OR '' AS category, labels OR {} AS labels, \
+     pulls OR 0 AS pulls, pushes OR 0 AS pushes, last_pulled_ms, last_pushed_ms";
+
+impl Metadata {
+    /// Create an empty repository explicitly; `false` if it exists.
+    pub async fn create_repo(&self, p: &RepoProfile) -> Result<bool> {
+        let mut r = self
+            .db
+            .query(
+                "BEGIN TRANSACTION;
+                 IF (SELECT VALUE name FROM ONLY type::record('repo', $name)) { RETURN false; };
+                 CREATE type::record('repo', $name) CONTENT $row RETURN NONE;
+                 RETURN true;
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("name", p.name.to_string()))
+            .bind(("row", profile_row(p)?))
+            .await?
+            .check()?;
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
+    }
+
+    pub async fn repo_profile(&self, name: &RepoName) -> Result<Option<RepoProfile>> {
+        let mut r = self
+            .db
+            .query(format!("SELECT {PROFILE} FROM ONLY type::record('repo', $name)"))
+            .bind(("name", name.to_string()))
+            .await?
+            .check()?;
+        one(&mut r, 0)
+    }
+
+    /// Profiles of every repository, or of those in the given namespaces.
+    pub async fn repo_profiles(&self, namespaces: Option<&[AccountName]>) -> Result<Vec<RepoProfile>> {
+        let mut r = match namespaces {
+            None => self.db.query(format!("SELECT {PROFILE} FROM repo")).await?,
+            Some(ns) => {
+                let ns: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
+                self.db.query(format!("SELECT {PROFILE} FROM repo WHERE namespace IN $ns")).bind(("ns", ns)).await?
+            }
+        }
+        .check()?;
+        rows(&mut r, 0)
+    }
+
+    /// Change a repository's description, category or labels; `None` if it does not exist.
+    pub async fn update_repo(&self, name: &RepoName, patch: &RepoPatch, now_ms: i64) -> Result<Option<RepoProfile>> {
+        let mut sets = vec!["updated_ms = $now"];
+        if patch.description.is_some() {
+            sets.push("description = $description");
+        }
+        if patch.category.is_some() {
+            sets.push("category = $category");
+        }
+        if patch.labels.is_some() {
+            sets.push("labels = $labels");
+        }
+        let labels =
+            serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
+        let mut r = self
+            .db
+            .query(format!(
+                "BEGIN TRANSACTION;
+                 IF !(SELECT VALUE name FROM ONLY type::record('repo', $name)) {{ RETURN false; }};
+                 UPDATE type::record('repo', $name) SET {} RETURN NONE;
+                 RETURN true;
+                 COMMIT TRANSACTION;",
+                sets.join(", ")
+            ))
+            .bind(("name", name.to_string()))
+            .bind(("now", now_ms))
+            .bind(("description", patch.description.clone().unwrap_or_default()))
+            .bind(("category", patch.category.clone().unwrap_or_default()))
+            .bind(("labels", labels))
+            .await?
+            .check()?;
+        if !returned::<bool>(&mut r)?.unwrap_or(false) {
+            return Ok(None);
+        }
+        self.repo_profile(name).await
+    }
+
+    /// Figures of the given repositories, in the same order.
+    pub async fn repo_stats(&self, names: &[RepoName]) -> Result<Vec<RepoStats>> {
+        if names.is_empty() {
+            return Ok(vec![]);
+        }
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let r = self
+            .db
+            .query(
+                "SELECT
+                    count((SELECT VALUE name FROM tag WHERE repo = $parent.name)) AS tag_count,
+                    count((SELECT VALUE digest FROM manifest WHERE repo = $parent.name)) AS manifest_count,
+                    math::sum((SELECT VALUE size FROM blob_link WHERE repo = $parent.name))
+                      + math::sum((SELECT VALUE size FROM manifest WHERE repo = $parent.name)) AS size,
+                    (SELECT VALUE name FROM tag WHERE repo = $parent.name ORDER BY updated_ms DESC, name LIMIT 1)[0] AS latest_tag
+                 FROM $names.map(|$n| { name: $n }) ORDER BY NONE",
+            )
+            .bind(("names", names))
+            .await?;
+        rows(&mut r.check()?, 0)
+    }
+
+    /// Every tag of a repository with its manifest's facts and counters, by name.
+    pub async fn tag_infos(&self, repo: &RepoName) -> Result<Vec<TagInfo>> {
+        let mut r = self
+            .db
+            .query(
+                "SELECT name, digest, updated_ms AS pushed_ms, pushes OR 0 AS pushes, pulls OR 0 AS pulls, last_pulled_ms,
+                        type::record('manifest', [repo, digest]).media_type AS media_type,
+                        type::record('manifest', [repo, digest]).size AS manifest_size
+                 FROM tag WHERE repo = $repo ORDER BY name",
+            )
+            .bind(("repo", repo.to_string()))
+            .await?
+            .check()?;
+        rows(&mut r, 0)
+    }
+
+    /// Add a batch of counted pulls: one transaction. Tags or manifests deleted in
+    /// the meantime are skipped (`UPDATE` creates nothing).
+    pub async fn record_pulls(&self, batch: &[PullDelta]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|d| serde_json::to_value(d).map_err(|e| crate::MetadataError::Corrupt(e.to_string())))
+            .collect::<Result<_>>()?;
+        self.db
+            .query(
+                "BEGIN TRANSACTION;
+                 FOR $d IN $batch {
+                    UPDATE type::record('repo', $d.repo) SET pulls = (pulls OR 0) + $d.count,
+                        last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
+                    UPDATE type::record('manifest', [$d.repo, $d.digest]) SET pulls = (pulls OR 0) + $d.count,
+                        last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
+                    IF $d.tag != NONE AND $d.tag != NULL {
+                        UPDATE type::record('tag', [$d.repo, $d.tag]) SET pulls = (pulls OR 0) + $d.count,
+                            last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
+                    };
+                 };
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("batch", rows))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    /// Delete a repository with every tag, manifest and blob link it has: one
+    /// transaction. Stored bytes stay for the collector.
+    pub async fn delete_repo(&self, name: &RepoName) -> Result<Removed> {
+        let mut r = self
+            .db
+            .query(
+                "BEGIN TRANSACTION;
+                 LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
+                 LET $manifests = count((DELETE manifest WHERE repo = $name RETURN BEFORE));
+                 LET $links = count((DELETE blob_link WHERE repo = $name RETURN BEFORE));
+                 DELETE type::record('repo', $name) RETURN NONE;
+                 DELETE share WHERE repo = $name RETURN NONE;
+                 RETURN { tags: $tags, manifests: $manifests, blob_links: $links };
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("name", name.to_string()))
+            .await?
+            .check()?;
+        Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
+    }
+}
+
+fn profile_row(p: &RepoProfile) -> Result<serde_json::Value> {
+    let mut v = crate::to_value(p)?;
+    v["namespace"] = serde_json::Value::String(p.name.namespace().to_string());
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LinkRow, ManifestRow, TagRow};
+
+    fn manifest(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
+        ManifestRow {
+            repo: repo.clone(),
+            digest: Digest::sha256(bytes),
+            media_type: berth_oci::manifest::OCI_MANIFEST.into(),
+            size: bytes.len() as u64,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn profiles_counters_stats() {
+        let md = crate::tests::mem().await;
+        let app: RepoName = "acme/app".parse().unwrap();
+        let empty: RepoName = "acme/empty".parse().unwrap();
+        let other: RepoName = "beta/x".parse().unwrap();
+        let p = RepoProfile {
+            name: empty.clone(),
+            created_ms: 5,
+            updated_ms: 5,
+            description: "d".into(),
+            category: "c".into(),
+            labels: [("team".to_string(), "core".to_string())].into(),
+            pulls: 0,
+            pushes: 0,
+            last_pulled_ms: None,
+            last_pushed_ms: None,
+        };
+        assert!(md.create_repo(&p).await.unwrap());
+        assert!(!md.create_repo(&p).await.unwrap());
+        assert_eq!(md.repo_profile(&empty).await.unwrap(), Some(p.clone()));
+
+        // Pushes: two manifests, the tag moved once; a blob link.
+        let m1 = manifest(&app, b"one");
+        let m2 = manifest(&app, b"two!");
+        let t = |d: &Digest, ms| TagRow { repo: app.clone(), name: "v1".parse().unwrap(), digest: d.clone(), updated_ms: ms };
+        md.commit_manifest(&m1, Some(&t(&m1.digest, 10))).await.unwrap();
+        md.commit_manifest(&m2, Some(&t(&m2.digest, 11))).await.unwrap();
+        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None).await.unwrap();
+        md.commit_manifest(&manifest(&other, b"x"), None).await.unwrap();
+
+        let prof = md.repo_profile(&app).await.unwrap().unwrap();
+        assert_eq!((prof.pushes, prof.pulls), (2, 0));
+        assert!(prof.created_ms > 0 && prof.last_pushed_ms.is_some(), "{prof:?}");
+
+        md.record_pulls(&[
+            PullDelta { repo: app.clone(), tag: Some("v1".parse().unwrap()), digest: m2.digest.clone(), count: 3, last_ms: 50 },
+            PullDelta { repo: app.clone(), tag: None, digest: m1.digest.clone(), count: 1, last_ms: 40 },
+            // A tag deleted since is skipped, not created.
+            PullDelta { repo: app.clone(), tag: Some("gone".parse().unwrap()), digest: m1.digest.clone(), count: 1, last_ms: 45 },
+        ])
+        .await
+        .unwrap();
+        let prof = md.repo_profile(&app).await.unwrap().unwrap();
+        assert_eq!((prof.pulls, prof.last_pulled_ms), (5, Some(50)));
+        let tags = md.tag_infos(&app).await.unwrap();
+        assert_eq!(tags.len(), 1, "{tags:?}");
+        assert_eq!((tags[0].pushes, tags[0].pulls, tags[0].last_pulled_ms), (2, 3, Some(50)));
+        assert_eq!((tags[0].digest.clone(), tags[0].manifest_size), (m2.digest.clone(), 4));
+
+        let stats = md.repo_stats(&[app.clone(), empty.clone()]).await.unwrap();
+        assert_eq!(stats[0], RepoStats { tag_count: 1, manifest_count: 2, size: 100 + 3 + 4, latest_tag: Some("v1".parse().unwrap()) });
+        assert_eq!(stats[1], RepoStats::default());
+
+        let acme: AccountName = "acme".parse().unwrap();
+        let mut names: Vec<String> = md.repo_profiles(Some(&[acme])).await.unwrap().into_iter().map(|p| p.name.to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["acme/app", "acme/empty"]);
+        assert_eq!(md.repo_profiles(None).await.unwrap().len(), 3);
+
+        let patch = RepoPatch { description: Some("new".into()), ..Default::default() };
+        let updated = md.update_repo(&empty, &patch, 99).await.unwrap().unwrap();
+        assert_eq!((updated.description.as_str(), updated.category.as_str(), updated.updated_ms), ("new", "c", 99));
+        assert_eq!(md.update_repo(&"acme/none".parse().unwrap(), &patch, 1).await.unwrap(), None);
+
+        let removed = md.delete_repo(&app).await.unwrap();
+        assert_eq!(removed, Removed { tags: 1, manifests: 2, blob_links: 1 });
+        assert_eq!(md.repo_profile(&app).await.unwrap(), None);
+        assert!(md.tag_infos(&app).await.unwrap().is_empty());
+    }
+}
