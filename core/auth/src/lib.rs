@@ -259,6 +259,14 @@ impl Auth {
         self.namespaces.read().unwrap().get(repo.namespace()).cloned()
     }
 
+    /// The namespaces a tenant owns.
+    pub fn namespaces_of(&self, tenant: &AccountName) -> Vec<AccountName> {
+        let ns = self.namespaces.read().unwrap();
+        let mut out: Vec<AccountName> = ns.iter().filter(|(_, t)| *t == tenant).filter_map(|(n, _)| n.parse().ok()).collect();
+        out.sort();
+        out
+    }
+
     fn domain_of(&self, repo: &RepoName) -> String {
         self.tenant_of(repo).map(|t| t.to_string()).unwrap_or_default()
     }
@@ -630,6 +638,28 @@ impl Auth {
         let rule = Self::public_rule(&tenant, repo);
         let (add, remove) = if public { (vec![rule], vec![]) } else { (vec![], vec![rule]) };
         self.policy.change(&add, &remove).await.map_err(|e| internal("changing visibility", e))
+    }
+
+    /// A repository was deleted (its deletion was authorized by the caller): its
+    /// public rule and shares go with it, so a later repository of the same name
+    /// starts private and unshared.
+    pub async fn repo_deleted(&self, repo: &RepoName) -> Result<(), RegistryError> {
+        let Some(owner) = self.tenant_of(repo) else { return Ok(()) };
+        let mut remove = vec![Self::public_rule(&owner, repo)];
+        let shares = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;
+        let shares: Vec<ShareRow> = shares.into_iter().filter(|s| &s.repo == repo).collect();
+        for s in &shares {
+            remove.extend(Self::share_rules(&owner, repo, &s.tenant, &["pull".into(), "push".into()]));
+        }
+        let present = self.policy.rules();
+        remove.retain(|r| present.contains(r));
+        if !remove.is_empty() {
+            self.policy.change(&[], &remove).await.map_err(|e| internal("forgetting repository rules", e))?;
+        }
+        for s in shares {
+            self.meta.delete_share(repo, &s.tenant).await.map_err(|e| internal("deleting share", e))?;
+        }
+        Ok(())
     }
 
     pub fn is_public(&self, repo: &RepoName) -> bool {

@@ -199,6 +199,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(trim_when_quiet());
     berth_http::serve(services, listener, shutdown_signal()).await;
     tracing::info!("shutting down");
+    registry.flush_counters().await;
     registry.shutdown();
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Tenant isolation, cell by cell: 3 tenants × {tenant admin, maintainer,
 //! developer, reader, anonymous, user of the tenant a repository is shared with,
 //! user of an unrelated tenant} × {private, public, shared} repositories ×
-//! {pull, push, delete, list tags, catalog}. Every cell is asserted.
+//! {pull, push, delete, list tags, catalog, and the management API's repository
+//! detail, listing, tag listing and update}. Every cell is asserted.
 
 mod common;
 
@@ -10,7 +11,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 5] = ["pull", "push", "delete", "tags", "catalog"];
+const OPS: [&str; 9] = ["pull", "push", "delete", "tags", "catalog", "api-get", "api-list", "api-tags", "api-update"];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Who {
@@ -28,7 +29,11 @@ fn password(user: &str) -> String {
 
 /// What the default policy promises for one cell.
 fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
-    let read = matches!(op, "pull" | "tags" | "catalog");
+    // The management API takes no anonymous calls, public repositories included.
+    if who == Who::Anonymous && op.starts_with("api-") {
+        return false;
+    }
+    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags");
     match who {
         Who::Role(0) => true,
         Who::Role(1) => true,
@@ -145,6 +150,35 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             let v: serde_json::Value = r.json().await.unwrap();
             v["repositories"].as_array().unwrap().iter().any(|x| x == repo)
         }
+        "api-get" | "api-tags" => {
+            let sub = if op == "api-tags" { "/-/tags" } else { "" };
+            let r = c.get(s.url(&format!("/api/v1/repositories/{repo}{sub}"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op} {repo}: {code}");
+            code == 200
+        }
+        "api-list" => {
+            let r = c.get(s.url("/api/v1/repositories?limit=1000")).send().await.unwrap();
+            if r.status() == 401 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            let listed = v["items"].as_array().unwrap().iter().any(|x| x["name"] == repo);
+            // Counts never include what the caller cannot see.
+            assert_eq!(v["total_count"].as_u64().unwrap() as usize, v["items"].as_array().unwrap().len());
+            listed
+        }
+        "api-update" => {
+            let r = c
+                .patch(s.url(&format!("/api/v1/repositories/{repo}")))
+                .json(&json!({"description": format!("by {seed}")}))
+                .send()
+                .await
+                .unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op} {repo}: {code}");
+            code == 200
+        }
         _ => unreachable!(),
     }
 }
@@ -177,7 +211,7 @@ async fn isolation_matrix() {
             }
         }
     }
-    assert_eq!(cells, 3 * 3 * 7 * 5);
+    assert_eq!(cells, 3 * 3 * 7 * OPS.len());
     assert!(failures.is_empty(), "{} of {cells} cells wrong:\n{}", failures.len(), failures.join("\n"));
 }
 

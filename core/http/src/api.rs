@@ -5,7 +5,7 @@
 //! [`berth_auth::Auth`], not here.
 
 use berth_auth::policy::{export_rules, validate_rule};
-use berth_auth::{Action, Credential, Principal};
+use berth_auth::{Action, Credential, Identity, Principal};
 use berth_metadata::{PolicyRuleRow, TokenRow};
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
 use serde::de::DeserializeOwned;
@@ -26,9 +26,7 @@ fn ok(v: serde_json::Value) -> Result<Reply, RegistryError> {
 }
 
 fn no_content() -> Result<Reply, RegistryError> {
-    let mut r = json_response(StatusCode::NO_CONTENT, Vec::new());
-    r.headers_mut().remove("content-type");
-    Ok(r)
+    Ok(crate::no_content())
 }
 
 async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
@@ -113,6 +111,9 @@ struct ShareBody {
 /// Serve one management request.
 pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply {
     let auth = &services.auth;
+    if path == "openapi.json" && req.method == Method::GET {
+        return crate::manage::openapi();
+    }
     let identity = match gate::authenticate(auth, &req).await {
         Ok(i) => i,
         Err(r) => return gate::refusal_response(auth, &req, r),
@@ -124,14 +125,15 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
         set(&mut r, "www-authenticate", "Basic realm=\"berth\"");
         return r;
     }
-    match route(services, &identity.principal, path, &mut req).await {
+    match route(services, &identity, path, &mut req).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
 }
 
-async fn route(services: &Services, who: &Principal, path: &str, req: &mut Request) -> Result<Reply, RegistryError> {
+async fn route(services: &Services, identity: &Identity, path: &str, req: &mut Request) -> Result<Reply, RegistryError> {
     let auth = &services.auth;
+    let who = &identity.principal;
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let m = req.method.clone();
     match (segs.as_slice(), &m) {
@@ -220,7 +222,10 @@ async fn route(services: &Services, who: &Principal, path: &str, req: &mut Reque
             ok(json!({"allowed": d.allowed, "rule": d.rule}))
         }
         (["keys", "rotate"], &Method::POST) => ok(json!({"kid": auth.rotate_signing_key(who).await?})),
-        ([first, ..], _) if *first == "repositories" => repository(services, who, &segs[1..], req).await,
+        ([first, ..], _) if *first == "repositories" && is_old_style(&segs[1..]) => repository(services, who, &segs[1..], req).await,
+        ([first, ..], _) if *first == "repositories" => {
+            crate::manage::handle(services, identity, path.strip_prefix("repositories").unwrap_or(""), req).await
+        }
         (_, m) if known(path) => Err(method_not_allowed(m)),
         _ => Err(not_found(path)),
     }
@@ -231,6 +236,12 @@ fn known(path: &str) -> bool {
     ["me", "me/password", "tenants", "users", "tokens", "policies", "policies/remove", "policies/check", "keys/rotate"].contains(&p)
         || p.starts_with("tokens/")
         || p.starts_with("tenants/")
+}
+
+/// `…/visibility` and `…/shares[/<tenant>]` without the `/-/` separator of the
+/// repository endpoints (see `manage`).
+fn is_old_style(segs: &[&str]) -> bool {
+    !segs.contains(&"-") && (segs.last() == Some(&"visibility") || segs.iter().rev().take(2).any(|s| *s == "shares"))
 }
 
 /// `/api/v1/repositories/<name…>/visibility` and `/…/shares[/<tenant>]`; the

@@ -18,7 +18,7 @@ pub struct Grants {
 }
 
 /// The externally visible base URL (for the token realm).
-fn external_base(auth: &Auth, req: &Request) -> String {
+pub(crate) fn external_base(auth: &Auth, req: &Request) -> String {
     if let Some(u) = &auth.config().external_url {
         return u.trim_end_matches('/').to_owned();
     }

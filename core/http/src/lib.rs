@@ -15,6 +15,7 @@
 mod api;
 mod conn;
 mod gate;
+mod manage;
 pub mod route;
 
 use std::future::Future;
@@ -273,6 +274,12 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
 pub(crate) fn error_response(e: &RegistryError) -> Reply {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, e.to_json())
+}
+
+pub(crate) fn no_content() -> Reply {
+    let mut r = json_response(StatusCode::NO_CONTENT, Vec::new());
+    r.headers_mut().remove("content-type");
+    r
 }
 
 pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Reply {

@@ -78,6 +78,15 @@ impl Index {
         self.repos.write().unwrap().entry(name.clone()).or_default().clone()
     }
 
+    /// Forget a deleted repository (and the manifest bytes it had cached).
+    pub fn remove_repo(&self, name: &RepoName) {
+        let Some(state) = self.repos.write().unwrap().remove(name) else {
+            return;
+        };
+        let cached: usize = state.read().unwrap().manifests.values().filter_map(|e| e.bytes.as_ref().map(|b| b.len())).sum();
+        self.forget_cached(cached);
+    }
+
     /// Size of a blob linked into `repo`.
     pub fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Option<u64> {
         self.repo(repo)?.read().unwrap().blobs.get(digest).copied()

@@ -15,7 +15,9 @@
 //! - Reads (GET/HEAD) are answered from the index and storage and write nothing.
 //! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
 
+pub mod counters;
 pub mod index;
+pub mod manage;
 pub mod repo;
 pub mod uploads;
 
@@ -51,6 +53,9 @@ pub struct RegistryConfig {
     pub max_blob_bytes: u64,
     /// Memory budget for cached manifest bytes.
     pub manifest_cache_bytes: usize,
+    /// Pull counters are written in batches this often (a crash loses at most one
+    /// interval of pulls).
+    pub counter_flush_secs: u64,
 }
 
 impl Default for RegistryConfig {
@@ -60,6 +65,7 @@ impl Default for RegistryConfig {
             upload_sweep_secs: 600,
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             manifest_cache_bytes: 256 * 1024 * 1024,
+            counter_flush_secs: 5,
         }
     }
 }
@@ -113,6 +119,7 @@ pub struct Registry {
     system: actix_rt::System,
     uploads: Addr<UploadSessions>,
     repos: Mutex<HashMap<RepoName, Addr<RepoActor>>>,
+    pulls: Arc<counters::PullTally>,
 }
 
 impl Registry {
@@ -134,7 +141,20 @@ impl Registry {
         let ttl = Duration::from_secs(config.upload_ttl_secs);
         let sweep = Duration::from_secs(config.upload_sweep_secs.max(1));
         let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, ttl, sweep));
-        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()) }))
+        let pulls = Arc::new(counters::PullTally::default());
+        let counter = counters::CounterActor {
+            tally: pulls.clone(),
+            meta: meta.clone(),
+            every: Duration::from_secs(config.counter_flush_secs.max(1)),
+            busy: false,
+        };
+        counters::CounterActor::start_in_arbiter(&arbiter, move |_| counter);
+        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()), pulls }))
+    }
+
+    /// Write the pulls counted since the last batch (at graceful shutdown).
+    pub async fn flush_counters(&self) {
+        self.pulls.flush(&self.meta).await;
     }
 
     /// Stop the actors (after the HTTP server has drained).
@@ -401,6 +421,13 @@ impl Registry {
                 b
             }
         };
+        if body {
+            let tag = match reference {
+                Reference::Tag(t) => Some(t),
+                Reference::Digest(_) => None,
+            };
+            self.pulls.count(repo, tag, &digest);
+        }
         Ok((ManifestBody { digest, media_type, bytes }, size))
     }
 

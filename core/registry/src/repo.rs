@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use berth_metadata::{LinkRow, ManifestRow, Metadata, TagRow};
+use berth_metadata::{LinkRow, ManifestRow, Metadata, Removed, TagRow};
 use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 
 use crate::index::{Index, ManifestEntry};
@@ -205,6 +205,31 @@ impl Handler<Link> for RepoActor {
                 };
                 Ok(())
             }),
+        ))
+    }
+}
+
+/// Delete the whole repository: its tags, manifests and blob links, in one
+/// metadata transaction, then its index entry.
+pub struct DeleteRepo;
+impl Message for DeleteRepo {
+    type Result = Result<Removed, RegistryError>;
+}
+
+impl Handler<DeleteRepo> for RepoActor {
+    type Result = AtomicResponse<Self, Result<Removed, RegistryError>>;
+
+    fn handle(&mut self, _: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
+        let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
+        let name = repo.clone();
+        AtomicResponse::new(Box::pin(
+            async move { meta.delete_repo(&repo).await.map_err(|e| internal("delete repository", e)) }.into_actor(self).map(
+                move |res, _, _| {
+                    let removed = res?;
+                    index.remove_repo(&name);
+                    Ok(removed)
+                },
+            ),
         ))
     }
 }

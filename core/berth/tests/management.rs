@@ -1,0 +1,248 @@
+//! The management API for repositories and tags (`/api/v1/repositories`) against
+//! the real binary: listings with filters, sorting and paging edges, profiles,
+//! pull and push counters (batched, surviving a restart), deletes, bad input, the
+//! OpenAPI document, and tenant isolation of every answer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn api(s: &Server, path: &str) -> String {
+    s.url(&format!("/api/v1/{path}"))
+}
+
+async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 200, "GET {url}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_owned()).collect()
+}
+
+/// Poll until `f` holds (counters are written in batches).
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not reached in 10 s");
+}
+
+fn start(dir: &TempDir) -> Server {
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "[registry]\ncounter_flush_secs = 1\n").unwrap();
+    Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())])
+}
+
+#[test]
+fn repositories_listing_counters_and_isolation() {
+    let dir = TempDir::new("manage");
+    let mut s = start(&dir);
+    block_on(async {
+        let mia_token = tenant_user_token(&s, "acme", "mia", "maintainer").await;
+        let bob_token = tenant_user_token(&s, "beta", "bob", "maintainer").await;
+        let mia = client_as("mia", &mia_token);
+        let bob = client_as("bob", &bob_token);
+        push_image(&mia, &s, "acme/app", "v1", 1, json!({})).await;
+        push_image(&mia, &s, "acme/app", "v2", 2, json!({})).await;
+        push_image(&mia, &s, "acme/web", "latest", 3, json!({})).await;
+        push_image(&bob, &s, "beta/secret", "v1", 4, json!({})).await;
+
+        // The OpenAPI document needs no credentials and covers these routes.
+        let doc: Value = anon_client().get(api(&s, "openapi.json")).send().await.unwrap().json().await.unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        assert!(doc["paths"]["/api/v1/repositories/{name}/-/tags"]["get"].is_object());
+
+        // Listings hold only what the caller may read.
+        let v = get_json(&mia, &api(&s, "repositories")).await;
+        assert_eq!(names(&v), ["acme/app", "acme/web"]);
+        assert_eq!(v["total_count"], 2);
+        let app = &v["items"][0];
+        assert_eq!((app["tag_count"].as_u64(), app["image_count"].as_u64(), app["push_count"].as_u64()), (Some(2), Some(2), Some(2)));
+        assert_eq!(app["tenant"], "acme");
+        assert_eq!(app["registry_address"], format!("{}/acme/app", s.addr));
+        assert_eq!(app["latest_tag"], "v2");
+        assert!(app["size_bytes"].as_u64().unwrap() > 2000, "{app}");
+        assert_eq!(names(&get_json(&bob, &api(&s, "repositories")).await), ["beta/secret"]);
+        for q in ["namespace=acme", "tenant=acme", "keyword=app", "scope=mine", "scope=public"] {
+            let v = get_json(&bob, &api(&s, &format!("repositories?{q}"))).await;
+            assert!(names(&v).iter().all(|n| n.starts_with("beta/")), "{q}: {v}");
+        }
+        let r = anon_client().get(api(&s, "repositories")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        for path in ["repositories/acme/app", "repositories/acme/app/-/tags", "repositories/acme/app/-/tags/v1"] {
+            expect_error(bob.get(api(&s, path)).send().await.unwrap(), 403, "DENIED", path).await;
+        }
+        expect_error(bob.delete(api(&s, "repositories/acme/app")).send().await.unwrap(), 403, "DENIED", "delete other's").await;
+        let r = bob.post(api(&s, "repositories")).json(&json!({"name": "acme/planted"})).send().await.unwrap();
+        assert_eq!(r.status(), 403, "create in another tenant's namespace");
+
+        // Paging edges, keyword, sorting.
+        let v = get_json(&mia, &api(&s, "repositories?limit=1")).await;
+        assert_eq!((names(&v), v["total_count"].as_u64()), (vec!["acme/app".to_owned()], Some(2)));
+        let v = get_json(&mia, &api(&s, "repositories?limit=1&offset=1")).await;
+        assert_eq!(names(&v), ["acme/web"]);
+        let v = get_json(&mia, &api(&s, "repositories?offset=50")).await;
+        assert_eq!((names(&v).len(), v["total_count"].as_u64()), (0, Some(2)));
+        let v = get_json(&mia, &api(&s, "repositories?limit=0")).await;
+        assert_eq!((names(&v).len(), v["total_count"].as_u64()), (0, Some(2)));
+        assert_eq!(names(&get_json(&mia, &api(&s, "repositories?keyword=WEB")).await), ["acme/web"]);
+        assert_eq!(names(&get_json(&mia, &api(&s, "repositories?sort=name&order=desc")).await), ["acme/web", "acme/app"]);
+        for q in
+            ["limit=-1", "limit=100000", "limit=abc", "offset=-2", "sort=size", "order=up", "scope=everything", "bogus=1", "labels=nokey"]
+        {
+            expect_error(mia.get(api(&s, &format!("repositories?{q}"))).send().await.unwrap(), 400, "INVALID_REQUEST", q).await;
+        }
+
+        // Pulls: three by tag, one by digest; counted in a batch, off the GET path.
+        let d1 = {
+            let r = mia.get(s.url("/v2/acme/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+            r.headers()["docker-content-digest"].to_str().unwrap().to_owned()
+        };
+        for _ in 0..2 {
+            assert_eq!(mia.get(s.url("/v2/acme/app/manifests/v1")).send().await.unwrap().status(), 200);
+        }
+        assert_eq!(mia.get(s.url(&format!("/v2/acme/app/manifests/{d1}"))).send().await.unwrap().status(), 200);
+        // A HEAD is not a pull.
+        assert_eq!(mia.head(s.url("/v2/acme/app/manifests/v1")).send().await.unwrap().status(), 200);
+        eventually("repository pull count", async || get_json(&mia, &api(&s, "repositories/acme/app")).await["pull_count"] == 4).await;
+        let tags = get_json(&mia, &api(&s, "repositories/acme/app/-/tags")).await;
+        assert_eq!(names(&tags), ["v1", "v2"]);
+        assert_eq!((tags["items"][0]["pull_count"].as_u64(), tags["items"][1]["pull_count"].as_u64()), (Some(3), Some(0)));
+        assert!(tags["items"][0]["last_pulled_ms"].as_i64().unwrap() > 0);
+        assert_eq!(tags["items"][0]["digest"], d1.as_str());
+        let v = get_json(&mia, &api(&s, "repositories?sort=pulls&order=desc")).await;
+        assert_eq!(names(&v), ["acme/app", "acme/web"]);
+        let t = get_json(&mia, &api(&s, "repositories/acme/app/-/tags/v2")).await;
+        assert_eq!(t["push_count"], 1);
+        assert_eq!(get_json(&mia, &api(&s, "repositories/acme/app/-/tags?keyword=2&limit=5")).await["total_count"], 1);
+
+        // One more pull right before a graceful stop is kept too.
+        assert_eq!(mia.get(s.url("/v2/acme/web/manifests/latest")).send().await.unwrap().status(), 200);
+    });
+    s.stop();
+    let s = start(&dir);
+    block_on(async {
+        let mia = client_as("mia", "mia-password");
+        let app = get_json(&mia, &api(&s, "repositories/acme/app")).await;
+        assert_eq!((app["pull_count"].as_u64(), app["push_count"].as_u64()), (Some(4), Some(2)), "after restart: {app}");
+        assert_eq!(get_json(&mia, &api(&s, "repositories/acme/web")).await["pull_count"], 1);
+    });
+}
+
+#[test]
+fn repository_profiles_and_deletes() {
+    let dir = TempDir::new("manage-del");
+    let s = start(&dir);
+    block_on(async {
+        let token = tenant_user_token(&s, "acme", "mia", "tenant-admin").await;
+        let mia = client_as("mia", &token);
+
+        // Explicit creation with a profile; names checked with clear messages.
+        let r = mia
+            .post(api(&s, "repositories"))
+            .json(&json!({"name": "acme/tools/cli", "description": "Command line", "category": "tools", "labels": {"team": "core"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v = get_json(&mia, &api(&s, "repositories/acme/tools/cli")).await;
+        assert_eq!(
+            (v["description"].as_str(), v["tag_count"].as_u64(), v["public"].as_bool()),
+            (Some("Command line"), Some(0), Some(false))
+        );
+        // Percent-encoded names address the same repository.
+        assert_eq!(get_json(&mia, &api(&s, "repositories/acme%2Ftools%2Fcli")).await["name"], "acme/tools/cli");
+        // An empty repository exists for the OCI API too.
+        let tags: Value = mia.get(s.url("/v2/acme/tools/cli/tags/list")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(tags["tags"], json!([]));
+        let r = mia.post(api(&s, "repositories")).json(&json!({"name": "acme/tools/cli"})).send().await.unwrap();
+        expect_error(r, 409, "CONFLICT", "create twice").await;
+        for (body, code) in [
+            (json!({"name": "Acme/Upper"}), "NAME_INVALID"),
+            (json!({"name": "nobody/x"}), "DENIED"),
+            (json!({"name": "acme/x", "colour": "red"}), "INVALID_REQUEST"),
+            (json!({"name": "acme/x", "labels": {"bad key": "v"}}), "INVALID_REQUEST"),
+            (json!({"name": 7}), "INVALID_REQUEST"),
+        ] {
+            let r = mia.post(api(&s, "repositories")).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            assert!(status == 400 || status == 403, "{body}: {status}");
+            expect_error(r, status, code, &body.to_string()).await;
+        }
+
+        // Update: fields given change, the rest stay; visibility goes through policy.
+        let r =
+            mia.patch(api(&s, "repositories/acme/tools/cli")).json(&json!({"description": "CLI", "public": true})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v = get_json(&mia, &api(&s, "repositories/acme/tools/cli")).await;
+        assert_eq!((v["description"].as_str(), v["category"].as_str(), v["public"].as_bool()), (Some("CLI"), Some("tools"), Some(true)));
+        assert_eq!(names(&get_json(&mia, &api(&s, "repositories?labels=team:core")).await), ["acme/tools/cli"]);
+        assert_eq!(names(&get_json(&mia, &api(&s, "repositories?scope=public")).await), ["acme/tools/cli"]);
+        assert!(names(&get_json(&mia, &api(&s, "repositories?labels=team:other")).await).is_empty());
+        let r = mia.patch(api(&s, "repositories/acme/none")).json(&json!({"description": "x"})).send().await.unwrap();
+        expect_error(r, 404, "NAME_UNKNOWN", "update unknown").await;
+
+        // Bulk delete by tag status: the untagged manifest goes, its referrer of a
+        // tagged manifest and the tagged one stay.
+        let tagged = push_image(&mia, &s, "acme/app", "v1", 1, json!({})).await;
+        let untagged = {
+            let config = b"{\"u\":1}".to_vec();
+            let cd = push_blob(&mia, &s, "acme/app", &config).await;
+            let m = image_manifest((&cd, config.len()), &[], json!({}));
+            put_manifest(&mia, &s, "acme/app", &sha256(&m), OCI_MANIFEST, &m).await
+        };
+        let referrer = {
+            let empty = push_blob(&mia, &s, "acme/app", b"{}").await;
+            let m = serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/x-signature",
+                "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+                "layers": [], "subject": {"mediaType": OCI_MANIFEST, "digest": tagged, "size": 1}
+            }))
+            .unwrap();
+            put_manifest(&mia, &s, "acme/app", &sha256(&m), OCI_MANIFEST, &m).await
+        };
+        let r = mia.post(api(&s, "repositories/acme/app/-/manifests/delete")).json(&json!({"status": "untagged"})).send().await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["deleted"], json!([untagged]));
+        assert_eq!(mia.get(s.url(&format!("/v2/acme/app/manifests/{referrer}"))).send().await.unwrap().status(), 200);
+        assert_eq!(mia.get(s.url("/v2/acme/app/manifests/v1")).send().await.unwrap().status(), 200);
+        let r = mia.post(api(&s, "repositories/acme/app/-/manifests/delete")).json(&json!({"status": "old"})).send().await.unwrap();
+        expect_error(r, 400, "INVALID_REQUEST", "bad status").await;
+
+        // Delete a tag, then a manifest by digest.
+        push_image(&mia, &s, "acme/app", "v2", 2, json!({})).await;
+        assert_eq!(mia.delete(api(&s, "repositories/acme/app/-/tags/v2")).send().await.unwrap().status(), 204);
+        expect_error(mia.get(api(&s, "repositories/acme/app/-/tags/v2")).send().await.unwrap(), 404, "MANIFEST_UNKNOWN", "deleted tag")
+            .await;
+        assert_eq!(mia.delete(api(&s, &format!("repositories/acme/app/-/manifests/{referrer}"))).send().await.unwrap().status(), 204);
+        let r = mia.delete(api(&s, "repositories/acme/app/-/manifests/sha256:nothex")).send().await.unwrap();
+        expect_error(r, 400, "DIGEST_INVALID", "bad digest").await;
+
+        // Delete the whole repository: it is gone everywhere, and its public rule
+        // does not outlive it.
+        let r = mia.delete(api(&s, "repositories/acme/app")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["manifests"].as_u64().unwrap() >= 2 && v["tags"] == 1, "{v}");
+        expect_error(mia.get(api(&s, "repositories/acme/app")).send().await.unwrap(), 404, "NAME_UNKNOWN", "deleted repo").await;
+        expect_error(mia.get(s.url("/v2/acme/app/tags/list")).send().await.unwrap(), 404, "NAME_UNKNOWN", "deleted repo, OCI").await;
+        assert_eq!(names(&get_json(&mia, &api(&s, "repositories")).await), ["acme/tools/cli"]);
+        assert_eq!(mia.delete(api(&s, "repositories/acme/tools/cli")).send().await.unwrap().status(), 200);
+        let r = mia.post(api(&s, "repositories")).json(&json!({"name": "acme/tools/cli"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(get_json(&mia, &api(&s, "repositories/acme/tools/cli")).await["public"], false);
+        // A push to a deleted repository starts it afresh.
+        push_image(&mia, &s, "acme/app", "v9", 9, json!({})).await;
+        assert_eq!(get_json(&mia, &api(&s, "repositories/acme/app")).await["tag_count"], 1);
+    });
+}

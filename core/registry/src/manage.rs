@@ -1,0 +1,249 @@
+//! Management operations on repositories and tags: explicit creation, profiles,
+//! filtered and paged listings with their figures, repository delete, bulk
+//! manifest deletes.
+//!
+//! Access is never decided here: listings take a `visible` predicate that the
+//! caller built from `Auth` (what the identity may read, push, or what is
+//! public), and single-repository calls are made only after the HTTP layer
+//! authorized them.
+
+use std::collections::{BTreeMap, HashSet};
+
+use berth_metadata::{RepoPatch, RepoProfile, RepoStats, TagInfo};
+use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoName};
+
+use crate::{internal, name_unknown, now_ms, repo, Registry};
+
+/// How repository listings are ordered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RepoSort {
+    #[default]
+    Name,
+    Updated,
+    Pulls,
+}
+
+/// Filters, order and page of a repository listing.
+#[derive(Clone, Debug, Default)]
+pub struct RepoQuery {
+    /// Only repositories in these namespaces (`None`: all namespaces).
+    pub namespaces: Option<Vec<AccountName>>,
+    /// Case-insensitive substring of the full name or the description.
+    pub keyword: Option<String>,
+    /// Every one of these labels must be present with this value.
+    pub labels: BTreeMap<String, String>,
+    pub sort: RepoSort,
+    pub descending: bool,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// A repository with its figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RepoSummary {
+    pub profile: RepoProfile,
+    pub stats: RepoStats,
+}
+
+/// One page of a listing, with the number of items matching in all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: usize,
+}
+
+/// Which manifests a bulk delete removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagStatus {
+    /// Manifests no tag points at (and that no index in the repository needs).
+    Untagged,
+    /// Manifests some tag points at, with those tags.
+    Tagged,
+}
+
+fn meta_err(what: &str) -> impl FnOnce(berth_metadata::MetadataError) -> RegistryError + '_ {
+    move |e| internal(what, e)
+}
+
+impl Registry {
+    /// Create an empty repository; `NAME_INVALID`-style conflicts are the caller's
+    /// to phrase: `false` if it already exists.
+    pub async fn create_repo(
+        &self,
+        name: &RepoName,
+        description: String,
+        category: String,
+        labels: BTreeMap<String, String>,
+    ) -> Result<bool, RegistryError> {
+        let now = now_ms();
+        let profile = RepoProfile {
+            name: name.clone(),
+            created_ms: now,
+            updated_ms: now,
+            description,
+            category,
+            labels,
+            pulls: 0,
+            pushes: 0,
+            last_pulled_ms: None,
+            last_pushed_ms: None,
+        };
+        let created = self.meta.create_repo(&profile).await.map_err(meta_err("create repository"))?;
+        if created {
+            self.index.repo_or_create(name);
+        }
+        Ok(created)
+    }
+
+    /// Whether the repository exists (explicitly created or pushed to).
+    pub fn repo_exists(&self, name: &RepoName) -> bool {
+        self.index.repo(name).is_some()
+    }
+
+    /// One repository with its figures.
+    pub async fn repo_summary(&self, name: &RepoName) -> Result<RepoSummary, RegistryError> {
+        let profile = self.meta.repo_profile(name).await.map_err(meta_err("read repository"))?.ok_or_else(|| name_unknown(name))?;
+        let stats = self.meta.repo_stats(std::slice::from_ref(name)).await.map_err(meta_err("repository figures"))?;
+        Ok(RepoSummary { profile, stats: stats.into_iter().next().unwrap_or_default() })
+    }
+
+    pub async fn update_repo(&self, name: &RepoName, patch: &RepoPatch) -> Result<RepoSummary, RegistryError> {
+        self.meta.update_repo(name, patch, now_ms()).await.map_err(meta_err("update repository"))?.ok_or_else(|| name_unknown(name))?;
+        self.repo_summary(name).await
+    }
+
+    /// A filtered, ordered page of the repositories `visible` admits.
+    pub async fn list_repos(&self, q: &RepoQuery, visible: impl Fn(&RepoName) -> bool) -> Result<Page<RepoSummary>, RegistryError> {
+        let mut profiles = self.meta.repo_profiles(q.namespaces.as_deref()).await.map_err(meta_err("list repositories"))?;
+        let keyword = q.keyword.as_ref().map(|k| k.to_lowercase());
+        profiles.retain(|p| {
+            visible(&p.name)
+                && keyword
+                    .as_ref()
+                    .is_none_or(|k| p.name.as_str().contains(k.as_str()) || p.description.to_lowercase().contains(k.as_str()))
+                && q.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        });
+        match q.sort {
+            RepoSort::Name => profiles.sort_by(|a, b| a.name.cmp(&b.name)),
+            RepoSort::Updated => profiles.sort_by(|a, b| a.updated_ms.cmp(&b.updated_ms).then_with(|| a.name.cmp(&b.name))),
+            RepoSort::Pulls => profiles.sort_by(|a, b| a.pulls.cmp(&b.pulls).then_with(|| a.name.cmp(&b.name))),
+        }
+        if q.descending {
+            profiles.reverse();
+        }
+        let total = profiles.len();
+        let page: Vec<RepoProfile> = profiles.into_iter().skip(q.offset).take(q.limit).collect();
+        let names: Vec<RepoName> = page.iter().map(|p| p.name.clone()).collect();
+        let stats = self.meta.repo_stats(&names).await.map_err(meta_err("repository figures"))?;
+        let items = page
+            .into_iter()
+            .zip(stats.into_iter().chain(std::iter::repeat(RepoStats::default())))
+            .map(|(profile, stats)| RepoSummary { profile, stats })
+            .collect();
+        Ok(Page { items, total })
+    }
+
+    /// A page of a repository's tags (by name), filtered by a keyword.
+    pub async fn list_tags(
+        &self,
+        repo: &RepoName,
+        keyword: Option<&str>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Page<TagInfo>, RegistryError> {
+        if !self.repo_exists(repo) {
+            return Err(name_unknown(repo));
+        }
+        let mut tags = self.meta.tag_infos(repo).await.map_err(meta_err("list tags"))?;
+        if let Some(k) = keyword.map(str::to_lowercase) {
+            tags.retain(|t| t.name.as_str().to_lowercase().contains(&k));
+        }
+        let total = tags.len();
+        Ok(Page { items: tags.into_iter().skip(offset).take(limit).collect(), total })
+    }
+
+    /// Delete a repository with all its tags, manifests and blob links.
+    pub async fn delete_repo(&self, name: &RepoName) -> Result<berth_metadata::Removed, RegistryError> {
+        if !self.repo_exists(name) {
+            return Err(name_unknown(name));
+        }
+        let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo).await??;
+        self.repos.lock().unwrap().remove(name);
+        Ok(removed)
+    }
+
+    /// Delete every untagged manifest, or every tagged one with its tags; answers
+    /// the digests removed. An untagged manifest that an index of the repository
+    /// still lists is kept (deleting it would break that index).
+    pub async fn delete_by_status(&self, repo: &RepoName, status: TagStatus) -> Result<Vec<Digest>, RegistryError> {
+        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+        let candidates: Vec<Digest> = {
+            let s = state.read().unwrap();
+            let tagged: HashSet<&Digest> = s.tags.values().collect();
+            let mut going: HashSet<&Digest> = s.manifests.keys().filter(|d| tagged.contains(d) == (status == TagStatus::Tagged)).collect();
+            if status == TagStatus::Untagged {
+                // Referrers (signatures, SBOMs) of a manifest that stays stay with it,
+                // and so do theirs.
+                loop {
+                    let keep: Vec<&Digest> = going
+                        .iter()
+                        .filter(|d| {
+                            s.manifests[**d].row.subject.as_ref().is_some_and(|sub| s.manifests.contains_key(sub) && !going.contains(sub))
+                        })
+                        .copied()
+                        .collect();
+                    if keep.is_empty() {
+                        break;
+                    }
+                    for d in keep {
+                        going.remove(d);
+                    }
+                }
+            }
+            let mut c: Vec<Digest> = going.into_iter().cloned().collect();
+            c.sort();
+            c
+        };
+        let mut children = HashSet::new();
+        if status == TagStatus::Untagged {
+            // Children of the manifests that stay are needed by them.
+            for d in self.index_children(repo, &candidates).await? {
+                children.insert(d);
+            }
+        }
+        let mut deleted = Vec::new();
+        for d in candidates.into_iter().filter(|d| !children.contains(d)) {
+            match self.delete_manifest(repo, &Reference::Digest(d.clone())).await {
+                Ok(()) => deleted.push(d),
+                // Deleted meanwhile by someone else: not ours to report.
+                Err(e) if e.code() == ErrorCode::ManifestUnknown => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Digests that the index manifests of `repo` which are not in `going` list.
+    async fn index_children(&self, repo: &RepoName, going: &[Digest]) -> Result<Vec<Digest>, RegistryError> {
+        let indexes: Vec<Digest> = {
+            let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+            let s = state.read().unwrap();
+            s.manifests
+                .values()
+                .filter(|e| {
+                    berth_oci::manifest::essence(&e.row.media_type) == berth_oci::manifest::OCI_INDEX
+                        || berth_oci::manifest::essence(&e.row.media_type) == berth_oci::manifest::DOCKER_MANIFEST_LIST
+                })
+                .map(|e| e.row.digest.clone())
+                .filter(|d| !going.contains(d))
+                .collect()
+        };
+        let mut out = Vec::new();
+        for d in indexes {
+            let bytes = self.store.read_blob_bytes(&d).await.map_err(|e| internal("read index manifest", e))?;
+            let parsed = berth_oci::ParsedManifest::parse(&bytes, None)?;
+            out.extend(parsed.required_manifests().cloned());
+        }
+        Ok(out)
+    }
+}
