@@ -32,7 +32,10 @@ use std::time::Duration;
 use actix::{Actor, Addr};
 use actix_rt::ArbiterHandle;
 use base64::Engine;
-use berth_metadata::{Metadata, NamespaceRow, PolicyRuleRow, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
+use berth_metadata::{
+    Metadata, NamespacePatch, NamespaceProfile, NamespaceRow, NamespaceStats, PolicyRuleRow, ShareRow, SigningKeyRow, TenantRow, TokenKind,
+    TokenRow, UserRow,
+};
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
 use serde::Deserialize;
 
@@ -562,6 +565,105 @@ impl Auth {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {ns} is taken")));
         }
         self.refresh_namespaces().await
+    }
+
+    // ----- namespaces with profiles -----
+
+    /// Whether `who` may see a namespace: a member of its tenant (any role) or a
+    /// platform admin. Public repositories and shares do not reveal the namespace.
+    pub fn namespace_readable(&self, who: &Principal, ns: &AccountName) -> bool {
+        self.namespace_decision(who, ns, Action::Pull)
+    }
+
+    fn namespace_decision(&self, who: &Principal, ns: &AccountName, action: Action) -> bool {
+        let Some(tenant) = self.namespaces.read().unwrap().get(ns.as_str()).cloned() else { return false };
+        // The object is the bare namespace name: role rules (`*`) cover it; the
+        // repository rules of public repositories and shares (`acme/app`) do not.
+        self.policy.check(who.subject(), tenant.as_str(), ns.as_str(), action.as_str()).allowed
+    }
+
+    /// Refuse unless `who` administers the namespace (its tenant's admin, or the
+    /// platform admin); an unknown namespace is refused the same way.
+    pub fn require_namespace_admin(&self, who: &Principal, ns: &AccountName) -> Result<(), RegistryError> {
+        if self.namespace_decision(who, ns, Action::Admin) {
+            Ok(())
+        } else {
+            Err(denied(format!("administrator of namespace {ns} required")))
+        }
+    }
+
+    /// Create a namespace for a tenant (that tenant's admin, or the platform admin).
+    pub async fn create_namespace(&self, who: &Principal, p: NamespaceProfile) -> Result<(), RegistryError> {
+        self.require_tenant_admin(who, &p.tenant)?;
+        if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == p.tenant) {
+            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {}", p.tenant)));
+        }
+        if !self.meta.create_namespace_profile(&p).await.map_err(|e| internal("creating namespace", e))? {
+            return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {} is taken", p.name)));
+        }
+        self.refresh_namespaces().await
+    }
+
+    /// The namespaces `who` may see, with their profiles.
+    pub async fn visible_namespaces(&self, who: &Principal) -> Result<Vec<NamespaceProfile>, RegistryError> {
+        let all = self.meta.namespace_profiles().await.map_err(|e| internal("listing namespaces", e))?;
+        Ok(all.into_iter().filter(|n| self.namespace_readable(who, &n.name)).collect())
+    }
+
+    /// One namespace `who` may see, with its figures; unknown and unreadable
+    /// namespaces are refused alike (no existence leak).
+    pub async fn namespace(&self, who: &Principal, ns: &AccountName) -> Result<(NamespaceProfile, NamespaceStats), RegistryError> {
+        let unknown = || RegistryError::new(ErrorCode::NotFound).with_detail(format!("no namespace {ns}"));
+        if !self.namespace_readable(who, ns) {
+            return Err(unknown());
+        }
+        let p = self.meta.namespace_profile(ns).await.map_err(|e| internal("reading namespace", e))?.ok_or_else(unknown)?;
+        let st = self.namespace_stats(ns).await?;
+        Ok((p, st))
+    }
+
+    pub async fn namespace_stats(&self, ns: &AccountName) -> Result<NamespaceStats, RegistryError> {
+        self.meta.namespace_stats(ns).await.map_err(|e| internal("namespace figures", e))
+    }
+
+    pub async fn update_namespace(
+        &self,
+        who: &Principal,
+        ns: &AccountName,
+        patch: &NamespacePatch,
+    ) -> Result<NamespaceProfile, RegistryError> {
+        self.require_namespace_admin(who, ns)?;
+        self.meta
+            .update_namespace(ns, patch, tokens::now_ms())
+            .await
+            .map_err(|e| internal("updating namespace", e))?
+            .ok_or_else(|| RegistryError::new(ErrorCode::NotFound).with_detail(format!("no namespace {ns}")))
+    }
+
+    /// Forget an emptied namespace (the caller deleted its repositories). A
+    /// tenant's own namespace goes only with the tenant.
+    pub async fn delete_namespace(&self, who: &Principal, ns: &AccountName) -> Result<(), RegistryError> {
+        self.require_namespace_admin(who, ns)?;
+        if self.tenant_of_namespace(ns).as_ref() == Some(ns) {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail(format!("{ns} is its tenant's own namespace")));
+        }
+        self.meta.delete_namespace(ns).await.map_err(|e| internal("deleting namespace", e))?;
+        self.refresh_namespaces().await
+    }
+
+    /// Whether repositories created in `ns` through the API start public.
+    pub async fn namespace_public_default(&self, ns: &AccountName) -> Result<bool, RegistryError> {
+        Ok(self.meta.namespace_profile(ns).await.map_err(|e| internal("reading namespace", e))?.is_some_and(|p| p.public_default))
+    }
+
+    /// The tenant a user belongs to (`None` for platform users).
+    pub async fn tenant_of_user(&self, who: &Principal) -> Result<Option<AccountName>, RegistryError> {
+        let Some(user) = who.user() else { return Ok(None) };
+        Ok(self.meta.user(user).await.map_err(|e| internal("reading user", e))?.and_then(|u| u.tenant))
+    }
+
+    pub fn tenant_of_namespace(&self, ns: &AccountName) -> Option<AccountName> {
+        self.namespaces.read().unwrap().get(ns.as_str()).cloned()
     }
 
     /// Create a user in a tenant with one of [`ROLES`] (tenant admin).

@@ -11,7 +11,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 9] = ["pull", "push", "delete", "tags", "catalog", "api-get", "api-list", "api-tags", "api-update"];
+const OPS: [&str; 10] = ["pull", "push", "delete", "tags", "catalog", "api-get", "api-list", "api-tags", "api-update", "api-namespace"];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Who {
@@ -32,6 +32,11 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     // The management API takes no anonymous calls, public repositories included.
     if who == Who::Anonymous && op.starts_with("api-") {
         return false;
+    }
+    // A namespace is visible to its tenant's members only (not through a public
+    // or shared repository in it).
+    if op == "api-namespace" {
+        return matches!(who, Who::Role(_));
     }
     let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags");
     match who {
@@ -155,6 +160,21 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             let r = c.get(s.url(&format!("/api/v1/repositories/{repo}{sub}"))).send().await.unwrap();
             let code = r.status().as_u16();
             assert!(code == 200 || denied(code), "{op} {repo}: {code}");
+            code == 200
+        }
+        "api-namespace" => {
+            let ns = repo.split('/').next().unwrap();
+            let r = c.get(s.url(&format!("/api/v1/namespaces/{ns}"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            // Unknown and invisible answer alike.
+            assert!(code == 200 || code == 404 || code == 401, "{op} {ns}: {code}");
+            let listed = if code == 401 {
+                false
+            } else {
+                let v: serde_json::Value = c.get(s.url("/api/v1/namespaces")).send().await.unwrap().json().await.unwrap();
+                v["items"].as_array().unwrap().iter().any(|x| x["name"] == ns)
+            };
+            assert_eq!(listed, code == 200, "{op} {ns}: listing and detail disagree");
             code == 200
         }
         "api-list" => {

@@ -246,3 +246,84 @@ fn repository_profiles_and_deletes() {
         assert_eq!(get_json(&mia, &api(&s, "repositories/acme/app")).await["tag_count"], 1);
     });
 }
+
+#[test]
+fn namespaces_lifecycle_and_isolation() {
+    let dir = TempDir::new("manage-ns");
+    let s = start(&dir);
+    block_on(async {
+        let admin_token = tenant_user_token(&s, "acme", "ada", "tenant-admin").await;
+        let ada = client_as("ada", &admin_token);
+        let maint = client_as("max", &tenant_user_token(&s, "acme", "max", "maintainer").await);
+        let reader = client_as("rea", &tenant_user_token(&s, "acme", "rea", "reader").await);
+        let bob = client_as("bob", &tenant_user_token(&s, "beta", "bob", "tenant-admin").await);
+
+        // A tenant admin creates a namespace for its own tenant (the default).
+        let r = ada
+            .post(api(&s, "namespaces"))
+            .json(&json!({"name": "acme-tools", "description": "Tools", "labels": {"env": "prod"}, "project_id": "p7"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let v = get_json(&reader, &api(&s, "namespaces/acme-tools")).await;
+        assert_eq!((v["tenant"].as_str(), v["project_id"].as_str()), (Some("acme"), Some("p7")));
+        assert_eq!(v["registry_address"], format!("{}/acme-tools", s.addr));
+        // Others may not create one, for their tenant or for another.
+        let r = maint.post(api(&s, "namespaces")).json(&json!({"name": "acme-x"})).send().await.unwrap();
+        expect_error(r, 403, "DENIED", "maintainer creates namespace").await;
+        let r = bob.post(api(&s, "namespaces")).json(&json!({"name": "planted", "tenant": "acme"})).send().await.unwrap();
+        expect_error(r, 403, "DENIED", "other tenant's admin").await;
+        let r = ada.post(api(&s, "namespaces")).json(&json!({"name": "acme-tools"})).send().await.unwrap();
+        expect_error(r, 409, "CONFLICT", "taken").await;
+        let r = ada.post(api(&s, "namespaces")).json(&json!({"name": "Bad_Name"})).send().await.unwrap();
+        expect_error(r, 400, "NAME_INVALID", "invalid").await;
+
+        // Name checks say why.
+        let c = get_json(&bob, &api(&s, "namespaces/check?name=Bad_Name")).await;
+        assert_eq!((c["valid"].as_bool(), c["available"].as_bool()), (Some(false), Some(false)));
+        assert!(c["reason"].as_str().unwrap().contains("[a-z0-9]"), "{c}");
+        let c = get_json(&bob, &api(&s, "namespaces/check?name=acme-tools")).await;
+        assert_eq!((c["valid"].as_bool(), c["available"].as_bool()), (Some(true), Some(false)));
+        assert_eq!(get_json(&bob, &api(&s, "namespaces/check?name=fresh")).await["available"], true);
+
+        // Listing: members see their tenant's namespaces, others never.
+        let v = get_json(&reader, &api(&s, "namespaces")).await;
+        assert_eq!(names(&v), ["acme", "acme-tools"]);
+        assert_eq!(names(&get_json(&bob, &api(&s, "namespaces")).await), ["beta"]);
+        assert_eq!(get_json(&bob, &api(&s, "namespaces?tenant=acme")).await["total_count"], 0);
+        expect_error(bob.get(api(&s, "namespaces/acme-tools")).send().await.unwrap(), 404, "NOT_FOUND", "other's namespace").await;
+        assert_eq!(names(&get_json(&reader, &api(&s, "namespaces?keyword=TOOL&limit=1")).await), ["acme-tools"]);
+        expect_error(reader.get(api(&s, "namespaces?limit=-5")).send().await.unwrap(), 400, "INVALID_REQUEST", "bad limit").await;
+
+        // Pushes go into it; its figures follow.
+        push_image(&maint, &s, "acme-tools/app", "v1", 1, json!({})).await;
+        let v = get_json(&reader, &api(&s, "namespaces/acme-tools")).await;
+        assert_eq!(v["repository_count"], 1);
+        assert!(v["storage_bytes"].as_u64().unwrap() > 1000);
+
+        // Profile updates; public_default makes API-created repositories public.
+        let r = reader.patch(api(&s, "namespaces/acme-tools")).json(&json!({"description": "x"})).send().await.unwrap();
+        expect_error(r, 403, "DENIED", "reader updates").await;
+        let r = ada.patch(api(&s, "namespaces/acme-tools")).json(&json!({"public_default": true})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let r = ada.post(api(&s, "repositories")).json(&json!({"name": "acme-tools/open"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(get_json(&ada, &api(&s, "repositories/acme-tools/open")).await["public"], true);
+
+        // Delete: refused while not empty, then forced (repositories go with it).
+        let r = ada.delete(api(&s, "namespaces/acme-tools")).send().await.unwrap();
+        expect_error(r, 409, "CONFLICT", "not empty").await;
+        let r = bob.delete(api(&s, "namespaces/acme-tools?force=true")).send().await.unwrap();
+        expect_error(r, 403, "DENIED", "other tenant deletes").await;
+        let r = ada.delete(api(&s, "namespaces/acme-tools?force=true")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["repositories"], json!(["acme-tools/app", "acme-tools/open"]));
+        expect_error(ada.get(api(&s, "namespaces/acme-tools")).send().await.unwrap(), 404, "NOT_FOUND", "deleted").await;
+        expect_error(maint.get(s.url("/v2/acme-tools/app/tags/list")).send().await.unwrap(), 403, "DENIED", "no owner, no access").await;
+        let r = ada.delete(api(&s, "namespaces/acme")).send().await.unwrap();
+        expect_error(r, 400, "INVALID_REQUEST", "own namespace").await;
+        assert_eq!(get_json(&bob, &api(&s, "namespaces/check?name=acme-tools")).await["available"], true);
+    });
+}

@@ -222,6 +222,9 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
             ok(json!({"allowed": d.allowed, "rule": d.rule}))
         }
         (["keys", "rotate"], &Method::POST) => ok(json!({"kid": auth.rotate_signing_key(who).await?})),
+        ([first, ..], _) if *first == "namespaces" => {
+            crate::namespaces::handle(services, identity, path.strip_prefix("namespaces").unwrap_or(""), req).await
+        }
         ([first, ..], _) if *first == "repositories" && is_old_style(&segs[1..]) => repository(services, who, &segs[1..], req).await,
         ([first, ..], _) if *first == "repositories" => {
             crate::manage::handle(services, identity, path.strip_prefix("repositories").unwrap_or(""), req).await

@@ -16,6 +16,7 @@ mod api;
 mod conn;
 mod gate;
 mod manage;
+mod namespaces;
 pub mod route;
 
 use std::future::Future;

@@ -166,25 +166,25 @@ pub struct TagListParams {
     pub offset: Option<i64>,
 }
 
-fn bad(detail: impl Into<String>) -> RegistryError {
+pub(crate) fn bad(detail: impl Into<String>) -> RegistryError {
     RegistryError::new(ErrorCode::InvalidRequest).with_detail(detail.into())
 }
 
-fn query<T: DeserializeOwned + Default>(req: &Request) -> Result<T, RegistryError> {
+pub(crate) fn query<T: DeserializeOwned + Default>(req: &Request) -> Result<T, RegistryError> {
     serde_urlencoded::from_str(&req.query).map_err(|e| bad(format!("invalid query: {e}")))
 }
 
-async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
+pub(crate) async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
     let b = read_small_body(req, MAX_BODY).await?;
     serde_json::from_slice(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
 }
 
-fn reply<T: Serialize>(status: StatusCode, v: &T) -> Result<Reply, RegistryError> {
+pub(crate) fn reply<T: Serialize>(status: StatusCode, v: &T) -> Result<Reply, RegistryError> {
     Ok(json_response(status, serde_json::to_vec(v).map_err(|e| RegistryError::internal().with_detail(e.to_string()))?))
 }
 
 /// `limit` and `offset` checked: negative or oversized values are refused, not clamped.
-fn paging(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), RegistryError> {
+pub(crate) fn paging(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), RegistryError> {
     let limit = limit.unwrap_or(DEFAULT_LIMIT as i64);
     if !(0..=MAX_LIMIT as i64).contains(&limit) {
         return Err(bad(format!("limit must be between 0 and {MAX_LIMIT}")));
@@ -196,7 +196,7 @@ fn paging(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), Reg
     Ok((limit as usize, usize::try_from(offset).unwrap_or(usize::MAX)))
 }
 
-fn page<T, U>(p: ServicePage<T>, limit: usize, offset: usize, f: impl Fn(T) -> U) -> Page<U> {
+pub(crate) fn page<T, U>(p: ServicePage<T>, limit: usize, offset: usize, f: impl Fn(T) -> U) -> Page<U> {
     Page { items: p.items.into_iter().map(f).collect(), total_count: p.total, limit, offset }
 }
 
@@ -229,7 +229,7 @@ fn authorize(auth: &Auth, identity: &Identity, repo: &RepoName, op: Op) -> Resul
     })
 }
 
-fn host(services: &Services, req: &Request) -> String {
+pub(crate) fn host(services: &Services, req: &Request) -> String {
     let base = crate::gate::external_base(&services.auth, req);
     base.split_once("://").map(|(_, h)| h.to_owned()).unwrap_or(base)
 }
@@ -279,7 +279,7 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, RegistryError> {
         .collect()
 }
 
-fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> {
+pub(crate) fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> {
     if labels.len() > 64 {
         return Err(bad("at most 64 labels"));
     }
@@ -292,7 +292,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), RegistryError> 
     Ok(())
 }
 
-fn check_text(what: &str, s: &str, max: usize) -> Result<(), RegistryError> {
+pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<(), RegistryError> {
     if s.len() > max {
         return Err(bad(format!("{what} is longer than {max} bytes")));
     }
@@ -405,7 +405,8 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
     if !services.registry.create_repo(&repo, b.description, b.category, b.labels).await? {
         return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("repository {repo} exists")));
     }
-    if b.public {
+    let ns: AccountName = repo.namespace().parse()?;
+    if b.public || services.auth.namespace_public_default(&ns).await? {
         services.auth.set_public(&identity.principal, &repo, true).await?;
     }
     let s = services.registry.repo_summary(&repo).await?;
@@ -541,10 +542,17 @@ impl utoipa::Modify for BasicAuth {
     }
 }
 
+/// The whole management API's OpenAPI document.
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::namespaces::NamespaceDoc::openapi());
+    doc
+}
+
 /// `GET /api/v1/openapi.json`.
 pub(crate) fn openapi() -> Reply {
-    use utoipa::OpenApi;
-    json_response(StatusCode::OK, ApiDoc::openapi().to_json().unwrap_or_default().into_bytes())
+    json_response(StatusCode::OK, document().to_json().unwrap_or_default().into_bytes())
 }
 
 #[cfg(test)]

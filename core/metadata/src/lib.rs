@@ -16,7 +16,7 @@ pub mod manage;
 
 pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
-pub use manage::{PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
+pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};

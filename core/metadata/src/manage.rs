@@ -91,6 +91,43 @@ pub struct Removed {
     pub blob_links: u64,
 }
 
+/// A namespace with its profile (the tenant mapping itself is [`crate::NamespaceRow`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamespaceProfile {
+    pub name: AccountName,
+    pub tenant: AccountName,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub project_id: String,
+    /// Repositories created in it start public.
+    #[serde(default)]
+    pub public_default: bool,
+    #[serde(default)]
+    pub created_ms: i64,
+    #[serde(default)]
+    pub updated_ms: i64,
+}
+
+/// Fields of a namespace profile to change.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NamespacePatch {
+    pub description: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub project_id: Option<String>,
+    pub public_default: Option<bool>,
+}
+
+/// A namespace's computed figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NamespaceStats {
+    pub repository_count: u64,
+    /// Bytes its repositories reference, each blob counted once.
+    pub storage_bytes: u64,
+}
+
 pub(crate) const SCHEMA: &str = r#"
 DEFINE INDEX IF NOT EXISTS repo_namespace ON repo FIELDS namespace;
 DEFINE INDEX IF NOT EXISTS blob_link_repo ON blob_link FIELDS repo;
@@ -271,6 +308,108 @@ impl Metadata {
     }
 }
 
+const NS_PROFILE: &str = "name, tenant, description OR '' AS description, labels OR {} AS labels, project_id OR '' AS project_id, \
+     public_default OR false AS public_default, created_ms OR 0 AS created_ms, updated_ms OR created_ms OR 0 AS updated_ms";
+
+impl Metadata {
+    /// Create a namespace for a tenant with its profile; `false` if the name is
+    /// taken (by a namespace or a tenant's own).
+    pub async fn create_namespace_profile(&self, p: &NamespaceProfile) -> Result<bool> {
+        let mut r = self
+            .db
+            .query(
+                "BEGIN TRANSACTION;
+                 IF (SELECT VALUE name FROM ONLY type::record('namespace', $name)) { RETURN false; };
+                 CREATE type::record('namespace', $name) CONTENT $row RETURN NONE;
+                 RETURN true;
+                 COMMIT TRANSACTION;",
+            )
+            .bind(("name", p.name.to_string()))
+            .bind(("row", crate::to_value(p)?))
+            .await?
+            .check()?;
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
+    }
+
+    pub async fn namespace_profiles(&self) -> Result<Vec<NamespaceProfile>> {
+        let mut r = self.db.query(format!("SELECT {NS_PROFILE} FROM namespace ORDER BY name")).await?.check()?;
+        rows(&mut r, 0)
+    }
+
+    pub async fn namespace_profile(&self, name: &AccountName) -> Result<Option<NamespaceProfile>> {
+        let mut r = self
+            .db
+            .query(format!("SELECT {NS_PROFILE} FROM ONLY type::record('namespace', $name)"))
+            .bind(("name", name.to_string()))
+            .await?
+            .check()?;
+        one(&mut r, 0)
+    }
+
+    /// Change a namespace's profile; `None` if it does not exist.
+    pub async fn update_namespace(&self, name: &AccountName, patch: &NamespacePatch, now_ms: i64) -> Result<Option<NamespaceProfile>> {
+        let mut sets = vec!["updated_ms = $now"];
+        for (given, set) in [
+            (patch.description.is_some(), "description = $description"),
+            (patch.labels.is_some(), "labels = $labels"),
+            (patch.project_id.is_some(), "project_id = $project_id"),
+            (patch.public_default.is_some(), "public_default = $public_default"),
+        ] {
+            if given {
+                sets.push(set);
+            }
+        }
+        let labels =
+            serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
+        let mut r = self
+            .db
+            .query(format!(
+                "BEGIN TRANSACTION;
+                 IF !(SELECT VALUE name FROM ONLY type::record('namespace', $name)) {{ RETURN false; }};
+                 UPDATE type::record('namespace', $name) SET {} RETURN NONE;
+                 RETURN true;
+                 COMMIT TRANSACTION;",
+                sets.join(", ")
+            ))
+            .bind(("name", name.to_string()))
+            .bind(("now", now_ms))
+            .bind(("description", patch.description.clone().unwrap_or_default()))
+            .bind(("labels", labels))
+            .bind(("project_id", patch.project_id.clone().unwrap_or_default()))
+            .bind(("public_default", patch.public_default.unwrap_or(false)))
+            .await?
+            .check()?;
+        if !returned::<bool>(&mut r)?.unwrap_or(false) {
+            return Ok(None);
+        }
+        self.namespace_profile(name).await
+    }
+
+    /// Repository count and bytes referenced (each blob once) of a namespace.
+    pub async fn namespace_stats(&self, name: &AccountName) -> Result<NamespaceStats> {
+        let mut r = self
+            .db
+            .query(
+                "LET $repos = (SELECT VALUE name FROM repo WHERE namespace = $ns);
+                 LET $blobs = array::distinct((SELECT VALUE [digest, size] FROM blob_link WHERE repo IN $repos));
+                 RETURN {
+                    repository_count: count($repos),
+                    storage_bytes: math::sum($blobs.map(|$b| $b[1])) + math::sum((SELECT VALUE size FROM manifest WHERE repo IN $repos))
+                 };",
+            )
+            .bind(("ns", name.to_string()))
+            .await?
+            .check()?;
+        Ok(returned::<NamespaceStats>(&mut r)?.unwrap_or_default())
+    }
+
+    /// Remove an empty namespace's record (its repositories were deleted first).
+    pub async fn delete_namespace(&self, name: &AccountName) -> Result<()> {
+        self.db.query("DELETE type::record('namespace', $name) RETURN NONE").bind(("name", name.to_string())).await?.check()?;
+        Ok(())
+    }
+}
+
 fn profile_row(p: &RepoProfile) -> Result<serde_json::Value> {
     let mut v = crate::to_value(p)?;
     v["namespace"] = serde_json::Value::String(p.name.namespace().to_string());
@@ -360,9 +499,44 @@ mod tests {
         assert_eq!((updated.description.as_str(), updated.category.as_str(), updated.updated_ms), ("new", "c", 99));
         assert_eq!(md.update_repo(&"acme/none".parse().unwrap(), &patch, 1).await.unwrap(), None);
 
+        let ns = md.namespace_stats(&"acme".parse().unwrap()).await.unwrap();
+        assert_eq!(ns, NamespaceStats { repository_count: 2, storage_bytes: 100 + 3 + 4 });
+
         let removed = md.delete_repo(&app).await.unwrap();
         assert_eq!(removed, Removed { tags: 1, manifests: 2, blob_links: 1 });
         assert_eq!(md.repo_profile(&app).await.unwrap(), None);
         assert!(md.tag_infos(&app).await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod namespace_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn namespace_profiles_round_trip() {
+        let md = crate::tests::mem().await;
+        let p = NamespaceProfile {
+            name: "team".parse().unwrap(),
+            tenant: "acme".parse().unwrap(),
+            description: "the team".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            project_id: "p-1".into(),
+            public_default: true,
+            created_ms: 3,
+            updated_ms: 3,
+        };
+        assert!(md.create_namespace_profile(&p).await.unwrap());
+        assert!(!md.create_namespace_profile(&p).await.unwrap());
+        assert_eq!(md.namespace_profile(&p.name).await.unwrap(), Some(p.clone()));
+        // The tenant mapping sees it like any namespace.
+        assert!(md.namespaces().await.unwrap().iter().any(|n| n.name == p.name && n.tenant == p.tenant));
+        let patch = NamespacePatch { public_default: Some(false), ..Default::default() };
+        let u = md.update_namespace(&p.name, &patch, 9).await.unwrap().unwrap();
+        assert_eq!((u.public_default, u.description.as_str(), u.updated_ms), (false, "the team", 9));
+        assert_eq!(md.namespace_stats(&p.name).await.unwrap(), NamespaceStats::default());
+        md.delete_namespace(&p.name).await.unwrap();
+        assert_eq!(md.namespace_profile(&p.name).await.unwrap(), None);
+        assert_eq!(md.update_namespace(&p.name, &patch, 10).await.unwrap(), None);
     }
 }

@@ -56,6 +56,9 @@ pub struct RegistryConfig {
     /// Pull counters are written in batches this often (a crash loses at most one
     /// interval of pulls).
     pub counter_flush_secs: u64,
+    /// Count pulls at all (`false`: pull counts and last-pulled times stay as
+    /// they are; push counts are kept regardless).
+    pub count_pulls: bool,
 }
 
 impl Default for RegistryConfig {
@@ -66,6 +69,7 @@ impl Default for RegistryConfig {
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             manifest_cache_bytes: 256 * 1024 * 1024,
             counter_flush_secs: 5,
+            count_pulls: true,
         }
     }
 }
@@ -421,7 +425,7 @@ impl Registry {
                 b
             }
         };
-        if body {
+        if body && self.config.count_pulls {
             let tag = match reference {
                 Reference::Tag(t) => Some(t),
                 Reference::Digest(_) => None,
