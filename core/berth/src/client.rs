@@ -20,6 +20,9 @@ pub struct Conn {
     /// Password or registry access token [env: BERTH_PASSWORD]
     #[arg(long, global = true)]
     pub password: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +104,64 @@ pub enum UserCmd {
 
 #[derive(Subcommand)]
 pub enum RepoCmd {
+    /// List repositories you may pull (filters, sorting, paging).
+    List {
+        /// all (default), mine (you may push) or public.
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        keyword: Option<String>,
+        /// key:value[,key:value…]
+        #[arg(long)]
+        labels: Option<String>,
+        /// name, updated or pulls.
+        #[arg(long)]
+        sort: Option<String>,
+        #[arg(long)]
+        desc: bool,
+        #[arg(long)]
+        limit: Option<i64>,
+        #[arg(long)]
+        offset: Option<i64>,
+    },
+    /// Show one repository with its figures.
+    Get { name: String },
+    /// Create an empty repository.
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, default_value = "")]
+        category: String,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        public: bool,
+    },
+    /// Change description, category or labels.
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        category: Option<String>,
+        /// key=value, repeatable; replaces all labels.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Delete a repository with all its images.
+    Delete { name: String },
+    /// Delete every untagged (or, with --tagged, every tagged) manifest.
+    Prune {
+        name: String,
+        #[arg(long)]
+        tagged: bool,
+    },
     /// Allow anonymous pull.
     Public { name: String },
     /// Withdraw anonymous pull.
@@ -123,6 +184,87 @@ pub enum RepoCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum NsCmd {
+    /// Namespaces you may see.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        keyword: Option<String>,
+        #[arg(long)]
+        limit: Option<i64>,
+        #[arg(long)]
+        offset: Option<i64>,
+    },
+    Get {
+        name: String,
+    },
+    /// Create a namespace (for your tenant unless --tenant).
+    Create {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, default_value = "")]
+        project_id: String,
+        /// key=value, repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Repositories created through the API start public.
+        #[arg(long)]
+        public_default: bool,
+    },
+    Update {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        project_id: Option<String>,
+        #[arg(long)]
+        public_default: Option<bool>,
+    },
+    /// Delete a namespace; --force deletes its repositories first.
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Is a name valid and free?
+    Check {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TagCmd {
+    /// A repository's tags with digests, sizes and counters.
+    List {
+        repo: String,
+        #[arg(long)]
+        keyword: Option<String>,
+        #[arg(long)]
+        limit: Option<i64>,
+        #[arg(long)]
+        offset: Option<i64>,
+    },
+    Get {
+        repo: String,
+        tag: String,
+    },
+    /// Delete a tag (its manifest stays).
+    Delete {
+        repo: String,
+        tag: String,
+    },
+    /// Delete a manifest by digest, with its tags.
+    DeleteManifest {
+        repo: String,
+        digest: String,
+    },
+}
+
 struct Client {
     http: reqwest::Client,
     base: String,
@@ -130,16 +272,53 @@ struct Client {
     password: String,
 }
 
+/// What `berth login` stores (file mode 0600).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    server: String,
+    user: String,
+    password: String,
+}
+
+/// `$BERTH_CREDENTIALS`, else `$XDG_CONFIG_HOME/berth/credentials.json`, else
+/// `~/.config/berth/credentials.json`.
+fn credentials_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(crate::config::ENV_CREDENTIALS) {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("berth").join("credentials.json"))
+}
+
+fn stored() -> Option<Stored> {
+    serde_json::from_slice(&std::fs::read(credentials_path()?).ok()?).ok()
+}
+
 impl Client {
+    /// Flags, then `BERTH_*` variables, then what `berth login` stored.
     fn new(c: &Conn) -> Result<Self> {
         let env = |k: &str| std::env::var(k).ok();
-        let base = c.server.clone().or_else(|| env("BERTH_SERVER")).unwrap_or_else(|| "http://127.0.0.1:5000".into());
-        let user = c.login.clone().or_else(|| env("BERTH_USER")).unwrap_or_else(|| "admin".into());
+        let saved = stored();
+        let base = c
+            .server
+            .clone()
+            .or_else(|| env("BERTH_SERVER"))
+            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
+            .unwrap_or_else(|| "http://127.0.0.1:5000".into());
+        let user = c
+            .login
+            .clone()
+            .or_else(|| env("BERTH_USER"))
+            .or_else(|| saved.as_ref().map(|s| s.user.clone()))
+            .unwrap_or_else(|| "admin".into());
         let password = c
             .password
             .clone()
             .or_else(|| env("BERTH_PASSWORD"))
-            .ok_or_else(|| anyhow!("no credentials: pass --password or set BERTH_PASSWORD"))?;
+            .or_else(|| saved.map(|s| s.password))
+            .ok_or_else(|| anyhow!("no credentials: pass --password, set BERTH_PASSWORD or run `berth login`"))?;
         Ok(Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_owned(), user, password })
     }
 
@@ -168,6 +347,210 @@ impl Client {
         let (_, text) = self.call(method, path, body).await?;
         Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
     }
+}
+
+/// Print a table of `cols` (JSON field, header) over `rows`.
+fn table(rows: &[Value], cols: &[(&str, &str)]) {
+    let cell = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    };
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|(f, _)| cell(&r[*f])).collect()).collect();
+    let widths: Vec<usize> =
+        cols.iter().enumerate().map(|(i, (_, h))| cells.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(h.len())).collect();
+    let line = |vals: Vec<&str>| {
+        let parts: Vec<String> = vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(cols.iter().map(|(_, h)| *h).collect());
+    for r in &cells {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+/// A page: its items as a table (or the JSON), and where it is in the whole.
+fn show_page(conn: &Conn, v: &Value, cols: &[(&str, &str)]) {
+    if conn.json {
+        return print(v);
+    }
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    table(&items, cols);
+    let (offset, total) = (v["offset"].as_u64().unwrap_or(0), v["total_count"].as_u64().unwrap_or(0));
+    if total as usize > items.len() {
+        println!("({} of {total}, from offset {offset})", items.len());
+    }
+}
+
+/// One object: its JSON, or `field: value` lines.
+fn show_one(conn: &Conn, v: &Value) {
+    if conn.json {
+        return print(v);
+    }
+    if let Some(m) = v.as_object() {
+        for (k, val) in m {
+            let s = match val {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            println!("{k}: {s}");
+        }
+    } else {
+        print(v);
+    }
+}
+
+fn query_string(pairs: &[(&str, Option<String>)]) -> String {
+    let q: Vec<String> = pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn labels(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+                .ok_or_else(|| anyhow!("label {p:?} is not key=value"))
+        })
+        .collect()
+}
+
+const REPO_COLS: [(&str, &str); 7] = [
+    ("name", "REPOSITORY"),
+    ("tag_count", "TAGS"),
+    ("size_bytes", "SIZE"),
+    ("pull_count", "PULLS"),
+    ("push_count", "PUSHES"),
+    ("public", "PUBLIC"),
+    ("latest_tag", "LATEST"),
+];
+const TAG_COLS: [(&str, &str); 5] =
+    [("name", "TAG"), ("digest", "DIGEST"), ("manifest_size", "SIZE"), ("pull_count", "PULLS"), ("push_count", "PUSHES")];
+const NS_COLS: [(&str, &str); 5] = [
+    ("name", "NAMESPACE"),
+    ("tenant", "TENANT"),
+    ("repository_count", "REPOS"),
+    ("storage_bytes", "STORAGE"),
+    ("description", "DESCRIPTION"),
+];
+
+/// `berth login`: check the credentials against the server, then store them.
+pub async fn login(conn: &Conn) -> Result<bool> {
+    let mut conn = conn.clone();
+    if conn.password.is_none() && std::env::var("BERTH_PASSWORD").is_err() {
+        eprint!("password or access token: ");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        conn.password = Some(line.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    let c = Client::new(&conn)?;
+    let me = c.json(reqwest::Method::GET, "me", None).await?;
+    let path = credentials_path().ok_or_else(|| anyhow!("no place for credentials: set HOME or BERTH_CREDENTIALS"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let body = serde_json::to_vec(&Stored { server: c.base.clone(), user: c.user.clone(), password: c.password.clone() })?;
+    write_private(&path, &body)?;
+    println!("logged in to {} as {} (credentials in {})", c.base, me["user"].as_str().unwrap_or(&c.user), path.display());
+    Ok(true)
+}
+
+/// Write a file only its owner can read, from its creation on.
+fn write_private(path: &std::path::Path, body: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(body)?;
+    Ok(())
+}
+
+/// `berth logout`: forget the stored credentials.
+pub fn logout() -> Result<bool> {
+    if let Some(p) = credentials_path() {
+        match std::fs::remove_file(&p) {
+            Ok(()) => println!("removed {}", p.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+    }
+    Ok(true)
+}
+
+pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    match cmd {
+        NsCmd::List { tenant, keyword, limit, offset } => {
+            let q = query_string(&[
+                ("tenant", tenant),
+                ("keyword", keyword),
+                ("limit", limit.map(|n| n.to_string())),
+                ("offset", offset.map(|n| n.to_string())),
+            ]);
+            show_page(conn, &c.json(M::GET, &format!("namespaces{q}"), None).await?, &NS_COLS);
+        }
+        NsCmd::Get { name } => show_one(conn, &c.json(M::GET, &format!("namespaces/{name}"), None).await?),
+        NsCmd::Create { name, tenant, description, project_id, labels: l, public_default } => {
+            let body = json!({"name": name, "tenant": tenant, "description": description, "project_id": project_id, "labels": labels(&l)?, "public_default": public_default});
+            show_one(conn, &c.json(M::POST, "namespaces", Some(body)).await?)
+        }
+        NsCmd::Update { name, description, project_id, public_default } => {
+            let body = json!({"description": description, "project_id": project_id, "public_default": public_default});
+            show_one(conn, &c.json(M::PATCH, &format!("namespaces/{name}"), Some(body)).await?)
+        }
+        NsCmd::Delete { name, force } => {
+            let v = c.json(M::DELETE, &format!("namespaces/{name}{}", if force { "?force=true" } else { "" }), None).await?;
+            show_one(conn, &v)
+        }
+        NsCmd::Check { name } => {
+            let v = c.json(M::GET, &format!("namespaces/check?name={}", encode(&name)), None).await?;
+            show_one(conn, &v);
+            return Ok(v["available"].as_bool().unwrap_or(false));
+        }
+    }
+    Ok(true)
+}
+
+pub async fn tag(conn: &Conn, cmd: TagCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    match cmd {
+        TagCmd::List { repo, keyword, limit, offset } => {
+            let q =
+                query_string(&[("keyword", keyword), ("limit", limit.map(|n| n.to_string())), ("offset", offset.map(|n| n.to_string()))]);
+            show_page(conn, &c.json(M::GET, &format!("repositories/{repo}/-/tags{q}"), None).await?, &TAG_COLS);
+        }
+        TagCmd::Get { repo, tag } => show_one(conn, &c.json(M::GET, &format!("repositories/{repo}/-/tags/{tag}"), None).await?),
+        TagCmd::Delete { repo, tag } => {
+            c.json(M::DELETE, &format!("repositories/{repo}/-/tags/{tag}"), None).await?;
+            println!("deleted {repo}:{tag}");
+        }
+        TagCmd::DeleteManifest { repo, digest } => {
+            c.json(M::DELETE, &format!("repositories/{repo}/-/manifests/{digest}"), None).await?;
+            println!("deleted {repo}@{digest}");
+        }
+    }
+    Ok(true)
 }
 
 fn print(v: &Value) {
@@ -298,6 +681,44 @@ pub async fn repo(conn: &Conn, cmd: RepoCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
     match cmd {
+        RepoCmd::List { scope, namespace, tenant, keyword, labels, sort, desc, limit, offset } => {
+            let q = query_string(&[
+                ("scope", scope),
+                ("namespace", namespace),
+                ("tenant", tenant),
+                ("keyword", keyword),
+                ("labels", labels),
+                ("sort", sort),
+                ("order", desc.then(|| "desc".to_owned())),
+                ("limit", limit.map(|n| n.to_string())),
+                ("offset", offset.map(|n| n.to_string())),
+            ]);
+            show_page(conn, &c.json(M::GET, &format!("repositories{q}"), None).await?, &REPO_COLS);
+        }
+        RepoCmd::Get { name } => show_one(conn, &c.json(M::GET, &format!("repositories/{name}"), None).await?),
+        RepoCmd::Create { name, description, category, labels: l, public } => {
+            let body = json!({"name": name, "description": description, "category": category, "labels": labels(&l)?, "public": public});
+            show_one(conn, &c.json(M::POST, "repositories", Some(body)).await?)
+        }
+        RepoCmd::Update { name, description, category, labels: l } => {
+            let mut body = json!({"description": description, "category": category});
+            if !l.is_empty() {
+                body["labels"] = Value::Object(labels(&l)?);
+            }
+            show_one(conn, &c.json(M::PATCH, &format!("repositories/{name}"), Some(body)).await?)
+        }
+        RepoCmd::Delete { name } => show_one(conn, &c.json(M::DELETE, &format!("repositories/{name}"), None).await?),
+        RepoCmd::Prune { name, tagged } => {
+            let status = if tagged { "tagged" } else { "untagged" };
+            let v = c.json(M::POST, &format!("repositories/{name}/-/manifests/delete"), Some(json!({"status": status}))).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                for d in v["deleted"].as_array().into_iter().flatten() {
+                    println!("deleted {name}@{}", d.as_str().unwrap_or(""));
+                }
+            }
+        }
         RepoCmd::Public { name } => {
             print(&c.json(M::PUT, &format!("repositories/{name}/visibility"), Some(json!({"public": true}))).await?)
         }

@@ -31,6 +31,8 @@ pub const ENV_POLICY_DIR: &str = "BERTH_POLICY_DIR";
 pub const ENV_SERVER: &str = "BERTH_SERVER";
 pub const ENV_USER: &str = "BERTH_USER";
 pub const ENV_PASSWORD: &str = "BERTH_PASSWORD";
+/// Where `berth login` keeps credentials (default `~/.config/berth/credentials.json`).
+pub const ENV_CREDENTIALS: &str = "BERTH_CREDENTIALS";
 
 const KNOWN_ENV: &[&str] = &[
     ENV_CONFIG,
@@ -47,6 +49,7 @@ const KNOWN_ENV: &[&str] = &[
     ENV_SERVER,
     ENV_USER,
     ENV_PASSWORD,
+    ENV_CREDENTIALS,
 ];
 
 /// The configuration file's shape (every section optional).

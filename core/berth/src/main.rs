@@ -52,9 +52,19 @@ enum Command {
     /// Manage users.
     #[command(subcommand)]
     User(client::UserCmd),
-    /// Repository visibility and sharing.
+    /// Repositories: list, inspect, create, update, delete, prune; visibility and sharing.
     #[command(subcommand)]
     Repo(client::RepoCmd),
+    /// Namespaces: list, inspect, create, update, delete, check a name.
+    #[command(subcommand)]
+    Ns(client::NsCmd),
+    /// Tags of a repository: list, inspect, delete; delete a manifest by digest.
+    #[command(subcommand)]
+    Tag(client::TagCmd),
+    /// Check credentials against the server and store them (mode 0600) for later commands.
+    Login,
+    /// Forget the stored credentials.
+    Logout,
     /// Rotate the bearer-token signing key.
     RotateKey,
 }
@@ -79,6 +89,10 @@ fn main() -> std::process::ExitCode {
         Command::Tenant(c) => run_client(Box::pin(async move { client::tenant(&conn, c).await })),
         Command::User(c) => run_client(Box::pin(async move { client::user(&conn, c).await })),
         Command::Repo(c) => run_client(Box::pin(async move { client::repo(&conn, c).await })),
+        Command::Ns(c) => run_client(Box::pin(async move { client::ns(&conn, c).await })),
+        Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
+        Command::Login => run_client(Box::pin(async move { client::login(&conn).await })),
+        Command::Logout => run_client(Box::pin(async move { client::logout() })),
         Command::RotateKey => run_client(Box::pin(async move { client::rotate_key(&conn).await })),
         Command::Serve { listen, data_dir, config } => {
             let env: std::collections::HashMap<String, String> = std::env::vars().collect();

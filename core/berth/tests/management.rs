@@ -327,3 +327,79 @@ fn namespaces_lifecycle_and_isolation() {
         assert_eq!(get_json(&bob, &api(&s, "namespaces/check?name=acme-tools")).await["available"], true);
     });
 }
+
+/// Run the CLI with only the given environment (no BERTH_* of the runner).
+fn cli(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
+        cmd.env_remove(k);
+    }
+    cmd.args(args).envs(env.iter().copied()).stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn cli_drives_namespaces_repositories_and_tags() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("manage-cli");
+    let s = start(&dir);
+    let token = block_on(tenant_user_token(&s, "acme", "ada", "tenant-admin"));
+    let creds = dir.path().join("creds.json");
+    let env = [("BERTH_CREDENTIALS", creds.to_str().unwrap())];
+    let run = |args: &[&str]| {
+        let (code, out, err) = cli(&env, args);
+        assert_eq!(code, 0, "berth {args:?}: {err}{out}");
+        out
+    };
+
+    // Wrong credentials are not stored; right ones are, readable by the owner only.
+    let (code, _, err) = cli(&env, &["login", "--server", &s.base, "--login", "ada", "--password", "wrong-password"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(!creds.exists());
+    run(&["login", "--server", &s.base, "--login", "ada", "--password", &token]);
+    assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+
+    run(&["ns", "create", "acme-cli", "--description", "from the CLI", "--label", "env=dev"]);
+    let out = run(&["ns", "list"]);
+    assert!(out.lines().next().unwrap().starts_with("NAMESPACE"), "{out}");
+    assert!(out.contains("acme-cli") && out.contains("from the CLI"), "{out}");
+    let (code, out, _) = cli(&env, &["ns", "check", "acme-cli"]);
+    assert_eq!(code, 1, "a taken name exits 1: {out}");
+    assert_eq!(cli(&env, &["ns", "check", "free-name"]).0, 0);
+
+    run(&["repo", "create", "acme-cli/tool", "--description", "a tool", "--label", "team=core"]);
+    block_on(async {
+        let c = client_as("ada", &token);
+        push_image(&c, &s, "acme-cli/tool", "v1", 1, json!({})).await;
+        push_image(&c, &s, "acme-cli/tool", "v2", 2, json!({})).await;
+    });
+    let out = run(&["repo", "list", "--namespace", "acme-cli"]);
+    assert!(out.lines().nth(1).unwrap().starts_with("acme-cli/tool"), "{out}");
+    let v: Value = serde_json::from_str(&run(&["repo", "list", "--labels", "team:core", "--json"])).unwrap();
+    assert_eq!(v["total_count"], 1);
+    assert_eq!(v["items"][0]["tag_count"], 2);
+    let out = run(&["repo", "list", "--limit", "0"]);
+    assert!(out.contains("(0 of 1, from offset 0)"), "{out}");
+    run(&["repo", "update", "acme-cli/tool", "--description", "renamed"]);
+    assert!(run(&["repo", "get", "acme-cli/tool"]).contains("description: renamed"));
+
+    let out = run(&["tag", "list", "acme-cli/tool"]);
+    assert!(out.contains("v1") && out.contains("v2") && out.contains("sha256:"), "{out}");
+    run(&["tag", "delete", "acme-cli/tool", "v1"]);
+    let out = run(&["repo", "prune", "acme-cli/tool"]);
+    assert_eq!(out.lines().filter(|l| l.starts_with("deleted acme-cli/tool@sha256:")).count(), 1, "{out}");
+    let (code, _, err) = cli(&env, &["tag", "get", "acme-cli/tool", "v1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("MANIFEST_UNKNOWN"), "{err}");
+
+    let (code, _, err) = cli(&env, &["ns", "delete", "acme-cli"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("409") && err.contains("force"), "{err}");
+    assert!(run(&["ns", "delete", "acme-cli", "--force"]).contains("acme-cli/tool"));
+    run(&["logout"]);
+    assert!(!creds.exists());
+    let (code, _, err) = cli(&env, &["repo", "list"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("berth login"), "{err}");
+}
