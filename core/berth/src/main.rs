@@ -65,6 +65,8 @@ enum Command {
     Login,
     /// Forget the stored credentials.
     Logout,
+    /// Print the management API's OpenAPI 3 document.
+    Openapi,
     /// Rotate the bearer-token signing key.
     RotateKey,
 }
@@ -92,6 +94,10 @@ fn main() -> std::process::ExitCode {
         Command::Ns(c) => run_client(Box::pin(async move { client::ns(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
         Command::Login => run_client(Box::pin(async move { client::login(&conn).await })),
+        Command::Openapi => {
+            println!("{}", berth_http::openapi_json());
+            std::process::ExitCode::SUCCESS
+        }
         Command::Logout => run_client(Box::pin(async move { client::logout() })),
         Command::RotateKey => run_client(Box::pin(async move { client::rotate_key(&conn).await })),
         Command::Serve { listen, data_dir, config } => {

@@ -119,6 +119,11 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
         )
 }
 
+/// The management API's OpenAPI 3 document (what `/api/v1/openapi.json` serves).
+pub fn openapi_json() -> String {
+    manage::document().to_pretty_json().unwrap_or_default()
+}
+
 /// Serve until `shutdown` resolves, then drain in-flight requests.
 pub async fn serve(services: Services, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
     conn::serve(services, listener, shutdown).await;

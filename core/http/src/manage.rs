@@ -336,7 +336,7 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
 }
 
 /// List repositories the caller may see, filtered, sorted and paged.
-#[utoipa::path(get, path = "/api/v1/repositories", params(RepoListParams), tag = "repositories",
+#[utoipa::path(operation_id = "listRepositories", get, path = "/api/v1/repositories", params(RepoListParams), tag = "repositories",
     responses((status = 200, body = Page<Repository>), (status = 400, description = "bad query")))]
 async fn list(services: &Services, identity: &Identity, p: RepoListParams, host: &str) -> Result<Reply, RegistryError> {
     let (limit, offset) = paging(p.limit, p.offset)?;
@@ -390,7 +390,7 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
 }
 
 /// Create an empty repository (a push creates one implicitly too).
-#[utoipa::path(post, path = "/api/v1/repositories", request_body = CreateRepository, tag = "repositories",
+#[utoipa::path(operation_id = "createRepository", post, path = "/api/v1/repositories", request_body = CreateRepository, tag = "repositories",
     responses((status = 201, body = Repository), (status = 409, description = "exists"), (status = 400, description = "invalid name or body")))]
 async fn create(services: &Services, identity: &Identity, req: &mut Request, host: &str) -> Result<Reply, RegistryError> {
     let b: CreateRepository = body(req).await?;
@@ -414,7 +414,7 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
 }
 
 /// One repository with its figures.
-#[utoipa::path(get, path = "/api/v1/repositories/{name}", tag = "repositories",
+#[utoipa::path(operation_id = "getRepository", get, path = "/api/v1/repositories/{name}", tag = "repositories",
     params(("name" = String, Path, description = "full repository name; its `/` may be sent as is")),
     responses((status = 200, body = Repository), (status = 404, description = "unknown")))]
 async fn get(services: &Services, identity: &Identity, repo: &RepoName, host: &str) -> Result<Reply, RegistryError> {
@@ -424,7 +424,7 @@ async fn get(services: &Services, identity: &Identity, repo: &RepoName, host: &s
 }
 
 /// Change description, category, labels or visibility.
-#[utoipa::path(patch, path = "/api/v1/repositories/{name}", request_body = UpdateRepository, tag = "repositories",
+#[utoipa::path(operation_id = "updateRepository", patch, path = "/api/v1/repositories/{name}", request_body = UpdateRepository, tag = "repositories",
     params(("name" = String, Path)), responses((status = 200, body = Repository)))]
 async fn update(services: &Services, identity: &Identity, repo: &RepoName, req: &mut Request, host: &str) -> Result<Reply, RegistryError> {
     let b: UpdateRepository = body(req).await?;
@@ -450,7 +450,7 @@ async fn update(services: &Services, identity: &Identity, repo: &RepoName, req: 
 }
 
 /// Delete a repository with all its tags and manifests.
-#[utoipa::path(delete, path = "/api/v1/repositories/{name}", tag = "repositories",
+#[utoipa::path(operation_id = "deleteRepository", delete, path = "/api/v1/repositories/{name}", tag = "repositories",
     params(("name" = String, Path)), responses((status = 200, body = RepositoryDeleted)))]
 async fn delete(services: &Services, identity: &Identity, repo: &RepoName) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::Delete)?;
@@ -461,7 +461,7 @@ async fn delete(services: &Services, identity: &Identity, repo: &RepoName) -> Re
 }
 
 /// A page of a repository's tags, by name.
-#[utoipa::path(get, path = "/api/v1/repositories/{name}/-/tags", params(("name" = String, Path), TagListParams), tag = "repositories",
+#[utoipa::path(operation_id = "listTags", get, path = "/api/v1/repositories/{name}/-/tags", params(("name" = String, Path), TagListParams), tag = "repositories",
     responses((status = 200, body = Page<TagView>)))]
 async fn tags(services: &Services, identity: &Identity, repo: &RepoName, p: TagListParams) -> Result<Reply, RegistryError> {
     let (limit, offset) = paging(p.limit, p.offset)?;
@@ -474,7 +474,7 @@ async fn tags(services: &Services, identity: &Identity, repo: &RepoName, p: TagL
 }
 
 /// One tag.
-#[utoipa::path(get, path = "/api/v1/repositories/{name}/-/tags/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
+#[utoipa::path(operation_id = "getTag", get, path = "/api/v1/repositories/{name}/-/tags/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
     tag = "repositories", responses((status = 200, body = TagView), (status = 404, description = "unknown tag")))]
 async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::Tag)?;
@@ -488,7 +488,7 @@ async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag
 }
 
 /// Delete a tag (its manifest stays).
-#[utoipa::path(delete, path = "/api/v1/repositories/{name}/-/tags/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
+#[utoipa::path(operation_id = "deleteTag", delete, path = "/api/v1/repositories/{name}/-/tags/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
     tag = "repositories", responses((status = 204)))]
 async fn delete_tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::DeleteTag)?;
@@ -497,7 +497,7 @@ async fn delete_tag(services: &Services, identity: &Identity, repo: &RepoName, t
 }
 
 /// Delete a manifest by digest, with every tag pointing at it.
-#[utoipa::path(delete, path = "/api/v1/repositories/{name}/-/manifests/{digest}", params(("name" = String, Path), ("digest" = String, Path)),
+#[utoipa::path(operation_id = "deleteManifest", delete, path = "/api/v1/repositories/{name}/-/manifests/{digest}", params(("name" = String, Path), ("digest" = String, Path)),
     tag = "repositories", responses((status = 204)))]
 async fn delete_manifest(services: &Services, identity: &Identity, repo: &RepoName, digest: Digest) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::DeleteManifest)?;
@@ -506,7 +506,7 @@ async fn delete_manifest(services: &Services, identity: &Identity, repo: &RepoNa
 }
 
 /// Delete every untagged (or every tagged) manifest of a repository.
-#[utoipa::path(post, path = "/api/v1/repositories/{name}/-/manifests/delete", request_body = BulkDelete, params(("name" = String, Path)),
+#[utoipa::path(operation_id = "deleteManifestsByStatus", post, path = "/api/v1/repositories/{name}/-/manifests/delete", request_body = BulkDelete, params(("name" = String, Path)),
     tag = "repositories", responses((status = 200, body = Deleted)))]
 async fn bulk_delete(services: &Services, identity: &Identity, repo: &RepoName, req: &mut Request) -> Result<Reply, RegistryError> {
     let b: BulkDelete = body(req).await?;

@@ -144,7 +144,7 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
 }
 
 /// Namespaces the caller may see (its tenant's; all for the platform admin).
-#[utoipa::path(get, path = "/api/v1/namespaces", params(NamespaceListParams), tag = "namespaces",
+#[utoipa::path(operation_id = "listNamespaces", get, path = "/api/v1/namespaces", params(NamespaceListParams), tag = "namespaces",
     responses((status = 200, body = Page<Namespace>)))]
 async fn list(services: &Services, identity: &Identity, p: NamespaceListParams, host: &str) -> Result<Reply, RegistryError> {
     let (limit, offset) = paging(p.limit, p.offset)?;
@@ -168,7 +168,7 @@ async fn list(services: &Services, identity: &Identity, p: NamespaceListParams, 
 }
 
 /// Create a namespace for a tenant.
-#[utoipa::path(post, path = "/api/v1/namespaces", request_body = CreateNamespace, tag = "namespaces",
+#[utoipa::path(operation_id = "createNamespace", post, path = "/api/v1/namespaces", request_body = CreateNamespace, tag = "namespaces",
     responses((status = 201, body = Namespace), (status = 409, description = "taken")))]
 async fn create(services: &Services, identity: &Identity, req: &mut Request, host: &str) -> Result<Reply, RegistryError> {
     let b: CreateNamespace = body(req).await?;
@@ -197,7 +197,7 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
 }
 
 /// Whether a name could be a new namespace, and if not, why.
-#[utoipa::path(get, path = "/api/v1/namespaces/check", params(NameCheckParams), tag = "namespaces", responses((status = 200, body = NameCheck)))]
+#[utoipa::path(operation_id = "checkNamespaceName", get, path = "/api/v1/namespaces/check", params(NameCheckParams), tag = "namespaces", responses((status = 200, body = NameCheck)))]
 fn check(services: &Services, p: NameCheckParams) -> Result<Reply, RegistryError> {
     let c = match p.name.parse::<AccountName>() {
         Err(e) => NameCheck { name: p.name, valid: false, available: false, reason: Some(e.detail_or_message()) },
@@ -210,7 +210,7 @@ fn check(services: &Services, p: NameCheckParams) -> Result<Reply, RegistryError
 }
 
 /// One namespace with its figures.
-#[utoipa::path(get, path = "/api/v1/namespaces/{name}", params(("name" = String, Path)), tag = "namespaces",
+#[utoipa::path(operation_id = "getNamespace", get, path = "/api/v1/namespaces/{name}", params(("name" = String, Path)), tag = "namespaces",
     responses((status = 200, body = Namespace), (status = 404, description = "unknown or not visible")))]
 async fn get(services: &Services, identity: &Identity, name: &AccountName, host: &str) -> Result<Reply, RegistryError> {
     let (p, st) = services.auth.namespace(&identity.principal, name).await?;
@@ -218,7 +218,7 @@ async fn get(services: &Services, identity: &Identity, name: &AccountName, host:
 }
 
 /// Change a namespace's profile.
-#[utoipa::path(patch, path = "/api/v1/namespaces/{name}", params(("name" = String, Path)), request_body = UpdateNamespace,
+#[utoipa::path(operation_id = "updateNamespace", patch, path = "/api/v1/namespaces/{name}", params(("name" = String, Path)), request_body = UpdateNamespace,
     tag = "namespaces", responses((status = 200, body = Namespace)))]
 async fn update(
     services: &Services,
@@ -244,7 +244,7 @@ async fn update(
 }
 
 /// Delete a namespace; with `force=true` its repositories go first.
-#[utoipa::path(delete, path = "/api/v1/namespaces/{name}", params(("name" = String, Path), DeleteParams), tag = "namespaces",
+#[utoipa::path(operation_id = "deleteNamespace", delete, path = "/api/v1/namespaces/{name}", params(("name" = String, Path), DeleteParams), tag = "namespaces",
     responses((status = 200, body = NamespaceDeleted), (status = 409, description = "not empty")))]
 async fn delete(services: &Services, identity: &Identity, name: &AccountName, p: DeleteParams) -> Result<Reply, RegistryError> {
     services.auth.require_namespace_admin(&identity.principal, name)?;
