@@ -11,7 +11,20 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 10] = ["pull", "push", "delete", "tags", "catalog", "api-get", "api-list", "api-tags", "api-update", "api-namespace"];
+const OPS: [&str; 12] = [
+    "pull",
+    "push",
+    "delete",
+    "tags",
+    "catalog",
+    "api-get",
+    "api-list",
+    "api-tags",
+    "api-update",
+    "api-namespace",
+    "compat-tags",
+    "compat-mine",
+];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Who {
@@ -30,7 +43,7 @@ fn password(user: &str) -> String {
 /// What the default policy promises for one cell.
 fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     // The management API takes no anonymous calls, public repositories included.
-    if who == Who::Anonymous && op.starts_with("api-") {
+    if who == Who::Anonymous && (op.starts_with("api-") || op.starts_with("compat-")) {
         return false;
     }
     // A namespace is visible to its tenant's members only (not through a public
@@ -38,7 +51,10 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     if op == "api-namespace" {
         return matches!(who, Who::Role(_));
     }
-    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags");
+    if op == "compat-mine" {
+        return expected(who, repo_kind, "push");
+    }
+    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags" | "compat-tags");
     match who {
         Who::Role(0) => true,
         Who::Role(1) => true,
@@ -176,6 +192,24 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             };
             assert_eq!(listed, code == 200, "{op} {ns}: listing and detail disagree");
             code == 200
+        }
+        "compat-tags" => {
+            let r = c.get(s.url(&format!("/registry/v1/tag/list/{repo}"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op} {repo}: {code}");
+            code == 200
+        }
+        "compat-mine" => {
+            let r = c.get(s.url("/registry/v1/repositories/mine")).send().await.unwrap();
+            if r.status() == 401 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| format!("{}/{}", x["Namespace"].as_str().unwrap(), x["Image"].as_str().unwrap()) == repo)
         }
         "api-list" => {
             let r = c.get(s.url("/api/v1/repositories?limit=1000")).send().await.unwrap();

@@ -403,3 +403,85 @@ fn cli_drives_namespaces_repositories_and_tags() {
     assert_eq!(code, 2);
     assert!(err.contains("berth login"), "{err}");
 }
+
+/// `/registry/v1`, the seed console's API: its paths, `{"code":0,"data":…}`,
+/// its field names and RFC 3339 times, errors with a non-zero code.
+#[test]
+fn registry_v1_compatibility_surface() {
+    let dir = TempDir::new("manage-compat");
+    let s = start(&dir);
+    block_on(async {
+        let ada = client_as("ada", &tenant_user_token(&s, "acme", "ada", "tenant-admin").await);
+        let bob = client_as("bob", &tenant_user_token(&s, "beta", "bob", "tenant-admin").await);
+        let d1 = push_image(&ada, &s, "acme/app", "v1", 1, json!({})).await;
+        push_image(&ada, &s, "acme/app", "v2", 2, json!({})).await;
+        push_image(&bob, &s, "beta/own", "v1", 3, json!({})).await;
+        let url = |p: &str| s.url(&format!("/registry/v1/{p}"));
+        let ok = async |c: &reqwest::Client, r: reqwest::RequestBuilder| -> Value {
+            let _ = c;
+            let resp = r.send().await.unwrap();
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!((status.as_u16(), v["code"].as_i64()), (200, Some(0)), "{v}");
+            v["data"].clone()
+        };
+        let err = async |r: reqwest::RequestBuilder, status: u16| {
+            let resp = r.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), status);
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["code"].as_u64(), Some(status as u64), "{v}");
+            assert!(!v["message"].as_str().unwrap().is_empty());
+        };
+
+        let tags = ok(&ada, ada.get(url("tag/list/acme/app"))).await;
+        let tags = tags.as_array().unwrap();
+        assert_eq!(tags.len(), 2);
+        let t = &tags[0];
+        assert_eq!((t["Namespace"].as_str(), t["Image"].as_str(), t["Tag"].as_str()), (Some("acme"), Some("app"), Some("v1")));
+        assert_eq!(t["Digest"], d1.as_str());
+        assert!(t["ID"].as_u64().unwrap() > 0 && t["Size"].as_u64().unwrap() > 0);
+        let created = t["CreatedAt"].as_str().unwrap();
+        assert!(created.len() == 24 && created.starts_with("20") && created.ends_with('Z'), "{created}");
+        assert!(t["DeletedAt"].is_null());
+
+        let m = ok(&ada, ada.get(url("manifests/v1/acme/app"))).await;
+        assert_eq!((m["Digest"].as_str(), m["Manifest"]["schemaVersion"].as_i64()), (Some(d1.as_str()), Some(2)));
+        assert_eq!(m["LatestTag"], "v2");
+
+        let mine = ok(&ada, ada.get(url("repositories/mine"))).await;
+        assert_eq!(
+            mine.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| format!("{}/{}", r["Namespace"].as_str().unwrap(), r["Image"].as_str().unwrap()))
+                .collect::<Vec<_>>(),
+            ["acme/app"]
+        );
+        assert_eq!(mine[0]["PushCount"], 2);
+        let anon = anon_client();
+        assert_eq!(ok(&anon, anon.get(url("repositories/public"))).await, json!([]));
+
+        // Publicity: the repository's admin only, 0 or 1.
+        err(bob.patch(url("acme/app/publicity")).json(&json!({"Publicity": 1})), 403).await;
+        err(ada.patch(url("acme/app/publicity")).json(&json!({"Publicity": 5})), 400).await;
+        err(ada.patch(url("acme/app/publicity")).json(&json!({"publicity": 1})), 400).await;
+        let r = ok(&ada, ada.patch(url("acme/app/publicity")).json(&json!({"Publicity": 1}))).await;
+        assert_eq!(r["Publicity"], 1);
+        let public = ok(&anon, anon.get(url("repositories/public"))).await;
+        assert_eq!(public.as_array().unwrap().len(), 1);
+        assert_eq!(public[0]["Image"], "app");
+
+        // Isolation and bad input.
+        err(bob.get(url("tag/list/acme/other")), 403).await;
+        err(bob.delete(url("manifests/v1/acme/app")), 403).await;
+        err(anon.get(url("tag/list/beta/own")), 401).await;
+        assert!(ok(&bob, bob.get(url("repositories/mine"))).await.as_array().unwrap().iter().all(|r| r["Namespace"] == "beta"));
+        err(ada.get(url("tag/list/acme/Bad_Name")), 400).await;
+        err(ada.get(url("manifests/v9/acme/app")), 404).await;
+        err(ada.get(url("nothing/here")), 404).await;
+
+        // Delete by tag through the adapter.
+        ok(&ada, ada.delete(url("manifests/v2/acme/app"))).await;
+        assert_eq!(ok(&ada, ada.get(url("tag/list/acme/app"))).await.as_array().unwrap().len(), 1);
+    });
+}

@@ -13,6 +13,7 @@
 //! - Request and response bodies stream; only manifests (≤ 4 MiB) are buffered.
 
 mod api;
+mod compat;
 mod conn;
 mod gate;
 mod manage;
@@ -202,6 +203,9 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
         }
         if full_path == "/auth/token" {
             return ("token", gate::token_endpoint(auth, &mut req).await);
+        }
+        if let Some(rest) = full_path.strip_prefix("/registry/v1/") {
+            return ("compat", compat::handle(services, rest, req).await);
         }
         if let Some(rest) = full_path.strip_prefix("/api/v1/") {
             return ("api", api::handle(services, rest, req).await);

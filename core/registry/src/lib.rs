@@ -415,6 +415,20 @@ impl Registry {
 
     /// Fetch a manifest by tag or digest (HEAD passes `body = false`).
     pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
+        let (m, size) = self.read_manifest(repo, reference, body).await?;
+        if body && self.config.count_pulls {
+            let tag = match reference {
+                Reference::Tag(t) => Some(t),
+                Reference::Digest(_) => None,
+            };
+            self.pulls.count(repo, tag, &m.digest);
+        }
+        Ok((m, size))
+    }
+
+    /// A manifest for a management view: like [`Registry::get_manifest`], but not
+    /// a pull (nothing is counted).
+    pub async fn read_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
         let (digest, media_type, size, cached) = self.resolve(repo, reference)?;
         let bytes = match (cached, body) {
             (Some(b), _) => b,
@@ -425,13 +439,6 @@ impl Registry {
                 b
             }
         };
-        if body && self.config.count_pulls {
-            let tag = match reference {
-                Reference::Tag(t) => Some(t),
-                Reference::Digest(_) => None,
-            };
-            self.pulls.count(repo, tag, &digest);
-        }
         Ok((ManifestBody { digest, media_type, bytes }, size))
     }
 
