@@ -485,3 +485,109 @@ fn registry_v1_compatibility_surface() {
         assert_eq!(ok(&ada, ada.get(url("tag/list/acme/app"))).await.as_array().unwrap().len(), 1);
     });
 }
+
+/// `POST /api/console`, the action-style API: every action, its field names,
+/// the region check, and the same isolation as `/api/v1`.
+#[test]
+fn console_actions() {
+    let dir = TempDir::new("manage-console");
+    let s = start(&dir);
+    block_on(async {
+        let ada = client_as("ada", &tenant_user_token(&s, "acme", "ada", "tenant-admin").await);
+        let bob = client_as("bob", &tenant_user_token(&s, "beta", "bob", "tenant-admin").await);
+        let call = async |c: &reqwest::Client, body: Value| -> (u16, Value) {
+            let r = c.post(s.url("/api/console")).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json().await.unwrap())
+        };
+        let ok = async |c: &reqwest::Client, body: Value| -> Value {
+            let (status, v) = call(c, body.clone()).await;
+            assert_eq!((status, v["RetCode"].as_u64()), (200, Some(0)), "{body}: {v}");
+            v
+        };
+
+        // The registry's own addresses (item: mirror address).
+        let info = get_json(&ada, &api(&s, "registry")).await;
+        assert_eq!((info["registry_address"].as_str(), info["region"].as_str()), (Some(s.addr.as_str()), Some("local")));
+        assert!(info["mirror_address"].is_null());
+
+        let v = ok(
+            &ada,
+            json!({"Action": "CreateContainerImageRepository", "Name": "acme-web", "Remark": "web images",
+            "Region": "local", "ProjectID": "p1", "TagKeyValuePairs": [{"Key": "env", "Value": "prod"}]}),
+        )
+        .await;
+        assert_eq!(
+            (v["ContainerImageRepositoryID"].as_str(), v["Action"].as_str()),
+            (Some("acme-web"), Some("CreateContainerImageRepositoryResponse"))
+        );
+        let (status, v) = call(&ada, json!({"Action": "CreateContainerImageRepository", "Name": "x", "Region": "mars"})).await;
+        assert_eq!(status, 400);
+        assert!(v["Message"].as_str().unwrap().contains("mars"), "{v}");
+        let (status, _) =
+            call(&bob, json!({"Action": "UpdateContainerImageRepository", "ContainerImageRepositoryID": "acme-web", "Remark": "mine"}))
+                .await;
+        assert_eq!(status, 403);
+        ok(&ada, json!({"Action": "UpdateContainerImageRepository", "ContainerImageRepositoryID": "acme-web", "Remark": "Web"})).await;
+
+        push_image(&ada, &s, "acme-web/site", "v1", 1, json!({})).await;
+        push_image(&ada, &s, "acme-web/site", "v2", 2, json!({})).await;
+        push_image(&ada, &s, "acme-web/api", "v1", 3, json!({})).await;
+
+        let v = ok(&ada, json!({"Action": "DescribeContainerImageRepository", "ProjectIDs": ["p1"], "Limit": 10})).await;
+        assert_eq!(v["TotalCount"], 1);
+        let info = &v["Infos"][0];
+        assert_eq!(
+            (info["Name"].as_str(), info["Remark"].as_str(), info["Region"].as_str()),
+            (Some("acme-web"), Some("Web"), Some("local"))
+        );
+        assert_eq!(info["ContainerImageNumbers"], 2);
+        assert_eq!(info["Tags"], json!([{"Key": "env", "Value": "prod"}]));
+        assert!(info["CompanyID"].as_u64().unwrap() > 0);
+        assert_eq!(info["RegistryAddress"], format!("{}/acme-web", s.addr));
+        // Bob's view holds his own namespace only.
+        let v = ok(&bob, json!({"Action": "DescribeContainerImageRepository"})).await;
+        assert_eq!(v["Infos"].as_array().unwrap().iter().map(|i| i["Name"].as_str().unwrap()).collect::<Vec<_>>(), ["beta"]);
+        let (status, _) = call(&bob, json!({"Action": "DescribeContainerImage", "ContainerImageRepositoryID": "acme-web"})).await;
+        assert_eq!(status, 404);
+
+        let v = ok(&ada, json!({"Action": "DescribeContainerImage", "ContainerImageRepositoryID": "acme-web", "Limit": 1})).await;
+        assert_eq!((v["TotalCount"].as_u64(), v["Infos"][0]["Name"].as_str()), (Some(2), Some("api")));
+        assert_eq!(v["Infos"][0]["FullName"], format!("{}/acme-web/api", s.addr));
+        let v = ok(
+            &ada,
+            json!({"Action": "DescribeContainerImageTag", "ContainerImageRepositoryID": "acme-web", "ContainerImageName": "site"}),
+        )
+        .await;
+        assert_eq!(v["Infos"].as_array().unwrap().iter().map(|i| i["TagName"].as_str().unwrap()).collect::<Vec<_>>(), ["v1", "v2"]);
+        assert!(v["Infos"][0]["ContainerImageTagDigest"].as_str().unwrap().starts_with("sha256:"));
+        let (status, _) = call(&bob, json!({"Action": "DeleteContainerImageTag", "ContainerImageRepositoryID": "acme-web", "ContainerImageName": "site", "TagName": "v1"})).await;
+        assert_eq!(status, 403);
+        ok(&ada, json!({"Action": "DeleteContainerImageTag", "ContainerImageRepositoryID": "acme-web", "ContainerImageName": "site", "TagName": "v1"})).await;
+        ok(&ada, json!({"Action": "DeleteContainerImage", "ContainerImageRepositoryID": "acme-web", "ContainerImageName": "api"})).await;
+        let v = ok(&ada, json!({"Action": "DescribeContainerImage", "ContainerImageRepositoryID": "acme-web"})).await;
+        assert_eq!(v["TotalCount"], 1);
+
+        // Bad input: unknown actions and fields, wrong types, bad paging.
+        for body in [
+            json!({"Action": "DropEverything"}),
+            json!({"Action": "DescribeContainerImage", "Colour": "red"}),
+            json!({"Action": "DescribeContainerImage", "Limit": "ten"}),
+            json!({"Action": "DescribeContainerImageRepository", "Limit": -1}),
+            json!({"Name": "no-action"}),
+        ] {
+            let (status, v) = call(&ada, body.clone()).await;
+            assert_eq!(status, 400, "{body}: {v}");
+            assert_eq!(v["RetCode"], 400);
+        }
+
+        // Deleting a namespace that holds images needs DeleteAllImages.
+        let (status, _) = call(&ada, json!({"Action": "DeleteContainerImageRepository", "ContainerImageRepositoryID": "acme-web"})).await;
+        assert_eq!(status, 409);
+        ok(&ada, json!({"Action": "DeleteContainerImageRepository", "ContainerImageRepositoryID": "acme-web", "DeleteAllImages": true}))
+            .await;
+        assert_eq!(ok(&ada, json!({"Action": "DescribeContainerImageRepository", "Keyword": "web"})).await["TotalCount"], 0);
+        let r =
+            anon_client().post(s.url("/api/console")).json(&json!({"Action": "DescribeContainerImageRepository"})).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    });
+}

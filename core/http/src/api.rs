@@ -145,6 +145,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
             });
             ok(json!({"user": who.subject(), "tenant": tenant}))
         }
+        (["registry"], &Method::GET) => crate::manage::registry_info(services, req),
         (["me", "password"], &Method::PUT) => {
             let b: PasswordBody = body(req).await?;
             auth.change_password(who, &b.password).await?;
@@ -236,7 +237,8 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
 
 fn known(path: &str) -> bool {
     let p = path.trim_end_matches('/');
-    ["me", "me/password", "tenants", "users", "tokens", "policies", "policies/remove", "policies/check", "keys/rotate"].contains(&p)
+    ["me", "me/password", "registry", "tenants", "users", "tokens", "policies", "policies/remove", "policies/check", "keys/rotate"]
+        .contains(&p)
         || p.starts_with("tokens/")
         || p.starts_with("tenants/")
 }

@@ -15,6 +15,7 @@
 mod api;
 mod compat;
 mod conn;
+mod console;
 mod gate;
 mod manage;
 mod namespaces;
@@ -203,6 +204,9 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
         }
         if full_path == "/auth/token" {
             return ("token", gate::token_endpoint(auth, &mut req).await);
+        }
+        if full_path == "/api/console" {
+            return ("console", console::handle(services, req).await);
         }
         if let Some(rest) = full_path.strip_prefix("/registry/v1/") {
             return ("compat", compat::handle(services, rest, req).await);

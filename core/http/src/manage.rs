@@ -520,13 +520,35 @@ async fn bulk_delete(services: &Services, identity: &Identity, repo: &RepoName, 
     reply(StatusCode::OK, &Deleted { deleted: deleted.iter().map(|d| d.to_string()).collect() })
 }
 
+/// Where clients reach this registry.
+#[derive(Serialize, ToSchema)]
+pub struct RegistryInfo {
+    /// What `docker login` and image names take: `host[:port]`.
+    pub registry_address: String,
+    /// What a docker daemon lists in `registry-mirrors`, when one is configured.
+    pub mirror_address: Option<String>,
+    /// The region this registry serves.
+    pub region: String,
+}
+
+/// The registry and mirror addresses.
+#[utoipa::path(get, path = "/api/v1/registry", operation_id = "getRegistryInfo", tag = "registry",
+    responses((status = 200, body = RegistryInfo)))]
+pub(crate) fn registry_info(services: &Services, req: &Request) -> Result<Reply, RegistryError> {
+    let c = services.registry.config();
+    reply(
+        StatusCode::OK,
+        &RegistryInfo { registry_address: host(services, req), mirror_address: c.mirror_url.clone(), region: c.region.clone() },
+    )
+}
+
 /// The OpenAPI document of the management API.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Berth management API", description = "Errors: `{\"errors\":[{\"code\",\"message\",\"detail\"}]}`. \
         Authentication: HTTP Basic with a password or a registry access token."),
-    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete),
-    components(schemas(Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
+    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info),
+    components(schemas(RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
     modifiers(&BasicAuth),
     security(("basic" = []))
 )]

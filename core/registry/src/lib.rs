@@ -59,6 +59,11 @@ pub struct RegistryConfig {
     /// Count pulls at all (`false`: pull counts and last-pulled times stay as
     /// they are; push counts are kept regardless).
     pub count_pulls: bool,
+    /// The region this registry serves, as the consoles name it.
+    pub region: String,
+    /// The pull-through mirror a docker daemon would list in `registry-mirrors`
+    /// (`https://mirror.example.com`), when the operator runs one.
+    pub mirror_url: Option<String>,
 }
 
 impl Default for RegistryConfig {
@@ -70,6 +75,8 @@ impl Default for RegistryConfig {
             manifest_cache_bytes: 256 * 1024 * 1024,
             counter_flush_secs: 5,
             count_pulls: true,
+            region: "local".into(),
+            mirror_url: None,
         }
     }
 }
@@ -154,6 +161,10 @@ impl Registry {
         };
         counters::CounterActor::start_in_arbiter(&arbiter, move |_| counter);
         Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()), pulls }))
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
     }
 
     /// Write the pulls counted since the last batch (at graceful shutdown).
