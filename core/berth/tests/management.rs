@@ -180,6 +180,16 @@ fn repository_profiles_and_deletes() {
             expect_error(r, status, code, &body.to_string()).await;
         }
 
+        // Name checks: grammar, ownership, existence, with the reason.
+        let c = get_json(&mia, &api(&s, "repositories/-/check?name=acme/tools/cli")).await;
+        assert_eq!((c["valid"].as_bool(), c["pushable"].as_bool(), c["exists"].as_bool()), (Some(true), Some(true), Some(true)));
+        let c = get_json(&mia, &api(&s, "repositories/-/check?name=acme/UPPER")).await;
+        assert_eq!(c["valid"], false);
+        assert!(c["reason"].as_str().unwrap().contains("must match"), "{c}");
+        let c = get_json(&mia, &api(&s, "repositories/-/check?name=nobody/x")).await;
+        assert_eq!((c["valid"].as_bool(), c["pushable"].as_bool()), (Some(true), Some(false)));
+        assert!(c["reason"].as_str().unwrap().contains("no tenant owns"), "{c}");
+
         // Update: fields given change, the rest stay; visibility goes through policy.
         let r =
             mia.patch(api(&s, "repositories/acme/tools/cli")).json(&json!({"description": "CLI", "public": true})).send().await.unwrap();

@@ -312,6 +312,12 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
             m => Err(method_not_allowed(&m)),
         };
     }
+    if rest == "-/check" {
+        return match m {
+            Method::GET => check_name(services, identity, query(req)?),
+            m => Err(method_not_allowed(&m)),
+        };
+    }
     let (name, sub) = match rest.split_once("/-/") {
         Some((n, s)) => (n, Some(s)),
         None => (rest.strip_suffix("/-").unwrap_or(rest), None),
@@ -520,6 +526,50 @@ async fn bulk_delete(services: &Services, identity: &Identity, repo: &RepoName, 
     reply(StatusCode::OK, &Deleted { deleted: deleted.iter().map(|d| d.to_string()).collect() })
 }
 
+/// Query of the repository name check.
+#[derive(Deserialize, IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct NameParam {
+    pub name: String,
+}
+
+/// Whether a repository name can be used, and if not, why.
+#[derive(Serialize, ToSchema)]
+pub struct RepoNameCheck {
+    pub name: String,
+    /// Follows the distribution-spec grammar and Berth's limits.
+    pub valid: bool,
+    /// The caller may push to it (its namespace is owned by a tenant that lets them).
+    pub pushable: bool,
+    /// A repository of that name exists and the caller may see it.
+    pub exists: bool,
+    pub reason: Option<String>,
+}
+
+/// Check a repository name: grammar, ownership of its namespace, existence.
+#[utoipa::path(get, path = "/api/v1/repositories/-/check", params(NameParam), operation_id = "checkRepositoryName", tag = "repositories",
+    responses((status = 200, body = RepoNameCheck)))]
+fn check_name(services: &Services, identity: &Identity, p: NameParam) -> Result<Reply, RegistryError> {
+    let c = match p.name.parse::<RepoName>() {
+        Err(e) => RepoNameCheck { name: p.name, valid: false, pushable: false, exists: false, reason: Some(e.detail_or_message()) },
+        Ok(repo) => {
+            let owned = services.auth.tenant_of(&repo).is_some();
+            let pushable = owned && services.auth.can(identity, &repo, Action::Push);
+            let exists = services.registry.repo_exists(&repo) && services.auth.can(identity, &repo, Action::Pull);
+            let reason = if !owned {
+                Some(format!("no tenant owns the namespace {}", repo.namespace()))
+            } else if !pushable {
+                Some(format!("you may not push to {repo}"))
+            } else {
+                None
+            };
+            RepoNameCheck { name: p.name, valid: true, pushable, exists, reason }
+        }
+    };
+    reply(StatusCode::OK, &c)
+}
+
 /// Where clients reach this registry.
 #[derive(Serialize, ToSchema)]
 pub struct RegistryInfo {
@@ -547,8 +597,8 @@ pub(crate) fn registry_info(services: &Services, req: &Request) -> Result<Reply,
 #[openapi(
     info(title = "Berth management API", description = "Errors: `{\"errors\":[{\"code\",\"message\",\"detail\"}]}`. \
         Authentication: HTTP Basic with a password or a registry access token."),
-    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info),
-    components(schemas(RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
+    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info, check_name),
+    components(schemas(RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
     modifiers(&BasicAuth),
     security(("basic" = []))
 )]
