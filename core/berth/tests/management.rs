@@ -601,3 +601,37 @@ fn console_actions() {
         assert_eq!(r.status(), 401);
     });
 }
+
+/// Access tokens as the consoles show them: listed with created, expiry, last
+/// use and description; released one at a time or all at once.
+#[test]
+fn tokens_listed_and_released_all_at_once() {
+    let dir = TempDir::new("manage-tokens");
+    let s = start(&dir);
+    block_on(async {
+        let first = tenant_user_token(&s, "acme", "tia", "developer").await;
+        let tia = client_as("tia", "tia-password");
+        let r = tia.post(api(&s, "tokens")).json(&json!({"description": "ci"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let second: Value = r.json().await.unwrap();
+        assert!(second["docker_auth"].is_string() && second["expires_ms"].as_i64().unwrap() > second["created_ms"].as_i64().unwrap());
+        // A token that was used shows when (last use is written in batches).
+        assert_eq!(client_as("tia", &first).get(s.url("/v2/")).send().await.unwrap().status(), 200);
+        let listed = get_json(&tia, &api(&s, "tokens")).await;
+        let tokens = listed["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert!(tokens.iter().all(|t| t["token"].is_null() && t["description"].is_string()), "no secret in a listing: {listed}");
+        let other = tenant_user_token(&s, "acme", "oli", "developer").await;
+
+        let r = tia.delete(api(&s, "tokens")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["revoked"].as_array().unwrap().len(), 2);
+        assert!(get_json(&tia, &api(&s, "tokens")).await["tokens"].as_array().unwrap().is_empty());
+        for t in [&first, second["token"].as_str().unwrap()] {
+            assert_eq!(client_as("tia", t).get(s.url("/v2/")).send().await.unwrap().status(), 401);
+        }
+        // Someone else's tokens are untouched.
+        assert_eq!(client_as("oli", &other).get(s.url("/v2/")).send().await.unwrap().status(), 200);
+    });
+}

@@ -5,88 +5,199 @@
 //! [`berth_auth::Auth`], not here.
 
 use berth_auth::policy::{export_rules, validate_rule};
-use berth_auth::{Action, Credential, Identity, Principal};
+use berth_auth::{Action, Auth, Credential, Identity, Principal};
 use berth_metadata::{PolicyRuleRow, TokenRow};
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use warp::http::{Method, StatusCode};
 
-use crate::{error_response, gate, json_response, method_not_allowed, read_small_body, set, Reply, Request, Services};
-
-const MAX_BODY: usize = 256 * 1024;
+use crate::manage::{body, reply};
+use crate::{error_response, gate, json_response, method_not_allowed, set, Reply, Request, Services};
 
 fn not_found(path: &str) -> RegistryError {
     RegistryError::new(ErrorCode::NotFound).with_detail(format!("no such endpoint: /api/v1/{path}"))
-}
-
-fn ok(v: serde_json::Value) -> Result<Reply, RegistryError> {
-    Ok(json_response(StatusCode::OK, serde_json::to_vec(&v).expect("json")))
 }
 
 fn no_content() -> Result<Reply, RegistryError> {
     Ok(crate::no_content())
 }
 
-async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
-    let b = read_small_body(req, MAX_BODY).await?;
-    serde_json::from_slice(&b).map_err(|e| RegistryError::new(ErrorCode::InvalidRequest).with_detail(format!("invalid JSON body: {e}")))
+/// A registry access token as listed (never its secret).
+#[derive(Serialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub user: String,
+    pub description: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub last_used_ms: Option<i64>,
 }
 
-fn token_json(t: &TokenRow) -> serde_json::Value {
-    json!({
-        "id": t.id,
-        "user": t.user,
-        "description": t.description,
-        "created_ms": t.created_ms,
-        "expires_ms": t.expires_ms,
-        "last_used_ms": t.last_used_ms,
-    })
+/// A newly issued token: the only time its secret is shown.
+#[derive(Serialize, ToSchema)]
+pub struct IssuedToken {
+    #[serde(flatten)]
+    pub token_info: TokenView,
+    /// The secret (`bt_…`): the password for `docker login`.
+    pub token: String,
+    /// base64 of `user:token`, the `auth` value of a docker `config.json`.
+    pub docker_auth: String,
 }
 
-fn rule_json(r: &PolicyRuleRow) -> serde_json::Value {
-    json!({"ptype": r.ptype, "fields": r.fields})
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, ToSchema)]
+pub struct Revoked {
+    pub revoked: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Me {
+    pub user: String,
+    pub tenant: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TenantView {
+    pub name: String,
+    pub created_ms: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TenantList {
+    pub tenants: Vec<TenantView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Created {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    pub name: String,
+    pub tenant: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserList {
+    pub users: Vec<UserView>,
+}
+
+/// One casbin rule.
+#[derive(Serialize, ToSchema)]
+pub struct Rule {
+    pub ptype: String,
+    pub fields: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RuleList {
+    pub version: u64,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CheckResult {
+    pub allowed: bool,
+    /// The matching rule's fields (the deny rule when a deny won).
+    pub rule: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Kid {
+    pub kid: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Visibility {
+    pub repository: String,
+    pub public: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShareView {
+    pub tenant: String,
+    pub actions: Vec<String>,
+    pub expires_ms: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShareList {
+    pub shares: Vec<ShareView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Shared {
+    pub repository: String,
+    pub tenant: String,
+    pub push: bool,
+    pub expires_in: Option<u64>,
+}
+
+fn token_view(t: &TokenRow) -> TokenView {
+    TokenView {
+        id: t.id.clone(),
+        user: t.user.to_string(),
+        description: t.description.clone(),
+        created_ms: t.created_ms,
+        expires_ms: t.expires_ms,
+        last_used_ms: t.last_used_ms,
+    }
+}
+
+fn rule(r: &PolicyRuleRow) -> Rule {
+    Rule { ptype: r.ptype.clone(), fields: r.fields.clone() }
+}
+
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NameBody {
+pub struct NameBody {
     name: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UserBody {
+pub struct UserBody {
     name: String,
     password: String,
+    /// tenant-admin, maintainer, developer or reader.
     role: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PasswordBody {
+pub struct PasswordBody {
     password: String,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenBody {
+pub struct TokenBody {
     #[serde(default)]
     description: String,
+    /// Lifetime in seconds (default 12 h).
     expires_in: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RuleBody {
+pub struct RuleBody {
     ptype: String,
     fields: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckBody {
+pub struct CheckBody {
     user: String,
     #[serde(default)]
     tenant: String,
@@ -94,17 +205,18 @@ struct CheckBody {
     action: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct VisibilityBody {
+pub struct VisibilityBody {
     public: bool,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ShareBody {
+pub struct ShareBody {
     #[serde(default)]
     push: bool,
+    /// Seconds until the share lapses.
     expires_in: Option<u64>,
 }
 
@@ -132,97 +244,27 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
 }
 
 async fn route(services: &Services, identity: &Identity, path: &str, req: &mut Request) -> Result<Reply, RegistryError> {
-    let auth = &services.auth;
-    let who = &identity.principal;
+    let (auth, who) = (&*services.auth, &identity.principal);
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let m = req.method.clone();
     match (segs.as_slice(), &m) {
-        (["me"], &Method::GET) => {
-            let tenant = who.user().and_then(|u| {
-                auth.policy().rules().into_iter().find_map(|r| {
-                    (r.ptype == "g2" && r.fields[0] == u.as_str()).then(|| r.fields[1].strip_prefix("tenant:").map(str::to_owned)).flatten()
-                })
-            });
-            ok(json!({"user": who.subject(), "tenant": tenant}))
-        }
+        (["me"], &Method::GET) => me(auth, who),
         (["registry"], &Method::GET) => crate::manage::registry_info(services, req),
-        (["me", "password"], &Method::PUT) => {
-            let b: PasswordBody = body(req).await?;
-            auth.change_password(who, &b.password).await?;
-            no_content()
-        }
-        (["tenants"], &Method::GET) => {
-            let t = auth.tenants(who).await?;
-            ok(json!({"tenants": t.iter().map(|t| json!({"name": t.name, "created_ms": t.created_ms})).collect::<Vec<_>>()}))
-        }
-        (["tenants"], &Method::POST) => {
-            let b: NameBody = body(req).await?;
-            auth.create_tenant(who, b.name.parse()?).await?;
-            Ok(json_response(StatusCode::CREATED, serde_json::to_vec(&json!({"name": b.name})).expect("json")))
-        }
-        (["tenants", t, "namespaces"], &Method::POST) => {
-            let tenant: AccountName = t.parse()?;
-            let b: NameBody = body(req).await?;
-            auth.add_namespace(who, tenant, b.name.parse()?).await?;
-            Ok(json_response(StatusCode::CREATED, serde_json::to_vec(&json!({"name": b.name, "tenant": t})).expect("json")))
-        }
-        (["tenants", t, "users"], &Method::POST) => {
-            let tenant: AccountName = t.parse()?;
-            let b: UserBody = body(req).await?;
-            auth.create_user(who, tenant, b.name.parse()?, &b.password, &b.role).await?;
-            Ok(json_response(StatusCode::CREATED, serde_json::to_vec(&json!({"name": b.name, "tenant": t, "role": b.role})).expect("json")))
-        }
-        (["users"], &Method::GET) => {
-            let users = auth.users(who).await?;
-            ok(json!({"users": users.iter().map(|(u, t)| json!({"name": u, "tenant": t})).collect::<Vec<_>>()}))
-        }
-        (["tokens"], &Method::GET) => ok(json!({"tokens": auth.list_tokens(who).iter().map(token_json).collect::<Vec<_>>()})),
-        (["tokens"], &Method::POST) => {
-            let b: TokenBody = body(req).await?;
-            let issued = auth.issue_access_token(who, b.expires_in, b.description).await?;
-            let mut v = token_json(&issued.row);
-            v["token"] = json!(issued.token);
-            // What `docker login` needs, and the `auth` value of a docker config.json.
-            v["docker_auth"] = json!(berth_auth::secret::b64(&format!("{}:{}", issued.row.user, issued.token)));
-            let mut r = json_response(StatusCode::CREATED, serde_json::to_vec(&v).expect("json"));
-            set(&mut r, "cache-control", "no-store");
-            Ok(r)
-        }
-        (["tokens", id], &Method::DELETE) => {
-            auth.revoke_token(who, id).await?;
-            no_content()
-        }
-        (["policies"], &Method::GET) => {
-            let rules = auth.policy_rules(who)?;
-            if req.param("format").as_deref() == Some("csv") {
-                let mut r = json_response(StatusCode::OK, export_rules(&rules).into_bytes());
-                set(&mut r, "content-type", "text/csv; charset=utf-8");
-                return Ok(r);
-            }
-            ok(json!({"version": auth.policy().version(), "rules": rules.iter().map(rule_json).collect::<Vec<_>>()}))
-        }
-        (["policies"], &Method::POST) => {
-            let b: RuleBody = body(req).await?;
-            let rule = validate_rule(&b.ptype, b.fields)?;
-            auth.change_policy(who, vec![rule.clone()], vec![]).await?;
-            Ok(json_response(StatusCode::CREATED, serde_json::to_vec(&rule_json(&rule)).expect("json")))
-        }
-        (["policies", "remove"], &Method::POST) => {
-            let b: RuleBody = body(req).await?;
-            let rule = validate_rule(&b.ptype, b.fields)?;
-            if !auth.policy_rules(who)?.contains(&rule) {
-                return Err(RegistryError::new(ErrorCode::NotFound).with_detail("no such rule"));
-            }
-            auth.change_policy(who, vec![], vec![rule]).await?;
-            no_content()
-        }
-        (["policies", "check"], &Method::POST) => {
-            let b: CheckBody = body(req).await?;
-            let action: Action = b.action.parse()?;
-            let d = auth.check_policy(who, &b.user, &b.tenant, &b.object, action)?;
-            ok(json!({"allowed": d.allowed, "rule": d.rule}))
-        }
-        (["keys", "rotate"], &Method::POST) => ok(json!({"kid": auth.rotate_signing_key(who).await?})),
+        (["me", "password"], &Method::PUT) => change_password(auth, who, body(req).await?).await,
+        (["tenants"], &Method::GET) => list_tenants(auth, who).await,
+        (["tenants"], &Method::POST) => create_tenant(auth, who, body(req).await?).await,
+        (["tenants", t, "namespaces"], &Method::POST) => add_namespace(auth, who, t.parse()?, body(req).await?).await,
+        (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,
+        (["users"], &Method::GET) => list_users(auth, who).await,
+        (["tokens"], &Method::GET) => list_tokens(auth, who),
+        (["tokens"], &Method::POST) => issue_token(auth, who, body(req).await?).await,
+        (["tokens"], &Method::DELETE) => revoke_my_tokens(auth, who).await,
+        (["tokens", id], &Method::DELETE) => revoke_token(auth, who, id).await,
+        (["policies"], &Method::GET) => list_policies(auth, who, req.param("format").as_deref() == Some("csv")),
+        (["policies"], &Method::POST) => add_rule(auth, who, body(req).await?).await,
+        (["policies", "remove"], &Method::POST) => remove_rule(auth, who, body(req).await?).await,
+        (["policies", "check"], &Method::POST) => check_policy(auth, who, body(req).await?),
+        (["keys", "rotate"], &Method::POST) => rotate_key(auth, who).await,
         ([first, ..], _) if *first == "namespaces" => {
             crate::namespaces::handle(services, identity, path.strip_prefix("namespaces").unwrap_or(""), req).await
         }
@@ -243,6 +285,151 @@ fn known(path: &str) -> bool {
         || p.starts_with("tenants/")
 }
 
+/// The caller and their tenant.
+#[utoipa::path(get, path = "/api/v1/me", operation_id = "getMe", tag = "accounts", responses((status = 200, body = Me)))]
+fn me(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    let tenant = who.user().and_then(|u| {
+        auth.policy().rules().into_iter().find_map(|r| {
+            (r.ptype == "g2" && r.fields[0] == u.as_str()).then(|| r.fields[1].strip_prefix("tenant:").map(str::to_owned)).flatten()
+        })
+    });
+    reply(StatusCode::OK, &Me { user: who.subject().to_owned(), tenant })
+}
+
+/// Change the caller's password.
+#[utoipa::path(put, path = "/api/v1/me/password", operation_id = "changePassword", tag = "accounts", request_body = PasswordBody,
+    responses((status = 204)))]
+async fn change_password(auth: &Auth, who: &Principal, b: PasswordBody) -> Result<Reply, RegistryError> {
+    auth.change_password(who, &b.password).await?;
+    no_content()
+}
+
+/// Every tenant (platform admin).
+#[utoipa::path(get, path = "/api/v1/tenants", operation_id = "listTenants", tag = "accounts", responses((status = 200, body = TenantList)))]
+async fn list_tenants(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    let t = auth.tenants(who).await?;
+    reply(
+        StatusCode::OK,
+        &TenantList { tenants: t.iter().map(|t| TenantView { name: t.name.to_string(), created_ms: t.created_ms }).collect() },
+    )
+}
+
+/// Create a tenant and its namespace of the same name (platform admin).
+#[utoipa::path(post, path = "/api/v1/tenants", operation_id = "createTenant", tag = "accounts", request_body = NameBody,
+    responses((status = 201, body = Created), (status = 409, description = "exists")))]
+async fn create_tenant(auth: &Auth, who: &Principal, b: NameBody) -> Result<Reply, RegistryError> {
+    auth.create_tenant(who, b.name.parse()?).await?;
+    reply(StatusCode::CREATED, &Created { name: b.name, tenant: None, role: None })
+}
+
+/// Give a tenant another namespace (platform admin; see also `POST /api/v1/namespaces`).
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/namespaces", operation_id = "addTenantNamespace", tag = "accounts",
+    params(("tenant" = String, Path)), request_body = NameBody, responses((status = 201, body = Created)))]
+async fn add_namespace(auth: &Auth, who: &Principal, tenant: AccountName, b: NameBody) -> Result<Reply, RegistryError> {
+    auth.add_namespace(who, tenant.clone(), b.name.parse()?).await?;
+    reply(StatusCode::CREATED, &Created { name: b.name, tenant: Some(tenant.to_string()), role: None })
+}
+
+/// Create a user in a tenant with a role (tenant admin).
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/users", operation_id = "createUser", tag = "accounts",
+    params(("tenant" = String, Path)), request_body = UserBody, responses((status = 201, body = Created)))]
+async fn create_user(auth: &Auth, who: &Principal, tenant: AccountName, b: UserBody) -> Result<Reply, RegistryError> {
+    auth.create_user(who, tenant.clone(), b.name.parse()?, &b.password, &b.role).await?;
+    reply(StatusCode::CREATED, &Created { name: b.name, tenant: Some(tenant.to_string()), role: Some(b.role) })
+}
+
+/// Users the caller administers.
+#[utoipa::path(get, path = "/api/v1/users", operation_id = "listUsers", tag = "accounts", responses((status = 200, body = UserList)))]
+async fn list_users(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    let users = auth.users(who).await?;
+    let users = users.into_iter().map(|(u, t)| UserView { name: u.to_string(), tenant: t.map(|t| t.to_string()) }).collect();
+    reply(StatusCode::OK, &UserList { users })
+}
+
+/// The caller's registry access tokens (all, for the platform admin).
+#[utoipa::path(get, path = "/api/v1/tokens", operation_id = "listTokens", tag = "tokens", responses((status = 200, body = TokenList)))]
+fn list_tokens(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    reply(StatusCode::OK, &TokenList { tokens: auth.list_tokens(who).iter().map(token_view).collect() })
+}
+
+/// Issue a registry access token for `docker login` (12 h by default).
+#[utoipa::path(post, path = "/api/v1/tokens", operation_id = "issueToken", tag = "tokens", request_body = TokenBody,
+    responses((status = 201, body = IssuedToken)))]
+async fn issue_token(auth: &Auth, who: &Principal, b: TokenBody) -> Result<Reply, RegistryError> {
+    let issued = auth.issue_access_token(who, b.expires_in, b.description).await?;
+    let docker_auth = berth_auth::secret::b64(&format!("{}:{}", issued.row.user, issued.token));
+    let mut r = reply(StatusCode::CREATED, &IssuedToken { token_info: token_view(&issued.row), token: issued.token, docker_auth })?;
+    set(&mut r, "cache-control", "no-store");
+    Ok(r)
+}
+
+/// Revoke one token.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", operation_id = "revokeToken", tag = "tokens", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, description = "no such token of yours")))]
+async fn revoke_token(auth: &Auth, who: &Principal, id: &str) -> Result<Reply, RegistryError> {
+    auth.revoke_token(who, id).await?;
+    no_content()
+}
+
+/// Revoke every token of the caller's own.
+#[utoipa::path(delete, path = "/api/v1/tokens", operation_id = "revokeMyTokens", tag = "tokens", responses((status = 200, body = Revoked)))]
+async fn revoke_my_tokens(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    let mine: Vec<String> = auth.list_tokens(who).into_iter().filter(|t| Some(&t.user) == who.user()).map(|t| t.id).collect();
+    for id in &mine {
+        auth.revoke_token(who, id).await?;
+    }
+    reply(StatusCode::OK, &Revoked { revoked: mine })
+}
+
+/// The live policy rules (platform admin); `?format=csv` for casbin CSV.
+#[utoipa::path(get, path = "/api/v1/policies", operation_id = "listPolicies", tag = "policies",
+    params(("format" = Option<String>, Query, description = "csv for casbin CSV")), responses((status = 200, body = RuleList)))]
+fn list_policies(auth: &Auth, who: &Principal, csv: bool) -> Result<Reply, RegistryError> {
+    let rules = auth.policy_rules(who)?;
+    if csv {
+        let mut r = json_response(StatusCode::OK, export_rules(&rules).into_bytes());
+        set(&mut r, "content-type", "text/csv; charset=utf-8");
+        return Ok(r);
+    }
+    reply(StatusCode::OK, &RuleList { version: auth.policy().version(), rules: rules.iter().map(rule).collect() })
+}
+
+/// Add a rule.
+#[utoipa::path(post, path = "/api/v1/policies", operation_id = "addPolicyRule", tag = "policies", request_body = RuleBody,
+    responses((status = 201, body = Rule)))]
+async fn add_rule(auth: &Auth, who: &Principal, b: RuleBody) -> Result<Reply, RegistryError> {
+    let r = validate_rule(&b.ptype, b.fields)?;
+    auth.change_policy(who, vec![r.clone()], vec![]).await?;
+    reply(StatusCode::CREATED, &rule(&r))
+}
+
+/// Remove a rule.
+#[utoipa::path(post, path = "/api/v1/policies/remove", operation_id = "removePolicyRule", tag = "policies", request_body = RuleBody,
+    responses((status = 204), (status = 404, description = "no such rule")))]
+async fn remove_rule(auth: &Auth, who: &Principal, b: RuleBody) -> Result<Reply, RegistryError> {
+    let r = validate_rule(&b.ptype, b.fields)?;
+    if !auth.policy_rules(who)?.contains(&r) {
+        return Err(RegistryError::new(ErrorCode::NotFound).with_detail("no such rule"));
+    }
+    auth.change_policy(who, vec![], vec![r]).await?;
+    no_content()
+}
+
+/// Decide one request against the live policy.
+#[utoipa::path(post, path = "/api/v1/policies/check", operation_id = "checkPolicy", tag = "policies", request_body = CheckBody,
+    responses((status = 200, body = CheckResult)))]
+fn check_policy(auth: &Auth, who: &Principal, b: CheckBody) -> Result<Reply, RegistryError> {
+    let action: Action = b.action.parse()?;
+    let d = auth.check_policy(who, &b.user, &b.tenant, &b.object, action)?;
+    reply(StatusCode::OK, &CheckResult { allowed: d.allowed, rule: d.rule })
+}
+
+/// Rotate the bearer-token signing key (platform admin).
+#[utoipa::path(post, path = "/api/v1/keys/rotate", operation_id = "rotateSigningKey", tag = "policies", responses((status = 200, body = Kid)))]
+async fn rotate_key(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    reply(StatusCode::OK, &Kid { kid: auth.rotate_signing_key(who).await? })
+}
+
 /// `…/visibility` and `…/shares[/<tenant>]` without the `/-/` separator of the
 /// repository endpoints (see `manage`).
 fn is_old_style(segs: &[&str]) -> bool {
@@ -252,7 +439,7 @@ fn is_old_style(segs: &[&str]) -> bool {
 /// `/api/v1/repositories/<name…>/visibility` and `/…/shares[/<tenant>]`; the
 /// name has any number of components, so it is read up to the keyword.
 async fn repository(services: &Services, who: &Principal, segs: &[&str], req: &mut Request) -> Result<Reply, RegistryError> {
-    let auth = &services.auth;
+    let auth = &*services.auth;
     let path = segs.join("/");
     let (name, tail): (String, Vec<&str>) = if let Some(i) = segs.iter().rposition(|s| *s == "shares") {
         (segs[..i].join("/"), segs[i..].to_vec())
@@ -264,28 +451,103 @@ async fn repository(services: &Services, who: &Principal, segs: &[&str], req: &m
     let repo: RepoName = name.parse()?;
     let m = req.method.clone();
     match (tail.as_slice(), &m) {
-        (["visibility"], &Method::GET) => ok(json!({"repository": repo, "public": auth.is_public(&repo)})),
-        (["visibility"], &Method::PUT) => {
-            let b: VisibilityBody = body(req).await?;
-            auth.set_public(who, &repo, b.public).await?;
-            ok(json!({"repository": repo, "public": b.public}))
+        (["visibility"], &Method::GET) => {
+            reply(StatusCode::OK, &Visibility { repository: repo.to_string(), public: auth.is_public(&repo) })
         }
-        (["shares"], &Method::GET) => {
-            let shares = auth.shares(who, &repo).await?;
-            ok(
-                json!({"shares": shares.iter().map(|s| json!({"tenant": s.tenant, "actions": s.actions, "expires_ms": s.expires_ms})).collect::<Vec<_>>()}),
-            )
-        }
-        (["shares", t], &Method::PUT) => {
-            let tenant: AccountName = t.parse()?;
-            let b: ShareBody = body(req).await?;
-            auth.share(who, &repo, tenant, b.push, b.expires_in).await?;
-            ok(json!({"repository": repo, "tenant": t, "push": b.push, "expires_in": b.expires_in}))
-        }
-        (["shares", t], &Method::DELETE) => {
-            auth.unshare(who, &repo, t.parse()?).await?;
-            no_content()
-        }
+        (["visibility"], &Method::PUT) => set_visibility(auth, who, &repo, body(req).await?).await,
+        (["shares"], &Method::GET) => list_shares(auth, who, &repo).await,
+        (["shares", t], &Method::PUT) => share(auth, who, &repo, t.parse()?, body(req).await?).await,
+        (["shares", t], &Method::DELETE) => unshare(auth, who, &repo, t.parse()?).await,
         (_, m) => Err(method_not_allowed(m)),
     }
 }
+
+/// Make a repository public (anonymous pull) or private (repository admin).
+#[utoipa::path(put, path = "/api/v1/repositories/{name}/visibility", operation_id = "setVisibility", tag = "repositories",
+    params(("name" = String, Path)), request_body = VisibilityBody, responses((status = 200, body = Visibility)))]
+async fn set_visibility(auth: &Auth, who: &Principal, repo: &RepoName, b: VisibilityBody) -> Result<Reply, RegistryError> {
+    auth.set_public(who, repo, b.public).await?;
+    reply(StatusCode::OK, &Visibility { repository: repo.to_string(), public: b.public })
+}
+
+/// The tenants a repository is shared with (repository admin).
+#[utoipa::path(get, path = "/api/v1/repositories/{name}/shares", operation_id = "listShares", tag = "repositories",
+    params(("name" = String, Path)), responses((status = 200, body = ShareList)))]
+async fn list_shares(auth: &Auth, who: &Principal, repo: &RepoName) -> Result<Reply, RegistryError> {
+    let shares = auth.shares(who, repo).await?;
+    let shares =
+        shares.into_iter().map(|s| ShareView { tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms }).collect();
+    reply(StatusCode::OK, &ShareList { shares })
+}
+
+/// Share a repository with another tenant for pull (or pull and push), optionally until a time.
+#[utoipa::path(put, path = "/api/v1/repositories/{name}/shares/{tenant}", operation_id = "shareRepository", tag = "repositories",
+    params(("name" = String, Path), ("tenant" = String, Path)), request_body = ShareBody, responses((status = 200, body = Shared)))]
+async fn share(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountName, b: ShareBody) -> Result<Reply, RegistryError> {
+    auth.share(who, repo, tenant.clone(), b.push, b.expires_in).await?;
+    reply(StatusCode::OK, &Shared { repository: repo.to_string(), tenant: tenant.to_string(), push: b.push, expires_in: b.expires_in })
+}
+
+/// Withdraw a share.
+#[utoipa::path(delete, path = "/api/v1/repositories/{name}/shares/{tenant}", operation_id = "unshareRepository", tag = "repositories",
+    params(("name" = String, Path), ("tenant" = String, Path)), responses((status = 204)))]
+async fn unshare(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountName) -> Result<Reply, RegistryError> {
+    auth.unshare(who, repo, tenant).await?;
+    no_content()
+}
+
+/// The account, token and policy routes, for the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(
+        me,
+        change_password,
+        list_tenants,
+        create_tenant,
+        add_namespace,
+        create_user,
+        list_users,
+        list_tokens,
+        issue_token,
+        revoke_token,
+        revoke_my_tokens,
+        list_policies,
+        add_rule,
+        remove_rule,
+        check_policy,
+        rotate_key,
+        set_visibility,
+        list_shares,
+        share,
+        unshare
+    ),
+    components(schemas(
+        TokenView,
+        IssuedToken,
+        TokenList,
+        Revoked,
+        Me,
+        TenantView,
+        TenantList,
+        Created,
+        UserView,
+        UserList,
+        Rule,
+        RuleList,
+        CheckResult,
+        Kid,
+        Visibility,
+        ShareView,
+        ShareList,
+        Shared,
+        NameBody,
+        UserBody,
+        PasswordBody,
+        TokenBody,
+        RuleBody,
+        CheckBody,
+        VisibilityBody,
+        ShareBody
+    ))
+)]
+pub struct AccountDoc;

@@ -619,6 +619,7 @@ pub(crate) fn document() -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::namespaces::NamespaceDoc::openapi());
+    doc.merge(crate::api::AccountDoc::openapi());
     doc
 }
 
