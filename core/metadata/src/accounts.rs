@@ -119,8 +119,9 @@ impl Metadata {
     /// Create a tenant and its namespace of the same name, atomically. `false`
     /// if the tenant (or a namespace of that name) already exists.
     pub async fn create_tenant(&self, t: &TenantRow) -> Result<bool> {
-        let mut r = self
-            .db
+        let row = crate::to_value(t)?;
+        let mut r = self.run(|| {
+            self.db
             .query(
                 "BEGIN TRANSACTION;
                  LET $taken = (SELECT VALUE name FROM ONLY type::record('tenant', $name)) OR (SELECT VALUE name FROM ONLY type::record('namespace', $name));
@@ -131,9 +132,9 @@ impl Metadata {
                  COMMIT TRANSACTION;",
             )
             .bind(("name", t.name.to_string()))
-            .bind(("row", crate::to_value(t)?))
-            .await?
-            .check()?;
+            .bind(("row", row.clone()))
+            })
+            .await?;
         Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
@@ -145,19 +146,20 @@ impl Metadata {
     /// Create `table:name` with `row` unless it exists; `false` if it did.
     async fn create_if_absent(&self, table: &'static str, name: &AccountName, row: serde_json::Value) -> Result<bool> {
         let mut r = self
-            .db
-            .query(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(
+                        "BEGIN TRANSACTION;
                  IF (SELECT VALUE name FROM ONLY type::record($table, $name)) { RETURN false; };
                  CREATE type::record($table, $name) CONTENT $row RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("table", table))
-            .bind(("name", name.to_string()))
-            .bind(("row", row))
-            .await?
-            .check()?;
+                    )
+                    .bind(("table", table))
+                    .bind(("name", name.to_string()))
+                    .bind(("row", row.clone()))
+            })
+            .await?;
         Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
@@ -192,16 +194,17 @@ impl Metadata {
     }
 
     pub async fn delete_user(&self, name: &AccountName) -> Result<()> {
-        self.db
-            .query(
-                "BEGIN TRANSACTION;
+        self.run(|| {
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
                  DELETE token WHERE user = $name RETURN NONE;
                  DELETE type::record('user', $name) RETURN NONE;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("name", name.to_string()))
-            .await?
-            .check()?;
+                )
+                .bind(("name", name.to_string()))
+        })
+        .await?;
         Ok(())
     }
 
@@ -252,7 +255,7 @@ impl Metadata {
         let rows: Vec<serde_json::Value> = used.iter().map(|(id, ms)| serde_json::json!({"id": id, "ms": ms})).collect();
         self.db
             .query("FOR $u IN $rows { UPDATE type::record('token', $u.id) SET last_used_ms = $u.ms RETURN NONE; }")
-            .bind(("rows", rows))
+            .bind(("rows", rows.clone()))
             .await?
             .check()?;
         Ok(())
@@ -267,18 +270,20 @@ impl Metadata {
 
     /// Add a new current key and retire every other one, atomically.
     pub async fn rotate_signing_key(&self, k: &SigningKeyRow) -> Result<()> {
-        self.db
-            .query(
-                "BEGIN TRANSACTION;
+        let row = crate::to_value(k)?;
+        self.run(|| {
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
                  UPDATE signing_key SET retired_ms = $now WHERE retired_ms = NONE OR retired_ms = NULL RETURN NONE;
                  CREATE type::record('signing_key', $kid) CONTENT $row RETURN NONE;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("now", k.created_ms))
-            .bind(("kid", k.kid.clone()))
-            .bind(("row", crate::to_value(k)?))
-            .await?
-            .check()?;
+                )
+                .bind(("now", k.created_ms))
+                .bind(("kid", k.kid.clone()))
+                .bind(("row", row.clone()))
+        })
+        .await?;
         Ok(())
     }
 
@@ -315,11 +320,16 @@ impl Metadata {
             sql.push_str("UPSERT policy_state:current SET seed = $seed RETURN NONE;");
         }
         sql.push_str("RETURN (SELECT VALUE version FROM ONLY policy_state:current); COMMIT TRANSACTION;");
-        let mut q = self.db.query(sql).bind(("add", add)).bind(("remove", remove));
-        if let Some(seed) = seed {
-            q = q.bind(("seed", serde_json::to_value(seed).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?));
-        }
-        let mut r = q.await?.check()?;
+        let seed = seed.map(|s| serde_json::to_value(s).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))).transpose()?;
+        let mut r = self
+            .run(|| {
+                let q = self.db.query(sql.as_str()).bind(("add", add.clone())).bind(("remove", remove.clone()));
+                match &seed {
+                    Some(seed) => q.bind(("seed", seed.clone())),
+                    None => q,
+                }
+            })
+            .await?;
         Ok(returned::<u64>(&mut r)?.unwrap_or(0))
     }
 

@@ -20,6 +20,7 @@ pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Re
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
+use surrealdb::method::Query;
 use surrealdb::opt::auth::Root;
 use surrealdb::opt::capabilities::Capabilities;
 use surrealdb::opt::Config;
@@ -177,22 +178,23 @@ impl Metadata {
     /// the same transaction.
     pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<()> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
-        self.db
-            .query(format!(
-                "BEGIN TRANSACTION;
+        self.run(|| {
+            self.db
+                .query(format!(
+                    "BEGIN TRANSACTION;
                  {REPO_TOUCH}
                  UPSERT type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
                  {end}
                  COMMIT TRANSACTION;"
-            ))
-            .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
-            .bind(("repo", link.repo.to_string()))
-            .bind(("namespace", link.repo.namespace().to_string()))
-            .bind(("now", now_ms()))
-            .bind(("digest", link.digest.to_string()))
-            .bind(("size", link.size))
-            .await?
-            .check()?;
+                ))
+                .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
+                .bind(("repo", link.repo.to_string()))
+                .bind(("namespace", link.repo.namespace().to_string()))
+                .bind(("now", now_ms()))
+                .bind(("digest", link.digest.to_string()))
+                .bind(("size", link.size))
+        })
+        .await?;
         Ok(())
     }
 
@@ -223,29 +225,41 @@ impl Metadata {
             );
         }
         sql.push_str("COMMIT TRANSACTION;");
-        let mut q =
-            self.db.query(sql).bind(("repo", m.repo.to_string())).bind(("digest", m.digest.to_string())).bind(("manifest", to_value(m)?));
-        q = q.bind(("namespace", m.repo.namespace().to_string())).bind(("now", now_ms()));
-        if let Some(t) = tag {
-            q = q.bind(("tag_name", t.name.to_string())).bind(("tag", to_value(t)?));
-        }
-        q.await?.check()?;
+        let manifest = to_value(m)?;
+        let tag_row = tag.map(to_value).transpose()?;
+        let now = now_ms();
+        self.run(|| {
+            let mut q = self
+                .db
+                .query(sql.as_str())
+                .bind(("repo", m.repo.to_string()))
+                .bind(("digest", m.digest.to_string()))
+                .bind(("manifest", manifest.clone()))
+                .bind(("namespace", m.repo.namespace().to_string()))
+                .bind(("now", now));
+            if let (Some(t), Some(row)) = (tag, &tag_row) {
+                q = q.bind(("tag_name", t.name.to_string())).bind(("tag", row.clone()));
+            }
+            q
+        })
+        .await?;
         Ok(())
     }
 
     /// Delete a manifest and every tag that points at it: one transaction.
     pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.db
-            .query(
-                "BEGIN TRANSACTION;
+        self.run(|| {
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
                  DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
                  DELETE type::record('manifest', [$repo, $digest]) RETURN NONE;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("repo", repo.to_string()))
-            .bind(("digest", digest.to_string()))
-            .await?
-            .check()?;
+                )
+                .bind(("repo", repo.to_string()))
+                .bind(("digest", digest.to_string()))
+        })
+        .await?;
         Ok(())
     }
 
@@ -303,6 +317,35 @@ impl Metadata {
     pub async fn upload_ids(&self) -> Result<Vec<UploadId>> {
         let mut r = self.db.query("SELECT VALUE id_str FROM upload").await?.check()?;
         rows(&mut r, 0)
+    }
+}
+
+impl Metadata {
+    /// Run a query, built afresh by `build` for each try, and check every
+    /// statement. SurrealDB's transactions are optimistic: of two that write the
+    /// same record at once, the loser fails with a conflict that "can be
+    /// retried". Such a transaction is run again (up to 10 tries, pausing 1, 2,
+    /// 4 … ms); any other failure is returned at once.
+    pub(crate) async fn run<'a>(&'a self, build: impl Fn() -> Query<'a, Any>) -> Result<IndexedResults> {
+        let mut pause = std::time::Duration::from_millis(1);
+        for attempt in 1.. {
+            let mut r = build().await?;
+            let errors = r.take_errors();
+            if errors.is_empty() {
+                return Ok(r);
+            }
+            let retryable = errors.values().any(|e| matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)));
+            if !retryable || attempt >= 10 {
+                // The statement that failed, rather than the ones cancelled with it.
+                let mut errors: Vec<(usize, surrealdb::Error)> = errors.into_iter().collect();
+                errors.sort_by_key(|(i, e)| (e.to_string().contains("not executed due to a failed transaction"), *i));
+                return Err(errors.remove(0).1.into());
+            }
+            tracing::debug!(attempt, "metadata transaction conflicted; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(50));
+        }
+        unreachable!("the loop returns")
     }
 }
 

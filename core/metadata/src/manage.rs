@@ -141,19 +141,21 @@ const PROFILE: &str = "name, created_ms OR 0 AS created_ms, updated_ms OR create
 impl Metadata {
     /// Create an empty repository explicitly; `false` if it exists.
     pub async fn create_repo(&self, p: &RepoProfile) -> Result<bool> {
+        let row = profile_row(p)?;
         let mut r = self
-            .db
-            .query(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(
+                        "BEGIN TRANSACTION;
                  IF (SELECT VALUE name FROM ONLY type::record('repo', $name)) { RETURN false; };
                  CREATE type::record('repo', $name) CONTENT $row RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("name", p.name.to_string()))
-            .bind(("row", profile_row(p)?))
-            .await?
-            .check()?;
+                    )
+                    .bind(("name", p.name.to_string()))
+                    .bind(("row", row.clone()))
+            })
+            .await?;
         Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
@@ -195,22 +197,23 @@ impl Metadata {
         let labels =
             serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
         let mut r = self
-            .db
-            .query(format!(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(format!(
+                        "BEGIN TRANSACTION;
                  IF !(SELECT VALUE name FROM ONLY type::record('repo', $name)) {{ RETURN false; }};
                  UPDATE type::record('repo', $name) SET {} RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
-                sets.join(", ")
-            ))
-            .bind(("name", name.to_string()))
-            .bind(("now", now_ms))
-            .bind(("description", patch.description.clone().unwrap_or_default()))
-            .bind(("category", patch.category.clone().unwrap_or_default()))
-            .bind(("labels", labels))
-            .await?
-            .check()?;
+                        sets.join(", ")
+                    ))
+                    .bind(("name", name.to_string()))
+                    .bind(("now", now_ms))
+                    .bind(("description", patch.description.clone().unwrap_or_default()))
+                    .bind(("category", patch.category.clone().unwrap_or_default()))
+                    .bind(("labels", labels.clone()))
+            })
+            .await?;
         if !returned::<bool>(&mut r)?.unwrap_or(false) {
             return Ok(None);
         }
@@ -265,9 +268,10 @@ impl Metadata {
             .iter()
             .map(|d| serde_json::to_value(d).map_err(|e| crate::MetadataError::Corrupt(e.to_string())))
             .collect::<Result<_>>()?;
-        self.db
-            .query(
-                "BEGIN TRANSACTION;
+        self.run(|| {
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
                  FOR $d IN $batch {
                     UPDATE type::record('repo', $d.repo) SET pulls = (pulls OR 0) + $d.count,
                         last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
@@ -279,10 +283,10 @@ impl Metadata {
                     };
                  };
                  COMMIT TRANSACTION;",
-            )
-            .bind(("batch", rows))
-            .await?
-            .check()?;
+                )
+                .bind(("batch", rows.clone()))
+        })
+        .await?;
         Ok(())
     }
 
@@ -290,9 +294,10 @@ impl Metadata {
     /// transaction. Stored bytes stay for the collector.
     pub async fn delete_repo(&self, name: &RepoName) -> Result<Removed> {
         let mut r = self
-            .db
-            .query(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(
+                        "BEGIN TRANSACTION;
                  LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
                  LET $manifests = count((DELETE manifest WHERE repo = $name RETURN BEFORE));
                  LET $links = count((DELETE blob_link WHERE repo = $name RETURN BEFORE));
@@ -300,10 +305,10 @@ impl Metadata {
                  DELETE share WHERE repo = $name RETURN NONE;
                  RETURN { tags: $tags, manifests: $manifests, blob_links: $links };
                  COMMIT TRANSACTION;",
-            )
-            .bind(("name", name.to_string()))
-            .await?
-            .check()?;
+                    )
+                    .bind(("name", name.to_string()))
+            })
+            .await?;
         Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
     }
 }
@@ -315,19 +320,21 @@ impl Metadata {
     /// Create a namespace for a tenant with its profile; `false` if the name is
     /// taken (by a namespace or a tenant's own).
     pub async fn create_namespace_profile(&self, p: &NamespaceProfile) -> Result<bool> {
+        let row = crate::to_value(p)?;
         let mut r = self
-            .db
-            .query(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(
+                        "BEGIN TRANSACTION;
                  IF (SELECT VALUE name FROM ONLY type::record('namespace', $name)) { RETURN false; };
                  CREATE type::record('namespace', $name) CONTENT $row RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
-            )
-            .bind(("name", p.name.to_string()))
-            .bind(("row", crate::to_value(p)?))
-            .await?
-            .check()?;
+                    )
+                    .bind(("name", p.name.to_string()))
+                    .bind(("row", row.clone()))
+            })
+            .await?;
         Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
@@ -362,23 +369,24 @@ impl Metadata {
         let labels =
             serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
         let mut r = self
-            .db
-            .query(format!(
-                "BEGIN TRANSACTION;
+            .run(|| {
+                self.db
+                    .query(format!(
+                        "BEGIN TRANSACTION;
                  IF !(SELECT VALUE name FROM ONLY type::record('namespace', $name)) {{ RETURN false; }};
                  UPDATE type::record('namespace', $name) SET {} RETURN NONE;
                  RETURN true;
                  COMMIT TRANSACTION;",
-                sets.join(", ")
-            ))
-            .bind(("name", name.to_string()))
-            .bind(("now", now_ms))
-            .bind(("description", patch.description.clone().unwrap_or_default()))
-            .bind(("labels", labels))
-            .bind(("project_id", patch.project_id.clone().unwrap_or_default()))
-            .bind(("public_default", patch.public_default.unwrap_or(false)))
-            .await?
-            .check()?;
+                        sets.join(", ")
+                    ))
+                    .bind(("name", name.to_string()))
+                    .bind(("now", now_ms))
+                    .bind(("description", patch.description.clone().unwrap_or_default()))
+                    .bind(("labels", labels.clone()))
+                    .bind(("project_id", patch.project_id.clone().unwrap_or_default()))
+                    .bind(("public_default", patch.public_default.unwrap_or(false)))
+            })
+            .await?;
         if !returned::<bool>(&mut r)?.unwrap_or(false) {
             return Ok(None);
         }
@@ -538,5 +546,61 @@ mod namespace_tests {
         md.delete_namespace(&p.name).await.unwrap();
         assert_eq!(md.namespace_profile(&p.name).await.unwrap(), None);
         assert_eq!(md.update_namespace(&p.name, &patch, 10).await.unwrap(), None);
+    }
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+    use crate::{ManifestRow, PolicyRuleRow, TagRow};
+
+    /// Transactions that write the same records at once (the policy version, a
+    /// repository's counters) all succeed: the losers of a conflict are retried.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_transactions_on_one_record_all_land() {
+        let md = crate::tests::mem().await;
+        let policy = (0..16).map(|i| {
+            let md = md.clone();
+            tokio::spawn(async move {
+                let rule = PolicyRuleRow {
+                    ptype: "p".into(),
+                    fields: vec![format!("u{i}"), "*".into(), "*".into(), "pull".into(), "allow".into()],
+                };
+                md.change_policy(&[rule], &[], None).await
+            })
+        });
+        let repo: RepoName = "acme/app".parse().unwrap();
+        let pushes = (0..16).map(|i| {
+            let (md, repo) = (md.clone(), repo.clone());
+            tokio::spawn(async move {
+                let bytes = format!("m{i}");
+                let m = ManifestRow {
+                    repo: repo.clone(),
+                    digest: Digest::sha256(bytes.as_bytes()),
+                    media_type: berth_oci::manifest::OCI_MANIFEST.into(),
+                    size: 2,
+                    artifact_type: None,
+                    subject: None,
+                    annotations: None,
+                    created_ms: 1,
+                };
+                let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
+                md.commit_manifest(&m, Some(&t)).await?;
+                let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), digest: m.digest, count: 1, last_ms: i };
+                md.record_pulls(&[d]).await
+            })
+        });
+        let policy: Vec<_> = policy.collect();
+        let pushes: Vec<_> = pushes.collect();
+        for h in policy {
+            h.await.unwrap().unwrap();
+        }
+        for h in pushes {
+            h.await.unwrap().unwrap();
+        }
+        assert_eq!(md.policy_rules().await.unwrap().len(), 16);
+        assert_eq!(md.policy_state().await.unwrap().version, 16);
+        let p = md.repo_profile(&repo).await.unwrap().unwrap();
+        assert_eq!((p.pushes, p.pulls), (16, 16));
     }
 }
