@@ -7,6 +7,8 @@
 #   tests/fuzz/api_schemathesis.sh BERTH_BINARY VENV [SEED] [MAX_EXAMPLES]
 set -euo pipefail
 berth=$1; venv=$2; seed=${3:-1}; examples=${4:-40}
+# Only what this script sets reaches the server (it refuses unknown BERTH_* variables).
+for v in $(compgen -e | grep '^BERTH_' || true); do unset "$v"; done
 work=$(mktemp -d /tmp/berth-st.XXXXXX)
 port=$((20000 + RANDOM % 20000))
 pid=
@@ -16,6 +18,7 @@ BERTH_ADMIN_PASSWORD=schemathesis-admin BERTH_LOG=warn BERTH_POLICY_DIR="$(dirna
   "$berth" serve --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
+kill -0 "$pid" 2>/dev/null || { echo "berth did not start:"; cat "$work/err"; exit 1; }
 curl -sf -u admin:schemathesis-admin -X POST -H 'Content-Type: application/json' -d '{"name":"acme"}' \
   "http://127.0.0.1:$port/api/v1/tenants" >/dev/null
 "$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" --origin "http://127.0.0.1:$port" \
