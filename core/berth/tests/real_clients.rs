@@ -111,6 +111,19 @@ fn skopeo_round_trips_image_and_multi_arch_index() {
     assert_eq!(blob_files(&back), blob_files(&src), "every blob comes back byte-identical");
     let raw = skopeo(&["inspect", "--authfile", authfile, "--tls-verify=false", "--raw", &dest]);
     assert_eq!(sha256(raw.as_bytes()), md);
+    // skopeo's pulls (the copy back, the inspect) were counted, off the GET path.
+    block_on(async {
+        for _ in 0..150 {
+            let t: serde_json::Value =
+                client().get(s.url("/api/v1/repositories/skopeo/image/-/tags/v1")).send().await.unwrap().json().await.unwrap();
+            assert_eq!(t["push_count"], 1, "{t}");
+            if t["pull_count"].as_u64().unwrap() >= 2 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("skopeo's pulls were not counted within 15 s");
+    });
 
     // Private by default: an anonymous client is refused; public after the switch.
     let anon = dir.path().join("anon.json");
