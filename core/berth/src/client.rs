@@ -438,7 +438,7 @@ const REPO_COLS: [(&str, &str); 7] = [
     ("latest_tag", "LATEST"),
 ];
 const TAG_COLS: [(&str, &str); 5] =
-    [("name", "TAG"), ("digest", "DIGEST"), ("manifest_size", "SIZE"), ("pull_count", "PULLS"), ("push_count", "PUSHES")];
+    [("name", "TAG"), ("digest", "DIGEST"), ("size", "SIZE"), ("pull_count", "PULLS"), ("push_count", "PUSHES")];
 const NS_COLS: [(&str, &str); 5] = [
     ("name", "NAMESPACE"),
     ("tenant", "TENANT"),

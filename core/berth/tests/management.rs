@@ -635,3 +635,51 @@ fn tokens_listed_and_released_all_at_once() {
         assert_eq!(client_as("oli", &other).get(s.url("/v2/")).send().await.unwrap().status(), 200);
     });
 }
+
+/// Tag details: the image's size (manifest, config, layers), its creation time
+/// from the config, the decoded manifest, and an index's platforms.
+#[test]
+fn tag_details_sizes_platforms_created() {
+    let dir = TempDir::new("manage-detail");
+    let s = start(&dir);
+    block_on(async {
+        let c = client_as("ada", &tenant_user_token(&s, "acme", "ada", "maintainer").await);
+        let mut children = vec![];
+        for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
+            let config = serde_json::to_vec(&json!({"architecture": arch, "os": "linux", "created": "2026-01-02T03:04:05Z"})).unwrap();
+            let cd = push_blob(&c, &s, "acme/multi", &config).await;
+            let layer = bytes(i as u64, 5000);
+            let ld = push_blob(&c, &s, "acme/multi", &layer).await;
+            let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], json!({}));
+            let d = put_manifest(&c, &s, "acme/multi", &format!("{arch}"), OCI_MANIFEST, &m).await;
+            children.push((d, m.len(), arch.to_string(), config.len() + layer.len() + m.len()));
+        }
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX,
+            "manifests": children.iter().map(|(d, n, arch, _)| json!({
+                "mediaType": OCI_MANIFEST, "digest": d, "size": n, "platform": {"os": "linux", "architecture": arch}
+            })).collect::<Vec<_>>()
+        }))
+        .unwrap();
+        put_manifest(&c, &s, "acme/multi", "latest", OCI_INDEX, &index).await;
+
+        let amd = get_json(&c, &api(&s, "repositories/acme/multi/-/tags/amd64")).await;
+        assert_eq!(amd["size"].as_u64().unwrap() as usize, children[0].3, "{amd}");
+        assert_eq!(amd["created"], "2026-01-02T03:04:05Z");
+        assert_eq!(amd["manifest"]["layers"][0]["size"], 5000);
+        assert_eq!(amd["platforms"], json!([]));
+
+        let latest = get_json(&c, &api(&s, "repositories/acme/multi/-/tags/latest")).await;
+        let platforms = latest["platforms"].as_array().unwrap();
+        assert_eq!(platforms.len(), 2);
+        assert_eq!(platforms[1]["platform"]["architecture"], "arm64");
+        assert_eq!(platforms[1]["size"].as_u64().unwrap() as usize, children[1].3);
+        assert_eq!(latest["size"].as_u64().unwrap() as usize, index.len() + children[0].3 + children[1].3);
+        assert!(latest["created"].is_null());
+        // The listing carries the same sizes; reading details is not a pull.
+        let tags = get_json(&c, &api(&s, "repositories/acme/multi/-/tags")).await;
+        assert_eq!(tags["items"][2]["size"], latest["size"]);
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(get_json(&c, &api(&s, "repositories/acme/multi")).await["pull_count"], 0);
+    });
+}

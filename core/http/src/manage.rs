@@ -75,10 +75,37 @@ pub struct TagView {
     pub digest: String,
     pub media_type: String,
     pub manifest_size: u64,
+    /// The image's bytes: manifest, config and layers; for an index, its platforms' too.
+    pub size: u64,
     pub pushed_ms: i64,
     pub push_count: u64,
     pub pull_count: u64,
     pub last_pulled_ms: Option<i64>,
+}
+
+/// One platform of a multi-platform image.
+#[derive(Serialize, ToSchema)]
+pub struct PlatformView {
+    /// The index's platform object (`os`, `architecture`, `variant`, …).
+    #[schema(value_type = Object)]
+    pub platform: Option<serde_json::Value>,
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// A tag with its manifest: the bytes decoded, and the platforms of an index.
+#[derive(Serialize, ToSchema)]
+pub struct TagDetail {
+    #[serde(flatten)]
+    pub tag: TagView,
+    /// `created` from the image's config, when it says.
+    pub created: Option<String>,
+    /// The manifest as stored, decoded.
+    #[schema(value_type = Object)]
+    pub manifest: serde_json::Value,
+    /// For a multi-platform image: each platform's manifest and size.
+    pub platforms: Vec<PlatformView>,
 }
 
 /// `POST /api/v1/repositories`.
@@ -265,6 +292,7 @@ fn tag_view(t: TagInfo) -> TagView {
         digest: t.digest.to_string(),
         media_type: t.media_type,
         manifest_size: t.manifest_size,
+        size: t.size.max(t.manifest_size),
         pushed_ms: t.pushed_ms,
         push_count: t.pushes,
         pull_count: t.pulls,
@@ -481,7 +509,7 @@ async fn tags(services: &Services, identity: &Identity, repo: &RepoName, p: TagL
 
 /// One tag.
 #[utoipa::path(operation_id = "getTag", get, path = "/api/v1/repositories/{name}/-/tags/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
-    tag = "repositories", responses((status = 200, body = TagView), (status = 404, description = "unknown tag")))]
+    tag = "repositories", responses((status = 200, body = TagDetail), (status = 404, description = "unknown tag")))]
 async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::Tag)?;
     let found = services.registry.list_tags(repo, None, usize::MAX, 0).await?;
@@ -490,7 +518,14 @@ async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag
         .into_iter()
         .find(|t| t.name == tag)
         .ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")))?;
-    reply(StatusCode::OK, &tag_view(t))
+    let d = services.registry.image_detail(repo, &Reference::Digest(t.digest.clone())).await?;
+    let manifest = serde_json::from_slice(&d.manifest).map_err(|e| RegistryError::internal().with_detail(e.to_string()))?;
+    let platforms = d
+        .platforms
+        .into_iter()
+        .map(|p| PlatformView { platform: p.platform, digest: p.digest.to_string(), media_type: p.media_type, size: p.size })
+        .collect();
+    reply(StatusCode::OK, &TagDetail { tag: tag_view(t), created: d.created, manifest, platforms })
 }
 
 /// Delete a tag (its manifest stays).
@@ -598,7 +633,7 @@ pub(crate) fn registry_info(services: &Services, req: &Request) -> Result<Reply,
     info(title = "Berth management API", description = "Errors: `{\"errors\":[{\"code\",\"message\",\"detail\"}]}`. \
         Authentication: HTTP Basic with a password or a registry access token."),
     paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info, check_name),
-    components(schemas(RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
+    components(schemas(TagDetail, PlatformView, RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
     modifiers(&BasicAuth),
     security(("basic" = []))
 )]

@@ -73,6 +73,11 @@ pub struct ManifestRow {
     /// Annotations, kept for the referrers index.
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
     pub created_ms: i64,
+    /// Bytes the image takes: the manifest, its config and layers (each once),
+    /// and for an index its children's content sizes. Rows written before this
+    /// field existed read as the manifest's own size.
+    #[serde(default)]
+    pub content_size: u64,
 }
 
 /// A tag, as stored.
@@ -165,7 +170,7 @@ impl Metadata {
         let mut r = self
             .db
             .query("SELECT VALUE name FROM repo")
-            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms FROM manifest")
+            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms, content_size OR size AS content_size FROM manifest")
             .query("SELECT repo, name, digest, updated_ms FROM tag")
             .query("SELECT repo, digest, size FROM blob_link")
             .await?
@@ -419,6 +424,7 @@ mod tests {
             subject: None,
             annotations: None,
             created_ms: 1,
+            content_size: bytes.len() as u64,
         }
     }
 

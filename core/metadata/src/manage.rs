@@ -62,6 +62,9 @@ pub struct TagInfo {
     pub media_type: String,
     /// The manifest's own bytes.
     pub manifest_size: u64,
+    /// The image's bytes: manifest, config and layers; for an index, its children's too.
+    #[serde(default)]
+    pub size: u64,
     /// Pushed (the tag last moved) at.
     pub pushed_ms: i64,
     #[serde(default)]
@@ -249,7 +252,8 @@ impl Metadata {
             .query(
                 "SELECT name, digest, updated_ms AS pushed_ms, pushes OR 0 AS pushes, pulls OR 0 AS pulls, last_pulled_ms,
                         type::record('manifest', [repo, digest]).media_type AS media_type,
-                        type::record('manifest', [repo, digest]).size AS manifest_size
+                        type::record('manifest', [repo, digest]).size AS manifest_size,
+                        type::record('manifest', [repo, digest]).content_size OR type::record('manifest', [repo, digest]).size AS size
                  FROM tag WHERE repo = $repo ORDER BY name",
             )
             .bind(("repo", repo.to_string()))
@@ -439,6 +443,7 @@ mod tests {
             subject: None,
             annotations: None,
             created_ms: 1,
+            content_size: bytes.len() as u64,
         }
     }
 
@@ -583,6 +588,7 @@ mod conflict_tests {
                     subject: None,
                     annotations: None,
                     created_ms: 1,
+                    content_size: 2,
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
                 md.commit_manifest(&m, Some(&t)).await?;

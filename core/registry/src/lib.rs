@@ -482,6 +482,8 @@ impl Registry {
             subject: parsed.subject.as_ref().map(|s| s.digest.clone()),
             annotations: parsed.annotations.clone(),
             created_ms: now_ms(),
+            // Completed by the repository actor, which knows the blobs' and children's sizes.
+            content_size: bytes.len() as u64,
         };
         let msg = repo::CommitManifest {
             row,

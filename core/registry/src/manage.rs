@@ -52,6 +52,33 @@ pub struct Page<T> {
     pub total: usize,
 }
 
+/// One platform of a multi-platform image (an index's child).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlatformImage {
+    /// The index's `platform` object (`os`, `architecture`, `variant`, …).
+    pub platform: Option<serde_json::Value>,
+    pub digest: Digest,
+    pub media_type: String,
+    /// The child's content size (manifest, config, layers) when it is stored here.
+    pub size: u64,
+}
+
+/// What a management view shows of one image.
+#[derive(Clone, Debug)]
+pub struct ImageDetail {
+    pub digest: Digest,
+    pub media_type: String,
+    /// The manifest bytes as stored.
+    pub manifest: bytes::Bytes,
+    /// For an index: its platforms.
+    pub platforms: Vec<PlatformImage>,
+    /// For an image: `created` from its config, when the config says.
+    pub created: Option<String>,
+}
+
+/// Largest config blob read to show an image's creation time.
+const MAX_CONFIG_READ: u64 = 1024 * 1024;
+
 /// Which manifests a bulk delete removes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TagStatus {
@@ -221,6 +248,41 @@ impl Registry {
             }
         }
         Ok(deleted)
+    }
+
+    /// An image's manifest with its platform breakdown (an index) or creation
+    /// time (an image); reading it is not a pull.
+    pub async fn image_detail(&self, repo: &RepoName, reference: &Reference) -> Result<ImageDetail, RegistryError> {
+        let (body, _) = self.read_manifest(repo, reference, true).await?;
+        let parsed = berth_oci::ParsedManifest::parse(&body.bytes, Some(&body.media_type))?;
+        let mut platforms = Vec::new();
+        let mut created = None;
+        if parsed.config.is_none()
+            && !parsed.references.is_empty()
+            && parsed.references.iter().all(|d| berth_oci::manifest::is_manifest_media_type(&d.media_type))
+        {
+            let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+            let s = state.read().unwrap();
+            for d in &parsed.references {
+                let size = s.manifests.get(&d.digest).map(|m| m.row.content_size.max(m.row.size)).unwrap_or(d.size);
+                platforms.push(PlatformImage {
+                    platform: d.platform.clone(),
+                    digest: d.digest.clone(),
+                    media_type: d.media_type.clone(),
+                    size,
+                });
+            }
+        } else if let Some(config) = &parsed.config {
+            let linked = self.index.linked_blob(repo, &config.digest).is_some();
+            if linked && config.size <= MAX_CONFIG_READ && config.media_type.contains("config") {
+                if let Ok(bytes) = self.store.read_blob_bytes(&config.digest).await {
+                    created = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v.get("created").and_then(|c| c.as_str()).map(str::to_owned));
+                }
+            }
+        }
+        Ok(ImageDetail { digest: body.digest, media_type: body.media_type, manifest: body.bytes, platforms, created })
     }
 
     /// Digests that the index manifests of `repo` which are not in `going` list.

@@ -55,9 +55,18 @@ impl Handler<CommitManifest> for RepoActor {
         if let Err(e) = check {
             return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
         }
+        let mut row = msg.row;
+        {
+            // What the image takes: its blobs (each once) and its children's content.
+            let s = state.read().unwrap();
+            let blobs: std::collections::HashSet<&Digest> = msg.required_blobs.iter().collect();
+            let children: std::collections::HashSet<&Digest> = msg.required_manifests.iter().collect();
+            row.content_size = row.size
+                + blobs.iter().filter_map(|d| s.blobs.get(*d)).sum::<u64>()
+                + children.iter().filter_map(|d| s.manifests.get(*d)).map(|m| m.row.content_size.max(m.row.size)).sum::<u64>();
+        }
         let meta = self.meta.clone();
-        let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: msg.row.digest.clone(), updated_ms: now_ms() });
-        let row = msg.row;
+        let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
         AtomicResponse::new(Box::pin(
             async move {
                 meta.commit_manifest(&row, tag_row.as_ref()).await.map_err(|e| internal("commit manifest", e))?;
