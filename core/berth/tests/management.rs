@@ -651,7 +651,7 @@ fn tag_details_sizes_platforms_created() {
             let layer = bytes(i as u64, 5000);
             let ld = push_blob(&c, &s, "acme/multi", &layer).await;
             let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], json!({}));
-            let d = put_manifest(&c, &s, "acme/multi", &format!("{arch}"), OCI_MANIFEST, &m).await;
+            let d = put_manifest(&c, &s, "acme/multi", arch, OCI_MANIFEST, &m).await;
             children.push((d, m.len(), arch.to_string(), config.len() + layer.len() + m.len()));
         }
         let index = serde_json::to_vec(&json!({
