@@ -814,6 +814,20 @@ impl Auth {
         Ok(rows.into_iter().filter(|s| &s.repo == repo).collect())
     }
 
+    /// Every share of a repository the caller administers (the shares they granted).
+    pub async fn shares_granted(&self, who: &Principal) -> Result<Vec<ShareRow>, RegistryError> {
+        let rows = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| self.decide(who, &s.repo, Action::Admin).allowed).collect())
+    }
+
+    /// Repositories other tenants shared with the caller's tenant (still in force).
+    pub async fn shared_with(&self, who: &Principal) -> Result<Vec<ShareRow>, RegistryError> {
+        let Some(tenant) = self.tenant_of_user(who).await? else { return Ok(vec![]) };
+        let now = tokens::now_ms();
+        let rows = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| s.tenant == tenant && s.expires_ms.is_none_or(|t| t > now)).collect())
+    }
+
     async fn expire_shares(&self) -> Result<(), RegistryError> {
         let now = tokens::now_ms();
         let rows = self.meta.shares().await.map_err(|e| internal("listing shares", e))?;

@@ -683,3 +683,43 @@ fn tag_details_sizes_platforms_created() {
         assert_eq!(get_json(&c, &api(&s, "repositories/acme/multi")).await["pull_count"], 0);
     });
 }
+
+/// Sharing as the consoles show it: the shares I granted, whether one exists,
+/// and the repositories shared with my tenant.
+#[test]
+fn shares_granted_and_shared_with_me() {
+    let dir = TempDir::new("manage-shares");
+    let s = start(&dir);
+    block_on(async {
+        let ada = client_as("ada", &tenant_user_token(&s, "acme", "ada", "tenant-admin").await);
+        let bob = client_as("bob", &tenant_user_token(&s, "beta", "bob", "developer").await);
+        tenant_user_token(&s, "gamma", "gil", "developer").await;
+        push_image(&ada, &s, "acme/app", "v1", 1, json!({})).await;
+        push_image(&ada, &s, "acme/other", "v1", 2, json!({})).await;
+        push_image(&bob, &s, "beta/own", "v1", 3, json!({})).await;
+        let r = ada.put(api(&s, "repositories/acme/app/shares/beta")).json(&json!({"expires_in": 3600})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+
+        let granted = get_json(&ada, &api(&s, "shares")).await;
+        assert_eq!(granted["shares"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            (granted["shares"][0]["repository"].as_str(), granted["shares"][0]["tenant"].as_str()),
+            (Some("acme/app"), Some("beta"))
+        );
+        assert!(granted["shares"][0]["expires_ms"].as_i64().is_some());
+        assert!(get_json(&bob, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
+
+        assert_eq!(get_json(&ada, &api(&s, "repositories/acme/app/shares/beta")).await["actions"], json!(["pull"]));
+        expect_error(ada.get(api(&s, "repositories/acme/app/shares/gamma")).send().await.unwrap(), 404, "NOT_FOUND", "not shared").await;
+        expect_error(bob.get(api(&s, "repositories/acme/app/shares/beta")).send().await.unwrap(), 403, "DENIED", "not the owner").await;
+
+        assert_eq!(names(&get_json(&bob, &api(&s, "repositories?scope=shared")).await), ["acme/app"]);
+        assert!(names(&get_json(&ada, &api(&s, "repositories?scope=shared")).await).is_empty());
+        // Bob's "all" holds his own and the shared one, never acme/other.
+        assert_eq!(names(&get_json(&bob, &api(&s, "repositories")).await), ["acme/app", "beta/own"]);
+
+        assert_eq!(ada.delete(api(&s, "repositories/acme/app/shares/beta")).send().await.unwrap().status(), 204);
+        assert!(names(&get_json(&bob, &api(&s, "repositories?scope=shared")).await).is_empty());
+        assert!(get_json(&ada, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
+    });
+}

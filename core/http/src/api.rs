@@ -135,6 +135,20 @@ pub struct ShareList {
     pub shares: Vec<ShareView>,
 }
 
+/// A share the caller granted.
+#[derive(Serialize, ToSchema)]
+pub struct Granted {
+    pub repository: String,
+    pub tenant: String,
+    pub actions: Vec<String>,
+    pub expires_ms: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GrantedList {
+    pub shares: Vec<Granted>,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Shared {
     pub repository: String,
@@ -265,6 +279,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["policies", "remove"], &Method::POST) => remove_rule(auth, who, body(req).await?).await,
         (["policies", "check"], &Method::POST) => check_policy(auth, who, body(req).await?),
         (["keys", "rotate"], &Method::POST) => rotate_key(auth, who).await,
+        (["shares"], &Method::GET) => list_granted_shares(auth, who).await,
         ([first, ..], _) if *first == "namespaces" => {
             crate::namespaces::handle(services, identity, path.strip_prefix("namespaces").unwrap_or(""), req).await
         }
@@ -279,8 +294,20 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
 
 fn known(path: &str) -> bool {
     let p = path.trim_end_matches('/');
-    ["me", "me/password", "registry", "tenants", "users", "tokens", "policies", "policies/remove", "policies/check", "keys/rotate"]
-        .contains(&p)
+    [
+        "me",
+        "me/password",
+        "registry",
+        "shares",
+        "tenants",
+        "users",
+        "tokens",
+        "policies",
+        "policies/remove",
+        "policies/check",
+        "keys/rotate",
+    ]
+    .contains(&p)
         || p.starts_with("tokens/")
         || p.starts_with("tenants/")
 }
@@ -456,6 +483,7 @@ async fn repository(services: &Services, who: &Principal, segs: &[&str], req: &m
         }
         (["visibility"], &Method::PUT) => set_visibility(auth, who, &repo, body(req).await?).await,
         (["shares"], &Method::GET) => list_shares(auth, who, &repo).await,
+        (["shares", t], &Method::GET) => get_share(auth, who, &repo, t.parse()?).await,
         (["shares", t], &Method::PUT) => share(auth, who, &repo, t.parse()?, body(req).await?).await,
         (["shares", t], &Method::DELETE) => unshare(auth, who, &repo, t.parse()?).await,
         (_, m) => Err(method_not_allowed(m)),
@@ -478,6 +506,27 @@ async fn list_shares(auth: &Auth, who: &Principal, repo: &RepoName) -> Result<Re
     let shares =
         shares.into_iter().map(|s| ShareView { tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms }).collect();
     reply(StatusCode::OK, &ShareList { shares })
+}
+
+/// Every share the caller granted (of the repositories they administer).
+#[utoipa::path(get, path = "/api/v1/shares", operation_id = "listGrantedShares", tag = "repositories",
+    responses((status = 200, body = GrantedList)))]
+async fn list_granted_shares(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
+    let rows = auth.shares_granted(who).await?;
+    let shares = rows
+        .into_iter()
+        .map(|s| Granted { repository: s.repo.to_string(), tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms })
+        .collect();
+    reply(StatusCode::OK, &GrantedList { shares })
+}
+
+/// Whether a repository is shared with a tenant (404 if not).
+#[utoipa::path(get, path = "/api/v1/repositories/{name}/shares/{tenant}", operation_id = "getShare", tag = "repositories",
+    params(("name" = String, Path), ("tenant" = String, Path)), responses((status = 200, body = ShareView), (status = 404, description = "not shared")))]
+async fn get_share(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountName) -> Result<Reply, RegistryError> {
+    let found = auth.shares(who, repo).await?.into_iter().find(|s| s.tenant == tenant);
+    let s = found.ok_or_else(|| RegistryError::new(ErrorCode::NotFound).with_detail(format!("{repo} is not shared with {tenant}")))?;
+    reply(StatusCode::OK, &ShareView { tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms })
 }
 
 /// Share a repository with another tenant for pull (or pull and push), optionally until a time.

@@ -165,7 +165,8 @@ pub struct Deleted {
 #[into_params(parameter_in = Query)]
 pub struct RepoListParams {
     /// `all` (default: every repository the caller may pull), `mine` (those the
-    /// caller may push), `public` (anonymously pullable ones).
+    /// caller may push), `public` (anonymously pullable ones), `shared` (those
+    /// other tenants shared with the caller's).
     pub scope: Option<String>,
     pub namespace: Option<String>,
     pub tenant: Option<String>,
@@ -399,9 +400,14 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
     };
     let scope = p.scope.as_deref().unwrap_or("all");
     let action = match scope {
-        "all" | "public" => Action::Pull,
+        "all" | "public" | "shared" => Action::Pull,
         "mine" => Action::Push,
-        s => return Err(bad(format!("scope {s:?}: use all, mine or public"))),
+        s => return Err(bad(format!("scope {s:?}: use all, mine, public or shared"))),
+    };
+    let shared: std::collections::HashSet<RepoName> = if scope == "shared" {
+        services.auth.shared_with(&identity.principal).await?.into_iter().map(|s| s.repo).collect()
+    } else {
+        Default::default()
     };
     if let Some(k) = &p.keyword {
         check_text("keyword", k, 256)?;
@@ -417,7 +423,10 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
     };
     let visible = |r: &RepoName| {
         let public = auth.is_public(r);
-        (scope != "public" || public) && p.public.is_none_or(|want| want == public) && auth.can(identity, r, action)
+        (scope != "public" || public)
+            && (scope != "shared" || shared.contains(r))
+            && p.public.is_none_or(|want| want == public)
+            && auth.can(identity, r, action)
     };
     let found = services.registry.list_repos(&q, visible).await?;
     reply(StatusCode::OK, &page(found, limit, offset, |s| repository(services, host, s)))
