@@ -723,3 +723,35 @@ fn shares_granted_and_shared_with_me() {
         assert!(get_json(&ada, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
     });
 }
+
+/// Official images: the platform's `library` namespace, readable by every
+/// tenant and, as the default policy allows, by anonymous callers.
+#[test]
+fn official_images() {
+    let dir = TempDir::new("manage-official");
+    let s = start(&dir);
+    block_on(async {
+        let admin = client();
+        let r = admin.post(api(&s, "tenants")).json(&json!({"name": "library"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        push_image(&admin, &s, "library/alpine", "3", 1, json!({})).await;
+        push_image(&admin, &s, "library/alpine", "3.20", 2, json!({})).await;
+        push_image(&admin, &s, "library/busybox", "1", 3, json!({})).await;
+        let mia = client_as("mia", &tenant_user_token(&s, "acme", "mia", "developer").await);
+        push_image(&mia, &s, "acme/private", "v1", 4, json!({})).await;
+
+        for c in [anon_client(), mia.clone()] {
+            let v = get_json(&c, &api(&s, "official")).await;
+            assert_eq!(names(&v), ["library/alpine", "library/busybox"]);
+            assert_eq!(get_json(&c, &api(&s, "official/alpine")).await["tag_count"], 2);
+            assert_eq!(names(&get_json(&c, &api(&s, "official/alpine/versions")).await), ["3", "3.20"]);
+        }
+        assert_eq!(names(&get_json(&mia, &api(&s, "official?keyword=busy")).await), ["library/busybox"]);
+        expect_error(anon_client().get(api(&s, "official/nothing")).send().await.unwrap(), 404, "NAME_UNKNOWN", "unknown official").await;
+        expect_error(anon_client().get(api(&s, "official?limit=-1")).send().await.unwrap(), 400, "INVALID_REQUEST", "bad limit").await;
+        let r = anon_client().delete(api(&s, "official/alpine")).send().await.unwrap();
+        assert_eq!(r.status(), 405);
+        // The rest of the management API stays closed to anonymous callers.
+        assert_eq!(anon_client().get(api(&s, "repositories/library/alpine")).send().await.unwrap().status(), 401);
+    });
+}

@@ -244,6 +244,13 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
         Ok(i) => i,
         Err(r) => return gate::refusal_response(auth, &req, r),
     };
+    // Official images are for everyone the policy lets pull them, anonymous callers included.
+    if path == "official" || path.starts_with("official/") {
+        return match crate::manage::official(services, &identity, path.strip_prefix("official").unwrap_or(""), &mut req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        };
+    }
     if matches!(identity.credential, Credential::Bearer(_)) || identity.principal == Principal::Anonymous {
         let mut r = error_response(
             &RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials: a password or a registry access token"),

@@ -614,6 +614,49 @@ fn check_name(services: &Services, identity: &Identity, p: NameParam) -> Result<
     reply(StatusCode::OK, &c)
 }
 
+/// Serve `/api/v1/official[/{name}[/versions]]`: the repositories of the
+/// platform's official namespace, each as the caller's pull rights allow.
+pub(crate) async fn official(services: &Services, identity: &Identity, rest: &str, req: &mut Request) -> Result<Reply, RegistryError> {
+    if req.method != Method::GET {
+        return Err(method_not_allowed(&req.method));
+    }
+    let host = host(services, req);
+    let ns = &services.registry.config().official_namespace;
+    let segs: Vec<&str> = rest.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        [] => official_list(services, identity, ns, query(req)?, &host).await,
+        [.., "versions"] if segs.len() > 1 => {
+            let repo: RepoName = format!("{ns}/{}", segs[..segs.len() - 1].join("/")).parse()?;
+            official_versions(services, identity, &repo, query(req)?).await
+        }
+        _ => official_detail(services, identity, &format!("{ns}/{}", segs.join("/")).parse()?, &host).await,
+    }
+}
+
+/// The official repositories (those of the platform's official namespace).
+#[utoipa::path(get, path = "/api/v1/official", params(TagListParams), operation_id = "listOfficialImages", tag = "official",
+    responses((status = 200, body = Page<Repository>)))]
+async fn official_list(services: &Services, identity: &Identity, ns: &str, p: TagListParams, host: &str) -> Result<Reply, RegistryError> {
+    let (limit, offset) = paging(p.limit, p.offset)?;
+    let q = RepoQuery { namespaces: Some(vec![ns.parse()?]), keyword: p.keyword, limit, offset, ..Default::default() };
+    let found = services.registry.list_repos(&q, |r| services.auth.can(identity, r, Action::Pull)).await?;
+    reply(StatusCode::OK, &page(found, limit, offset, |s| repository(services, host, s)))
+}
+
+/// One official repository (`alpine` for `library/alpine`).
+#[utoipa::path(get, path = "/api/v1/official/{name}", params(("name" = String, Path)), operation_id = "getOfficialImage", tag = "official",
+    responses((status = 200, body = Repository)))]
+async fn official_detail(services: &Services, identity: &Identity, repo: &RepoName, host: &str) -> Result<Reply, RegistryError> {
+    get(services, identity, repo, host).await
+}
+
+/// The versions (tags) of an official repository.
+#[utoipa::path(get, path = "/api/v1/official/{name}/versions", params(("name" = String, Path), TagListParams),
+    operation_id = "listOfficialImageVersions", tag = "official", responses((status = 200, body = Page<TagView>)))]
+async fn official_versions(services: &Services, identity: &Identity, repo: &RepoName, p: TagListParams) -> Result<Reply, RegistryError> {
+    tags(services, identity, repo, p).await
+}
+
 /// Where clients reach this registry.
 #[derive(Serialize, ToSchema)]
 pub struct RegistryInfo {
@@ -641,7 +684,7 @@ pub(crate) fn registry_info(services: &Services, req: &Request) -> Result<Reply,
 #[openapi(
     info(title = "Berth management API", description = "Errors: `{\"errors\":[{\"code\",\"message\",\"detail\"}]}`. \
         Authentication: HTTP Basic with a password or a registry access token."),
-    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info, check_name),
+    paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info, check_name, official_list, official_detail, official_versions),
     components(schemas(TagDetail, PlatformView, RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
     modifiers(&BasicAuth),
     security(("basic" = []))

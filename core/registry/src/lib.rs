@@ -64,6 +64,9 @@ pub struct RegistryConfig {
     /// The pull-through mirror a docker daemon would list in `registry-mirrors`
     /// (`https://mirror.example.com`), when the operator runs one.
     pub mirror_url: Option<String>,
+    /// The platform-managed namespace of official images (readable as the
+    /// policy allows: by default by everyone, anonymous callers included).
+    pub official_namespace: String,
 }
 
 impl Default for RegistryConfig {
@@ -77,6 +80,7 @@ impl Default for RegistryConfig {
             count_pulls: true,
             region: "local".into(),
             mirror_url: None,
+            official_namespace: "library".into(),
         }
     }
 }
