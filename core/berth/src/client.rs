@@ -70,6 +70,22 @@ pub enum TokenCmd {
     List,
     /// Revoke a token by id.
     Revoke { id: String },
+    /// Revoke every token of yours.
+    RevokeAll,
+}
+
+#[derive(Subcommand)]
+pub enum ShareCmd {
+    /// The shares you granted (of repositories you administer).
+    List,
+    /// Repositories other tenants shared with yours.
+    WithMe,
+    /// Is a repository shared with a tenant?
+    Exists {
+        repo: String,
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +547,39 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
     Ok(true)
 }
 
+pub async fn share(conn: &Conn, cmd: ShareCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    match cmd {
+        ShareCmd::List => {
+            let v = c.json(M::GET, "shares", None).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                table(
+                    v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[("repository", "REPOSITORY"), ("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
+                );
+            }
+        }
+        ShareCmd::WithMe => show_page(conn, &c.json(M::GET, "repositories?scope=shared", None).await?, &REPO_COLS),
+        ShareCmd::Exists { repo, tenant } => {
+            return match c.json(M::GET, &format!("repositories/{repo}/shares/{tenant}"), None).await {
+                Ok(v) => {
+                    show_one(conn, &v);
+                    Ok(true)
+                }
+                Err(e) if e.to_string().starts_with("404") => {
+                    println!("{repo} is not shared with {tenant}");
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            };
+        }
+    }
+    Ok(true)
+}
+
 pub async fn tag(conn: &Conn, cmd: TagCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
@@ -639,6 +688,10 @@ pub async fn token(conn: &Conn, cmd: TokenCmd) -> Result<bool> {
         TokenCmd::Revoke { id } => {
             c.json(M::DELETE, &format!("tokens/{id}"), None).await?;
             println!("revoked {id}");
+        }
+        TokenCmd::RevokeAll => {
+            let v = c.json(M::DELETE, "tokens", None).await?;
+            println!("revoked {} tokens", v["revoked"].as_array().map_or(0, |a| a.len()));
         }
     }
     Ok(true)

@@ -61,6 +61,9 @@ enum Command {
     /// Tags of a repository: list, inspect, delete; delete a manifest by digest.
     #[command(subcommand)]
     Tag(client::TagCmd),
+    /// Shares you granted, repositories shared with your tenant (share with `berth repo share`).
+    #[command(subcommand)]
+    Share(client::ShareCmd),
     /// Check credentials against the server and store them (mode 0600) for later commands.
     Login,
     /// Forget the stored credentials.
@@ -92,6 +95,7 @@ fn main() -> std::process::ExitCode {
         Command::User(c) => run_client(Box::pin(async move { client::user(&conn, c).await })),
         Command::Repo(c) => run_client(Box::pin(async move { client::repo(&conn, c).await })),
         Command::Ns(c) => run_client(Box::pin(async move { client::ns(&conn, c).await })),
+        Command::Share(c) => run_client(Box::pin(async move { client::share(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
         Command::Login => run_client(Box::pin(async move { client::login(&conn).await })),
         Command::Openapi => {

@@ -403,6 +403,16 @@ fn cli_drives_namespaces_repositories_and_tags() {
     assert_eq!(code, 2);
     assert!(err.contains("MANIFEST_UNKNOWN"), "{err}");
 
+    // Shares through the CLI.
+    block_on(async {
+        tenant_user_token(&s, "beta", "bea", "developer").await;
+    });
+    run(&["repo", "share", "acme-cli/tool", "--tenant", "beta"]);
+    let out = run(&["share", "list"]);
+    assert!(out.contains("acme-cli/tool") && out.contains("beta"), "{out}");
+    assert_eq!(cli(&env, &["share", "exists", "acme-cli/tool", "--tenant", "beta"]).0, 0);
+    assert_eq!(cli(&env, &["share", "exists", "acme-cli/tool", "--tenant", "acme"]).0, 1);
+
     let (code, _, err) = cli(&env, &["ns", "delete", "acme-cli"]);
     assert_eq!(code, 2);
     assert!(err.contains("409") && err.contains("force"), "{err}");
