@@ -315,25 +315,14 @@ fn stored() -> Option<Stored> {
 impl Client {
     /// Flags, then `BERTH_*` variables, then what `berth login` stored.
     fn new(c: &Conn) -> Result<Self> {
-        let env = |k: &str| std::env::var(k).ok();
         let saved = stored();
-        let base = c
-            .server
-            .clone()
-            .or_else(|| env("BERTH_SERVER"))
-            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
-            .unwrap_or_else(|| "http://127.0.0.1:5000".into());
-        let user = c
-            .login
-            .clone()
-            .or_else(|| env("BERTH_USER"))
-            .or_else(|| saved.as_ref().map(|s| s.user.clone()))
-            .unwrap_or_else(|| "admin".into());
-        let password = c
-            .password
-            .clone()
-            .or_else(|| env("BERTH_PASSWORD"))
-            .or_else(|| saved.map(|s| s.password))
+        // A flag, else a variable, else what `berth login` stored.
+        let pick = |flag: &Option<String>, var: &str, stored: fn(&Stored) -> &String| {
+            flag.clone().or_else(|| std::env::var(var).ok()).or_else(|| saved.as_ref().map(|s| stored(s).clone()))
+        };
+        let base = pick(&c.server, "BERTH_SERVER", |s| &s.server).unwrap_or_else(|| "http://127.0.0.1:5000".into());
+        let user = pick(&c.login, "BERTH_USER", |s| &s.user).unwrap_or_else(|| "admin".into());
+        let password = pick(&c.password, "BERTH_PASSWORD", |s| &s.password)
             .ok_or_else(|| anyhow!("no credentials: pass --password, set BERTH_PASSWORD or run `berth login`"))?;
         Ok(Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_owned(), user, password })
     }

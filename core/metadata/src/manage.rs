@@ -187,37 +187,17 @@ impl Metadata {
 
     /// Change a repository's description, category or labels; `None` if it does not exist.
     pub async fn update_repo(&self, name: &RepoName, patch: &RepoPatch, now_ms: i64) -> Result<Option<RepoProfile>> {
-        let mut sets = vec!["updated_ms = $now"];
-        if patch.description.is_some() {
-            sets.push("description = $description");
+        let mut fields = serde_json::Map::new();
+        if let Some(d) = &patch.description {
+            fields.insert("description".into(), d.clone().into());
         }
-        if patch.category.is_some() {
-            sets.push("category = $category");
+        if let Some(c) = &patch.category {
+            fields.insert("category".into(), c.clone().into());
         }
-        if patch.labels.is_some() {
-            sets.push("labels = $labels");
+        if let Some(l) = &patch.labels {
+            fields.insert("labels".into(), json(l)?);
         }
-        let labels =
-            serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
-        let mut r = self
-            .run(|| {
-                self.db
-                    .query(format!(
-                        "BEGIN TRANSACTION;
-                 IF !(SELECT VALUE name FROM ONLY type::record('repo', $name)) {{ RETURN false; }};
-                 UPDATE type::record('repo', $name) SET {} RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-                        sets.join(", ")
-                    ))
-                    .bind(("name", name.to_string()))
-                    .bind(("now", now_ms))
-                    .bind(("description", patch.description.clone().unwrap_or_default()))
-                    .bind(("category", patch.category.clone().unwrap_or_default()))
-                    .bind(("labels", labels.clone()))
-            })
-            .await?;
-        if !returned::<bool>(&mut r)?.unwrap_or(false) {
+        if !self.patch_record("repo", name.as_str(), fields, now_ms).await? {
             return Ok(None);
         }
         self.repo_profile(name).await
@@ -359,42 +339,50 @@ impl Metadata {
 
     /// Change a namespace's profile; `None` if it does not exist.
     pub async fn update_namespace(&self, name: &AccountName, patch: &NamespacePatch, now_ms: i64) -> Result<Option<NamespaceProfile>> {
-        let mut sets = vec!["updated_ms = $now"];
-        for (given, set) in [
-            (patch.description.is_some(), "description = $description"),
-            (patch.labels.is_some(), "labels = $labels"),
-            (patch.project_id.is_some(), "project_id = $project_id"),
-            (patch.public_default.is_some(), "public_default = $public_default"),
-        ] {
-            if given {
-                sets.push(set);
-            }
+        let mut fields = serde_json::Map::new();
+        if let Some(d) = &patch.description {
+            fields.insert("description".into(), d.clone().into());
         }
-        let labels =
-            serde_json::to_value(patch.labels.clone().unwrap_or_default()).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))?;
-        let mut r = self
-            .run(|| {
-                self.db
-                    .query(format!(
-                        "BEGIN TRANSACTION;
-                 IF !(SELECT VALUE name FROM ONLY type::record('namespace', $name)) {{ RETURN false; }};
-                 UPDATE type::record('namespace', $name) SET {} RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-                        sets.join(", ")
-                    ))
-                    .bind(("name", name.to_string()))
-                    .bind(("now", now_ms))
-                    .bind(("description", patch.description.clone().unwrap_or_default()))
-                    .bind(("labels", labels.clone()))
-                    .bind(("project_id", patch.project_id.clone().unwrap_or_default()))
-                    .bind(("public_default", patch.public_default.unwrap_or(false)))
-            })
-            .await?;
-        if !returned::<bool>(&mut r)?.unwrap_or(false) {
+        if let Some(l) = &patch.labels {
+            fields.insert("labels".into(), json(l)?);
+        }
+        if let Some(p) = &patch.project_id {
+            fields.insert("project_id".into(), p.clone().into());
+        }
+        if let Some(p) = patch.public_default {
+            fields.insert("public_default".into(), p.into());
+        }
+        if !self.patch_record("namespace", name.as_str(), fields, now_ms).await? {
             return Ok(None);
         }
         self.namespace_profile(name).await
+    }
+
+    /// Set `fields` (each replaced whole) on `table:name` and stamp `updated_ms`,
+    /// in one transaction; `false` if there is no such record.
+    async fn patch_record(
+        &self,
+        table: &'static str,
+        name: &str,
+        mut fields: serde_json::Map<String, serde_json::Value>,
+        now_ms: i64,
+    ) -> Result<bool> {
+        fields.insert("updated_ms".into(), now_ms.into());
+        // The keys are this crate's own field names, never input.
+        let sets: Vec<String> = fields.keys().map(|k| format!("{k} = $fields.{k}")).collect();
+        let fields = serde_json::Value::Object(fields);
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             IF !(SELECT VALUE name FROM ONLY type::record($table, $name)) {{ RETURN false; }};
+             UPDATE type::record($table, $name) SET {} RETURN NONE;
+             RETURN true;
+             COMMIT TRANSACTION;",
+            sets.join(", ")
+        );
+        let mut r = self
+            .run(|| self.db.query(sql.as_str()).bind(("table", table)).bind(("name", name.to_owned())).bind(("fields", fields.clone())))
+            .await?;
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
     }
 
     /// Repository count and bytes referenced (each blob once) of a namespace.
@@ -420,6 +408,10 @@ impl Metadata {
         self.db.query("DELETE type::record('namespace', $name) RETURN NONE").bind(("name", name.to_string())).await?.check()?;
         Ok(())
     }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| crate::MetadataError::Corrupt(e.to_string()))
 }
 
 fn profile_row(p: &RepoProfile) -> Result<serde_json::Value> {
