@@ -144,7 +144,7 @@ impl Metadata {
     }
 
     /// Create `table:name` with `row` unless it exists; `false` if it did.
-    async fn create_if_absent(&self, table: &'static str, name: &AccountName, row: serde_json::Value) -> Result<bool> {
+    pub(crate) async fn create_if_absent(&self, table: &'static str, name: &str, row: serde_json::Value) -> Result<bool> {
         let mut r = self
             .run(|| {
                 self.db
@@ -165,7 +165,7 @@ impl Metadata {
 
     /// Create a user; `false` if the name is taken.
     pub async fn create_user(&self, u: &UserRow) -> Result<bool> {
-        self.create_if_absent("user", &u.name, crate::to_value(u)?).await
+        self.create_if_absent("user", u.name.as_str(), crate::to_value(u)?).await
     }
 
     pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<()> {
@@ -210,7 +210,7 @@ impl Metadata {
 
     /// Assign a namespace to a tenant; `false` if it is already owned.
     pub async fn create_namespace(&self, ns: &NamespaceRow) -> Result<bool> {
-        self.create_if_absent("namespace", &ns.name, crate::to_value(ns)?).await
+        self.create_if_absent("namespace", ns.name.as_str(), crate::to_value(ns)?).await
     }
 
     pub async fn namespaces(&self) -> Result<Vec<NamespaceRow>> {

@@ -144,22 +144,7 @@ const PROFILE: &str = "name, created_ms OR 0 AS created_ms, updated_ms OR create
 impl Metadata {
     /// Create an empty repository explicitly; `false` if it exists.
     pub async fn create_repo(&self, p: &RepoProfile) -> Result<bool> {
-        let row = profile_row(p)?;
-        let mut r = self
-            .run(|| {
-                self.db
-                    .query(
-                        "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::record('repo', $name)) { RETURN false; };
-                 CREATE type::record('repo', $name) CONTENT $row RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-                    )
-                    .bind(("name", p.name.to_string()))
-                    .bind(("row", row.clone()))
-            })
-            .await?;
-        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
+        self.create_if_absent("repo", p.name.as_str(), profile_row(p)?).await
     }
 
     pub async fn repo_profile(&self, name: &RepoName) -> Result<Option<RepoProfile>> {
@@ -304,22 +289,7 @@ impl Metadata {
     /// Create a namespace for a tenant with its profile; `false` if the name is
     /// taken (by a namespace or a tenant's own).
     pub async fn create_namespace_profile(&self, p: &NamespaceProfile) -> Result<bool> {
-        let row = crate::to_value(p)?;
-        let mut r = self
-            .run(|| {
-                self.db
-                    .query(
-                        "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::record('namespace', $name)) { RETURN false; };
-                 CREATE type::record('namespace', $name) CONTENT $row RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-                    )
-                    .bind(("name", p.name.to_string()))
-                    .bind(("row", row.clone()))
-            })
-            .await?;
-        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
+        self.create_if_absent("namespace", p.name.as_str(), crate::to_value(p)?).await
     }
 
     pub async fn namespace_profiles(&self) -> Result<Vec<NamespaceProfile>> {
