@@ -83,8 +83,10 @@ fn requirement(route: &Route, method: &Method) -> Option<(RepoName, Action)> {
     match route {
         Route::Base | Route::Catalog => None,
         Route::Tags(r) | Route::Referrers(r, _) => Some((r.clone(), Action::Pull)),
-        Route::Manifest(r, _) | Route::Blob(r, _) if *method == Method::DELETE => Some((r.clone(), Action::Delete)),
-        Route::Manifest(r, _) | Route::Blob(r, _) => Some((r.clone(), action(read))),
+        Route::Manifest(r, _) | Route::BadReference(r, _) | Route::Blob(r, _) if *method == Method::DELETE => {
+            Some((r.clone(), Action::Delete))
+        }
+        Route::Manifest(r, _) | Route::BadReference(r, _) | Route::Blob(r, _) => Some((r.clone(), action(read))),
         Route::Uploads(r) | Route::Upload(r, _) => Some((r.clone(), Action::Push)),
     }
 }

@@ -253,6 +253,12 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
         (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
         (Route::Catalog, Method::GET) => catalog(ctx, &req),
         (Route::Tags(repo), Method::GET) => tags(registry, &repo, &req),
+        (Route::BadReference(_, e), Method::GET | Method::HEAD | Method::DELETE) => {
+            Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(e.detail_or_message()))
+        }
+        // Digest-shaped: the digest's own error (malformed, or an algorithm Berth does not support).
+        (Route::BadReference(_, e), Method::PUT) if matches!(e.code(), ErrorCode::DigestInvalid | ErrorCode::Unsupported) => Err(e),
+        (Route::BadReference(_, e), Method::PUT) => Err(RegistryError::new(ErrorCode::TagInvalid).with_detail(e.detail_or_message())),
         (Route::Manifest(repo, r), Method::GET) => get_manifest(registry, &repo, &r, true).await,
         (Route::Manifest(repo, r), Method::HEAD) => get_manifest(registry, &repo, &r, false).await,
         (Route::Manifest(repo, r), Method::PUT) => put_manifest(registry, &repo, &r, &mut req).await,

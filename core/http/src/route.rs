@@ -14,6 +14,10 @@ pub enum Route {
     Catalog,
     Tags(RepoName),
     Manifest(RepoName, Reference),
+    /// `…/manifests/<ref>` whose reference is neither a valid tag nor a digest:
+    /// unknown to a GET, HEAD or DELETE (404, as Distribution and the OCI
+    /// conformance suite expect), an invalid tag to a PUT (400).
+    BadReference(RepoName, RegistryError),
     Blob(RepoName, Digest),
     Uploads(RepoName),
     Upload(RepoName, UploadId),
@@ -27,7 +31,7 @@ impl Route {
             Route::Base => "base",
             Route::Catalog => "catalog",
             Route::Tags(_) => "tags",
-            Route::Manifest(..) => "manifest",
+            Route::Manifest(..) | Route::BadReference(..) => "manifest",
             Route::Blob(..) => "blob",
             Route::Uploads(_) => "uploads",
             Route::Upload(..) => "upload",
@@ -77,7 +81,10 @@ pub fn parse(path: &str) -> Result<Route, RegistryError> {
     let last = percent_decode(last).ok_or_else(|| not_found(path))?;
     if let Some(n) = rest.strip_suffix("/manifests") {
         let repo = name(n)?;
-        return Ok(Route::Manifest(repo, last.parse()?));
+        return Ok(match last.parse() {
+            Ok(r) => Route::Manifest(repo, r),
+            Err(e) => Route::BadReference(repo, e),
+        });
     }
     if let Some(n) = rest.strip_suffix("/blobs/uploads") {
         let repo = name(n)?;
@@ -140,9 +147,6 @@ mod tests {
         let cases = [
             ("Upper/tags/list", ErrorCode::NameInvalid),
             ("a//b/manifests/x", ErrorCode::NameInvalid),
-            ("a/manifests/sha256:xyz", ErrorCode::DigestInvalid),
-            ("a/manifests/bad:tag", ErrorCode::Unsupported),
-            ("a/manifests/..", ErrorCode::ManifestInvalid),
             ("a/blobs/sha256:abc", ErrorCode::DigestInvalid),
             ("a/blobs/uploads/not-a-uuid", ErrorCode::BlobUploadUnknown),
             ("a/referrers/latest", ErrorCode::DigestInvalid),
@@ -152,6 +156,13 @@ mod tests {
         ];
         for (path, code) in cases {
             assert_eq!(parse(path).unwrap_err().code(), code, "{path}");
+        }
+        // A reference that is neither a tag nor a digest still names the repository.
+        for path in ["a/manifests/sha256:xyz", "a/manifests/bad:tag", "a/manifests/.."] {
+            match parse(path) {
+                Ok(Route::BadReference(r, _)) => assert_eq!(r, repo("a"), "{path}"),
+                other => panic!("{path}: {other:?}"),
+            }
         }
     }
 }
