@@ -100,6 +100,17 @@ impl Identity {
         Identity { principal: Principal::Anonymous, credential: Credential::None }
     }
 
+    /// Whether the credential may list the catalog: a password or access token
+    /// may; a bearer token only with a `registry:catalog:*` grant; nobody
+    /// anonymously (the challenge names the scope).
+    pub fn may_list_catalog(&self) -> bool {
+        match &self.credential {
+            Credential::None => false,
+            Credential::Basic => true,
+            Credential::Bearer(grants) => grants.iter().any(|g| g.kind == "registry" && g.name == "catalog"),
+        }
+    }
+
     /// Whether the credential itself (not policy) permits `action` on `repo`.
     pub fn credential_allows(&self, repo: &RepoName, action: Action) -> bool {
         match &self.credential {

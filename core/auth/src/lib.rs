@@ -376,6 +376,14 @@ impl Auth {
         identity.credential_allows(repo, action) && self.decide(&identity.principal, repo, action).allowed
     }
 
+    /// Whether `repo` belongs in the caller's catalog: what policy lets them pull,
+    /// once the credential may list the catalog at all (a bearer token's
+    /// catalog grant lists every repository its user may pull, not only those
+    /// its repository grants name).
+    pub fn in_catalog(&self, identity: &Identity, repo: &RepoName) -> bool {
+        identity.may_list_catalog() && self.decide(&identity.principal, repo, Action::Pull).allowed
+    }
+
     /// Allow, or say how to refuse: anonymous callers and bearer tokens lacking
     /// the scope get a challenge (so clients fetch a token), authenticated users
     /// whom policy refuses get 403.

@@ -344,3 +344,44 @@ async fn failed_logins_lock_out_their_source_address_only() {
     let r = from([127, 0, 0, 3], "admin", ADMIN_PASSWORD).get(s.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200, "another source is not locked out");
 }
+
+/// The catalog through docker's token flow: an anonymous catalog is challenged
+/// for `registry:catalog:*`; a token with that grant lists every repository its
+/// user may pull (not only those the token names), one without it is challenged.
+#[tokio::test]
+async fn catalog_with_docker_token_auth() {
+    let dir = TempDir::new("catalog-token");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    let token = tenant_user_token(&s, "acme", "cat", "developer").await;
+    let c = client_as("cat", &token);
+    push_image(&c, &s, "acme/one", "v1", 1, json!({})).await;
+    push_image(&c, &s, "acme/two", "v1", 2, json!({})).await;
+    let other = tenant_user_token(&s, "beta", "bee", "developer").await;
+    push_image(&client_as("bee", &other), &s, "beta/hidden", "v1", 3, json!({})).await;
+
+    let r = anon_client().get(s.url("/v2/_catalog")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.contains("scope=\"registry:catalog:*\""), "{challenge}");
+
+    // What a client that authenticates only when challenged does next.
+    let basic = basic("cat", &token);
+    let (code, v) = token_for(&s, Some(&basic), "registry:catalog:*").await;
+    assert_eq!(code, 200);
+    let with_grant = v["token"].as_str().unwrap().to_owned();
+    let r = anon_client().get(s.url("/v2/_catalog")).header("authorization", bearer(&with_grant)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["repositories"], json!(["acme/one", "acme/two"]));
+
+    // A token for one repository only does not list the catalog.
+    let (_, v) = token_for(&s, Some(&basic), "repository:acme/one:pull").await;
+    let repo_only = v["token"].as_str().unwrap().to_owned();
+    let r = anon_client().get(s.url("/v2/_catalog")).header("authorization", bearer(&repo_only)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // An anonymous token request never gets the grant.
+    let (_, v) = token_for(&s, None, "registry:catalog:*").await;
+    let anon = v["token"].as_str().unwrap().to_owned();
+    let r = anon_client().get(s.url("/v2/_catalog")).header("authorization", bearer(&anon)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}

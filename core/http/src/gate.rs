@@ -103,6 +103,15 @@ pub fn authorize(auth: &Auth, identity: &Identity, route: &Route, req: &Request)
                 scope: None,
             })
         }
+        // The catalog needs a credential that may list it; anonymous callers and
+        // bearer tokens without the grant are challenged for its scope (public
+        // repositories stay listed for anyone at /registry/v1/repositories/public).
+        Route::Catalog if !identity.may_list_catalog() => {
+            return Err(Refusal::Challenge {
+                error: RegistryError::new(ErrorCode::Unauthorized).with_detail("authentication required to list the catalog"),
+                scope: Some("registry:catalog:*".into()),
+            })
+        }
         _ => {}
     }
     if let Some((repo, action)) = requirement(route, &req.method) {

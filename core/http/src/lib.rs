@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use berth_auth::{Action, Auth, Identity};
+use berth_auth::{Auth, Identity};
 use berth_oci::manifest::{MAX_MANIFEST_BYTES, OCI_INDEX};
 use berth_oci::range::{parse_content_range, ByteRange};
 use berth_oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, UploadId};
@@ -345,7 +345,7 @@ fn link_next(path: &str, n: usize, last: Option<&str>) -> Option<String> {
 fn catalog(ctx: &Ctx<'_>, req: &Request) -> Result<Reply, RegistryError> {
     let (n, last) = page_params(req, CATALOG_DEFAULT_N)?;
     // Only what the caller may pull is listed.
-    let (repos, more) = ctx.registry.catalog(n, last.as_deref(), |r| ctx.auth.can(ctx.identity, r, Action::Pull));
+    let (repos, more) = ctx.registry.catalog(n, last.as_deref(), |r| ctx.auth.in_catalog(ctx.identity, r));
     let body = serde_json::json!({ "repositories": repos });
     let mut r = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
     if more {
