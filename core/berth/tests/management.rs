@@ -765,3 +765,79 @@ fn official_images() {
         assert_eq!(anon_client().get(api(&s, "repositories/library/alpine")).send().await.unwrap().status(), 401);
     });
 }
+
+/// The management APIs are no cross-site target: no Basic challenge a browser
+/// would cache, JSON bodies only, cross-site state changes refused.
+#[test]
+fn management_api_is_not_a_csrf_target() {
+    let dir = TempDir::new("manage-csrf");
+    let s = start(&dir);
+    block_on(async {
+        let ada = client_as("ada", &tenant_user_token(&s, "acme", "ada", "tenant-admin").await);
+        let create = |name: &str| json!({"name": name}).to_string();
+
+        // A 401 never asks a browser for Basic credentials.
+        for path in ["/api/v1/repositories", "/registry/v1/repositories/mine"] {
+            let r = anon_client().get(s.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 401);
+            let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+            assert!(!challenge.to_ascii_lowercase().starts_with("basic"), "{path}: {challenge}");
+        }
+        let r = anon_client().post(s.url("/api/console")).json(&json!({"Action": "DescribeContainerImage"})).send().await.unwrap();
+        assert!(!r.headers()["www-authenticate"].to_str().unwrap().to_ascii_lowercase().starts_with("basic"));
+
+        // What an HTML form can send (text/plain, urlencoded) is refused before it is read.
+        for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+            let r = ada.post(api(&s, "repositories")).header("content-type", ct).body(create("acme/form")).send().await.unwrap();
+            expect_error(r, 415, "UNSUPPORTED", ct).await;
+        }
+        let r = ada
+            .post(s.url("/api/console"))
+            .header("content-type", "text/plain")
+            .body(r#"{"Action":"DescribeContainerImageRepository"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415);
+
+        // Cross-site state changes are refused; same-origin and non-browser ones pass.
+        let r = ada
+            .post(api(&s, "repositories"))
+            .header("sec-fetch-site", "cross-site")
+            .json(&json!({"name": "acme/x1"}))
+            .send()
+            .await
+            .unwrap();
+        expect_error(r, 403, "DENIED", "Sec-Fetch-Site cross-site").await;
+        let r = ada
+            .post(api(&s, "repositories"))
+            .header("origin", "https://evil.example")
+            .json(&json!({"name": "acme/x2"}))
+            .send()
+            .await
+            .unwrap();
+        expect_error(r, 403, "DENIED", "foreign Origin").await;
+        let r = ada
+            .patch(s.url("/registry/v1/acme/x/publicity"))
+            .header("origin", "https://evil.example")
+            .json(&json!({"Publicity": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        let r = ada
+            .post(api(&s, "repositories"))
+            .header("origin", s.base.as_str())
+            .header("sec-fetch-site", "same-origin")
+            .json(&json!({"name": "acme/ok"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "same origin");
+        // Nothing was created by the refused ones.
+        assert_eq!(names(&get_json(&ada, &api(&s, "repositories")).await), ["acme/ok"]);
+        // Reads are not state changes.
+        let r = ada.get(api(&s, "repositories")).header("sec-fetch-site", "cross-site").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    });
+}

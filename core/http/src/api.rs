@@ -240,6 +240,9 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
     if path == "openapi.json" && req.method == Method::GET {
         return crate::manage::openapi();
     }
+    if let Err(e) = gate::refuse_cross_site(auth, &req) {
+        return error_response(&e);
+    }
     let identity = match gate::authenticate(auth, &req).await {
         Ok(i) => i,
         Err(r) => return gate::refusal_response(auth, &req, r),
@@ -255,7 +258,7 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
         let mut r = error_response(
             &RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials: a password or a registry access token"),
         );
-        set(&mut r, "www-authenticate", "Basic realm=\"berth\"");
+        set(&mut r, "www-authenticate", gate::API_CHALLENGE);
         return r;
     }
     match route(services, &identity, path, &mut req).await {

@@ -20,7 +20,7 @@ use berth_registry::manage::{RepoQuery, RepoSummary};
 use serde::{Deserialize, Serialize};
 use warp::http::{Method, StatusCode};
 
-use crate::{gate, json_response, read_small_body, Reply, Request, Services};
+use crate::{gate, json_response, Reply, Request, Services};
 
 /// One record of the seed API.
 #[derive(Serialize, Default)]
@@ -139,6 +139,9 @@ fn authorize(services: &Services, identity: &Identity, repo: &RepoName, action: 
 
 /// Serve `/registry/v1/…` (`path` is what follows it).
 pub(crate) async fn handle(services: &Services, path: &str, mut req: Request) -> Reply {
+    if let Err(e) = gate::refuse_cross_site(&services.auth, &req) {
+        return fail(&e);
+    }
     let identity = match gate::authenticate(&services.auth, &req).await {
         Ok(i) => i,
         Err(r) => return gate::refusal_response(&services.auth, &req, r),
@@ -150,7 +153,7 @@ pub(crate) async fn handle(services: &Services, path: &str, mut req: Request) ->
             &RegistryError::new(berth_oci::ErrorCode::Unauthorized)
                 .with_detail("use Basic credentials: a password or a registry access token"),
         );
-        crate::set(&mut r, "www-authenticate", "Basic realm=\"berth\"");
+        crate::set(&mut r, "www-authenticate", crate::gate::API_CHALLENGE);
         return r;
     }
     match serve(services, &identity, &segs, &mut req).await {
@@ -224,7 +227,7 @@ async fn serve(services: &Services, identity: &Identity, segs: &[&str], req: &mu
         }
         ([ns, image, "publicity"], &Method::PATCH) => {
             let repo = repo_name(ns, image)?;
-            let b = read_small_body(req, 4096).await?;
+            let b = crate::read_json_body(req, 4096).await?;
             let p: Publicity = serde_json::from_slice(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
             if p.publicity > 1 {
                 return Err(bad("Publicity must be 0 or 1"));

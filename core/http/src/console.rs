@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use warp::http::{Method, StatusCode};
 
 use crate::compat::rfc3339;
-use crate::{gate, json_response, read_small_body, Reply, Request, Services};
+use crate::{gate, json_response, Reply, Request, Services};
 
 /// A console key/value tag (a Berth label).
 #[derive(Serialize, Deserialize, Clone)]
@@ -162,15 +162,18 @@ pub(crate) async fn handle(services: &Services, mut req: Request) -> Reply {
         let message = Some(format!("{}: {}", e.code().code(), e.detail_or_message()));
         answer(status, &Answer { ret_code: status.as_u16(), message, action, ..Default::default() })
     };
+    if let Err(e) = gate::refuse_cross_site(&services.auth, &req) {
+        return fail(String::new(), e);
+    }
     if req.method != Method::POST {
         return fail(String::new(), crate::method_not_allowed(&req.method));
     }
     if identity.principal == Principal::Anonymous || matches!(identity.credential, Credential::Bearer(_)) {
         let mut r = fail(String::new(), RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials"));
-        crate::set(&mut r, "www-authenticate", "Basic realm=\"berth\"");
+        crate::set(&mut r, "www-authenticate", crate::gate::API_CHALLENGE);
         return r;
     }
-    let body = match read_small_body(&mut req, 256 * 1024).await {
+    let body = match crate::read_json_body(&mut req, 256 * 1024).await {
         Ok(b) => b,
         Err(e) => return fail(String::new(), e),
     };

@@ -36,6 +36,33 @@ pub(crate) fn external_base(auth: &Auth, req: &Request) -> String {
     format!("{}://{}", clean(proto), clean(host))
 }
 
+/// What a management API 401 carries instead of a `Basic` challenge: browsers
+/// prompt for, and then cache and resend, `Basic` credentials, which would make
+/// the API a cross-site request target; they ignore an unknown scheme. CLIs and
+/// scripts send Basic credentials without being asked.
+pub(crate) const API_CHALLENGE: &str = "BerthBasic realm=\"berth\"";
+
+/// Refuse what a browser sends on another site's behalf to the management APIs:
+/// a state-changing request marked `Sec-Fetch-Site: cross-site`, or whose
+/// `Origin` is not this registry's own. Safe methods pass (no CORS headers are
+/// ever sent, so another site cannot read the answer).
+pub(crate) fn refuse_cross_site(auth: &Auth, req: &Request) -> Result<(), RegistryError> {
+    if matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let refused = |why: &str| Err(RegistryError::new(ErrorCode::Denied).with_detail(format!("cross-site request refused: {why}")));
+    if req.header("sec-fetch-site").is_some_and(|v| v.eq_ignore_ascii_case("cross-site")) {
+        return refused("Sec-Fetch-Site is cross-site");
+    }
+    if let Some(origin) = req.header("origin") {
+        let own = external_base(auth, req);
+        if !origin.trim_end_matches('/').eq_ignore_ascii_case(&own) {
+            return refused("Origin is not this registry");
+        }
+    }
+    Ok(())
+}
+
 /// The caller's address for throttling (the first `X-Forwarded-For` hop when the
 /// proxy is trusted).
 pub fn source(auth: &Auth, req: &Request) -> String {

@@ -151,6 +151,20 @@ pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Read a JSON body of the management APIs: a body announced with another
+/// `Content-Type` is refused (415) before it is read, so no HTML form can post one.
+pub(crate) async fn read_json_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RegistryError> {
+    let announced = req.header("content-length").is_some_and(|l| l.trim() != "0") || req.header("transfer-encoding").is_some();
+    let json = req.header("content-type").is_some_and(|ct| {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        essence.eq_ignore_ascii_case("application/json")
+    });
+    if announced && !json {
+        return Err(RegistryError::new(ErrorCode::Unsupported).with_status(415).with_detail("Content-Type must be application/json"));
+    }
+    read_small_body(req, limit).await
+}
+
 /// Read a small body (JSON or form) fully, refusing more than `limit` bytes.
 pub(crate) async fn read_small_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RegistryError> {
     let mut buf = Vec::new();

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use warp::http::{Method, StatusCode};
 
-use crate::{json_response, method_not_allowed, read_small_body, Reply, Request, Services};
+use crate::{json_response, method_not_allowed, Reply, Request, Services};
 
 const MAX_BODY: usize = 256 * 1024;
 /// Page size when `limit` is not given, and the largest accepted.
@@ -203,7 +203,7 @@ pub(crate) fn query<T: DeserializeOwned + Default>(req: &Request) -> Result<T, R
 }
 
 pub(crate) async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
-    let b = read_small_body(req, MAX_BODY).await?;
+    let b = crate::read_json_body(req, MAX_BODY).await?;
     serde_json::from_slice(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
 }
 
