@@ -793,7 +793,14 @@ impl Auth {
             return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {with}")));
         }
         let actions: Vec<String> = if push { vec!["pull".into(), "push".into()] } else { vec!["pull".into()] };
-        let expires_ms = expires_in_secs.map(|s| tokens::now_ms() + (s as i64) * 1000);
+        // Bounded before any arithmetic: a lifetime of any size from the wire can
+        // neither overflow nor wrap into the past.
+        const MAX_SHARE_SECS: u64 = 10 * 365 * 24 * 3600;
+        if let Some(s) = expires_in_secs.filter(|s| *s == 0 || *s > MAX_SHARE_SECS) {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest)
+                .with_detail(format!("expires_in must be 1 to {MAX_SHARE_SECS} seconds, not {s}")));
+        }
+        let expires_ms = expires_in_secs.map(|s| tokens::now_ms().saturating_add((s as i64).saturating_mul(1000)));
         // Replace any earlier share with this tenant.
         let old = Self::share_rules(&owner, repo, &with, &["pull".into(), "push".into()]);
         let new = Self::share_rules(&owner, repo, &with, &actions);

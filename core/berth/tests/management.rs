@@ -710,6 +710,12 @@ fn shares_granted_and_shared_with_me() {
         let r = ada.put(api(&s, "repositories/acme/app/shares/beta")).json(&json!({"expires_in": 3600})).send().await.unwrap();
         assert_eq!(r.status(), 200);
 
+        // Lifetimes that would overflow or wrap into the past are refused.
+        for secs in [0u64, 4_611_686_018_427_387_904, u64::MAX] {
+            let r = ada.put(api(&s, "repositories/acme/other/shares/beta")).json(&json!({"expires_in": secs})).send().await.unwrap();
+            expect_error(r, 400, "INVALID_REQUEST", &format!("expires_in {secs}")).await;
+        }
+
         let granted = get_json(&ada, &api(&s, "shares")).await;
         assert_eq!(granted["shares"].as_array().unwrap().len(), 1);
         assert_eq!(
