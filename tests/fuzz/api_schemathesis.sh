@@ -21,8 +21,9 @@ for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && bre
 kill -0 "$pid" 2>/dev/null || { echo "berth did not start:"; cat "$work/err"; exit 1; }
 curl -sf -u admin:schemathesis-admin -X POST -H 'Content-Type: application/json' -d '{"name":"acme"}' \
   "http://127.0.0.1:$port/api/v1/tenants" >/dev/null
-"$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" --origin "http://127.0.0.1:$port" \
-  -a admin:schemathesis-admin -c not_a_server_error --max-examples "$examples" -w 2 --seed "$seed" --no-color 2>&1 | tail -5
+# From the scratch folder: schemathesis keeps a cache in its working directory.
+(cd "$work" && "$venv/bin/st" run "http://127.0.0.1:$port/api/v1/openapi.json" --origin "http://127.0.0.1:$port" \
+  -a admin:schemathesis-admin -c not_a_server_error --max-examples "$examples" -w 2 --seed "$seed" --no-color 2>&1 | tail -5)
 if grep -E "ERROR|panicked" "$work/err"; then
   echo "server logged errors"; exit 1
 fi
