@@ -287,10 +287,12 @@ impl Auth {
                 Ok(Identity { principal: Principal::User(user), credential: Credential::Basic })
             }
             "bearer" => {
-                let claims = self
-                    .keys
-                    .verify(value.trim(), &self.config.service, now_secs(), 30)
-                    .map_err(|e| unauthorized(&format!("invalid bearer token: {e}")))?;
+                let claims = self.keys.verify(value.trim(), &self.config.service, now_secs(), 30).map_err(|e| {
+                    // One answer for every failed check: which one failed (format,
+                    // key id, signature, lifetime, audience) would guide a forger.
+                    tracing::debug!(reason = %e, source, "bearer token refused");
+                    unauthorized("invalid or expired bearer token")
+                })?;
                 if let Some(tid) = &claims.tid {
                     if !self.tokens.read().unwrap().contains_key(tid) {
                         return Err(unauthorized("the access token behind this bearer token was revoked or expired"));

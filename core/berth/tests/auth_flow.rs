@@ -385,3 +385,28 @@ async fn catalog_with_docker_token_auth() {
     let r = anon_client().get(s.url("/v2/_catalog")).header("authorization", bearer(&anon)).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// A refused bearer token says only that it was refused: which check failed
+/// (format, key, signature, lifetime) would guide a forger.
+#[tokio::test]
+async fn refused_bearer_tokens_all_read_alike() {
+    let dir = TempDir::new("bearer-detail");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    let token = tenant_user_token(&s, "acme", "ann", "developer").await;
+    let (_, v) = token_for(&s, Some(&basic("ann", &token)), "repository:acme/app:pull").await;
+    let good = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(anon_client().get(s.url("/v2/")).header("authorization", bearer(&good)).send().await.unwrap().status(), 200);
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    let flipped = format!("{head}.{}{}", if sig.starts_with('A') { "B" } else { "A" }, &sig[1..]);
+    let mut parts: Vec<&str> = good.split('.').collect();
+    parts[1] = "eyJzdWIiOiJhZG1pbiJ9"; // {"sub":"admin"}, with the original signature
+    let swapped = parts.join(".");
+    let mut details = std::collections::BTreeSet::new();
+    for t in ["garbage", "a.b.c", flipped.as_str(), swapped.as_str()] {
+        let r = anon_client().get(s.url("/v2/")).header("authorization", bearer(t)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{t}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        details.insert(v["errors"][0]["detail"].to_string());
+    }
+    assert_eq!(details.len(), 1, "{details:?}");
+}
