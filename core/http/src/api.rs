@@ -5,7 +5,7 @@
 //! [`berth_auth::Auth`], not here.
 
 use berth_auth::policy::{export_rules, validate_rule};
-use berth_auth::{Action, Auth, Credential, Identity, Principal};
+use berth_auth::{Action, Auth, Identity, Principal};
 use berth_metadata::{PolicyRuleRow, TokenRow};
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
 use serde::{Deserialize, Serialize};
@@ -254,10 +254,8 @@ pub async fn handle(services: &Services, path: &str, mut req: Request) -> Reply 
             Err(e) => error_response(&e),
         };
     }
-    if matches!(identity.credential, Credential::Bearer(_)) || identity.principal == Principal::Anonymous {
-        let mut r = error_response(
-            &RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials: a password or a registry access token"),
-        );
+    if let Err(e) = gate::require_basic(&identity) {
+        let mut r = error_response(&e);
         set(&mut r, "www-authenticate", gate::API_CHALLENGE);
         return r;
     }

@@ -14,7 +14,7 @@
 //! `ID` is a stable number derived from the repository (and tag) name, the same
 //! on every replica and across restarts.
 
-use berth_auth::{Action, Credential, Identity, Principal};
+use berth_auth::{Action, Identity};
 use berth_oci::{Reference, RegistryError, RepoName};
 use berth_registry::manage::{RepoQuery, RepoSummary};
 use serde::{Deserialize, Serialize};
@@ -79,7 +79,7 @@ fn bad(detail: impl Into<String>) -> RegistryError {
 }
 
 /// FNV-1a, cut to 53 bits so JSON numbers hold it exactly.
-fn stable_id(s: &str) -> u64 {
+pub(crate) fn stable_id(s: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in s.bytes() {
         h ^= b as u64;
@@ -129,12 +129,7 @@ fn record(services: &Services, s: &RepoSummary) -> Record {
 }
 
 fn authorize(services: &Services, identity: &Identity, repo: &RepoName, action: Action) -> Result<(), RegistryError> {
-    services.auth.authorize(identity, repo, action).map_err(|r| match r {
-        berth_auth::Refusal::Challenge { error, .. }
-        | berth_auth::Refusal::Denied(error)
-        | berth_auth::Refusal::Error(error)
-        | berth_auth::Refusal::Throttled { error, .. } => error,
-    })
+    gate::authorize_api(&services.auth, identity, repo, action)
 }
 
 /// Serve `/registry/v1/…` (`path` is what follows it).
@@ -148,13 +143,12 @@ pub(crate) async fn handle(services: &Services, path: &str, mut req: Request) ->
     };
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let anonymous_ok = segs == ["repositories", "public"] && req.method == Method::GET;
-    if !anonymous_ok && (identity.principal == Principal::Anonymous || matches!(identity.credential, Credential::Bearer(_))) {
-        let mut r = fail(
-            &RegistryError::new(berth_oci::ErrorCode::Unauthorized)
-                .with_detail("use Basic credentials: a password or a registry access token"),
-        );
-        crate::set(&mut r, "www-authenticate", crate::gate::API_CHALLENGE);
-        return r;
+    if let Err(e) = gate::require_basic(&identity) {
+        if !anonymous_ok {
+            let mut r = fail(&e);
+            crate::set(&mut r, "www-authenticate", crate::gate::API_CHALLENGE);
+            return r;
+        }
     }
     match serve(services, &identity, &segs, &mut req).await {
         Ok(r) => r,

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_auth::{Action, Credential, Identity, Principal, Refusal};
+use berth_auth::{Action, Identity};
 use berth_metadata::{NamespacePatch, NamespaceProfile};
 use berth_oci::{AccountName, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use berth_registry::manage::RepoQuery;
@@ -122,22 +122,11 @@ struct TagInfo {
 
 /// The tenant's numeric id: stable (derived from its name), below 2^31.
 pub(crate) fn company_id(tenant: &AccountName) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in tenant.as_str().bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h & 0x7fff_ffff
+    crate::compat::stable_id(tenant.as_str()) & 0x7fff_ffff
 }
 
 fn bad(detail: impl Into<String>) -> RegistryError {
     RegistryError::new(ErrorCode::InvalidRequest).with_detail(detail.into())
-}
-
-fn refused(r: Refusal) -> RegistryError {
-    match r {
-        Refusal::Challenge { error, .. } | Refusal::Denied(error) | Refusal::Error(error) | Refusal::Throttled { error, .. } => error,
-    }
 }
 
 fn labels(pairs: Option<Vec<KeyValue>>) -> Result<Option<BTreeMap<String, String>>, RegistryError> {
@@ -168,8 +157,8 @@ pub(crate) async fn handle(services: &Services, mut req: Request) -> Reply {
     if req.method != Method::POST {
         return fail(String::new(), crate::method_not_allowed(&req.method));
     }
-    if identity.principal == Principal::Anonymous || matches!(identity.credential, Credential::Bearer(_)) {
-        let mut r = fail(String::new(), RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials"));
+    if let Err(e) = gate::require_basic(&identity) {
+        let mut r = fail(String::new(), e);
         crate::set(&mut r, "www-authenticate", crate::gate::API_CHALLENGE);
         return r;
     }
@@ -220,7 +209,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
                     .ok_or_else(|| bad(format!("CompanyID {id} is not yours")))?,
                 None => auth.tenant_of_user(who).await?.ok_or_else(|| bad("CompanyID is required for a platform user"))?,
             };
-            let now = now_ms();
+            let now = crate::now_ms();
             let profile = NamespaceProfile {
                 name: name.clone(),
                 tenant,
@@ -330,14 +319,14 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
         }
         "DeleteContainerImage" => {
             let repo = image(&p, &namespace(&p)?)?;
-            auth.authorize(identity, &repo, Action::Delete).map_err(refused)?;
+            gate::authorize_api(auth, identity, &repo, Action::Delete)?;
             services.registry.delete_repo(&repo).await?;
             auth.repo_deleted(&repo).await?;
             Ok(Answer::default())
         }
         "DescribeContainerImageTag" => {
             let repo = image(&p, &namespace(&p)?)?;
-            auth.authorize(identity, &repo, Action::Pull).map_err(refused)?;
+            gate::authorize_api(auth, identity, &repo, Action::Pull)?;
             let found = services.registry.list_tags(&repo, p.keyword.as_deref(), limit, offset).await?;
             let infos = found
                 .items
@@ -358,15 +347,11 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
         "DeleteContainerImageTag" => {
             let repo = image(&p, &namespace(&p)?)?;
             let tag: Tag = p.tag_name.as_deref().ok_or_else(|| bad("TagName is required"))?.parse()?;
-            auth.authorize(identity, &repo, Action::Delete).map_err(refused)?;
+            gate::authorize_api(auth, identity, &repo, Action::Delete)?;
             services.registry.delete_manifest(&repo, &Reference::Tag(tag)).await?;
             Ok(Answer::default())
         }
         "" => Err(bad("Action is required")),
         other => Err(bad(format!("unknown Action {other:?}"))),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -63,6 +63,24 @@ pub(crate) fn refuse_cross_site(auth: &Auth, req: &Request) -> Result<(), Regist
     Ok(())
 }
 
+/// The management surfaces take Basic credentials (a password or a registry
+/// access token), never anonymous calls or bearer tokens; the refusal is a 401
+/// to be sent with [`API_CHALLENGE`].
+pub(crate) fn require_basic(identity: &Identity) -> Result<(), RegistryError> {
+    if identity.principal == berth_auth::Principal::Anonymous || matches!(identity.credential, berth_auth::Credential::Bearer(_)) {
+        return Err(RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials: a password or a registry access token"));
+    }
+    Ok(())
+}
+
+/// Authorize a management call on a repository: the same decision as the OCI
+/// API's, as an error the management surfaces render in their own shape.
+pub(crate) fn authorize_api(auth: &Auth, identity: &Identity, repo: &RepoName, action: Action) -> Result<(), RegistryError> {
+    auth.authorize(identity, repo, action).map_err(|r| match r {
+        Refusal::Challenge { error, .. } | Refusal::Denied(error) | Refusal::Error(error) | Refusal::Throttled { error, .. } => error,
+    })
+}
+
 /// The caller's address for throttling (the first `X-Forwarded-For` hop when the
 /// proxy is trusted).
 pub fn source(auth: &Auth, req: &Request) -> String {

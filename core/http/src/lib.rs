@@ -310,6 +310,10 @@ pub(crate) fn error_response(e: &RegistryError) -> Reply {
     json_response(status, e.to_json())
 }
 
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 pub(crate) fn no_content() -> Reply {
     let mut r = json_response(StatusCode::NO_CONTENT, Vec::new());
     r.headers_mut().remove("content-type");

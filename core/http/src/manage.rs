@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_auth::{Action, Auth, Identity, Refusal};
+use berth_auth::{Action, Auth, Identity};
 use berth_metadata::{RepoPatch, TagInfo};
 use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use berth_registry::manage::{Page as ServicePage, RepoQuery, RepoSort, RepoSummary, TagStatus};
@@ -251,10 +251,7 @@ enum Op {
 }
 
 fn authorize(auth: &Auth, identity: &Identity, repo: &RepoName, op: Op) -> Result<(), RegistryError> {
-    auth.authorize(identity, repo, required(op)).map_err(|r| match r {
-        Refusal::Challenge { error, .. } | Refusal::Denied(error) | Refusal::Error(error) => error,
-        Refusal::Throttled { error, .. } => error,
-    })
+    crate::gate::authorize_api(auth, identity, repo, required(op))
 }
 
 pub(crate) fn host(services: &Services, req: &Request) -> String {

@@ -180,7 +180,7 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
     check_text("description", &b.description, 4096)?;
     check_text("project_id", &b.project_id, 128)?;
     check_labels(&b.labels)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = crate::now_ms();
     let p = NamespaceProfile {
         name: name.clone(),
         tenant,
