@@ -2,7 +2,8 @@
 //! developer, reader, anonymous, user of the tenant a repository is shared with,
 //! user of an unrelated tenant} × {private, public, shared} repositories ×
 //! {pull, push, delete, list tags, catalog, and the management API's repository
-//! detail, listing, tag listing and update}. Every cell is asserted.
+//! detail, listing, tag listing, update and shared-with-me listing, namespace
+//! visibility, the `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
 
 mod common;
 
@@ -11,7 +12,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 12] = [
+const OPS: [&str; 14] = [
     "pull",
     "push",
     "delete",
@@ -24,6 +25,8 @@ const OPS: [&str; 12] = [
     "api-namespace",
     "compat-tags",
     "compat-mine",
+    "console-images",
+    "api-shared",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -49,8 +52,12 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     }
     // A namespace is visible to its tenant's members only (not through a public
     // or shared repository in it).
-    if op == "api-namespace" {
+    if op == "api-namespace" || op == "console-images" {
         return matches!(who, Who::Role(_));
+    }
+    // Repositories shared with my tenant: exactly the one shared with it.
+    if op == "api-shared" {
+        return who == Who::ShareTenant && repo_kind == "shared";
     }
     if op == "compat-mine" {
         return expected(who, repo_kind, "push");
@@ -214,6 +221,27 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
                 .unwrap()
                 .iter()
                 .any(|x| format!("{}/{}", x["Namespace"].as_str().unwrap(), x["Image"].as_str().unwrap()) == repo)
+        }
+        "console-images" => {
+            let (ns, image) = repo.split_once('/').unwrap();
+            let body = json!({"Action": "DescribeContainerImage", "ContainerImageRepositoryID": ns, "Limit": 1000});
+            let r = c.post(s.url("/api/console")).json(&body).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || code == 404 || code == 401, "{op} {repo}: {code}");
+            if code != 200 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["TotalCount"].as_u64().unwrap() as usize, v["Infos"].as_array().unwrap().len());
+            v["Infos"].as_array().unwrap().iter().any(|x| x["Name"] == image)
+        }
+        "api-shared" => {
+            let r = c.get(s.url("/api/v1/repositories?scope=shared&limit=1000")).send().await.unwrap();
+            if r.status() == 401 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["items"].as_array().unwrap().iter().any(|x| x["name"] == repo)
         }
         "api-list" => {
             let r = c.get(s.url("/api/v1/repositories?limit=1000")).send().await.unwrap();
