@@ -404,7 +404,8 @@ impl Auth {
         }
     }
 
-    fn require_platform_admin(&self, who: &Principal) -> Result<(), RegistryError> {
+    /// Refuse unless `who` is a platform administrator.
+    pub fn require_platform_admin(&self, who: &Principal) -> Result<(), RegistryError> {
         if self.policy.check(who.subject(), PLATFORM_DOMAIN, "*", "admin").allowed {
             Ok(())
         } else {
@@ -412,7 +413,18 @@ impl Auth {
         }
     }
 
-    fn require_tenant_admin(&self, who: &Principal, tenant: &AccountName) -> Result<(), RegistryError> {
+    /// Refuse unless `who` may see a tenant's own figures (its quotas): any member
+    /// of it, or a platform administrator. Others are refused like an unknown tenant.
+    pub fn require_tenant_member(&self, who: &Principal, tenant: &AccountName) -> Result<(), RegistryError> {
+        if self.policy.check(who.subject(), tenant.as_str(), tenant.as_str(), "pull").allowed {
+            Ok(())
+        } else {
+            Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {tenant}")))
+        }
+    }
+
+    /// Refuse unless `who` administers `tenant` (or the platform).
+    pub fn require_tenant_admin(&self, who: &Principal, tenant: &AccountName) -> Result<(), RegistryError> {
         if self.policy.check(who.subject(), tenant.as_str(), tenant.as_str(), "admin").allowed {
             Ok(())
         } else {
@@ -556,6 +568,11 @@ impl Auth {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("tenant or namespace {name} exists")));
         }
         self.refresh_namespaces().await
+    }
+
+    /// Whether a tenant exists.
+    pub async fn tenant_exists(&self, tenant: &AccountName) -> Result<bool, RegistryError> {
+        Ok(self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| &t.name == tenant))
     }
 
     pub async fn tenants(&self, who: &Principal) -> Result<Vec<TenantRow>, RegistryError> {

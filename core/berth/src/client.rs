@@ -89,6 +89,48 @@ pub enum ShareCmd {
 }
 
 #[derive(Subcommand)]
+pub enum QuotaCmd {
+    /// A tenant's limits and usage (default: your own tenant's).
+    Get { tenant: Option<String> },
+    /// Set a tenant's limits; a limit not given returns to the registry's default.
+    Set {
+        tenant: String,
+        #[arg(long)]
+        namespaces: Option<u64>,
+        #[arg(long)]
+        repositories: Option<u64>,
+        /// Bytes, or with a unit: 500MB, 10GiB, 1TB.
+        #[arg(long, value_parser = parse_size)]
+        storage: Option<u64>,
+    },
+}
+
+/// `1234`, `500MB`, `10GiB`, `1.5TB` → bytes (decimal and binary units).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 1073741824, 500MB, 10GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1000_u64.pow(2),
+        "gb" | "g" => 1000_u64.pow(3),
+        "tb" | "t" => 1000_u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > (1u64 << 53) as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+#[derive(Subcommand)]
 pub enum TenantCmd {
     /// Create a tenant (and its namespace of the same name).
     Create {
@@ -536,6 +578,30 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
     Ok(true)
 }
 
+pub async fn quota(conn: &Conn, cmd: QuotaCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    let v = match cmd {
+        QuotaCmd::Get { tenant: None } => c.json(M::GET, "quotas", None).await?,
+        QuotaCmd::Get { tenant: Some(t) } => c.json(M::GET, &format!("tenants/{t}/quota"), None).await?,
+        QuotaCmd::Set { tenant, namespaces, repositories, storage } => {
+            let body = json!({"namespaces": namespaces, "repositories": repositories, "storage_bytes": storage});
+            c.json(M::PUT, &format!("tenants/{tenant}/quota"), Some(body)).await?
+        }
+    };
+    if conn.json {
+        print(&v);
+    } else {
+        println!("tenant: {}", v["tenant"].as_str().unwrap_or("-"));
+        table(
+            v["quotas"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+            &[("resource", "RESOURCE"), ("used", "USED"), ("limit", "LIMIT"), ("source", "SOURCE")],
+        );
+        println!("reserved by pushes in progress: {} bytes", v["reserved_bytes"].as_u64().unwrap_or(0));
+    }
+    Ok(true)
+}
+
 pub async fn share(conn: &Conn, cmd: ShareCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
@@ -782,4 +848,20 @@ pub async fn rotate_key(conn: &Conn) -> Result<bool> {
     let c = Client::new(conn)?;
     print(&c.json(reqwest::Method::POST, "keys/rotate", None).await?);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5 kb"), Ok(1500));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999TB").is_err());
+    }
 }

@@ -275,7 +275,10 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["me", "password"], &Method::PUT) => change_password(auth, who, body(req).await?).await,
         (["tenants"], &Method::GET) => list_tenants(auth, who).await,
         (["tenants"], &Method::POST) => create_tenant(auth, who, body(req).await?).await,
-        (["tenants", t, "namespaces"], &Method::POST) => add_namespace(auth, who, t.parse()?, body(req).await?).await,
+        (["tenants", t, "namespaces"], &Method::POST) => add_namespace(services, who, t.parse()?, body(req).await?).await,
+        (["tenants", t, "quota"], &Method::GET) => crate::quotas::get(services, identity, &t.parse()?).await,
+        (["tenants", t, "quota"], &Method::PUT) => crate::quotas::set(services, identity, &t.parse()?, req).await,
+        (["quotas"], &Method::GET) => crate::quotas::mine(services, identity).await,
         (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,
         (["users"], &Method::GET) => list_users(auth, who).await,
         (["tokens"], &Method::GET) => list_tokens(auth, who),
@@ -305,6 +308,7 @@ fn known(path: &str) -> bool {
     [
         "me",
         "me/password",
+        "quotas",
         "registry",
         "shares",
         "tenants",
@@ -360,8 +364,11 @@ async fn create_tenant(auth: &Auth, who: &Principal, b: NameBody) -> Result<Repl
 /// Give a tenant another namespace (platform admin; see also `POST /api/v1/namespaces`).
 #[utoipa::path(post, path = "/api/v1/tenants/{tenant}/namespaces", operation_id = "addTenantNamespace", tag = "accounts",
     params(("tenant" = String, Path)), request_body = NameBody, responses((status = 201, body = Created)))]
-async fn add_namespace(auth: &Auth, who: &Principal, tenant: AccountName, b: NameBody) -> Result<Reply, RegistryError> {
-    auth.add_namespace(who, tenant.clone(), b.name.parse()?).await?;
+async fn add_namespace(services: &Services, who: &Principal, tenant: AccountName, b: NameBody) -> Result<Reply, RegistryError> {
+    let name = b.name.parse()?;
+    services.auth.require_platform_admin(who)?;
+    let _admitted = services.registry.quotas().admit_namespace(&tenant).await?;
+    services.auth.add_namespace(who, tenant.clone(), name).await?;
     reply(StatusCode::CREATED, &Created { name: b.name, tenant: Some(tenant.to_string()), role: None })
 }
 

@@ -19,6 +19,7 @@ mod console;
 mod gate;
 mod manage;
 mod namespaces;
+mod quotas;
 pub mod route;
 
 use std::future::Future;

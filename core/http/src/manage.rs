@@ -704,6 +704,7 @@ pub(crate) fn document() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::namespaces::NamespaceDoc::openapi());
     doc.merge(crate::api::AccountDoc::openapi());
+    doc.merge(crate::quotas::QuotaDoc::openapi());
     doc
 }
 

@@ -191,6 +191,8 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
         created_ms: now,
         updated_ms: now,
     };
+    services.auth.require_tenant_admin(&identity.principal, &p.tenant)?;
+    let _admitted = services.registry.quotas().admit_namespace(&p.tenant).await?;
     services.auth.create_namespace(&identity.principal, p).await?;
     let (p, st) = services.auth.namespace(&identity.principal, &name).await?;
     reply(StatusCode::CREATED, &view(p, st, host))

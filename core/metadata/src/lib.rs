@@ -13,6 +13,7 @@
 
 pub mod accounts;
 pub mod manage;
+pub mod usage;
 
 pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
@@ -25,6 +26,7 @@ use surrealdb::opt::auth::Root;
 use surrealdb::opt::capabilities::Capabilities;
 use surrealdb::opt::Config;
 use surrealdb::{IndexedResults, Surreal};
+pub use usage::{QuotaLimits, TenantUsage};
 
 /// Which metadata store to use, chosen by configuration.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -125,6 +127,14 @@ pub struct Snapshot {
 const REPO_TOUCH: &str = "UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
      created_ms = created_ms OR $now, updated_ms = $now RETURN NONE;";
 
+/// What a transaction answers about usage: bytes added to or freed from a tenant's.
+#[derive(Deserialize)]
+struct Bytes {
+    bytes: u64,
+}
+
+use usage::{REF_ADD, TENANT_OF};
+
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -162,7 +172,12 @@ impl Metadata {
         db.query(SCHEMA).await?.check()?;
         db.query(accounts::SCHEMA).await?.check()?;
         db.query(manage::SCHEMA).await?.check()?;
-        Ok(Metadata { db })
+        db.query(usage::SCHEMA).await?.check()?;
+        let md = Metadata { db };
+        if md.ensure_usage_counted().await? {
+            tracing::info!("per-tenant storage usage counted from the existing links and manifests");
+        }
+        Ok(md)
     }
 
     /// Load every repository, manifest, tag and blob link.
@@ -180,46 +195,71 @@ impl Metadata {
 
     /// Link a verified blob into a repository (creating the repository record); when
     /// the blob is the result of an upload session, that session's record goes in
-    /// the same transaction.
-    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<()> {
+    /// the same transaction. Answers the bytes the owning tenant's usage grew by
+    /// (0 when the link existed or another of its repositories holds the blob).
+    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
-        self.run(|| {
-            self.db
-                .query(format!(
-                    "BEGIN TRANSACTION;
-                 {REPO_TOUCH}
-                 UPSERT type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE;
-                 {end}
-                 COMMIT TRANSACTION;"
-                ))
-                .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
-                .bind(("repo", link.repo.to_string()))
-                .bind(("namespace", link.repo.namespace().to_string()))
-                .bind(("now", now_ms()))
-                .bind(("digest", link.digest.to_string()))
-                .bind(("size", link.size))
-        })
-        .await?;
-        Ok(())
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             {REPO_TOUCH}
+             {TENANT_OF}
+             LET $new = !(SELECT VALUE digest FROM ONLY type::record('blob_link', [$repo, $digest]));
+             {REF_ADD}
+             IF $new {{ CREATE type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE; }};
+             {end}
+             RETURN {{ bytes: $added }};
+             COMMIT TRANSACTION;"
+        );
+        let mut r = self
+            .run(|| {
+                self.db
+                    .query(sql.as_str())
+                    .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
+                    .bind(("repo", link.repo.to_string()))
+                    .bind(("namespace", link.repo.namespace().to_string()))
+                    .bind(("now", now_ms()))
+                    .bind(("digest", link.digest.to_string()))
+                    .bind(("size", link.size))
+            })
+            .await?;
+        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
-    /// Remove a blob link.
-    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.db
-            .query("DELETE type::record('blob_link', [$repo, $digest]) RETURN NONE")
-            .bind(("repo", repo.to_string()))
-            .bind(("digest", digest.to_string()))
-            .await?
-            .check()?;
-        Ok(())
+    /// Remove a blob link; answers the bytes the owning tenant's usage shrank by
+    /// (the blob's size when no other of its repositories references it).
+    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             {TENANT_OF}
+             LET $had = (DELETE type::record('blob_link', [$repo, $digest]) RETURN BEFORE);
+             {}
+             RETURN {{ bytes: $freed }};
+             COMMIT TRANSACTION;",
+            usage::ref_release("$had.digest")
+        );
+        let mut r = self
+            .run(|| {
+                self.db
+                    .query(sql.as_str())
+                    .bind(("repo", repo.to_string()))
+                    .bind(("namespace", repo.namespace().to_string()))
+                    .bind(("digest", digest.to_string()))
+            })
+            .await?;
+        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
     /// Store a manifest and, if given, point a tag at it: one transaction.
-    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<()> {
+    /// Answers the bytes the owning tenant's usage grew by (the manifest's size
+    /// when none of its repositories held it yet).
+    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<u64> {
         // A push of a manifest already stored (a re-tag, a retry) keeps its counters.
         let mut sql = format!(
             "BEGIN TRANSACTION;
              {REPO_TOUCH}
+             {TENANT_OF}
+             LET $new = !(SELECT VALUE digest FROM ONLY type::record('manifest', [$repo, $digest]));
+             {REF_ADD}
              UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
              UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest RETURN NONE;"
         );
@@ -229,43 +269,53 @@ impl Metadata {
                  UPDATE type::record('tag', [$repo, $tag_name]) SET pushes = (pushes OR 0) + 1 RETURN NONE;",
             );
         }
-        sql.push_str("COMMIT TRANSACTION;");
+        sql.push_str("RETURN { bytes: $added }; COMMIT TRANSACTION;");
         let manifest = to_value(m)?;
         let tag_row = tag.map(to_value).transpose()?;
         let now = now_ms();
-        self.run(|| {
-            let mut q = self
-                .db
-                .query(sql.as_str())
-                .bind(("repo", m.repo.to_string()))
-                .bind(("digest", m.digest.to_string()))
-                .bind(("manifest", manifest.clone()))
-                .bind(("namespace", m.repo.namespace().to_string()))
-                .bind(("now", now));
-            if let (Some(t), Some(row)) = (tag, &tag_row) {
-                q = q.bind(("tag_name", t.name.to_string())).bind(("tag", row.clone()));
-            }
-            q
-        })
-        .await?;
-        Ok(())
+        let mut r = self
+            .run(|| {
+                let mut q = self
+                    .db
+                    .query(sql.as_str())
+                    .bind(("repo", m.repo.to_string()))
+                    .bind(("digest", m.digest.to_string()))
+                    .bind(("size", m.size))
+                    .bind(("manifest", manifest.clone()))
+                    .bind(("namespace", m.repo.namespace().to_string()))
+                    .bind(("now", now));
+                if let (Some(t), Some(row)) = (tag, &tag_row) {
+                    q = q.bind(("tag_name", t.name.to_string())).bind(("tag", row.clone()));
+                }
+                q
+            })
+            .await?;
+        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
     /// Delete a manifest and every tag that points at it: one transaction.
-    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
-        self.run(|| {
-            self.db
-                .query(
-                    "BEGIN TRANSACTION;
-                 DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
-                 DELETE type::record('manifest', [$repo, $digest]) RETURN NONE;
-                 COMMIT TRANSACTION;",
-                )
-                .bind(("repo", repo.to_string()))
-                .bind(("digest", digest.to_string()))
-        })
-        .await?;
-        Ok(())
+    /// Answers the bytes the owning tenant's usage shrank by.
+    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             {TENANT_OF}
+             DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
+             LET $had = (DELETE type::record('manifest', [$repo, $digest]) RETURN BEFORE);
+             {}
+             RETURN {{ bytes: $freed }};
+             COMMIT TRANSACTION;",
+            usage::ref_release("$had.digest")
+        );
+        let mut r = self
+            .run(|| {
+                self.db
+                    .query(sql.as_str())
+                    .bind(("repo", repo.to_string()))
+                    .bind(("namespace", repo.namespace().to_string()))
+                    .bind(("digest", digest.to_string()))
+            })
+            .await?;
+        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
     /// Delete one tag.

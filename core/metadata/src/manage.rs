@@ -92,6 +92,10 @@ pub struct Removed {
     pub tags: u64,
     pub manifests: u64,
     pub blob_links: u64,
+    /// Bytes that left the owning tenant's usage (digests no other of its
+    /// repositories references).
+    #[serde(default)]
+    pub freed_bytes: u64,
 }
 
 /// A namespace with its profile (the tenant mapping itself is [`crate::NamespaceRow`]).
@@ -260,23 +264,25 @@ impl Metadata {
     }
 
     /// Delete a repository with every tag, manifest and blob link it has: one
-    /// transaction. Stored bytes stay for the collector.
+    /// transaction, which also releases the tenant's references (`freed_bytes`:
+    /// what leaves its usage). Stored bytes stay for the collector.
     pub async fn delete_repo(&self, name: &RepoName) -> Result<Removed> {
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             {}
+             LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
+             LET $manifests = (DELETE manifest WHERE repo = $name RETURN BEFORE).digest;
+             LET $links = (DELETE blob_link WHERE repo = $name RETURN BEFORE).digest;
+             DELETE type::record('repo', $name) RETURN NONE;
+             DELETE share WHERE repo = $name RETURN NONE;
+             {}
+             RETURN {{ tags: $tags, manifests: count($manifests), blob_links: count($links), freed_bytes: $freed }};
+             COMMIT TRANSACTION;",
+            crate::usage::TENANT_OF,
+            crate::usage::ref_release("array::concat($manifests, $links)")
+        );
         let mut r = self
-            .run(|| {
-                self.db
-                    .query(
-                        "BEGIN TRANSACTION;
-                 LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
-                 LET $manifests = count((DELETE manifest WHERE repo = $name RETURN BEFORE));
-                 LET $links = count((DELETE blob_link WHERE repo = $name RETURN BEFORE));
-                 DELETE type::record('repo', $name) RETURN NONE;
-                 DELETE share WHERE repo = $name RETURN NONE;
-                 RETURN { tags: $tags, manifests: $manifests, blob_links: $links };
-                 COMMIT TRANSACTION;",
-                    )
-                    .bind(("name", name.to_string()))
-            })
+            .run(|| self.db.query(sql.as_str()).bind(("name", name.to_string())).bind(("namespace", name.namespace().to_string())))
             .await?;
         Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
     }
@@ -478,7 +484,7 @@ mod tests {
         assert_eq!(ns, NamespaceStats { repository_count: 2, storage_bytes: 100 + 3 + 4 });
 
         let removed = md.delete_repo(&app).await.unwrap();
-        assert_eq!(removed, Removed { tags: 1, manifests: 2, blob_links: 1 });
+        assert_eq!((removed.tags, removed.manifests, removed.blob_links), (1, 2, 1));
         assert_eq!(md.repo_profile(&app).await.unwrap(), None);
         assert!(md.tag_infos(&app).await.unwrap().is_empty());
     }

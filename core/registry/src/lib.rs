@@ -18,6 +18,7 @@
 pub mod counters;
 pub mod index;
 pub mod manage;
+pub mod quota;
 pub mod repo;
 pub mod uploads;
 
@@ -67,6 +68,8 @@ pub struct RegistryConfig {
     /// The platform-managed namespace of official images (readable as the
     /// policy allows: by default by everyone, anonymous callers included).
     pub official_namespace: String,
+    /// Default per-tenant limits (`[registry.quota]`; unset: unlimited).
+    pub quota: quota::QuotaConfig,
 }
 
 impl Default for RegistryConfig {
@@ -81,6 +84,7 @@ impl Default for RegistryConfig {
             region: "local".into(),
             mirror_url: None,
             official_namespace: "library".into(),
+            quota: quota::QuotaConfig::default(),
         }
     }
 }
@@ -135,6 +139,7 @@ pub struct Registry {
     uploads: Addr<UploadSessions>,
     repos: Mutex<HashMap<RepoName, Addr<RepoActor>>>,
     pulls: Arc<counters::PullTally>,
+    quotas: Arc<quota::Quotas>,
 }
 
 impl Registry {
@@ -155,7 +160,9 @@ impl Registry {
         let (m, s) = (meta.clone(), store.clone());
         let ttl = Duration::from_secs(config.upload_ttl_secs);
         let sweep = Duration::from_secs(config.upload_sweep_secs.max(1));
-        let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, ttl, sweep));
+        let quotas = Arc::new(quota::Quotas::new(meta.clone(), index.clone(), config.quota, arbiter.clone(), ttl));
+        let q = quotas.clone();
+        let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, q, ttl, sweep));
         let pulls = Arc::new(counters::PullTally::default());
         let counter = counters::CounterActor {
             tally: pulls.clone(),
@@ -164,11 +171,16 @@ impl Registry {
             busy: false,
         };
         counters::CounterActor::start_in_arbiter(&arbiter, move |_| counter);
-        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()), pulls }))
+        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()), pulls, quotas }))
     }
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// The per-tenant quotas.
+    pub fn quotas(&self) -> &quota::Quotas {
+        &self.quotas
     }
 
     /// Write the pulls counted since the last batch (at graceful shutdown).
@@ -244,13 +256,15 @@ impl Registry {
         if self.index.repo(repo).is_none() {
             return Err(name_unknown(repo));
         }
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None }).await?
+        let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None, quota }).await?
     }
 
     // ----- uploads -----
 
     /// Begin a chunked upload session.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
+        self.quotas.admit_repo(repo).await?;
         Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(DigestAlgorithm::Sha256) }).await?
     }
 
@@ -265,7 +279,12 @@ impl Registry {
             Ok(None) => return Ok(false),
             Err(e) => return Err(internal("stat blob", e)),
         }
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None }).await??;
+        self.quotas.admit_repo(repo).await?;
+        // A blob mounted from another repository of the same tenant is already
+        // counted; from another tenant's, it is that much more for this one.
+        let cost = if self.quotas.owner(repo).await? == self.quotas.owner(from).await? { 0 } else { size };
+        let quota = self.quotas.reserve(repo, self.quotas.op_key(), cost).await?;
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None, quota }).await??;
         Ok(true)
     }
 
@@ -275,6 +294,7 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
+        self.quotas.admit_repo(repo).await?;
         let id = Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(digest.algorithm()) }).await??;
         self.finish_upload(repo, &id, digest, None, Some(body)).await
     }
@@ -310,13 +330,35 @@ impl Registry {
                     .with_detail(format!("chunk starts at {}, upload is at {}", r.start, session.offset)));
             }
         }
+        // A chunk that would take the tenant past its storage quota is cut off as
+        // soon as it passes the headroom, rather than staged in full and refused.
+        let headroom = self.quotas.upload_headroom(&session.repo, session.id).await?;
+        let cap = headroom.map(|h| h.saturating_sub(session.offset));
+        let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut seen, flag) = (0u64, over.clone());
+        let body = body.map(move |frame| {
+            let b = frame.map_err(|e| e.to_string())?;
+            seen += b.len() as u64;
+            if cap.is_some_and(|c| seen > c) {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err("storage quota exceeded".to_string());
+            }
+            Ok(b)
+        });
         let mut staging = session.staging.clone();
         let mut digester = session.digester.clone();
-        let written = self
-            .store
-            .write_chunk(&session.id, &mut staging, session.offset, body, &mut digester, self.config.max_blob_bytes)
-            .await
-            .map_err(|e| storage_err("write upload chunk", e))?;
+        let written =
+            self.store.write_chunk(&session.id, &mut staging, session.offset, body, &mut digester, self.config.max_blob_bytes).await;
+        if over.load(std::sync::atomic::Ordering::Relaxed) {
+            // Reserving what the chunk needed names the quota and its figures.
+            self.quotas.reserve_upload(&session.repo, session.id, session.offset + cap.unwrap_or(0) + 1).await?;
+            // Room appeared meanwhile; the chunk was cut off all the same.
+            self.quotas.reserve_upload(&session.repo, session.id, session.offset).await?;
+            let tenant = self.quotas.owner(&session.repo).await?.map(|t| t.to_string()).unwrap_or_default();
+            return Err(RegistryError::new(ErrorCode::Denied)
+                .with_detail(format!("storage quota of tenant {tenant} exceeded while the chunk arrived; send it again")));
+        }
+        let written = written.map_err(|e| storage_err("write upload chunk", e))?;
         if let Some(r) = content_range {
             if written != r.len() {
                 return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
@@ -324,6 +366,8 @@ impl Registry {
                     .with_detail(format!("Content-Range announces {} bytes, body had {written}", r.len())));
             }
         }
+        // The chunk is acknowledged only if the tenant's quota holds its bytes.
+        self.quotas.reserve_upload(&session.repo, session.id, session.offset + written).await?;
         session.offset += written;
         session.staging = staging;
         session.digester = digester;
@@ -351,7 +395,8 @@ impl Registry {
             // The commit removed the staging data and, with the link, the record.
             Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
             // A body that failed mid-way leaves the session as it was: the client may retry.
-            Err(e) if e.code() == ErrorCode::BlobUploadInvalid || e.code() == ErrorCode::Unknown => {
+            // So does a refusal by the quota: the tenant may free space and retry.
+            Err(e) if matches!(e.code(), ErrorCode::BlobUploadInvalid | ErrorCode::Unknown | ErrorCode::Denied) => {
                 Self::ask(&self.uploads, uploads::Release { id: *id, updated: None }).await??
             }
             // A digest mismatch ends the session: its content can never become that blob.
@@ -392,10 +437,14 @@ impl Registry {
         if &computed != digest {
             return Err(RegistryError::new(ErrorCode::DigestInvalid).with_detail(format!("content digest is {computed}, not {digest}")));
         }
+        // Reserved again: after a restart the quota actor has forgotten the session.
+        // (A blob the repository already has costs nothing more.)
+        let cost = if self.index.linked_blob(&session.repo, digest).is_some() { 0 } else { session.offset };
+        let quota = self.quotas.reserve(&session.repo, quota::Key::Upload(session.id), cost).await?;
         self.store.commit_upload(&session.id, &session.staging, session.offset, digest).await.map_err(|e| internal("commit upload", e))?;
         Self::ask(
             &self.repo_actor(&session.repo),
-            repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id) },
+            repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota },
         )
         .await?
     }
@@ -476,6 +525,10 @@ impl Registry {
             }
             Reference::Tag(t) => (Digest::sha256(&bytes), Some(t.clone())),
         };
+        self.quotas.admit_repo(repo).await?;
+        // A manifest the repository already holds (a re-tag) costs nothing more.
+        let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
+        let quota = self.quotas.reserve(repo, self.quotas.op_key(), if known { 0 } else { bytes.len() as u64 }).await?;
         self.store.put_blob(&digest, bytes.clone()).await.map_err(|e| internal("store manifest", e))?;
         let row = ManifestRow {
             repo: repo.clone(),
@@ -494,6 +547,7 @@ impl Registry {
             tag: tag.clone(),
             required_blobs: parsed.required_blobs().cloned().collect(),
             required_manifests: parsed.required_manifests().cloned().collect(),
+            quota,
         };
         Self::ask(&self.repo_actor(repo), msg).await??;
         self.index.cache_manifest_bytes(repo, &digest, &bytes);
@@ -507,7 +561,10 @@ impl Registry {
         }
         let actor = self.repo_actor(repo);
         match reference {
-            Reference::Digest(d) => Self::ask(&actor, repo::DeleteManifest(d.clone())).await?,
+            Reference::Digest(d) => {
+                let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
+                Self::ask(&actor, repo::DeleteManifest(d.clone(), quota)).await?
+            }
             Reference::Tag(t) => Self::ask(&actor, repo::DeleteTag(t.clone())).await?,
         }
     }

@@ -115,6 +115,7 @@ impl Registry {
             last_pulled_ms: None,
             last_pushed_ms: None,
         };
+        self.quotas.admit_repo(name).await?;
         let created = self.meta.create_repo(&profile).await.map_err(meta_err("create repository"))?;
         if created {
             self.index.repo_or_create(name);
@@ -194,8 +195,10 @@ impl Registry {
         if !self.repo_exists(name) {
             return Err(name_unknown(name));
         }
-        let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo).await??;
+        let quota = self.quotas.reserve(name, self.quotas.op_key(), 0).await?;
+        let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo(quota)).await??;
         self.repos.lock().unwrap().remove(name);
+        self.quotas.repo_gone(name).await;
         Ok(removed)
     }
 

@@ -11,7 +11,15 @@ use berth_metadata::{LinkRow, ManifestRow, Metadata, Removed, TagRow};
 use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 
 use crate::index::{Index, ManifestEntry};
+use crate::quota::Ticket;
 use crate::{internal, now_ms};
+
+/// Settle a quota reservation with what the transaction added (or freed).
+fn settle(quota: Option<Ticket>, delta: i64) {
+    if let Some(t) = quota {
+        t.settle(delta);
+    }
+}
 
 pub struct RepoActor {
     pub name: RepoName,
@@ -29,6 +37,8 @@ pub struct CommitManifest {
     pub tag: Option<Tag>,
     pub required_blobs: Vec<Digest>,
     pub required_manifests: Vec<Digest>,
+    /// The tenant's reservation for the manifest's bytes, settled here.
+    pub quota: Option<Ticket>,
 }
 impl Message for CommitManifest {
     type Result = Result<(), RegistryError>;
@@ -66,15 +76,17 @@ impl Handler<CommitManifest> for RepoActor {
                 + children.iter().filter_map(|d| s.manifests.get(*d)).map(|m| m.row.content_size.max(m.row.size)).sum::<u64>();
         }
         let meta = self.meta.clone();
+        let quota = msg.quota;
         let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
         AtomicResponse::new(Box::pin(
             async move {
-                meta.commit_manifest(&row, tag_row.as_ref()).await.map_err(|e| internal("commit manifest", e))?;
-                Ok((row, tag_row))
+                let added = meta.commit_manifest(&row, tag_row.as_ref()).await.map_err(|e| internal("commit manifest", e))?;
+                Ok((row, tag_row, added))
             }
             .into_actor(self)
-            .map(move |res: Result<(ManifestRow, Option<TagRow>), RegistryError>, _, _| {
-                let (row, tag_row) = res?;
+            .map(move |res: Result<(ManifestRow, Option<TagRow>, u64), RegistryError>, _, _| {
+                let (row, tag_row, added) = res?;
+                settle(quota, added as i64);
                 let mut s = state.write().unwrap();
                 s.manifests.entry(row.digest.clone()).or_insert(ManifestEntry { row, bytes: None });
                 if let Some(t) = tag_row {
@@ -86,8 +98,9 @@ impl Handler<CommitManifest> for RepoActor {
     }
 }
 
-/// Delete a manifest and the tags pointing at it.
-pub struct DeleteManifest(pub Digest);
+/// Delete a manifest and the tags pointing at it (settling the tenant's ticket
+/// with the bytes freed).
+pub struct DeleteManifest(pub Digest, pub Option<Ticket>);
 impl Message for DeleteManifest {
     type Result = Result<(), RegistryError>;
 }
@@ -96,7 +109,7 @@ impl Handler<DeleteManifest> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: DeleteManifest, _: &mut Context<Self>) -> Self::Result {
-        let digest = msg.0;
+        let (digest, quota) = (msg.0, msg.1);
         let Some(state) = self.index.repo(&self.name) else {
             return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
         };
@@ -108,7 +121,7 @@ impl Handler<DeleteManifest> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move { meta.delete_manifest(&repo, &d).await.map_err(|e| internal("delete manifest", e)) }.into_actor(self).map(
                 move |res, _, _| {
-                    res?;
+                    settle(quota, -(res? as i64));
                     let mut s = state.write().unwrap();
                     if let Some(e) = s.manifests.remove(&digest) {
                         if let Some(b) = e.bytes {
@@ -168,6 +181,9 @@ pub struct Link {
     /// The upload session this blob completes: its record is removed together with
     /// the link (one metadata transaction per uploaded blob).
     pub ends_upload: Option<UploadId>,
+    /// The tenant's reservation, settled with the bytes the link added (or the
+    /// unlink freed).
+    pub quota: Option<Ticket>,
 }
 impl Message for Link {
     type Result = Result<(), RegistryError>;
@@ -192,21 +208,21 @@ impl Handler<Link> for RepoActor {
                 async move { meta.delete_upload(&upload).await.map_err(|e| internal("delete upload session", e)) }.into_actor(self),
             ));
         }
-        let ends_upload = msg.ends_upload;
+        let (ends_upload, quota) = (msg.ends_upload, msg.quota);
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let (digest, size) = (msg.digest, msg.size);
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 match size {
-                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref()).await,
-                    None => meta.unlink_blob(&repo, &d).await,
+                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref()).await.map(|b| b as i64),
+                    None => meta.unlink_blob(&repo, &d).await.map(|b| -(b as i64)),
                 }
                 .map_err(|e| internal("blob link", e))
             }
             .into_actor(self)
             .map(move |res, _, _| {
-                res?;
+                settle(quota, res?);
                 let mut s = state.write().unwrap();
                 match size {
                     Some(size) => s.blobs.insert(digest, size),
@@ -219,8 +235,9 @@ impl Handler<Link> for RepoActor {
 }
 
 /// Delete the whole repository: its tags, manifests and blob links, in one
-/// metadata transaction, then its index entry.
-pub struct DeleteRepo;
+/// metadata transaction, then its index entry (settling the tenant's ticket with
+/// the bytes freed).
+pub struct DeleteRepo(pub Option<Ticket>);
 impl Message for DeleteRepo {
     type Result = Result<Removed, RegistryError>;
 }
@@ -228,13 +245,15 @@ impl Message for DeleteRepo {
 impl Handler<DeleteRepo> for RepoActor {
     type Result = AtomicResponse<Self, Result<Removed, RegistryError>>;
 
-    fn handle(&mut self, _: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
+        let quota = msg.0;
         let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
         let name = repo.clone();
         AtomicResponse::new(Box::pin(
             async move { meta.delete_repo(&repo).await.map_err(|e| internal("delete repository", e)) }.into_actor(self).map(
                 move |res, _, _| {
                     let removed = res?;
+                    settle(quota, -(removed.freed_bytes as i64));
                     index.remove_repo(&name);
                     Ok(removed)
                 },

@@ -14,6 +14,7 @@ use berth_metadata::{Metadata, UploadRow};
 use berth_oci::{Digester, ErrorCode, RegistryError, RepoName, UploadId};
 use berth_storage::{BlobStore, Staging};
 
+use crate::quota::Quotas;
 use crate::{internal, now_ms};
 
 /// A session's state as handed to the writer holding the lease.
@@ -74,13 +75,15 @@ pub struct UploadSessions {
     sessions: HashMap<UploadId, Entry>,
     meta: Metadata,
     store: BlobStore,
+    /// Sessions that end without a blob release their quota reservation.
+    quotas: std::sync::Arc<Quotas>,
     ttl: Duration,
     sweep_every: Duration,
 }
 
 impl UploadSessions {
-    pub fn new(meta: Metadata, store: BlobStore, ttl: Duration, sweep_every: Duration) -> Self {
-        UploadSessions { sessions: HashMap::new(), meta, store, ttl, sweep_every }
+    pub fn new(meta: Metadata, store: BlobStore, quotas: std::sync::Arc<Quotas>, ttl: Duration, sweep_every: Duration) -> Self {
+        UploadSessions { sessions: HashMap::new(), meta, store, quotas, ttl, sweep_every }
     }
 }
 
@@ -280,7 +283,7 @@ impl Handler<End> for UploadSessions {
         if msg.committed {
             return Box::pin(fut::ready(Ok(())));
         }
-        let (meta, store) = (self.meta.clone(), self.store.clone());
+        let (meta, store, quotas) = (self.meta.clone(), self.store.clone(), self.quotas.clone());
         let repo = msg.repo;
         Box::pin(
             async move {
@@ -291,6 +294,7 @@ impl Handler<End> for UploadSessions {
                     }
                 }
                 meta.delete_upload(&id).await.map_err(|e| internal("delete upload session", e))?;
+                quotas.release_upload(&repo, id).await;
                 store.delete_upload(&id).await.map_err(|e| internal("delete upload staging", e))?;
                 Ok(())
             }
@@ -309,27 +313,28 @@ impl Handler<Sweep> for UploadSessions {
 
     fn handle(&mut self, _: Sweep, _: &mut Context<Self>) -> Self::Result {
         let cutoff = now_ms() - self.ttl.as_millis() as i64;
-        let expired_here: Vec<UploadId> =
-            self.sessions.iter().filter(|(_, e)| !e.busy && e.touched_ms < cutoff).map(|(id, _)| *id).collect();
-        for id in &expired_here {
+        let expired_here: Vec<(UploadId, RepoName)> =
+            self.sessions.iter().filter(|(_, e)| !e.busy && e.touched_ms < cutoff).map(|(id, e)| (*id, e.session.repo.clone())).collect();
+        for (id, _) in &expired_here {
             self.sessions.remove(id);
         }
         let live: std::collections::HashSet<UploadId> = self.sessions.keys().copied().collect();
-        let (meta, store) = (self.meta.clone(), self.store.clone());
+        let (meta, store, quotas) = (self.meta.clone(), self.store.clone(), self.quotas.clone());
         Box::pin(
             async move {
                 let mut expired = expired_here;
                 match meta.stale_uploads(cutoff).await {
-                    Ok(rows) => expired.extend(rows.into_iter().map(|r| r.id).filter(|id| !live.contains(id))),
+                    Ok(rows) => expired.extend(rows.into_iter().map(|r| (r.id, r.repo)).filter(|(id, _)| !live.contains(id))),
                     Err(e) => tracing::warn!(error = %e, "listing stale uploads failed"),
                 }
-                expired.sort();
-                expired.dedup();
-                for id in &expired {
+                expired.sort_by_key(|(id, _)| *id);
+                expired.dedup_by_key(|(id, _)| *id);
+                for (id, repo) in &expired {
                     if let Err(e) = meta.delete_upload(id).await {
                         tracing::warn!(upload = %id, error = %e, "expiring upload session failed");
                         continue;
                     }
+                    quotas.release_upload(repo, *id).await;
                     if let Err(e) = store.delete_upload(id).await {
                         tracing::warn!(upload = %id, error = %e, "removing upload staging failed");
                     }

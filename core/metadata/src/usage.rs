@@ -1,0 +1,264 @@
+//! Per-tenant storage usage and quota limits.
+//!
+//! Usage is derived from references, maintained in the same transaction as the
+//! references themselves: `tenant_blob:[tenant, digest]` holds a digest's size and
+//! how many references the tenant's repositories hold to it (a blob link or a
+//! manifest each count one). The row is created when the first reference appears
+//! and deleted when the last goes, so a tenant's storage usage is the sum of its
+//! rows' sizes: each digest counted once however many repositories use it, exact
+//! after any interleaving (every change is one transaction), and concurrent pushes
+//! of different blobs write different rows (no single counter row to contend on).
+
+use berth_oci::AccountName;
+use serde::{Deserialize, Serialize};
+
+use crate::{one, returned, Metadata, Result};
+
+pub(crate) const SCHEMA: &str = r#"
+DEFINE TABLE IF NOT EXISTS tenant_blob SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS tenant_blob_tenant ON tenant_blob FIELDS tenant;
+DEFINE TABLE IF NOT EXISTS tenant_quota SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS meta SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS namespace_tenant ON namespace FIELDS tenant;
+"#;
+
+/// Binds `$tenant`: the tenant owning `$namespace` (`''` when no tenant owns it).
+pub(crate) const TENANT_OF: &str = "LET $tenant = (SELECT VALUE tenant FROM ONLY type::record('namespace', $namespace)) OR '';";
+
+/// When `$new` (the repository did not reference `$digest` before), one more
+/// reference by `$tenant` to `$digest` of `$size` bytes. Binds `$added`: the bytes
+/// this adds to the tenant's usage (0 when another of its repositories already
+/// references the digest).
+pub(crate) const REF_ADD: &str = "LET $added = IF $new AND !(SELECT VALUE refs FROM ONLY type::record('tenant_blob', [$tenant, $digest])) { $size } ELSE { 0 };
+     IF $new { UPSERT type::record('tenant_blob', [$tenant, $digest]) SET tenant = $tenant, digest = $digest, size = $size, refs = (refs OR 0) + 1 RETURN NONE; };";
+
+/// One reference fewer by `$tenant` to each digest in the array `list` (a digest
+/// listed twice loses two). Binds `$freed`: the bytes of the digests whose last
+/// reference this was, which leave the tenant's usage.
+pub(crate) fn ref_release(list: &str) -> String {
+    format!(
+        "LET $released = {list};
+         FOR $d IN $released {{ UPDATE type::record('tenant_blob', [$tenant, $d]) SET refs -= 1 RETURN NONE; }};
+         LET $rows = array::distinct($released).map(|$d| type::record('tenant_blob', [$tenant, $d]));
+         LET $freed = math::sum((DELETE $rows WHERE refs <= 0 RETURN BEFORE).size);"
+    )
+}
+
+/// A tenant's limits; `None` is "no limit of its own" (the configured default applies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaLimits {
+    pub namespaces: Option<u64>,
+    pub repositories: Option<u64>,
+    pub storage_bytes: Option<u64>,
+}
+
+/// What a tenant uses, counted from the metadata itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub namespaces: u64,
+    pub repositories: u64,
+    /// Bytes its repositories reference (blobs and manifests), each digest once.
+    pub storage_bytes: u64,
+}
+
+impl Metadata {
+    /// The tenant owning a namespace, if any.
+    pub async fn namespace_owner(&self, namespace: &str) -> Result<Option<AccountName>> {
+        let mut r = self
+            .db
+            .query("SELECT VALUE tenant FROM ONLY type::record('namespace', $ns)")
+            .bind(("ns", namespace.to_owned()))
+            .await?
+            .check()?;
+        one(&mut r, 0)
+    }
+
+    /// A tenant's usage as the reference counts have it.
+    pub async fn tenant_usage(&self, tenant: &AccountName) -> Result<TenantUsage> {
+        let mut r = self
+            .db
+            .query(
+                "LET $ns = (SELECT VALUE name FROM namespace WHERE tenant = $t);
+                 RETURN {
+                    namespaces: count($ns),
+                    repositories: count((SELECT VALUE name FROM repo WHERE namespace IN $ns)),
+                    storage_bytes: math::sum((SELECT VALUE size FROM tenant_blob WHERE tenant = $t))
+                 };",
+            )
+            .bind(("t", tenant.to_string()))
+            .await?
+            .check()?;
+        Ok(returned(&mut r)?.unwrap_or_default())
+    }
+
+    /// The repositories of a tenant's namespaces.
+    pub async fn tenant_repos(&self, tenant: &AccountName) -> Result<Vec<berth_oci::RepoName>> {
+        let mut r = self
+            .db
+            .query("SELECT VALUE name FROM repo WHERE namespace IN (SELECT VALUE name FROM namespace WHERE tenant = $t)")
+            .bind(("t", tenant.to_string()))
+            .await?
+            .check()?;
+        crate::rows(&mut r, 0)
+    }
+
+    /// A tenant's storage counted from scratch: the distinct digests its
+    /// repositories link or hold as manifests. The reference counts must always
+    /// agree with this (tests and `fsck` compare them).
+    pub async fn recount_storage(&self, tenant: &AccountName) -> Result<u64> {
+        let mut r = self
+            .db
+            .query(
+                "LET $repos = (SELECT VALUE name FROM repo WHERE namespace IN (SELECT VALUE name FROM namespace WHERE tenant = $t));
+                 LET $all = array::distinct(array::concat(
+                    (SELECT VALUE [digest, size] FROM blob_link WHERE repo IN $repos),
+                    (SELECT VALUE [digest, size] FROM manifest WHERE repo IN $repos)));
+                 RETURN math::sum($all.map(|$x| $x[1]));",
+            )
+            .bind(("t", tenant.to_string()))
+            .await?
+            .check()?;
+        Ok(returned(&mut r)?.unwrap_or(0))
+    }
+
+    /// Build the reference counts from the links and manifests, once: for a store
+    /// written before they existed (a marker row records that it was done).
+    pub async fn ensure_usage_counted(&self) -> Result<bool> {
+        let mut r = self.db.query("SELECT VALUE version FROM ONLY meta:usage").await?.check()?;
+        if one::<u64>(&mut r, 0)?.is_some() {
+            return Ok(false);
+        }
+        self.run(|| {
+            self.db.query(
+                "BEGIN TRANSACTION;
+                 DELETE tenant_blob RETURN NONE;
+                 FOR $r IN array::concat((SELECT repo, digest, size FROM blob_link), (SELECT repo, digest, size FROM manifest)) {
+                    LET $ns = (SELECT VALUE namespace FROM ONLY type::record('repo', $r.repo)) OR '';
+                    LET $tenant = (SELECT VALUE tenant FROM ONLY type::record('namespace', $ns)) OR '';
+                    UPSERT type::record('tenant_blob', [$tenant, $r.digest])
+                        SET tenant = $tenant, digest = $r.digest, size = $r.size, refs = (refs OR 0) + 1 RETURN NONE;
+                 };
+                 UPSERT meta:usage SET version = 1 RETURN NONE;
+                 COMMIT TRANSACTION;",
+            )
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// The limits set for a tenant (each `None` where the default applies).
+    pub async fn quota_limits(&self, tenant: &AccountName) -> Result<QuotaLimits> {
+        let mut r = self
+            .db
+            .query("SELECT namespaces, repositories, storage_bytes FROM ONLY type::record('tenant_quota', $t)")
+            .bind(("t", tenant.to_string()))
+            .await?
+            .check()?;
+        Ok(one(&mut r, 0)?.unwrap_or_default())
+    }
+
+    /// Set a tenant's limits (all three at once; `None` returns one to the default).
+    pub async fn set_quota_limits(&self, tenant: &AccountName, limits: &QuotaLimits) -> Result<()> {
+        self.db
+            .query("UPSERT type::record('tenant_quota', $t) CONTENT $limits RETURN NONE")
+            .bind(("t", tenant.to_string()))
+            .bind(("limits", crate::to_value(limits)?))
+            .await?
+            .check()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::mem;
+    use crate::{LinkRow, ManifestRow, NamespaceRow};
+    use berth_oci::{Digest, RepoName};
+
+    fn manifest(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
+        ManifestRow {
+            repo: repo.clone(),
+            digest: Digest::sha256(bytes),
+            media_type: berth_oci::manifest::OCI_MANIFEST.into(),
+            size: bytes.len() as u64,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+            content_size: bytes.len() as u64,
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_counts_each_digest_once_per_tenant() {
+        let md = mem().await;
+        let acme: AccountName = "acme".parse().unwrap();
+        let beta: AccountName = "beta".parse().unwrap();
+        md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: acme.clone() }).await.unwrap();
+        md.create_namespace(&NamespaceRow { name: "tools".parse().unwrap(), tenant: acme.clone() }).await.unwrap();
+        md.create_namespace(&NamespaceRow { name: beta.clone(), tenant: beta.clone() }).await.unwrap();
+        let (a1, a2, b1): (RepoName, RepoName, RepoName) =
+            ("acme/one".parse().unwrap(), "tools/two".parse().unwrap(), "beta/one".parse().unwrap());
+        let layer = Digest::sha256(b"layer");
+        let link = |repo: &RepoName, size| LinkRow { repo: repo.clone(), digest: layer.clone(), size };
+
+        // The first reference adds the bytes; a second repository of the same
+        // tenant, or the same link again, adds nothing; another tenant pays its own.
+        assert_eq!(md.link_blob(&link(&a1, 100), None).await.unwrap(), 100);
+        assert_eq!(md.link_blob(&link(&a1, 100), None).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&link(&a2, 100), None).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&link(&b1, 100), None).await.unwrap(), 100);
+        let m = manifest(&a1, b"manifest-1");
+        assert_eq!(md.commit_manifest(&m, None).await.unwrap(), 10);
+        assert_eq!(md.commit_manifest(&m, None).await.unwrap(), 0, "a re-push adds nothing");
+        let usage = md.tenant_usage(&acme).await.unwrap();
+        assert_eq!(usage, TenantUsage { namespaces: 2, repositories: 2, storage_bytes: 110 });
+        assert_eq!(md.recount_storage(&acme).await.unwrap(), 110);
+
+        // Releasing: the bytes leave only with the last reference.
+        assert_eq!(md.unlink_blob(&a1, &layer).await.unwrap(), 0);
+        assert_eq!(md.unlink_blob(&a1, &layer).await.unwrap(), 0, "unlinking twice releases once");
+        assert_eq!(md.delete_manifest(&a1, &m.digest).await.unwrap(), 10);
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 100);
+        let removed = md.delete_repo(&a2).await.unwrap();
+        assert_eq!(removed.freed_bytes, 100);
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 0);
+        assert_eq!(md.recount_storage(&acme).await.unwrap(), 0);
+        assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 100);
+
+        // A repository holding the same digest as a link and as a manifest
+        // releases both references when it goes.
+        let both = manifest(&b1, b"as-both");
+        md.link_blob(&LinkRow { repo: b1.clone(), digest: both.digest.clone(), size: both.size }, None).await.unwrap();
+        md.commit_manifest(&both, None).await.unwrap();
+        assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 107);
+        assert_eq!(md.delete_repo(&b1).await.unwrap().freed_bytes, 107);
+        assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn counts_are_built_once_for_an_older_store() {
+        let md = mem().await;
+        let acme: AccountName = "acme".parse().unwrap();
+        md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: acme.clone() }).await.unwrap();
+        let repo: RepoName = "acme/app".parse().unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"x"), size: 7 }, None).await.unwrap();
+        md.commit_manifest(&manifest(&repo, b"m"), None).await.unwrap();
+        // As if written before the counts existed.
+        md.db.query("DELETE tenant_blob; DELETE meta:usage;").await.unwrap().check().unwrap();
+        assert!(md.ensure_usage_counted().await.unwrap());
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 8);
+        assert!(!md.ensure_usage_counted().await.unwrap(), "only once");
+    }
+
+    #[tokio::test]
+    async fn limits_round_trip() {
+        let md = mem().await;
+        let t: AccountName = "acme".parse().unwrap();
+        assert_eq!(md.quota_limits(&t).await.unwrap(), QuotaLimits::default());
+        let l = QuotaLimits { namespaces: Some(2), repositories: None, storage_bytes: Some(1 << 30) };
+        md.set_quota_limits(&t, &l).await.unwrap();
+        assert_eq!(md.quota_limits(&t).await.unwrap(), l);
+    }
+}
