@@ -33,8 +33,8 @@ use actix::{Actor, Addr};
 use actix_rt::ArbiterHandle;
 use base64::Engine;
 use berth_metadata::{
-    Metadata, NamespacePatch, NamespaceProfile, NamespaceRow, NamespaceStats, PolicyRuleRow, ShareRow, SigningKeyRow, TenantRow, TokenKind,
-    TokenRow, UserRow,
+    Metadata, NamespacePatch, NamespaceProfile, NamespaceRow, NamespaceStats, NsShareRow, PolicyRuleRow, ShareRow, SigningKeyRow,
+    TenantRow, TokenKind, TokenRow, UserRow,
 };
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
 use serde::Deserialize;
@@ -674,6 +674,13 @@ impl Auth {
         if self.tenant_of_namespace(ns).as_ref() == Some(ns) {
             return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail(format!("{ns} is its tenant's own namespace")));
         }
+        // Its shares go with it: a later namespace of the same name starts unshared.
+        if let Some(owner) = self.tenant_of_namespace(ns) {
+            let rows = self.meta.ns_shares().await.map_err(|e| internal("listing shares", e))?;
+            for s in rows.into_iter().filter(|s| &s.namespace == ns) {
+                self.withdraw_ns_share(&owner, ns, &s.tenant).await?;
+            }
+        }
         self.meta.delete_namespace(ns).await.map_err(|e| internal("deleting namespace", e))?;
         self.refresh_namespaces().await
     }
@@ -751,14 +758,49 @@ impl Auth {
         PolicyRuleRow { ptype: "p".into(), fields: vec!["*".into(), tenant.to_string(), repo.to_string(), "pull".into(), "allow".into()] }
     }
 
-    fn share_rules(owner: &AccountName, repo: &RepoName, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
+    /// The rules granting tenant `with` `actions` on `object` (a repository, or
+    /// `<ns>/*` for a whole namespace) of `owner`'s.
+    fn grant_rules(owner: &AccountName, object: &str, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
         actions
             .iter()
             .map(|a| PolicyRuleRow {
                 ptype: "p".into(),
-                fields: vec![format!("tenant:{with}"), owner.to_string(), repo.to_string(), a.clone(), "allow".into()],
+                fields: vec![format!("tenant:{with}"), owner.to_string(), object.to_owned(), a.clone(), "allow".into()],
             })
             .collect()
+    }
+
+    fn share_rules(owner: &AccountName, repo: &RepoName, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
+        Self::grant_rules(owner, repo.as_str(), with, actions)
+    }
+
+    fn ns_share_rules(owner: &AccountName, ns: &AccountName, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
+        Self::grant_rules(owner, &format!("{ns}/*"), with, actions)
+    }
+
+    /// What a share grants and until when: checked before anything changes.
+    async fn share_terms(
+        &self,
+        owner: &AccountName,
+        with: &AccountName,
+        push: bool,
+        expires_in_secs: Option<u64>,
+    ) -> Result<(Vec<String>, Option<i64>), RegistryError> {
+        if with == owner {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("it is already visible to its own tenant"));
+        }
+        if !self.tenant_exists(with).await? {
+            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {with}")));
+        }
+        let actions: Vec<String> = if push { vec!["pull".into(), "push".into()] } else { vec!["pull".into()] };
+        // Bounded before any arithmetic: a lifetime of any size from the wire can
+        // neither overflow nor wrap into the past.
+        const MAX_SHARE_SECS: u64 = 10 * 365 * 24 * 3600;
+        if let Some(s) = expires_in_secs.filter(|s| *s == 0 || *s > MAX_SHARE_SECS) {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest)
+                .with_detail(format!("expires_in must be 1 to {MAX_SHARE_SECS} seconds, not {s}")));
+        }
+        Ok((actions, expires_in_secs.map(|s| tokens::now_ms().saturating_add((s as i64).saturating_mul(1000)))))
     }
 
     /// Make a repository public (anonymous pull) or private again.
@@ -805,21 +847,7 @@ impl Auth {
         expires_in_secs: Option<u64>,
     ) -> Result<(), RegistryError> {
         let owner = self.require_repo_admin(who, repo)?;
-        if with == owner {
-            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("a repository is already visible to its own tenant"));
-        }
-        if !self.meta.tenants().await.map_err(|e| internal("listing tenants", e))?.iter().any(|t| t.name == with) {
-            return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no tenant {with}")));
-        }
-        let actions: Vec<String> = if push { vec!["pull".into(), "push".into()] } else { vec!["pull".into()] };
-        // Bounded before any arithmetic: a lifetime of any size from the wire can
-        // neither overflow nor wrap into the past.
-        const MAX_SHARE_SECS: u64 = 10 * 365 * 24 * 3600;
-        if let Some(s) = expires_in_secs.filter(|s| *s == 0 || *s > MAX_SHARE_SECS) {
-            return Err(RegistryError::new(ErrorCode::InvalidRequest)
-                .with_detail(format!("expires_in must be 1 to {MAX_SHARE_SECS} seconds, not {s}")));
-        }
-        let expires_ms = expires_in_secs.map(|s| tokens::now_ms().saturating_add((s as i64).saturating_mul(1000)));
+        let (actions, expires_ms) = self.share_terms(&owner, &with, push, expires_in_secs).await?;
         // Replace any earlier share with this tenant.
         let old = Self::share_rules(&owner, repo, &with, &["pull".into(), "push".into()]);
         let new = Self::share_rules(&owner, repo, &with, &actions);
@@ -840,6 +868,62 @@ impl Auth {
         let rules = Self::share_rules(owner, repo, with, &["pull".into(), "push".into()]);
         self.policy.change(&[], &rules).await.map_err(|e| internal("withdrawing share", e))?;
         self.meta.delete_share(repo, with).await.map_err(|e| internal("deleting share", e))
+    }
+
+    /// Share a whole namespace (every repository in it, present and future) with
+    /// another tenant for pull or pull+push, optionally until a time (namespace admin).
+    pub async fn share_namespace(
+        &self,
+        who: &Principal,
+        ns: &AccountName,
+        with: AccountName,
+        push: bool,
+        expires_in_secs: Option<u64>,
+    ) -> Result<(), RegistryError> {
+        self.require_namespace_admin(who, ns)?;
+        let owner = self.tenant_of_namespace(ns).ok_or_else(|| denied(format!("administrator of namespace {ns} required")))?;
+        let (actions, expires_ms) = self.share_terms(&owner, &with, push, expires_in_secs).await?;
+        let old = Self::ns_share_rules(&owner, ns, &with, &["pull".into(), "push".into()]);
+        let new = Self::ns_share_rules(&owner, ns, &with, &actions);
+        self.meta
+            .put_ns_share(&NsShareRow { namespace: ns.clone(), tenant: with, actions, expires_ms })
+            .await
+            .map_err(|e| internal("storing share", e))?;
+        let remove: Vec<PolicyRuleRow> = old.into_iter().filter(|r| !new.contains(r)).collect();
+        self.policy.change(&new, &remove).await.map_err(|e| internal("sharing", e))
+    }
+
+    pub async fn unshare_namespace(&self, who: &Principal, ns: &AccountName, with: AccountName) -> Result<(), RegistryError> {
+        self.require_namespace_admin(who, ns)?;
+        let owner = self.tenant_of_namespace(ns).ok_or_else(|| denied(format!("administrator of namespace {ns} required")))?;
+        self.withdraw_ns_share(&owner, ns, &with).await
+    }
+
+    async fn withdraw_ns_share(&self, owner: &AccountName, ns: &AccountName, with: &AccountName) -> Result<(), RegistryError> {
+        let rules = Self::ns_share_rules(owner, ns, with, &["pull".into(), "push".into()]);
+        self.policy.change(&[], &rules).await.map_err(|e| internal("withdrawing share", e))?;
+        self.meta.delete_ns_share(ns, with).await.map_err(|e| internal("deleting share", e))
+    }
+
+    /// The tenants a namespace is shared with (namespace admin).
+    pub async fn namespace_shares(&self, who: &Principal, ns: &AccountName) -> Result<Vec<NsShareRow>, RegistryError> {
+        self.require_namespace_admin(who, ns)?;
+        let rows = self.meta.ns_shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| &s.namespace == ns).collect())
+    }
+
+    /// Every namespace share of a namespace the caller administers.
+    pub async fn ns_shares_granted(&self, who: &Principal) -> Result<Vec<NsShareRow>, RegistryError> {
+        let rows = self.meta.ns_shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| self.namespace_decision(who, &s.namespace, Action::Admin)).collect())
+    }
+
+    /// Namespaces other tenants shared with the caller's tenant (still in force).
+    pub async fn namespaces_shared_with(&self, who: &Principal) -> Result<Vec<NsShareRow>, RegistryError> {
+        let Some(tenant) = self.tenant_of_user(who).await? else { return Ok(vec![]) };
+        let now = tokens::now_ms();
+        let rows = self.meta.ns_shares().await.map_err(|e| internal("listing shares", e))?;
+        Ok(rows.into_iter().filter(|s| s.tenant == tenant && s.expires_ms.is_none_or(|t| t > now)).collect())
     }
 
     pub async fn shares(&self, who: &Principal, repo: &RepoName) -> Result<Vec<ShareRow>, RegistryError> {
@@ -869,6 +953,13 @@ impl Auth {
             if let Some(owner) = self.tenant_of(&s.repo) {
                 self.withdraw_share(&owner, &s.repo, &s.tenant).await?;
                 tracing::info!(repo = %s.repo, tenant = %s.tenant, "share expired");
+            }
+        }
+        let rows = self.meta.ns_shares().await.map_err(|e| internal("listing shares", e))?;
+        for s in rows.into_iter().filter(|s| s.expires_ms.is_some_and(|t| t <= now)) {
+            if let Some(owner) = self.tenant_of_namespace(&s.namespace) {
+                self.withdraw_ns_share(&owner, &s.namespace, &s.tenant).await?;
+                tracing::info!(namespace = %s.namespace, tenant = %s.tenant, "namespace share expired");
             }
         }
         Ok(())

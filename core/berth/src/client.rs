@@ -293,6 +293,28 @@ pub enum NsCmd {
     Check {
         name: String,
     },
+    /// Share every repository of a namespace, present and future, with another
+    /// tenant (pull, or pull+push with --push).
+    Share {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        push: bool,
+        /// Seconds until the share lapses.
+        #[arg(long)]
+        expires_in: Option<u64>,
+    },
+    /// Withdraw a namespace share.
+    Unshare {
+        name: String,
+        #[arg(long)]
+        tenant: String,
+    },
+    /// The tenants a namespace is shared with.
+    Shares {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -574,6 +596,25 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
             show_one(conn, &v);
             return Ok(v["available"].as_bool().unwrap_or(false));
         }
+        NsCmd::Share { name, tenant, push, expires_in } => show_one(
+            conn,
+            &c.json(M::PUT, &format!("namespaces/{name}/shares/{tenant}"), Some(json!({"push": push, "expires_in": expires_in}))).await?,
+        ),
+        NsCmd::Unshare { name, tenant } => {
+            c.json(M::DELETE, &format!("namespaces/{name}/shares/{tenant}"), None).await?;
+            println!("unshared namespace {name} from {tenant}");
+        }
+        NsCmd::Shares { name } => {
+            let v = c.json(M::GET, &format!("namespaces/{name}/shares"), None).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                table(
+                    v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
+                );
+            }
+        }
     }
     Ok(true)
 }
@@ -613,7 +654,13 @@ pub async fn share(conn: &Conn, cmd: ShareCmd) -> Result<bool> {
             } else {
                 table(
                     v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
-                    &[("repository", "REPOSITORY"), ("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
+                    &[
+                        ("repository", "REPOSITORY"),
+                        ("namespace", "NAMESPACE"),
+                        ("tenant", "TENANT"),
+                        ("actions", "ACTIONS"),
+                        ("expires_ms", "EXPIRES_MS"),
+                    ],
                 );
             }
         }

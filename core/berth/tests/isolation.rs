@@ -1,9 +1,10 @@
 //! Tenant isolation, cell by cell: 3 tenants × {tenant admin, maintainer,
 //! developer, reader, anonymous, user of the tenant a repository is shared with,
-//! user of an unrelated tenant} × {private, public, shared} repositories ×
-//! {pull, push, delete, list tags, catalog, and the management API's repository
-//! detail, listing, tag listing, update and shared-with-me listing, namespace
-//! visibility, the `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
+//! user of an unrelated tenant} × {private, public, shared, in a shared namespace}
+//! repositories × {pull, push, delete, list tags, catalog, and the management
+//! API's repository detail, listing, tag listing, update and shared-with-me
+//! listing, namespace visibility, the namespace's shares, the owning tenant's
+//! quotas, the `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
 
 mod common;
 
@@ -12,7 +13,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 14] = [
+const OPS: [&str; 16] = [
     "pull",
     "push",
     "delete",
@@ -27,6 +28,8 @@ const OPS: [&str; 14] = [
     "compat-mine",
     "console-images",
     "api-shared",
+    "api-ns-shares",
+    "api-quota",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -52,10 +55,16 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     }
     // A namespace is visible to its tenant's members only (not through a public
     // or shared repository in it).
-    if op == "api-namespace" || op == "console-images" {
+    if op == "api-namespace" || op == "console-images" || op == "api-quota" {
         return matches!(who, Who::Role(_));
     }
-    // Repositories shared with my tenant: exactly the one shared with it.
+    // A namespace's shares are its administrator's to see.
+    if op == "api-ns-shares" {
+        return who == Who::Role(0);
+    }
+    // A repository in a namespace shared with a tenant is shared with it.
+    let repo_kind = if repo_kind == "nsshared" { "shared" } else { repo_kind };
+    // Repositories shared with my tenant: exactly the ones shared with it.
     if op == "api-shared" {
         return who == Who::ShareTenant && repo_kind == "shared";
     }
@@ -75,7 +84,7 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     }
 }
 
-async fn setup(s: &Server) -> Vec<(String, String)> {
+async fn setup(s: &Server) -> Vec<(String, String, String)> {
     let admin = client();
     for (i, t) in TENANTS.iter().enumerate() {
         let r = admin.post(s.url("/api/v1/tenants")).json(&json!({"name": t})).send().await.unwrap();
@@ -119,8 +128,16 @@ async fn setup(s: &Server) -> Vec<(String, String)> {
         for kind in ["private", "public", "shared"] {
             let repo = format!("{t}/{kind}");
             push_image(&m, s, &repo, "v1", 100 + i as u64, json!({})).await;
-            repos.push((t.to_string(), kind.to_string()));
+            repos.push((t.to_string(), kind.to_string(), repo));
         }
+        // A second namespace, shared as a whole with the next tenant.
+        let ns = format!("{t}-ns");
+        let r = ta.post(s.url("/api/v1/namespaces")).json(&json!({"name": ns})).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        push_image(&m, s, &format!("{ns}/app"), "v1", 200 + i as u64, json!({})).await;
+        let r = ta.put(s.url(&format!("/api/v1/namespaces/{ns}/shares/{}", TENANTS[(i + 1) % 3]))).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        repos.push((t.to_string(), "nsshared".to_string(), format!("{ns}/app")));
         let r = ta.put(s.url(&format!("/api/v1/repositories/{t}/public/visibility"))).json(&json!({"public": true})).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let next = TENANTS[(i + 1) % 3];
@@ -243,6 +260,22 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             let v: serde_json::Value = r.json().await.unwrap();
             v["items"].as_array().unwrap().iter().any(|x| x["name"] == repo)
         }
+        "api-ns-shares" => {
+            let ns = repo.split('/').next().unwrap();
+            let r = c.get(s.url(&format!("/api/v1/namespaces/{ns}/shares"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op} {ns}: {code}");
+            code == 200
+        }
+        "api-quota" => {
+            let ns = repo.split('/').next().unwrap();
+            let tenant = ns.trim_end_matches("-ns");
+            let r = c.get(s.url(&format!("/api/v1/tenants/{tenant}/quota"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            // Another tenant's quotas answer like an unknown tenant's.
+            assert!(code == 200 || code == 404 || code == 401, "{op} {tenant}: {code}");
+            code == 200
+        }
         "api-list" => {
             let r = c.get(s.url("/api/v1/repositories?limit=1000")).send().await.unwrap();
             if r.status() == 401 {
@@ -278,9 +311,8 @@ async fn isolation_matrix() {
     let mut cells = 0;
     let mut failures = vec![];
     let mut seed = 1000;
-    for (tenant, kind) in &repos {
+    for (tenant, kind, repo) in &repos {
         let owner = TENANTS.iter().position(|t| t == tenant).unwrap();
-        let repo = format!("{tenant}/{kind}");
         for who in whos {
             let c = match caller(owner, who) {
                 Some(u) => client_as(&u, &password(&u)),
@@ -288,7 +320,7 @@ async fn isolation_matrix() {
             };
             for op in OPS {
                 seed += 1;
-                let got = attempt(&s, &c, &repo, op, seed).await;
+                let got = attempt(&s, &c, repo, op, seed).await;
                 let want = expected(who, kind, op);
                 cells += 1;
                 if got != want {
@@ -297,7 +329,7 @@ async fn isolation_matrix() {
             }
         }
     }
-    assert_eq!(cells, 3 * 3 * 7 * OPS.len());
+    assert_eq!(cells, 3 * 4 * 7 * OPS.len());
     assert!(failures.is_empty(), "{} of {cells} cells wrong:\n{}", failures.len(), failures.join("\n"));
 }
 

@@ -412,6 +412,14 @@ fn cli_drives_namespaces_repositories_and_tags() {
     assert!(out.contains("acme-cli/tool") && out.contains("beta"), "{out}");
     assert_eq!(cli(&env, &["share", "exists", "acme-cli/tool", "--tenant", "beta"]).0, 0);
     assert_eq!(cli(&env, &["share", "exists", "acme-cli/tool", "--tenant", "acme"]).0, 1);
+    run(&["ns", "share", "acme-cli", "--tenant", "beta", "--push", "--expires-in", "3600"]);
+    let out = run(&["ns", "shares", "acme-cli"]);
+    assert!(out.contains("beta") && out.contains("push"), "{out}");
+    let out = run(&["share", "list"]);
+    assert!(out.lines().any(|l| l.contains("acme-cli") && l.contains("beta") && !l.contains("acme-cli/tool")), "{out}");
+    run(&["ns", "unshare", "acme-cli", "--tenant", "beta"]);
+    assert!(!run(&["ns", "shares", "acme-cli"]).contains("beta"));
+    run(&["ns", "share", "acme-cli", "--tenant", "beta"]);
 
     let (code, _, err) = cli(&env, &["ns", "delete", "acme-cli"]);
     assert_eq!(code, 2);
@@ -736,6 +744,94 @@ fn shares_granted_and_shared_with_me() {
 
         assert_eq!(ada.delete(api(&s, "repositories/acme/app/shares/beta")).send().await.unwrap().status(), 204);
         assert!(names(&get_json(&bob, &api(&s, "repositories?scope=shared")).await).is_empty());
+        assert!(get_json(&ada, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
+    });
+}
+
+/// A whole namespace shared with another tenant: every repository in it, present
+/// and future, for pull or pull+push, until it lapses or is withdrawn; nothing
+/// outside it, and not the namespace itself.
+#[test]
+fn namespace_shares_cover_every_repository_in_it() {
+    let dir = TempDir::new("manage-ns-shares");
+    let s = start(&dir);
+    block_on(async {
+        let ada = client_as("ada", &tenant_user_token(&s, "acme", "ada", "tenant-admin").await);
+        let bob = client_as("bob", &tenant_user_token(&s, "beta", "bob", "developer").await);
+        let r = ada.post(api(&s, "namespaces")).json(&json!({"name": "acme-tools"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        push_image(&ada, &s, "acme-tools/x", "v1", 1, json!({})).await;
+        push_image(&ada, &s, "acme/app", "v1", 2, json!({})).await;
+        let pull = |c: &reqwest::Client, repo: &str| {
+            let c = c.clone();
+            let url = s.url(&format!("/v2/{repo}/manifests/v1"));
+            async move { c.get(url).header("accept", OCI_MANIFEST).send().await.unwrap().status().as_u16() }
+        };
+        assert_ne!(pull(&bob, "acme-tools/x").await, 200);
+
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/beta")).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!((v["namespace"].as_str(), v["tenant"].as_str(), &v["actions"]), (Some("acme-tools"), Some("beta"), &json!(["pull"])));
+        assert_eq!(pull(&bob, "acme-tools/x").await, 200);
+        // A repository created later is covered too; nothing outside the namespace is.
+        push_image(&ada, &s, "acme-tools/later", "v1", 3, json!({})).await;
+        assert_eq!(pull(&bob, "acme-tools/later").await, 200);
+        assert_ne!(pull(&bob, "acme/app").await, 200);
+        assert_eq!(names(&get_json(&bob, &api(&s, "repositories?scope=shared")).await), ["acme-tools/later", "acme-tools/x"]);
+        // Pull only: bob cannot push there; nor see or administer the namespace.
+        let r = bob.post(s.url("/v2/acme-tools/x/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        expect_error(bob.get(api(&s, "namespaces/acme-tools")).send().await.unwrap(), 404, "NOT_FOUND", "namespace stays hidden").await;
+        expect_error(bob.get(api(&s, "namespaces/acme-tools/shares")).send().await.unwrap(), 403, "DENIED", "not its admin").await;
+        expect_error(bob.put(api(&s, "namespaces/acme-tools/shares/gamma")).json(&json!({})).send().await.unwrap(), 403, "DENIED", "x")
+            .await;
+
+        // What the consoles show: granted shares, exists, per namespace.
+        let granted = get_json(&ada, &api(&s, "shares")).await;
+        assert_eq!(granted["shares"], json!([{"namespace": "acme-tools", "tenant": "beta", "actions": ["pull"], "expires_ms": null}]));
+        assert_eq!(get_json(&ada, &api(&s, "namespaces/acme-tools/shares/beta")).await["tenant"], "beta");
+        expect_error(ada.get(api(&s, "namespaces/acme-tools/shares/gamma")).send().await.unwrap(), 404, "NOT_FOUND", "not shared").await;
+        assert_eq!(get_json(&ada, &api(&s, "namespaces/acme-tools/shares")).await["shares"].as_array().unwrap().len(), 1);
+
+        // Update to pull+push: bob pushes a new repository, which is acme's.
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/beta")).json(&json!({"push": true})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        push_image(&bob, &s, "acme-tools/from-bob", "v1", 4, json!({})).await;
+        assert_eq!(get_json(&ada, &api(&s, "repositories/acme-tools/from-bob")).await["tenant"], "acme");
+
+        // Bad input.
+        for (body, what) in
+            [(json!({"push": "yes"}), "wrong type"), (json!({"expires_in": 0}), "zero lifetime"), (json!({"x": 1}), "unknown field")]
+        {
+            let r = ada.put(api(&s, "namespaces/acme-tools/shares/beta")).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 400, "{what}");
+        }
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/acme")).json(&json!({})).send().await.unwrap();
+        expect_error(r, 400, "INVALID_REQUEST", "own tenant").await;
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/nobody")).json(&json!({})).send().await.unwrap();
+        expect_error(r, 404, "NOT_FOUND", "no such tenant").await;
+
+        // Withdrawn: gone at once.
+        assert_eq!(ada.delete(api(&s, "namespaces/acme-tools/shares/beta")).send().await.unwrap().status(), 204);
+        assert_ne!(pull(&bob, "acme-tools/x").await, 200);
+        assert!(names(&get_json(&bob, &api(&s, "repositories?scope=shared")).await).is_empty());
+
+        // A share that lapses is withdrawn by the next refresh.
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/beta")).json(&json!({"expires_in": 1})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(pull(&bob, "acme-tools/x").await, 200);
+        eventually("namespace share expiry", async || pull(&bob, "acme-tools/x").await != 200).await;
+        assert!(get_json(&ada, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
+
+        // Deleting the namespace takes its shares: a namespace of the same name starts unshared.
+        let r = ada.put(api(&s, "namespaces/acme-tools/shares/beta")).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(ada.delete(api(&s, "namespaces/acme-tools?force=true")).send().await.unwrap().status(), 200);
+        let r = ada.post(api(&s, "namespaces")).json(&json!({"name": "acme-tools"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        push_image(&ada, &s, "acme-tools/x", "v1", 5, json!({})).await;
+        assert_ne!(pull(&bob, "acme-tools/x").await, 200);
         assert!(get_json(&ada, &api(&s, "shares")).await["shares"].as_array().unwrap().is_empty());
     });
 }

@@ -103,7 +103,7 @@ async fn worker(c: reqwest::Client, s: &Server, i: u64, shared: &[u8]) -> (Strin
     let own = bytes(1000 + i, 20_000 + i as usize);
     let mut layers = vec![];
     for (n, data) in [&config[..], &own[..], shared].into_iter().enumerate() {
-        match push_blob_as(&c, s, &repo, data, (i + n as u64) % 2 == 0).await {
+        match push_blob_as(&c, s, &repo, data, (i + n as u64).is_multiple_of(2)).await {
             Ok(d) => {
                 acked.insert(d.clone(), data.len() as u64);
                 layers.push((d, data.len()));

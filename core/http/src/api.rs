@@ -138,7 +138,12 @@ pub struct ShareList {
 /// A share the caller granted.
 #[derive(Serialize, ToSchema)]
 pub struct Granted {
-    pub repository: String,
+    /// The repository shared (a repository share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// The namespace shared (a namespace share: every repository in it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub tenant: String,
     pub actions: Vec<String>,
     pub expires_ms: Option<i64>,
@@ -229,9 +234,9 @@ pub struct VisibilityBody {
 #[serde(deny_unknown_fields)]
 pub struct ShareBody {
     #[serde(default)]
-    push: bool,
+    pub(crate) push: bool,
     /// Seconds until the share lapses.
-    expires_in: Option<u64>,
+    pub(crate) expires_in: Option<u64>,
 }
 
 /// Serve one management request.
@@ -523,15 +528,28 @@ async fn list_shares(auth: &Auth, who: &Principal, repo: &RepoName) -> Result<Re
     reply(StatusCode::OK, &ShareList { shares })
 }
 
-/// Every share the caller granted (of the repositories they administer).
+/// Every share the caller granted (of the repositories and namespaces they administer).
 #[utoipa::path(get, path = "/api/v1/shares", operation_id = "listGrantedShares", tag = "repositories",
     responses((status = 200, body = GrantedList)))]
 async fn list_granted_shares(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
     let rows = auth.shares_granted(who).await?;
-    let shares = rows
+    let mut shares: Vec<Granted> = rows
         .into_iter()
-        .map(|s| Granted { repository: s.repo.to_string(), tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms })
+        .map(|s| Granted {
+            repository: Some(s.repo.to_string()),
+            namespace: None,
+            tenant: s.tenant.to_string(),
+            actions: s.actions,
+            expires_ms: s.expires_ms,
+        })
         .collect();
+    shares.extend(auth.ns_shares_granted(who).await?.into_iter().map(|s| Granted {
+        repository: None,
+        namespace: Some(s.namespace.to_string()),
+        tenant: s.tenant.to_string(),
+        actions: s.actions,
+        expires_ms: s.expires_ms,
+    }));
     reply(StatusCode::OK, &GrantedList { shares })
 }
 

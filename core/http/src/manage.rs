@@ -401,8 +401,11 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
         "mine" => Action::Push,
         s => return Err(bad(format!("scope {s:?}: use all, mine, public or shared"))),
     };
-    let shared: std::collections::HashSet<RepoName> = if scope == "shared" {
-        services.auth.shared_with(&identity.principal).await?.into_iter().map(|s| s.repo).collect()
+    let (shared, shared_ns): (std::collections::HashSet<RepoName>, std::collections::HashSet<String>) = if scope == "shared" {
+        (
+            services.auth.shared_with(&identity.principal).await?.into_iter().map(|s| s.repo).collect(),
+            services.auth.namespaces_shared_with(&identity.principal).await?.into_iter().map(|s| s.namespace.to_string()).collect(),
+        )
     } else {
         Default::default()
     };
@@ -421,7 +424,7 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
     let visible = |r: &RepoName| {
         let public = auth.is_public(r);
         (scope != "public" || public)
-            && (scope != "shared" || shared.contains(r))
+            && (scope != "shared" || shared.contains(r) || shared_ns.contains(r.namespace()))
             && p.public.is_none_or(|want| want == public)
             && auth.can(identity, r, action)
     };

@@ -133,6 +133,18 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
         ("", &Method::POST) => create(services, identity, req, &host).await,
         ("check", &Method::GET) => check(services, query(req)?),
         ("" | "check", m) => Err(method_not_allowed(m)),
+        (path, _) if path.split('/').nth(1) == Some("shares") => {
+            let segs: Vec<&str> = path.split('/').collect();
+            let ns: AccountName = segs[0].parse()?;
+            match (&segs[2..], &m) {
+                ([], &Method::GET) => list_shares(services, identity, &ns).await,
+                ([t], &Method::GET) => get_share(services, identity, &ns, t.parse()?).await,
+                ([t], &Method::PUT) => share(services, identity, &ns, t.parse()?, body(req).await?).await,
+                ([t], &Method::DELETE) => unshare(services, identity, &ns, t.parse()?).await,
+                ([] | [_], m) => Err(method_not_allowed(m)),
+                _ => Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no such endpoint: /api/v1/namespaces/{rest}"))),
+            }
+        }
         (name, _) if name.contains('/') => {
             Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no such endpoint: /api/v1/namespaces/{rest}")))
         }
@@ -270,10 +282,75 @@ async fn delete(services: &Services, identity: &Identity, name: &AccountName, p:
     reply(StatusCode::OK, &NamespaceDeleted { name: name.to_string(), repositories: deleted })
 }
 
+/// A namespace shared with a tenant: every repository in it, present and future.
+#[derive(Serialize, ToSchema)]
+pub struct NamespaceShare {
+    pub namespace: String,
+    pub tenant: String,
+    /// `pull`, or `pull` and `push`.
+    pub actions: Vec<String>,
+    /// When the share lapses (ms since the epoch); `null`: never.
+    pub expires_ms: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NamespaceShareList {
+    pub shares: Vec<NamespaceShare>,
+}
+
+fn share_view(s: berth_metadata::NsShareRow) -> NamespaceShare {
+    NamespaceShare { namespace: s.namespace.to_string(), tenant: s.tenant.to_string(), actions: s.actions, expires_ms: s.expires_ms }
+}
+
+/// The tenants a namespace is shared with (namespace admin).
+#[utoipa::path(operation_id = "listNamespaceShares", get, path = "/api/v1/namespaces/{name}/shares", params(("name" = String, Path)),
+    tag = "namespaces", responses((status = 200, body = NamespaceShareList)))]
+async fn list_shares(services: &Services, identity: &Identity, ns: &AccountName) -> Result<Reply, RegistryError> {
+    let shares = services.auth.namespace_shares(&identity.principal, ns).await?.into_iter().map(share_view).collect();
+    reply(StatusCode::OK, &NamespaceShareList { shares })
+}
+
+/// Whether a namespace is shared with a tenant (404 if not).
+#[utoipa::path(operation_id = "getNamespaceShare", get, path = "/api/v1/namespaces/{name}/shares/{tenant}",
+    params(("name" = String, Path), ("tenant" = String, Path)), tag = "namespaces",
+    responses((status = 200, body = NamespaceShare), (status = 404, description = "not shared")))]
+async fn get_share(services: &Services, identity: &Identity, ns: &AccountName, tenant: AccountName) -> Result<Reply, RegistryError> {
+    let found = services.auth.namespace_shares(&identity.principal, ns).await?.into_iter().find(|s| s.tenant == tenant);
+    let s = found.ok_or_else(|| RegistryError::new(ErrorCode::NotFound).with_detail(format!("{ns} is not shared with {tenant}")))?;
+    reply(StatusCode::OK, &share_view(s))
+}
+
+/// Share every repository of a namespace, present and future, with another
+/// tenant for pull (or pull and push), optionally until a time; replaces an
+/// earlier share with that tenant.
+#[utoipa::path(operation_id = "shareNamespace", put, path = "/api/v1/namespaces/{name}/shares/{tenant}",
+    params(("name" = String, Path), ("tenant" = String, Path)), request_body = crate::api::ShareBody, tag = "namespaces",
+    responses((status = 200, body = NamespaceShare)))]
+async fn share(
+    services: &Services,
+    identity: &Identity,
+    ns: &AccountName,
+    tenant: AccountName,
+    b: crate::api::ShareBody,
+) -> Result<Reply, RegistryError> {
+    services.auth.share_namespace(&identity.principal, ns, tenant.clone(), b.push, b.expires_in).await?;
+    let found = services.auth.namespace_shares(&identity.principal, ns).await?.into_iter().find(|s| s.tenant == tenant);
+    let s = found.ok_or_else(|| RegistryError::internal().with_detail("share not stored"))?;
+    reply(StatusCode::OK, &share_view(s))
+}
+
+/// Withdraw a namespace share.
+#[utoipa::path(operation_id = "unshareNamespace", delete, path = "/api/v1/namespaces/{name}/shares/{tenant}",
+    params(("name" = String, Path), ("tenant" = String, Path)), tag = "namespaces", responses((status = 204)))]
+async fn unshare(services: &Services, identity: &Identity, ns: &AccountName, tenant: AccountName) -> Result<Reply, RegistryError> {
+    services.auth.unshare_namespace(&identity.principal, ns, tenant).await?;
+    Ok(crate::no_content())
+}
+
 /// The namespace routes, for the OpenAPI document.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(list, create, check, get, update, delete),
-    components(schemas(Namespace, CreateNamespace, UpdateNamespace, NameCheck, NamespaceDeleted))
+    paths(list, create, check, get, update, delete, list_shares, get_share, share, unshare),
+    components(schemas(Namespace, CreateNamespace, UpdateNamespace, NameCheck, NamespaceDeleted, NamespaceShare, NamespaceShareList))
 )]
 pub struct NamespaceDoc;

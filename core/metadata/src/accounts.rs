@@ -86,6 +86,16 @@ pub struct ShareRow {
     pub expires_ms: Option<i64>,
 }
 
+/// A whole namespace shared with another tenant (every repository in it, present
+/// and future); like [`ShareRow`], the grant is a policy rule (`<ns>/*`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NsShareRow {
+    pub namespace: AccountName,
+    pub tenant: AccountName,
+    pub actions: Vec<String>,
+    pub expires_ms: Option<i64>,
+}
+
 /// Bookkeeping for policies-as-code: a version bumped by every change (replicas
 /// poll it to reload) and the seed file's lines last applied.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -104,6 +114,7 @@ DEFINE TABLE IF NOT EXISTS signing_key SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS policy_rule SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS policy_state SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS share SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS ns_share SCHEMALESS;
 "#;
 
 fn rule_key(r: &PolicyRuleRow) -> Vec<String> {
@@ -363,6 +374,32 @@ impl Metadata {
 
     pub async fn shares(&self) -> Result<Vec<ShareRow>> {
         let mut r = self.db.query("SELECT repo, tenant, actions, expires_ms FROM share").await?.check()?;
+        rows(&mut r, 0)
+    }
+
+    pub async fn put_ns_share(&self, s: &NsShareRow) -> Result<()> {
+        self.db
+            .query("UPSERT type::record('ns_share', [$ns, $tenant]) CONTENT $row RETURN NONE")
+            .bind(("ns", s.namespace.to_string()))
+            .bind(("tenant", s.tenant.to_string()))
+            .bind(("row", crate::to_value(s)?))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    pub async fn delete_ns_share(&self, ns: &AccountName, tenant: &AccountName) -> Result<()> {
+        self.db
+            .query("DELETE type::record('ns_share', [$ns, $tenant]) RETURN NONE")
+            .bind(("ns", ns.to_string()))
+            .bind(("tenant", tenant.to_string()))
+            .await?
+            .check()?;
+        Ok(())
+    }
+
+    pub async fn ns_shares(&self) -> Result<Vec<NsShareRow>> {
+        let mut r = self.db.query("SELECT namespace, tenant, actions, expires_ms FROM ns_share").await?.check()?;
         rows(&mut r, 0)
     }
 }

@@ -15,7 +15,9 @@ pub mod accounts;
 pub mod manage;
 pub mod usage;
 
-pub use accounts::{NamespaceRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow};
+pub use accounts::{
+    NamespaceRow, NsShareRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow,
+};
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
 use serde::de::DeserializeOwned;
