@@ -89,6 +89,18 @@ pub enum ShareCmd {
 }
 
 #[derive(Subcommand)]
+pub enum GcCmd {
+    /// Run a collection pass now and print what it removed.
+    Run {
+        /// List what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The collector's settings, totals and last pass.
+    Status,
+}
+
+#[derive(Subcommand)]
 pub enum QuotaCmd {
     /// A tenant's limits and usage (default: your own tenant's).
     Get { tenant: Option<String> },
@@ -614,6 +626,46 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
                     &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
                 );
             }
+        }
+    }
+    Ok(true)
+}
+
+pub async fn gc(conn: &Conn, cmd: GcCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    let v = match cmd {
+        GcCmd::Run { dry_run } => c.json(M::POST, "gc", Some(json!({"dry_run": dry_run}))).await?,
+        GcCmd::Status => c.json(M::GET, "gc", None).await?,
+    };
+    if conn.json {
+        print(&v);
+        return Ok(true);
+    }
+    let pass = if v.get("last").is_some() { &v["last"] } else { &v };
+    if v.get("last").is_some() {
+        println!(
+            "collector: {} (every {} s, grace {} s); {} passes, {} links and {} blobs ({} bytes) removed since start",
+            if v["enabled"].as_bool().unwrap_or(false) { "on" } else { "off" },
+            v["interval_secs"],
+            v["grace_secs"],
+            v["passes"],
+            v["links_removed"],
+            v["blobs_deleted"],
+            v["bytes_reclaimed"]
+        );
+    }
+    if pass.is_object() {
+        let verb = if pass["dry_run"].as_bool().unwrap_or(false) { "would remove" } else { "removed" };
+        println!(
+            "{verb}: {} links, {} blobs, {} bytes ({} errors)",
+            pass["links_removed"], pass["blobs_deleted"], pass["bytes_reclaimed"], pass["errors"]
+        );
+        for (tenant, bytes) in pass["freed_by_tenant"].as_object().into_iter().flatten() {
+            println!("  tenant {tenant}: {bytes} bytes freed");
+        }
+        for item in pass["items"].as_array().into_iter().flatten() {
+            println!("  {}", item.as_str().unwrap_or(""));
         }
     }
     Ok(true)

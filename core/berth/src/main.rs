@@ -67,6 +67,9 @@ enum Command {
     /// Per-tenant quotas: show limits and usage; set a tenant's limits (platform admin).
     #[command(subcommand)]
     Quota(client::QuotaCmd),
+    /// Garbage collection: run a pass now (or a dry run), show the collector's status.
+    #[command(subcommand)]
+    Gc(client::GcCmd),
     /// Check credentials against the server and store them (mode 0600) for later commands.
     Login,
     /// Forget the stored credentials.
@@ -99,6 +102,7 @@ fn main() -> std::process::ExitCode {
         Command::Repo(c) => run_client(Box::pin(async move { client::repo(&conn, c).await })),
         Command::Ns(c) => run_client(Box::pin(async move { client::ns(&conn, c).await })),
         Command::Share(c) => run_client(Box::pin(async move { client::share(&conn, c).await })),
+        Command::Gc(c) => run_client(Box::pin(async move { client::gc(&conn, c).await })),
         Command::Quota(c) => run_client(Box::pin(async move { client::quota(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
         Command::Login => run_client(Box::pin(async move { client::login(&conn).await })),

@@ -284,6 +284,8 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["tenants", t, "quota"], &Method::GET) => crate::quotas::get(services, identity, &t.parse()?).await,
         (["tenants", t, "quota"], &Method::PUT) => crate::quotas::set(services, identity, &t.parse()?, req).await,
         (["quotas"], &Method::GET) => crate::quotas::mine(services, identity).await,
+        (["gc"], &Method::GET) => crate::gc::status(services, identity),
+        (["gc"], &Method::POST) => crate::gc::run(services, identity, req).await,
         (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,
         (["users"], &Method::GET) => list_users(auth, who).await,
         (["tokens"], &Method::GET) => list_tokens(auth, who),
@@ -313,6 +315,7 @@ fn known(path: &str) -> bool {
     [
         "me",
         "me/password",
+        "gc",
         "quotas",
         "registry",
         "shares",

@@ -17,6 +17,7 @@ mod compat;
 mod conn;
 mod console;
 mod gate;
+mod gc;
 mod manage;
 mod namespaces;
 mod quotas;

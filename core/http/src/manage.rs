@@ -708,6 +708,7 @@ pub(crate) fn document() -> utoipa::openapi::OpenApi {
     doc.merge(crate::namespaces::NamespaceDoc::openapi());
     doc.merge(crate::api::AccountDoc::openapi());
     doc.merge(crate::quotas::QuotaDoc::openapi());
+    doc.merge(crate::gc::GcDoc::openapi());
     doc
 }
 

@@ -12,6 +12,7 @@
 //!   so writes are idempotent upserts.
 
 pub mod accounts;
+pub mod gc;
 pub mod manage;
 pub mod usage;
 
@@ -61,6 +62,10 @@ pub enum MetadataError {
     Db(#[from] surrealdb::Error),
     #[error("corrupt metadata row: {0}")]
     Corrupt(String),
+    /// The digest is being deleted by the collector: a reference to it cannot be
+    /// added now (the caller stores the bytes again, or retries).
+    #[error("the blob is being collected")]
+    Collecting,
 }
 
 pub type Result<T> = std::result::Result<T, MetadataError>;
@@ -82,6 +87,11 @@ pub struct ManifestRow {
     /// field existed read as the manifest's own size.
     #[serde(default)]
     pub content_size: u64,
+    /// The digests this manifest needs in its repository: its config, layers and
+    /// (an index) children. `None` for rows written before it was recorded (the
+    /// collector then reads the manifest itself).
+    #[serde(default)]
+    pub refs: Option<Vec<Digest>>,
 }
 
 /// A tag, as stored.
@@ -133,6 +143,8 @@ const REPO_TOUCH: &str = "UPSERT type::record('repo', $repo) SET name = $repo, n
 #[derive(Deserialize)]
 struct Bytes {
     bytes: u64,
+    #[serde(default)]
+    removed: bool,
 }
 
 use usage::{REF_ADD, TENANT_OF};
@@ -175,6 +187,7 @@ impl Metadata {
         db.query(accounts::SCHEMA).await?.check()?;
         db.query(manage::SCHEMA).await?.check()?;
         db.query(usage::SCHEMA).await?.check()?;
+        db.query(gc::SCHEMA).await?.check()?;
         let md = Metadata { db };
         if md.ensure_usage_counted().await? {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
@@ -187,7 +200,7 @@ impl Metadata {
         let mut r = self
             .db
             .query("SELECT VALUE name FROM repo")
-            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms, content_size OR size AS content_size FROM manifest")
+            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms, content_size OR size AS content_size, refs FROM manifest")
             .query("SELECT repo, name, digest, updated_ms FROM tag")
             .query("SELECT repo, digest, size FROM blob_link")
             .await?
@@ -199,7 +212,10 @@ impl Metadata {
     /// the blob is the result of an upload session, that session's record goes in
     /// the same transaction. Answers the bytes the owning tenant's usage grew by
     /// (0 when the link existed or another of its repositories holds the blob).
-    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>) -> Result<u64> {
+    ///
+    /// `pinned`: the bytes were pinned ([`Metadata::pin_blob`]) before they were
+    /// stored, and this link releases the pin.
+    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>, pinned: bool) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
         let sql = format!(
             "BEGIN TRANSACTION;
@@ -207,7 +223,8 @@ impl Metadata {
              {TENANT_OF}
              LET $new = !(SELECT VALUE digest FROM ONLY type::record('blob_link', [$repo, $digest]));
              {REF_ADD}
-             IF $new {{ CREATE type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size }} RETURN NONE; }};
+             IF $new {{ CREATE type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size, linked_ms: $now }} RETURN NONE; }}
+             ELSE {{ UPDATE type::record('blob_link', [$repo, $digest]) SET linked_ms = $now RETURN NONE; }};
              {end}
              RETURN {{ bytes: $added }};
              COMMIT TRANSACTION;"
@@ -222,6 +239,7 @@ impl Metadata {
                     .bind(("now", now_ms()))
                     .bind(("digest", link.digest.to_string()))
                     .bind(("size", link.size))
+                    .bind(("pinned", pinned))
             })
             .await?;
         Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
@@ -230,12 +248,19 @@ impl Metadata {
     /// Remove a blob link; answers the bytes the owning tenant's usage shrank by
     /// (the blob's size when no other of its repositories references it).
     pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        Ok(self.unlink_blob_if_idle(repo, digest, i64::MAX).await?.unwrap_or(0))
+    }
+
+    /// Remove a blob link only if it was made, and last released by a manifest,
+    /// before `cutoff_ms` (the collector's grace). `None`: it was not removed.
+    pub async fn unlink_blob_if_idle(&self, repo: &RepoName, digest: &Digest, cutoff_ms: i64) -> Result<Option<u64>> {
         let sql = format!(
             "BEGIN TRANSACTION;
              {TENANT_OF}
-             LET $had = (DELETE type::record('blob_link', [$repo, $digest]) RETURN BEFORE);
+             LET $had = (DELETE type::record('blob_link', [$repo, $digest])
+                WHERE (linked_ms OR 0) < $cutoff AND (released_ms OR 0) < $cutoff RETURN BEFORE);
              {}
-             RETURN {{ bytes: $freed }};
+             RETURN {{ bytes: $freed, removed: count($had) > 0 }};
              COMMIT TRANSACTION;",
             usage::ref_release("$had.digest")
         );
@@ -246,15 +271,19 @@ impl Metadata {
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("digest", digest.to_string()))
+                    .bind(("now", now_ms()))
+                    .bind(("cutoff", cutoff_ms))
             })
             .await?;
-        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
+        Ok(returned::<Bytes>(&mut r)?.filter(|b| b.removed).map(|b| b.bytes))
     }
 
     /// Store a manifest and, if given, point a tag at it: one transaction.
     /// Answers the bytes the owning tenant's usage grew by (the manifest's size
     /// when none of its repositories held it yet).
-    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>) -> Result<u64> {
+    /// `pinned`: its bytes were pinned before they were stored, and the commit
+    /// releases the pin.
+    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>, pinned: bool) -> Result<u64> {
         // A push of a manifest already stored (a re-tag, a retry) keeps its counters.
         let mut sql = format!(
             "BEGIN TRANSACTION;
@@ -283,6 +312,7 @@ impl Metadata {
                     .bind(("repo", m.repo.to_string()))
                     .bind(("digest", m.digest.to_string()))
                     .bind(("size", m.size))
+                    .bind(("pinned", pinned))
                     .bind(("manifest", manifest.clone()))
                     .bind(("namespace", m.repo.namespace().to_string()))
                     .bind(("now", now));
@@ -303,6 +333,10 @@ impl Metadata {
              {TENANT_OF}
              DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
              LET $had = (DELETE type::record('manifest', [$repo, $digest]) RETURN BEFORE);
+             -- What it needed is no longer needed by it: the collector's grace starts now.
+             FOR $d IN array::flatten($had.refs OR []) {{
+                UPDATE type::record('blob_link', [$repo, $d]) SET released_ms = $now RETURN NONE;
+             }};
              {}
              RETURN {{ bytes: $freed }};
              COMMIT TRANSACTION;",
@@ -315,6 +349,7 @@ impl Metadata {
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("digest", digest.to_string()))
+                    .bind(("now", now_ms()))
             })
             .await?;
         Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
@@ -390,6 +425,9 @@ impl Metadata {
             let errors = r.take_errors();
             if errors.is_empty() {
                 return Ok(r);
+            }
+            if errors.values().any(|e| e.to_string().contains("berth:collecting")) {
+                return Err(MetadataError::Collecting);
             }
             let retryable = errors.values().any(|e| matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)));
             if !retryable || attempt >= 10 {
@@ -477,6 +515,7 @@ mod tests {
             annotations: None,
             created_ms: 1,
             content_size: bytes.len() as u64,
+            refs: Some(vec![]),
         }
     }
 
@@ -486,8 +525,8 @@ mod tests {
         let repo: RepoName = "acme/app".parse().unwrap();
         let m = row(&repo, b"m1");
         let tag = TagRow { repo: repo.clone(), name: "v1".parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
-        md.commit_manifest(&m, Some(&tag)).await.unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None).await.unwrap();
+        md.commit_manifest(&m, Some(&tag), false).await.unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None, false).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert_eq!(s.repos, vec![repo.clone()]);
         assert_eq!(s.manifests, vec![m.clone()]);
@@ -522,7 +561,7 @@ mod tests {
         // The link that completes an upload removes its record in the same transaction.
         md.put_upload(&u).await.unwrap();
         let link = LinkRow { repo: u.repo.clone(), digest: Digest::sha256(b"done"), size: 4 };
-        md.link_blob(&link, Some(&u.id)).await.unwrap();
+        md.link_blob(&link, Some(&u.id), false).await.unwrap();
         assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
         assert!(md.snapshot().await.unwrap().links.iter().any(|l| l.digest == link.digest));
     }

@@ -282,7 +282,13 @@ impl Metadata {
             crate::usage::ref_release("array::concat($manifests, $links)")
         );
         let mut r = self
-            .run(|| self.db.query(sql.as_str()).bind(("name", name.to_string())).bind(("namespace", name.namespace().to_string())))
+            .run(|| {
+                self.db
+                    .query(sql.as_str())
+                    .bind(("name", name.to_string()))
+                    .bind(("namespace", name.namespace().to_string()))
+                    .bind(("now", crate::now_ms()))
+            })
             .await?;
         Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
     }
@@ -412,6 +418,7 @@ mod tests {
             annotations: None,
             created_ms: 1,
             content_size: bytes.len() as u64,
+            refs: Some(vec![]),
         }
     }
 
@@ -441,10 +448,10 @@ mod tests {
         let m1 = manifest(&app, b"one");
         let m2 = manifest(&app, b"two!");
         let t = |d: &Digest, ms| TagRow { repo: app.clone(), name: "v1".parse().unwrap(), digest: d.clone(), updated_ms: ms };
-        md.commit_manifest(&m1, Some(&t(&m1.digest, 10))).await.unwrap();
-        md.commit_manifest(&m2, Some(&t(&m2.digest, 11))).await.unwrap();
-        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None).await.unwrap();
-        md.commit_manifest(&manifest(&other, b"x"), None).await.unwrap();
+        md.commit_manifest(&m1, Some(&t(&m1.digest, 10)), false).await.unwrap();
+        md.commit_manifest(&m2, Some(&t(&m2.digest, 11)), false).await.unwrap();
+        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None, false).await.unwrap();
+        md.commit_manifest(&manifest(&other, b"x"), None, false).await.unwrap();
 
         let prof = md.repo_profile(&app).await.unwrap().unwrap();
         assert_eq!((prof.pushes, prof.pulls), (2, 0));
@@ -557,9 +564,10 @@ mod conflict_tests {
                     annotations: None,
                     created_ms: 1,
                     content_size: 2,
+                    refs: Some(vec![]),
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
-                md.commit_manifest(&m, Some(&t)).await?;
+                md.commit_manifest(&m, Some(&t), false).await?;
                 let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), digest: m.digest, count: 1, last_ms: i };
                 md.record_pulls(&[d]).await
             })

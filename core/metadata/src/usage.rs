@@ -22,6 +22,9 @@ DEFINE TABLE IF NOT EXISTS meta SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS namespace_tenant ON namespace FIELDS tenant;
 "#;
 
+/// The reference counts' version: 1 per tenant; 2 also per digest (`stored_blob`).
+const USAGE_VERSION: u64 = 2;
+
 /// Binds `$tenant`: the tenant owning `$namespace` (`''` when no tenant owns it).
 pub(crate) const TENANT_OF: &str = "LET $tenant = (SELECT VALUE tenant FROM ONLY type::record('namespace', $namespace)) OR '';";
 
@@ -29,16 +32,31 @@ pub(crate) const TENANT_OF: &str = "LET $tenant = (SELECT VALUE tenant FROM ONLY
 /// reference by `$tenant` to `$digest` of `$size` bytes. Binds `$added`: the bytes
 /// this adds to the tenant's usage (0 when another of its repositories already
 /// references the digest).
-pub(crate) const REF_ADD: &str = "LET $added = IF $new AND !(SELECT VALUE refs FROM ONLY type::record('tenant_blob', [$tenant, $digest])) { $size } ELSE { 0 };
-     IF $new { UPSERT type::record('tenant_blob', [$tenant, $digest]) SET tenant = $tenant, digest = $digest, size = $size, refs = (refs OR 0) + 1 RETURN NONE; };";
+///
+/// The digest's global record (`stored_blob`, see [`crate::gc`]) gains the
+/// reference too, and loses the upload's pin when `$pinned`. The whole
+/// transaction fails with [`crate::MetadataError::Collecting`] if the collector
+/// has marked the digest: a reference can never be added to bytes being deleted
+/// (the mark and this write touch the same record, so one of them loses).
+pub(crate) const REF_ADD: &str = "IF (SELECT VALUE gc FROM ONLY type::record('stored_blob', $digest)) = true { THROW 'berth:collecting'; };
+     LET $added = IF $new AND !(SELECT VALUE refs FROM ONLY type::record('tenant_blob', [$tenant, $digest])) { $size } ELSE { 0 };
+     IF $new {
+        UPSERT type::record('tenant_blob', [$tenant, $digest]) SET tenant = $tenant, digest = $digest, size = $size, refs = (refs OR 0) + 1 RETURN NONE;
+        UPSERT type::record('stored_blob', $digest) SET digest = $digest, size = $size, refs = (refs OR 0) + 1, pins = pins OR 0, gc = false RETURN NONE;
+     };
+     IF $pinned { UPDATE type::record('stored_blob', $digest) SET pins = math::max([(pins OR 0) - 1, 0]) RETURN NONE; };";
 
 /// One reference fewer by `$tenant` to each digest in the array `list` (a digest
-/// listed twice loses two). Binds `$freed`: the bytes of the digests whose last
-/// reference this was, which leave the tenant's usage.
+/// listed twice loses two), in the tenant's counts and the digests' global
+/// records (stamped `unref_ms = $now`). Binds `$freed`: the bytes of the digests
+/// whose last reference this was, which leave the tenant's usage.
 pub(crate) fn ref_release(list: &str) -> String {
     format!(
         "LET $released = {list};
-         FOR $d IN $released {{ UPDATE type::record('tenant_blob', [$tenant, $d]) SET refs -= 1 RETURN NONE; }};
+         FOR $d IN $released {{
+            UPDATE type::record('tenant_blob', [$tenant, $d]) SET refs -= 1 RETURN NONE;
+            UPDATE type::record('stored_blob', $d) SET refs -= 1, unref_ms = $now RETURN NONE;
+         }};
          LET $rows = array::distinct($released).map(|$d| type::record('tenant_blob', [$tenant, $d]));
          LET $freed = math::sum((DELETE $rows WHERE refs <= 0 RETURN BEFORE).size);"
     )
@@ -121,26 +139,32 @@ impl Metadata {
         Ok(returned(&mut r)?.unwrap_or(0))
     }
 
-    /// Build the reference counts from the links and manifests, once: for a store
-    /// written before they existed (a marker row records that it was done).
+    /// Build the reference counts (per tenant and per digest) from the links and
+    /// manifests, once: for a store written before they existed (a marker row
+    /// records the version built).
     pub async fn ensure_usage_counted(&self) -> Result<bool> {
         let mut r = self.db.query("SELECT VALUE version FROM ONLY meta:usage").await?.check()?;
-        if one::<u64>(&mut r, 0)?.is_some() {
+        if one::<u64>(&mut r, 0)?.is_some_and(|v| v >= USAGE_VERSION) {
             return Ok(false);
         }
         self.run(|| {
-            self.db.query(
-                "BEGIN TRANSACTION;
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
                  DELETE tenant_blob RETURN NONE;
+                 UPDATE stored_blob SET refs = 0 RETURN NONE;
                  FOR $r IN array::concat((SELECT repo, digest, size FROM blob_link), (SELECT repo, digest, size FROM manifest)) {
                     LET $ns = (SELECT VALUE namespace FROM ONLY type::record('repo', $r.repo)) OR '';
                     LET $tenant = (SELECT VALUE tenant FROM ONLY type::record('namespace', $ns)) OR '';
                     UPSERT type::record('tenant_blob', [$tenant, $r.digest])
                         SET tenant = $tenant, digest = $r.digest, size = $r.size, refs = (refs OR 0) + 1 RETURN NONE;
+                    UPSERT type::record('stored_blob', $r.digest)
+                        SET digest = $r.digest, size = $r.size, refs = (refs OR 0) + 1, pins = pins OR 0, gc = false RETURN NONE;
                  };
-                 UPSERT meta:usage SET version = 1 RETURN NONE;
+                 UPSERT meta:usage SET version = $version RETURN NONE;
                  COMMIT TRANSACTION;",
-            )
+                )
+                .bind(("version", USAGE_VERSION))
         })
         .await?;
         Ok(true)
@@ -187,6 +211,7 @@ mod tests {
             annotations: None,
             created_ms: 1,
             content_size: bytes.len() as u64,
+            refs: Some(vec![]),
         }
     }
 
@@ -205,13 +230,13 @@ mod tests {
 
         // The first reference adds the bytes; a second repository of the same
         // tenant, or the same link again, adds nothing; another tenant pays its own.
-        assert_eq!(md.link_blob(&link(&a1, 100), None).await.unwrap(), 100);
-        assert_eq!(md.link_blob(&link(&a1, 100), None).await.unwrap(), 0);
-        assert_eq!(md.link_blob(&link(&a2, 100), None).await.unwrap(), 0);
-        assert_eq!(md.link_blob(&link(&b1, 100), None).await.unwrap(), 100);
+        assert_eq!(md.link_blob(&link(&a1, 100), None, false).await.unwrap(), 100);
+        assert_eq!(md.link_blob(&link(&a1, 100), None, false).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&link(&a2, 100), None, false).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&link(&b1, 100), None, false).await.unwrap(), 100);
         let m = manifest(&a1, b"manifest-1");
-        assert_eq!(md.commit_manifest(&m, None).await.unwrap(), 10);
-        assert_eq!(md.commit_manifest(&m, None).await.unwrap(), 0, "a re-push adds nothing");
+        assert_eq!(md.commit_manifest(&m, None, false).await.unwrap(), 10);
+        assert_eq!(md.commit_manifest(&m, None, false).await.unwrap(), 0, "a re-push adds nothing");
         let usage = md.tenant_usage(&acme).await.unwrap();
         assert_eq!(usage, TenantUsage { namespaces: 2, repositories: 2, storage_bytes: 110 });
         assert_eq!(md.recount_storage(&acme).await.unwrap(), 110);
@@ -230,8 +255,8 @@ mod tests {
         // A repository holding the same digest as a link and as a manifest
         // releases both references when it goes.
         let both = manifest(&b1, b"as-both");
-        md.link_blob(&LinkRow { repo: b1.clone(), digest: both.digest.clone(), size: both.size }, None).await.unwrap();
-        md.commit_manifest(&both, None).await.unwrap();
+        md.link_blob(&LinkRow { repo: b1.clone(), digest: both.digest.clone(), size: both.size }, None, false).await.unwrap();
+        md.commit_manifest(&both, None, false).await.unwrap();
         assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 107);
         assert_eq!(md.delete_repo(&b1).await.unwrap().freed_bytes, 107);
         assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 0);
@@ -243,8 +268,8 @@ mod tests {
         let acme: AccountName = "acme".parse().unwrap();
         md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: acme.clone() }).await.unwrap();
         let repo: RepoName = "acme/app".parse().unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"x"), size: 7 }, None).await.unwrap();
-        md.commit_manifest(&manifest(&repo, b"m"), None).await.unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"x"), size: 7 }, None, false).await.unwrap();
+        md.commit_manifest(&manifest(&repo, b"m"), None, false).await.unwrap();
         // As if written before the counts existed.
         md.db.query("DELETE tenant_blob; DELETE meta:usage;").await.unwrap().check().unwrap();
         assert!(md.ensure_usage_counted().await.unwrap());

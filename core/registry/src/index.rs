@@ -35,6 +35,11 @@ pub struct Index {
     repos: RwLock<BTreeMap<RepoName, Arc<RwLock<RepoState>>>>,
     cached_bytes: AtomicUsize,
     cache_budget: usize,
+    /// When a client last asked for a blob of a repository (`HEAD`/`GET`): a
+    /// push that found a blob present is about to reference it, so the collector
+    /// leaves a blob seen within its grace period alone. Memory only; bounded by
+    /// the links that exist, and pruned by the collector.
+    touches: std::sync::Mutex<HashMap<(RepoName, Digest), i64>>,
 }
 
 /// Manifests larger than this are not kept in memory (read from storage instead).
@@ -85,6 +90,26 @@ impl Index {
         };
         let cached: usize = state.read().unwrap().manifests.values().filter_map(|e| e.bytes.as_ref().map(|b| b.len())).sum();
         self.forget_cached(cached);
+    }
+
+    /// Note that a client asked for `digest` in `repo`.
+    pub fn touch(&self, repo: &RepoName, digest: &Digest, now_ms: i64) {
+        self.touches.lock().unwrap().insert((repo.clone(), digest.clone()), now_ms);
+    }
+
+    /// Whether a client asked for `digest` in `repo` at or after `since_ms`.
+    pub fn touched_since(&self, repo: &RepoName, digest: &Digest, since_ms: i64) -> bool {
+        self.touches.lock().unwrap().get(&(repo.clone(), digest.clone())).is_some_and(|t| *t >= since_ms)
+    }
+
+    /// Forget touches older than `before_ms`.
+    pub fn prune_touches(&self, before_ms: i64) {
+        self.touches.lock().unwrap().retain(|_, t| *t >= before_ms);
+    }
+
+    /// Every repository's name.
+    pub fn repo_names(&self) -> Vec<RepoName> {
+        self.repos.read().unwrap().keys().cloned().collect()
     }
 
     /// Size of a blob linked into `repo`.

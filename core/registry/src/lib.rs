@@ -16,6 +16,7 @@
 //! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
 
 pub mod counters;
+pub mod gc;
 pub mod index;
 pub mod manage;
 pub mod quota;
@@ -70,6 +71,8 @@ pub struct RegistryConfig {
     pub official_namespace: String,
     /// Default per-tenant limits (`[registry.quota]`; unset: unlimited).
     pub quota: quota::QuotaConfig,
+    /// Online garbage collection (`[registry.gc]`).
+    pub gc: gc::GcConfig,
 }
 
 impl Default for RegistryConfig {
@@ -85,6 +88,7 @@ impl Default for RegistryConfig {
             mirror_url: None,
             official_namespace: "library".into(),
             quota: quota::QuotaConfig::default(),
+            gc: gc::GcConfig::default(),
         }
     }
 }
@@ -140,6 +144,9 @@ pub struct Registry {
     repos: Mutex<HashMap<RepoName, Addr<RepoActor>>>,
     pulls: Arc<counters::PullTally>,
     quotas: Arc<quota::Quotas>,
+    /// One collection pass at a time.
+    gc_lock: tokio::sync::Mutex<()>,
+    gc_status: Mutex<gc::GcStatus>,
 }
 
 impl Registry {
@@ -171,7 +178,26 @@ impl Registry {
             busy: false,
         };
         counters::CounterActor::start_in_arbiter(&arbiter, move |_| counter);
-        Ok(Arc::new(Registry { store, meta, index, config, arbiter, system, uploads, repos: Mutex::new(HashMap::new()), pulls, quotas }))
+        let registry = Arc::new(Registry {
+            store,
+            meta,
+            index,
+            config,
+            arbiter,
+            system,
+            uploads,
+            repos: Mutex::new(HashMap::new()),
+            pulls,
+            quotas,
+            gc_lock: tokio::sync::Mutex::new(()),
+            gc_status: Mutex::new(gc::GcStatus::default()),
+        });
+        if registry.config.gc.enabled {
+            let collector =
+                gc::Collector { registry: Arc::downgrade(&registry), every: Duration::from_secs(registry.config.gc.interval_secs.max(1)) };
+            gc::Collector::start_in_arbiter(&registry.arbiter, move |_| collector);
+        }
+        Ok(registry)
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -232,6 +258,8 @@ impl Registry {
     /// Open a blob for reading, honouring a `Range` header.
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<&str>, body: bool) -> Result<BlobBody, RegistryError> {
         let size = self.stat_blob(repo, digest)?;
+        // A push that found the blob here is about to reference it: the collector waits.
+        self.index.touch(repo, digest, now_ms());
         let range = match range {
             Some(h) => parse_range(h, size)?,
             None => None,
@@ -257,7 +285,8 @@ impl Registry {
             return Err(name_unknown(repo));
         }
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None, quota }).await?
+        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None, quota, pinned: false })
+            .await?
     }
 
     // ----- uploads -----
@@ -284,8 +313,14 @@ impl Registry {
         // counted; from another tenant's, it is that much more for this one.
         let cost = if self.quotas.owner(repo).await? == self.quotas.owner(from).await? { 0 } else { size };
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), cost).await?;
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None, quota }).await??;
-        Ok(true)
+        self.index.touch(repo, digest, now_ms());
+        let link = repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None, quota, pinned: false };
+        match Self::ask(&self.repo_actor(repo), link).await? {
+            Ok(()) => Ok(true),
+            // Its bytes are being collected: the client uploads them instead.
+            Err(e) if e.code() == ErrorCode::Unavailable => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// A whole blob in one request (`POST ?digest=` with a body).
@@ -441,12 +476,25 @@ impl Registry {
         // (A blob the repository already has costs nothing more.)
         let cost = if self.index.linked_blob(&session.repo, digest).is_some() { 0 } else { session.offset };
         let quota = self.quotas.reserve(&session.repo, quota::Key::Upload(session.id), cost).await?;
-        self.store.commit_upload(&session.id, &session.staging, session.offset, digest).await.map_err(|e| internal("commit upload", e))?;
-        Self::ask(
-            &self.repo_actor(&session.repo),
-            repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota },
-        )
-        .await?
+        // Pinned before the bytes are published, so the collector cannot delete
+        // them between publish and link; the link releases the pin.
+        self.pin(digest).await?;
+        let linked = async {
+            self.store
+                .commit_upload(&session.id, &session.staging, session.offset, digest)
+                .await
+                .map_err(|e| internal("commit upload", e))?;
+            Self::ask(
+                &self.repo_actor(&session.repo),
+                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned: true },
+            )
+            .await?
+        }
+        .await;
+        if linked.is_err() {
+            self.unpin(digest).await;
+        }
+        linked
     }
 
     /// Bytes received so far for an upload.
@@ -529,7 +577,13 @@ impl Registry {
         // A manifest the repository already holds (a re-tag) costs nothing more.
         let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), if known { 0 } else { bytes.len() as u64 }).await?;
-        self.store.put_blob(&digest, bytes.clone()).await.map_err(|e| internal("store manifest", e))?;
+        // Pinned before the bytes are stored; the commit releases the pin.
+        self.pin(&digest).await?;
+        let stored = self.store.put_blob(&digest, bytes.clone()).await.map_err(|e| internal("store manifest", e));
+        if let Err(e) = stored {
+            self.unpin(&digest).await;
+            return Err(e);
+        }
         let row = ManifestRow {
             repo: repo.clone(),
             digest: digest.clone(),
@@ -541,6 +595,7 @@ impl Registry {
             created_ms: now_ms(),
             // Completed by the repository actor, which knows the blobs' and children's sizes.
             content_size: bytes.len() as u64,
+            refs: Some(parsed.required_blobs().chain(parsed.required_manifests()).cloned().collect()),
         };
         let msg = repo::CommitManifest {
             row,
@@ -549,7 +604,11 @@ impl Registry {
             required_manifests: parsed.required_manifests().cloned().collect(),
             quota,
         };
-        Self::ask(&self.repo_actor(repo), msg).await??;
+        let committed = Self::ask(&self.repo_actor(repo), msg).await.and_then(|r| r);
+        if committed.is_err() {
+            self.unpin(&digest).await;
+        }
+        committed?;
         self.index.cache_manifest_bytes(repo, &digest, &bytes);
         Ok(PutManifest { digest, subject: parsed.subject.map(|s| s.digest) })
     }

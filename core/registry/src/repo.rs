@@ -80,7 +80,7 @@ impl Handler<CommitManifest> for RepoActor {
         let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
         AtomicResponse::new(Box::pin(
             async move {
-                let added = meta.commit_manifest(&row, tag_row.as_ref()).await.map_err(|e| internal("commit manifest", e))?;
+                let added = meta.commit_manifest(&row, tag_row.as_ref(), true).await.map_err(|e| internal("commit manifest", e))?;
                 Ok((row, tag_row, added))
             }
             .into_actor(self)
@@ -184,6 +184,8 @@ pub struct Link {
     /// The tenant's reservation, settled with the bytes the link added (or the
     /// unlink freed).
     pub quota: Option<Ticket>,
+    /// The bytes were pinned before they were stored; the link releases the pin.
+    pub pinned: bool,
 }
 impl Message for Link {
     type Result = Result<(), RegistryError>;
@@ -199,15 +201,13 @@ impl Handler<Link> for RepoActor {
                 RegistryError::new(ErrorCode::BlobUnknown).with_detail(msg.digest.to_string())
             ))));
         }
-        if msg.size.is_some() && state.read().unwrap().blobs.contains_key(&msg.digest) {
-            let Some(upload) = msg.ends_upload else {
-                return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
-            };
-            let meta = self.meta.clone();
-            return AtomicResponse::new(Box::pin(
-                async move { meta.delete_upload(&upload).await.map_err(|e| internal("delete upload session", e)) }.into_actor(self),
-            ));
+        // A mount of a blob the repository has: nothing to write. (An upload goes
+        // on to metadata even then: its session record and pin go, and the link's
+        // time is renewed for the collector.)
+        if msg.size.is_some() && msg.ends_upload.is_none() && !msg.pinned && state.read().unwrap().blobs.contains_key(&msg.digest) {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
+        let pinned = msg.pinned;
         let (ends_upload, quota) = (msg.ends_upload, msg.quota);
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let (digest, size) = (msg.digest, msg.size);
@@ -215,10 +215,15 @@ impl Handler<Link> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 match size {
-                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref()).await.map(|b| b as i64),
+                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref(), pinned).await.map(|b| b as i64),
                     None => meta.unlink_blob(&repo, &d).await.map(|b| -(b as i64)),
                 }
-                .map_err(|e| internal("blob link", e))
+                .map_err(|e| match e {
+                    berth_metadata::MetadataError::Collecting => {
+                        RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
+                    }
+                    e => internal("blob link", e),
+                })
             }
             .into_actor(self)
             .map(move |res, _, _| {
@@ -256,6 +261,52 @@ impl Handler<DeleteRepo> for RepoActor {
                     settle(quota, -(removed.freed_bytes as i64));
                     index.remove_repo(&name);
                     Ok(removed)
+                },
+            ),
+        ))
+    }
+}
+
+/// The collector: remove a blob link no manifest of the repository needs, if it
+/// still is unneeded, untouched by clients and idle since before `cutoff`.
+/// Answers the bytes freed from the tenant's usage, or `None` if it stays.
+pub struct Collect {
+    pub digest: Digest,
+    pub cutoff: i64,
+    pub quota: Option<Ticket>,
+}
+impl Message for Collect {
+    type Result = Result<Option<u64>, RegistryError>;
+}
+
+impl Handler<Collect> for RepoActor {
+    type Result = AtomicResponse<Self, Result<Option<u64>, RegistryError>>;
+
+    fn handle(&mut self, msg: Collect, _: &mut Context<Self>) -> Self::Result {
+        let Some(state) = self.index.repo(&self.name) else {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(None))));
+        };
+        // Manifest commits run in this actor too, so what the index holds now is
+        // every manifest this repository has.
+        let needed = {
+            let s = state.read().unwrap();
+            !s.blobs.contains_key(&msg.digest) || s.manifests.values().any(|m| m.row.refs.as_ref().is_none_or(|r| r.contains(&msg.digest)))
+        };
+        if needed || self.index.touched_since(&self.name, &msg.digest, msg.cutoff) {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(None))));
+        }
+        let (meta, repo, quota) = (self.meta.clone(), self.name.clone(), msg.quota);
+        let (digest, cutoff) = (msg.digest, msg.cutoff);
+        let d = digest.clone();
+        AtomicResponse::new(Box::pin(
+            async move { meta.unlink_blob_if_idle(&repo, &d, cutoff).await.map_err(|e| internal("collect link", e)) }.into_actor(self).map(
+                move |res, _, _| {
+                    let freed = res?;
+                    if let Some(freed) = freed {
+                        settle(quota, -(freed as i64));
+                        state.write().unwrap().blobs.remove(&digest);
+                    }
+                    Ok(freed)
                 },
             ),
         ))
