@@ -88,6 +88,77 @@ pub enum ShareCmd {
     },
 }
 
+/// A retention policy's owner: a repository, or with --namespace a namespace.
+#[derive(clap::Args)]
+pub struct RetentionTarget {
+    /// The repository (or, with --namespace, the namespace).
+    pub target: String,
+    /// The target is a namespace: the policy applies to each of its
+    /// repositories that has none of its own.
+    #[arg(long)]
+    pub namespace: bool,
+}
+
+impl RetentionTarget {
+    fn path(&self) -> String {
+        if self.namespace {
+            format!("namespaces/{}/retention", self.target)
+        } else {
+            format!("repositories/{}/-/retention", self.target)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum RetentionCmd {
+    /// Set (replace) a policy. Durations: 45s, 30m, 12h, 90d, 2w.
+    Set {
+        #[command(flatten)]
+        target: RetentionTarget,
+        /// Keep the N most recently pushed tags.
+        #[arg(long)]
+        keep_last: Option<u32>,
+        /// Always keep tags matching this glob (repeatable): --keep latest --keep 'v*'.
+        #[arg(long = "keep")]
+        keep: Vec<String>,
+        /// Delete tags neither pulled nor pushed for this long.
+        #[arg(long)]
+        unpulled_for: Option<String>,
+        /// Delete untagged manifests older than this.
+        #[arg(long)]
+        untagged_older_than: Option<String>,
+        /// Do not run it on the schedule (it still runs with `berth retention run`).
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Show a policy.
+    Get {
+        #[command(flatten)]
+        target: RetentionTarget,
+    },
+    /// Remove a policy.
+    Delete {
+        #[command(flatten)]
+        target: RetentionTarget,
+    },
+    /// Run a policy now; --dry-run lists what would go.
+    Run {
+        #[command(flatten)]
+        target: RetentionTarget,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The audit records of past runs.
+    Runs {
+        #[arg(long)]
+        repository: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+}
+
 #[derive(Subcommand)]
 pub enum GcCmd {
     /// Run a collection pass now and print what it removed.
@@ -251,6 +322,33 @@ pub enum RepoCmd {
         name: String,
         #[arg(long)]
         tenant: String,
+    },
+    /// The tenants a repository is shared with.
+    Shares { name: String },
+    /// Is a name valid, yours to push to, and not taken? (exit 1 if not)
+    Check { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum OfficialCmd {
+    /// The official images (the platform's official namespace).
+    List {
+        #[arg(long)]
+        keyword: Option<String>,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        offset: Option<u64>,
+    },
+    /// One official image (`alpine` for `library/alpine`).
+    Get { name: String },
+    /// Its versions (tags).
+    Versions {
+        name: String,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        offset: Option<u64>,
     },
 }
 
@@ -631,6 +729,88 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
     Ok(true)
 }
 
+pub async fn official(conn: &Conn, cmd: OfficialCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    match cmd {
+        OfficialCmd::List { keyword, limit, offset } => {
+            let q =
+                query_string(&[("keyword", keyword), ("limit", limit.map(|n| n.to_string())), ("offset", offset.map(|n| n.to_string()))]);
+            show_page(conn, &c.json(M::GET, &format!("official{q}"), None).await?, &REPO_COLS)
+        }
+        OfficialCmd::Get { name } => show_one(conn, &c.json(M::GET, &format!("official/{name}"), None).await?),
+        OfficialCmd::Versions { name, limit, offset } => {
+            let q = query_string(&[("limit", limit.map(|n| n.to_string())), ("offset", offset.map(|n| n.to_string()))]);
+            show_page(conn, &c.json(M::GET, &format!("official/{name}/versions{q}"), None).await?, &TAG_COLS)
+        }
+    }
+    Ok(true)
+}
+
+/// The registry's and its mirror's addresses.
+pub async fn registry_info(conn: &Conn) -> Result<bool> {
+    let c = Client::new(conn)?;
+    show_one(conn, &c.json(reqwest::Method::GET, "registry", None).await?);
+    Ok(true)
+}
+
+fn print_run(run: &Value) {
+    let verb = if run["dry_run"].as_bool().unwrap_or(false) { "would delete" } else { "deleted" };
+    let items = run["items"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    println!("{} by {}: {verb} {} item(s)", run["scope"].as_str().unwrap_or("-"), run["by"].as_str().unwrap_or("-"), items.len());
+    for i in items {
+        println!(
+            "  {} {}:{} ({})",
+            i["kind"].as_str().unwrap_or(""),
+            i["repository"].as_str().unwrap_or(""),
+            i["name"].as_str().unwrap_or(""),
+            i["reason"].as_str().unwrap_or("")
+        );
+    }
+    for e in run["errors"].as_array().into_iter().flatten() {
+        println!("  error: {}", e.as_str().unwrap_or(""));
+    }
+}
+
+pub async fn retention(conn: &Conn, cmd: RetentionCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    match cmd {
+        RetentionCmd::Set { target, keep_last, keep, unpulled_for, untagged_older_than, disabled } => {
+            let body = json!({
+                "keep_last": keep_last, "keep_patterns": keep, "unpulled_for": unpulled_for,
+                "untagged_older_than": untagged_older_than, "enabled": !disabled,
+            });
+            show_one(conn, &c.json(M::PUT, &target.path(), Some(body)).await?)
+        }
+        RetentionCmd::Get { target } => show_one(conn, &c.json(M::GET, &target.path(), None).await?),
+        RetentionCmd::Delete { target } => {
+            c.json(M::DELETE, &target.path(), None).await?;
+            println!("removed the retention policy of {}", target.target);
+        }
+        RetentionCmd::Run { target, dry_run } => {
+            let v = c.json(M::POST, &format!("{}/run", target.path()), Some(json!({"dry_run": dry_run}))).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                print_run(&v);
+            }
+        }
+        RetentionCmd::Runs { repository, namespace, limit } => {
+            let q = query_string(&[("repository", repository), ("namespace", namespace), ("limit", limit.map(|n| n.to_string()))]);
+            let v = c.json(M::GET, &format!("retention/runs{q}"), None).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                for run in v["runs"].as_array().into_iter().flatten() {
+                    print_run(run);
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
 pub async fn gc(conn: &Conn, cmd: GcCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
@@ -938,6 +1118,24 @@ pub async fn repo(conn: &Conn, cmd: RepoCmd) -> Result<bool> {
         RepoCmd::Unshare { name, tenant } => {
             c.json(M::DELETE, &format!("repositories/{name}/shares/{tenant}"), None).await?;
             println!("unshared {name} from {tenant}");
+        }
+        RepoCmd::Shares { name } => {
+            let v = c.json(M::GET, &format!("repositories/{name}/shares"), None).await?;
+            if conn.json {
+                print(&v);
+            } else {
+                table(
+                    v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
+                );
+            }
+        }
+        RepoCmd::Check { name } => {
+            let v = c.json(M::GET, &format!("repositories/-/check?name={}", encode(&name)), None).await?;
+            show_one(conn, &v);
+            // Free for you: valid, yours to push to, not there yet.
+            let free = v["valid"].as_bool() == Some(true) && v["pushable"].as_bool() == Some(true) && v["exists"].as_bool() == Some(false);
+            return Ok(free);
         }
     }
     Ok(true)

@@ -67,6 +67,14 @@ enum Command {
     /// Per-tenant quotas: show limits and usage; set a tenant's limits (platform admin).
     #[command(subcommand)]
     Quota(client::QuotaCmd),
+    /// Retention policies of repositories and namespaces: set, show, remove, run (or dry-run), past runs.
+    #[command(subcommand)]
+    Retention(client::RetentionCmd),
+    /// Official images: list, inspect, versions.
+    #[command(subcommand)]
+    Official(client::OfficialCmd),
+    /// The registry's address and its pull-through mirror's (for `registry-mirrors`).
+    Registry,
     /// Garbage collection: run a pass now (or a dry run), show the collector's status.
     #[command(subcommand)]
     Gc(client::GcCmd),
@@ -102,6 +110,9 @@ fn main() -> std::process::ExitCode {
         Command::Repo(c) => run_client(Box::pin(async move { client::repo(&conn, c).await })),
         Command::Ns(c) => run_client(Box::pin(async move { client::ns(&conn, c).await })),
         Command::Share(c) => run_client(Box::pin(async move { client::share(&conn, c).await })),
+        Command::Retention(c) => run_client(Box::pin(async move { client::retention(&conn, c).await })),
+        Command::Official(c) => run_client(Box::pin(async move { client::official(&conn, c).await })),
+        Command::Registry => run_client(Box::pin(async move { client::registry_info(&conn).await })),
         Command::Gc(c) => run_client(Box::pin(async move { client::gc(&conn, c).await })),
         Command::Quota(c) => run_client(Box::pin(async move { client::quota(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),

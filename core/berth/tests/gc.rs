@@ -288,3 +288,37 @@ fn dry_runs_cli_and_the_background_collector() {
         assert_eq!(c.post(s.url("/api/v1/gc")).json(&json!({"now": true})).send().await.unwrap().status(), 400);
     });
 }
+
+/// One blob pushed into many repositories at once (a popular base layer): every
+/// push lands, and the digest's reference count is exact.
+#[test]
+fn one_blob_pushed_into_many_repositories_at_once() {
+    let dir = TempDir::new("gc-popular");
+    let s = start(&dir, false);
+    block_on(async {
+        let c = client();
+        // The same image everywhere: one config, one layer, one manifest.
+        let pushes = (0..120).map(|i| {
+            let c = c.clone();
+            let s = &s;
+            async move {
+                let repo = format!("acme/r{i:03}");
+                let cd = push_blob(&c, s, &repo, b"{}").await;
+                let ld = push_blob(&c, s, &repo, b"the same bytes").await;
+                put_manifest(&c, s, &repo, "v1", OCI_MANIFEST, &image_manifest((&cd, 2), &[(&ld, 14)], json!({}))).await;
+                ld
+            }
+        });
+        let digests = futures::future::join_all(pushes).await;
+        assert!(digests.iter().all(|d| d == &digests[0]));
+        // Deleting all but one repository leaves the bytes; the last one frees them.
+        for i in 1..120 {
+            assert_eq!(c.delete(s.url(&format!("/api/v1/repositories/acme/r{i:03}"))).send().await.unwrap().status(), 200);
+        }
+        let r = gc_after_grace(&s).await;
+        assert_eq!(r["blobs_deleted"], 0, "{r}");
+        assert_eq!(c.get(s.url(&format!("/v2/acme/r000/blobs/{}", digests[0]))).send().await.unwrap().status(), 200);
+        assert_eq!(c.delete(s.url("/api/v1/repositories/acme/r000")).send().await.unwrap().status(), 200);
+        assert_eq!(gc_after_grace(&s).await["blobs_deleted"], 3, "config, layer and manifest");
+    });
+}

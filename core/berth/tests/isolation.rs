@@ -4,7 +4,8 @@
 //! repositories × {pull, push, delete, list tags, catalog, and the management
 //! API's repository detail, listing, tag listing, update and shared-with-me
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
-//! quotas, the `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
+//! quotas, the repository's retention policy, the `/registry/v1` and
+//! `/api/console` adapters}. Every cell is asserted.
 
 mod common;
 
@@ -13,7 +14,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 16] = [
+const OPS: [&str; 17] = [
     "pull",
     "push",
     "delete",
@@ -30,6 +31,7 @@ const OPS: [&str; 16] = [
     "api-shared",
     "api-ns-shares",
     "api-quota",
+    "api-retention",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -71,7 +73,7 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     if op == "compat-mine" {
         return expected(who, repo_kind, "push");
     }
-    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags" | "compat-tags");
+    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags" | "compat-tags" | "api-retention");
     match who {
         Who::Role(0) => true,
         Who::Role(1) => true,
@@ -128,6 +130,14 @@ async fn setup(s: &Server) -> Vec<(String, String, String)> {
         for kind in ["private", "public", "shared"] {
             let repo = format!("{t}/{kind}");
             push_image(&m, s, &repo, "v1", 100 + i as u64, json!({})).await;
+            // A retention policy (disabled), so reading it answers 200 where allowed.
+            let r = ta
+                .put(s.url(&format!("/api/v1/repositories/{repo}/-/retention")))
+                .json(&json!({"keep_last": 100, "enabled": false}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
             repos.push((t.to_string(), kind.to_string(), repo));
         }
         // A second namespace, shared as a whole with the next tenant.
@@ -135,6 +145,13 @@ async fn setup(s: &Server) -> Vec<(String, String, String)> {
         let r = ta.post(s.url("/api/v1/namespaces")).json(&json!({"name": ns})).send().await.unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         push_image(&m, s, &format!("{ns}/app"), "v1", 200 + i as u64, json!({})).await;
+        let r = ta
+            .put(s.url(&format!("/api/v1/repositories/{ns}/app/-/retention")))
+            .json(&json!({"keep_last": 100, "enabled": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
         let r = ta.put(s.url(&format!("/api/v1/namespaces/{ns}/shares/{}", TENANTS[(i + 1) % 3]))).json(&json!({})).send().await.unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         repos.push((t.to_string(), "nsshared".to_string(), format!("{ns}/app")));
@@ -259,6 +276,12 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             }
             let v: serde_json::Value = r.json().await.unwrap();
             v["items"].as_array().unwrap().iter().any(|x| x["name"] == repo)
+        }
+        "api-retention" => {
+            let r = c.get(s.url(&format!("/api/v1/repositories/{repo}/-/retention"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code) || code == 404, "{op} {repo}: {code}");
+            code == 200
         }
         "api-ns-shares" => {
             let ns = repo.split('/').next().unwrap();

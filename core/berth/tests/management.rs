@@ -865,7 +865,36 @@ fn official_images() {
         assert_eq!(r.status(), 405);
         // The rest of the management API stays closed to anonymous callers.
         assert_eq!(anon_client().get(api(&s, "repositories/library/alpine")).send().await.unwrap().status(), 401);
+        let r = admin.put(api(&s, "repositories/library/alpine/shares/acme")).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
     });
+
+    // The same through the CLI, with the registry's address and name checks.
+    let creds = dir.path().join("creds.json");
+    let env = [
+        ("BERTH_SERVER", s.base.as_str()),
+        ("BERTH_USER", "admin"),
+        ("BERTH_PASSWORD", ADMIN_PASSWORD),
+        ("BERTH_CREDENTIALS", creds.to_str().unwrap()),
+    ];
+    let run = |args: &[&str]| {
+        let (code, out, err) = cli(&env, args);
+        assert_eq!(code, 0, "berth {args:?}: {err}{out}");
+        out
+    };
+    let out = run(&["official", "list"]);
+    assert!(out.contains("library/alpine") && out.contains("library/busybox"), "{out}");
+    assert!(run(&["official", "get", "alpine"]).contains("tag_count: 2"));
+    let out = run(&["official", "versions", "alpine"]);
+    assert!(out.contains("3.20"), "{out}");
+    assert!(run(&["registry"]).contains(&format!("registry_address: {}", s.addr)));
+    assert!(run(&["repo", "shares", "library/alpine"]).contains("acme"));
+    assert_eq!(cli(&env, &["repo", "check", "acme/new-one"]).0, 0);
+    let (code, out, _) = cli(&env, &["repo", "check", "library/alpine"]);
+    assert_eq!(code, 1, "a taken name exits 1: {out}");
+    let (code, out, _) = cli(&env, &["repo", "check", "Bad Name"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("valid: false"), "{out}");
 }
 
 /// The management APIs are no cross-site target: no Basic challenge a browser

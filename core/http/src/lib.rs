@@ -21,6 +21,7 @@ mod gc;
 mod manage;
 mod namespaces;
 mod quotas;
+mod retention;
 pub mod route;
 
 use std::future::Future;

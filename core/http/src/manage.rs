@@ -362,6 +362,9 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
             delete_manifest(services, identity, &repo, d.parse()?).await
         }
         (["manifests", "delete"], &Method::POST) => bulk_delete(services, identity, &repo, req).await,
+        (["retention", rest @ ..], _) => {
+            crate::retention::handle(services, identity, berth_registry::retention::Scope::Repository(repo), rest, req).await
+        }
         ([] | ["tags"] | ["tags", _] | ["manifests", _], m) => Err(method_not_allowed(m)),
         _ => Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no such endpoint: /api/v1/repositories/{rest}"))),
     }
@@ -709,6 +712,7 @@ pub(crate) fn document() -> utoipa::openapi::OpenApi {
     doc.merge(crate::api::AccountDoc::openapi());
     doc.merge(crate::quotas::QuotaDoc::openapi());
     doc.merge(crate::gc::GcDoc::openapi());
+    doc.merge(crate::retention::RetentionDoc::openapi());
     doc
 }
 

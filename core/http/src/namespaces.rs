@@ -133,6 +133,11 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
         ("", &Method::POST) => create(services, identity, req, &host).await,
         ("check", &Method::GET) => check(services, query(req)?),
         ("" | "check", m) => Err(method_not_allowed(m)),
+        (path, _) if path.split('/').nth(1) == Some("retention") => {
+            let segs: Vec<&str> = path.split('/').collect();
+            let ns: AccountName = segs[0].parse()?;
+            crate::retention::handle(services, identity, berth_registry::retention::Scope::Namespace(ns), &segs[2..], req).await
+        }
         (path, _) if path.split('/').nth(1) == Some("shares") => {
             let segs: Vec<&str> = path.split('/').collect();
             let ns: AccountName = segs[0].parse()?;

@@ -55,6 +55,7 @@ impl Metadata {
     /// alone until they are linked. `false`: the collector is deleting it right
     /// now; store again a moment later.
     pub async fn pin_blob(&self, digest: &Digest) -> Result<bool> {
+        let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
                 self.db
@@ -75,6 +76,7 @@ impl Metadata {
 
     /// Release a pin whose store failed before the bytes were linked.
     pub async fn unpin_blob(&self, digest: &Digest) -> Result<()> {
+        let _turn = self.digest_turn(digest).await;
         self.run(|| {
             self.db
                 .query("UPDATE type::record('stored_blob', $digest) SET pins = math::max([(pins OR 0) - 1, 0]) RETURN NONE")
@@ -104,6 +106,7 @@ impl Metadata {
     /// since before `cutoff_ms`, and holds no live pin. `true`: marked; delete its
     /// bytes, then [`Metadata::forget_blob`].
     pub async fn mark_collecting(&self, digest: &Digest, cutoff_ms: i64) -> Result<bool> {
+        let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
                 self.db
@@ -123,6 +126,7 @@ impl Metadata {
 
     /// Forget a collected digest (its bytes are gone).
     pub async fn forget_blob(&self, digest: &Digest) -> Result<()> {
+        let _turn = self.digest_turn(digest).await;
         self.run(|| {
             self.db.query("DELETE type::record('stored_blob', $digest) WHERE gc = true RETURN NONE").bind(("digest", digest.to_string()))
         })

@@ -14,6 +14,7 @@
 pub mod accounts;
 pub mod gc;
 pub mod manage;
+pub mod retention;
 pub mod usage;
 
 pub use accounts::{
@@ -21,6 +22,7 @@ pub use accounts::{
 };
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
+pub use retention::{RetentionItem, RetentionPolicy, RetentionRules, RetentionRun};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use surrealdb::engine::any::{self, Any};
@@ -170,7 +172,15 @@ DEFINE TABLE IF NOT EXISTS upload SCHEMALESS;
 #[derive(Clone)]
 pub struct Metadata {
     pub(crate) db: Surreal<Any>,
+    /// Transactions that write one digest's records (its reference counts, pins,
+    /// collection mark) queue here by digest, so concurrent pushes of one popular
+    /// blob into many repositories take turns in this process instead of failing
+    /// each other's optimistic transactions (other replicas' still conflict, and
+    /// are retried).
+    stripes: std::sync::Arc<[tokio::sync::Mutex<()>]>,
 }
+
+const STRIPES: usize = 64;
 
 impl Metadata {
     /// Connect (or open the embedded store) and make sure the schema exists.
@@ -188,7 +198,8 @@ impl Metadata {
         db.query(manage::SCHEMA).await?.check()?;
         db.query(usage::SCHEMA).await?.check()?;
         db.query(gc::SCHEMA).await?.check()?;
-        let md = Metadata { db };
+        db.query(retention::SCHEMA).await?.check()?;
+        let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() };
         if md.ensure_usage_counted().await? {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
         }
@@ -229,6 +240,7 @@ impl Metadata {
              RETURN {{ bytes: $added }};
              COMMIT TRANSACTION;"
         );
+        let _turn = self.digest_turn(&link.digest).await;
         let mut r = self
             .run(|| {
                 self.db
@@ -264,6 +276,7 @@ impl Metadata {
              COMMIT TRANSACTION;",
             usage::ref_release("$had.digest")
         );
+        let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
                 self.db
@@ -304,6 +317,7 @@ impl Metadata {
         let manifest = to_value(m)?;
         let tag_row = tag.map(to_value).transpose()?;
         let now = now_ms();
+        let _turn = self.digest_turn(&m.digest).await;
         let mut r = self
             .run(|| {
                 let mut q = self
@@ -342,6 +356,7 @@ impl Metadata {
              COMMIT TRANSACTION;",
             usage::ref_release("$had.digest")
         );
+        let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
                 self.db
@@ -413,11 +428,17 @@ impl Metadata {
 }
 
 impl Metadata {
+    /// The queue for transactions that write `digest`'s records.
+    pub(crate) async fn digest_turn(&self, digest: &Digest) -> tokio::sync::MutexGuard<'_, ()> {
+        let h = digest.hex().as_bytes().iter().take(8).fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
+        self.stripes[h % STRIPES].lock().await
+    }
+
     /// Run a query, built afresh by `build` for each try, and check every
     /// statement. SurrealDB's transactions are optimistic: of two that write the
     /// same record at once, the loser fails with a conflict that "can be
-    /// retried". Such a transaction is run again (up to 10 tries, pausing 1, 2,
-    /// 4 … ms); any other failure is returned at once.
+    /// retried". Such a transaction is run again (up to 16 tries, pausing about
+    /// 1, 2, 4 … 50 ms, jittered); any other failure is returned at once.
     pub(crate) async fn run<'a>(&'a self, build: impl Fn() -> Query<'a, Any>) -> Result<IndexedResults> {
         let mut pause = std::time::Duration::from_millis(1);
         for attempt in 1.. {
@@ -430,18 +451,27 @@ impl Metadata {
                 return Err(MetadataError::Collecting);
             }
             let retryable = errors.values().any(|e| matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)));
-            if !retryable || attempt >= 10 {
+            if !retryable || attempt >= 16 {
                 // The statement that failed, rather than the ones cancelled with it.
                 let mut errors: Vec<(usize, surrealdb::Error)> = errors.into_iter().collect();
                 errors.sort_by_key(|(i, e)| (e.to_string().contains("not executed due to a failed transaction"), *i));
                 return Err(errors.remove(0).1.into());
             }
             tracing::debug!(attempt, "metadata transaction conflicted; retrying");
-            tokio::time::sleep(pause).await;
+            // Jittered, so writers that conflicted once do not meet again in step.
+            tokio::time::sleep(pause.mul_f64(0.5 + jitter())).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(50));
         }
         unreachable!("the loop returns")
     }
+}
+
+/// A number in [0, 1) that differs from call to call.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The rows a statement returned, decoded through serde into our own (validated)

@@ -21,6 +21,7 @@ pub mod index;
 pub mod manage;
 pub mod quota;
 pub mod repo;
+pub mod retention;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -73,6 +74,8 @@ pub struct RegistryConfig {
     pub quota: quota::QuotaConfig,
     /// Online garbage collection (`[registry.gc]`).
     pub gc: gc::GcConfig,
+    /// Retention policies' schedule (`[registry.retention]`).
+    pub retention: retention::RetentionConfig,
 }
 
 impl Default for RegistryConfig {
@@ -89,6 +92,7 @@ impl Default for RegistryConfig {
             official_namespace: "library".into(),
             quota: quota::QuotaConfig::default(),
             gc: gc::GcConfig::default(),
+            retention: retention::RetentionConfig::default(),
         }
     }
 }
@@ -196,6 +200,13 @@ impl Registry {
             let collector =
                 gc::Collector { registry: Arc::downgrade(&registry), every: Duration::from_secs(registry.config.gc.interval_secs.max(1)) };
             gc::Collector::start_in_arbiter(&registry.arbiter, move |_| collector);
+        }
+        if registry.config.retention.enabled {
+            let scheduler = retention::Scheduler {
+                registry: Arc::downgrade(&registry),
+                every: Duration::from_secs(registry.config.retention.interval_secs.max(1)),
+            };
+            retention::Scheduler::start_in_arbiter(&registry.arbiter, move |_| scheduler);
         }
         Ok(registry)
     }

@@ -289,7 +289,7 @@ impl Registry {
     }
 
     /// Digests that the index manifests of `repo` which are not in `going` list.
-    async fn index_children(&self, repo: &RepoName, going: &[Digest]) -> Result<Vec<Digest>, RegistryError> {
+    pub(crate) async fn index_children(&self, repo: &RepoName, going: &[Digest]) -> Result<Vec<Digest>, RegistryError> {
         let indexes: Vec<Digest> = {
             let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
             let s = state.read().unwrap();
