@@ -567,6 +567,7 @@ impl Auth {
         if !created {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("tenant or namespace {name} exists")));
         }
+        self.claimed(&name).await?;
         self.refresh_namespaces().await
     }
 
@@ -580,6 +581,17 @@ impl Auth {
         self.meta.tenants().await.map_err(|e| internal("listing tenants", e))
     }
 
+    /// A namespace just got its tenant: if it already holds repositories (pushed
+    /// while nobody owned it), their bytes now count for that tenant.
+    async fn claimed(&self, ns: &AccountName) -> Result<(), RegistryError> {
+        let stats = self.meta.namespace_stats(ns).await.map_err(|e| internal("namespace figures", e))?;
+        if stats.repository_count > 0 {
+            self.meta.recount_references().await.map_err(|e| internal("recount references", e))?;
+            tracing::info!(namespace = %ns, repositories = stats.repository_count, "namespace claimed with repositories: references counted again");
+        }
+        Ok(())
+    }
+
     /// Give a tenant another namespace (platform admin).
     pub async fn add_namespace(&self, who: &Principal, tenant: AccountName, ns: AccountName) -> Result<(), RegistryError> {
         self.require_platform_admin(who)?;
@@ -591,6 +603,7 @@ impl Auth {
         if !created {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {ns} is taken")));
         }
+        self.claimed(&ns).await?;
         self.refresh_namespaces().await
     }
 
@@ -628,6 +641,7 @@ impl Auth {
         if !self.meta.create_namespace_profile(&p).await.map_err(|e| internal("creating namespace", e))? {
             return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("namespace {} is taken", p.name)));
         }
+        self.claimed(&p.name).await?;
         self.refresh_namespaces().await
     }
 

@@ -811,6 +811,48 @@ pub async fn retention(conn: &Conn, cmd: RetentionCmd) -> Result<bool> {
     Ok(true)
 }
 
+/// An integrity report: a summary and every finding; `true` when clean.
+pub fn print_fsck(json_out: bool, v: &Value) -> bool {
+    let clean = v["clean"].as_bool().unwrap_or(false);
+    if json_out {
+        print(v);
+        return clean;
+    }
+    println!(
+        "{}: {} repositories, {} links, {} manifests, {} tags; {} blobs stored ({} bytes); {} awaiting the collector",
+        if clean { "clean" } else { "NOT CLEAN" },
+        v["repositories"],
+        v["links"],
+        v["manifests"],
+        v["tags"],
+        v["stored_blobs"],
+        v["stored_bytes"],
+        v["awaiting_collection"]
+    );
+    for key in
+        ["dangling_links", "missing_manifests", "dangling_tags", "refcount_mismatches", "usage_mismatches", "orphans", "digest_mismatches"]
+    {
+        let n = v[key]["count"].as_u64().unwrap_or(0);
+        if n > 0 {
+            println!("{}: {n}", key.replace('_', " "));
+            for i in v[key]["items"].as_array().into_iter().flatten() {
+                println!("  {}", i.as_str().unwrap_or(""));
+            }
+        }
+    }
+    for r in v["repaired"].as_array().into_iter().flatten() {
+        println!("repaired: {}", r.as_str().unwrap_or(""));
+    }
+    clean
+}
+
+/// `berth fsck` against a running server.
+pub async fn fsck(conn: &Conn, repair: bool, rehash: bool) -> Result<bool> {
+    let c = Client::new(conn)?;
+    let v = c.json(reqwest::Method::POST, "fsck", Some(json!({"repair": repair, "rehash": rehash}))).await?;
+    Ok(print_fsck(conn.json, &v))
+}
+
 pub async fn gc(conn: &Conn, cmd: GcCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;

@@ -75,6 +75,24 @@ enum Command {
     Official(client::OfficialCmd),
     /// The registry's address and its pull-through mirror's (for `registry-mirrors`).
     Registry,
+    /// Check metadata against storage and the reference counts against a recount
+    /// (exit 1 if not clean); --repair fixes what is safe to fix.
+    Fsck {
+        #[arg(long)]
+        repair: bool,
+        /// Hash every stored blob again (reads everything).
+        #[arg(long)]
+        rehash: bool,
+        /// Check a stopped registry's data directory instead of asking a server.
+        #[arg(long)]
+        offline: bool,
+        /// With --offline: the data directory (default as for `serve`).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// With --offline: the configuration file (default as for `serve`).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Garbage collection: run a pass now (or a dry run), show the collector's status.
     #[command(subcommand)]
     Gc(client::GcCmd),
@@ -113,6 +131,24 @@ fn main() -> std::process::ExitCode {
         Command::Retention(c) => run_client(Box::pin(async move { client::retention(&conn, c).await })),
         Command::Official(c) => run_client(Box::pin(async move { client::official(&conn, c).await })),
         Command::Registry => run_client(Box::pin(async move { client::registry_info(&conn).await })),
+        Command::Fsck { repair, rehash, offline: false, .. } => {
+            run_client(Box::pin(async move { client::fsck(&conn, repair, rehash).await }))
+        }
+        Command::Fsck { repair, rehash, offline: true, data_dir, config } => {
+            let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+            let mut cfg = match Config::load(&env, Overrides { config, listen: None, data_dir }) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("berth: configuration error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            // Nothing but the check runs against the data directory.
+            cfg.registry.gc.enabled = false;
+            cfg.registry.retention.enabled = false;
+            let json_out = conn.json;
+            run_client(Box::pin(async move { fsck_offline(cfg, repair, rehash, json_out).await }))
+        }
         Command::Gc(c) => run_client(Box::pin(async move { client::gc(&conn, c).await })),
         Command::Quota(c) => run_client(Box::pin(async move { client::quota(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
@@ -245,6 +281,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     registry.flush_counters().await;
     registry.shutdown();
     Ok(())
+}
+
+/// `berth fsck --offline`: open a stopped registry's storage and metadata and check them.
+async fn fsck_offline(cfg: Config, repair: bool, rehash: bool, json_out: bool) -> anyhow::Result<bool> {
+    if !cfg.data_dir.exists() {
+        anyhow::bail!("no data directory at {}", cfg.data_dir.display());
+    }
+    let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
+    let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
+    let registry = Registry::open(store, meta, cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let report = registry.fsck(repair, rehash).await.map_err(|e| anyhow::anyhow!(e.detail_or_message()))?;
+    registry.shutdown();
+    let v: serde_json::Value = serde_json::from_str(&berth_http::fsck_json(report))?;
+    Ok(client::print_fsck(json_out, &v))
 }
 
 fn storage_kind(cfg: &Config) -> &'static str {

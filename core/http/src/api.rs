@@ -279,12 +279,13 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["registry"], &Method::GET) => crate::manage::registry_info(services, req),
         (["me", "password"], &Method::PUT) => change_password(auth, who, body(req).await?).await,
         (["tenants"], &Method::GET) => list_tenants(auth, who).await,
-        (["tenants"], &Method::POST) => create_tenant(auth, who, body(req).await?).await,
+        (["tenants"], &Method::POST) => create_tenant(services, who, body(req).await?).await,
         (["tenants", t, "namespaces"], &Method::POST) => add_namespace(services, who, t.parse()?, body(req).await?).await,
         (["tenants", t, "quota"], &Method::GET) => crate::quotas::get(services, identity, &t.parse()?).await,
         (["tenants", t, "quota"], &Method::PUT) => crate::quotas::set(services, identity, &t.parse()?, req).await,
         (["quotas"], &Method::GET) => crate::quotas::mine(services, identity).await,
         (["retention", "runs"], &Method::GET) => crate::retention::runs(services, identity, crate::manage::query(req)?).await,
+        (["fsck"], &Method::POST) => crate::gc::fsck(services, identity, req).await,
         (["gc"], &Method::GET) => crate::gc::status(services, identity),
         (["gc"], &Method::POST) => crate::gc::run(services, identity, req).await,
         (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,
@@ -317,6 +318,7 @@ fn known(path: &str) -> bool {
         "me",
         "me/password",
         "gc",
+        "fsck",
         "retention/runs",
         "quotas",
         "registry",
@@ -366,8 +368,10 @@ async fn list_tenants(auth: &Auth, who: &Principal) -> Result<Reply, RegistryErr
 /// Create a tenant and its namespace of the same name (platform admin).
 #[utoipa::path(post, path = "/api/v1/tenants", operation_id = "createTenant", tag = "accounts", request_body = NameBody,
     responses((status = 201, body = Created), (status = 409, description = "exists")))]
-async fn create_tenant(auth: &Auth, who: &Principal, b: NameBody) -> Result<Reply, RegistryError> {
-    auth.create_tenant(who, b.name.parse()?).await?;
+async fn create_tenant(services: &Services, who: &Principal, b: NameBody) -> Result<Reply, RegistryError> {
+    let name: AccountName = b.name.parse()?;
+    services.auth.create_tenant(who, name.clone()).await?;
+    services.registry.quotas().claimed(&name, &name);
     reply(StatusCode::CREATED, &Created { name: b.name, tenant: None, role: None })
 }
 
@@ -375,10 +379,11 @@ async fn create_tenant(auth: &Auth, who: &Principal, b: NameBody) -> Result<Repl
 #[utoipa::path(post, path = "/api/v1/tenants/{tenant}/namespaces", operation_id = "addTenantNamespace", tag = "accounts",
     params(("tenant" = String, Path)), request_body = NameBody, responses((status = 201, body = Created)))]
 async fn add_namespace(services: &Services, who: &Principal, tenant: AccountName, b: NameBody) -> Result<Reply, RegistryError> {
-    let name = b.name.parse()?;
+    let name: AccountName = b.name.parse()?;
     services.auth.require_platform_admin(who)?;
     let _admitted = services.registry.quotas().admit_namespace(&tenant).await?;
-    services.auth.add_namespace(who, tenant.clone(), name).await?;
+    services.auth.add_namespace(who, tenant.clone(), name.clone()).await?;
+    services.registry.quotas().claimed(&name, &tenant);
     reply(StatusCode::CREATED, &Created { name: b.name, tenant: Some(tenant.to_string()), role: None })
 }
 

@@ -93,6 +93,79 @@ pub(crate) async fn run(services: &Services, identity: &Identity, req: &mut Requ
     reply(StatusCode::OK, &pass(services.registry.collect(b.dry_run).await?))
 }
 
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FsckRun {
+    /// Fix what is safe to fix: recount references, adopt orphans, unlink links
+    /// whose bytes are gone.
+    #[serde(default)]
+    pub repair: bool,
+    /// Hash every stored blob again and compare it with its digest (reads everything).
+    #[serde(default)]
+    pub rehash: bool,
+}
+
+/// A list of problems (at most 1,000 shown) and how many there are.
+#[derive(Serialize, ToSchema)]
+pub struct FsckFinding {
+    pub count: u64,
+    pub items: Vec<String>,
+}
+
+/// What the integrity check found (and repaired).
+#[derive(Serialize, ToSchema)]
+pub struct FsckView {
+    pub clean: bool,
+    pub repositories: u64,
+    pub links: u64,
+    pub manifests: u64,
+    pub tags: u64,
+    pub stored_blobs: u64,
+    pub stored_bytes: u64,
+    pub dangling_links: FsckFinding,
+    pub missing_manifests: FsckFinding,
+    pub dangling_tags: FsckFinding,
+    pub refcount_mismatches: FsckFinding,
+    pub usage_mismatches: FsckFinding,
+    pub orphans: FsckFinding,
+    pub awaiting_collection: u64,
+    pub digest_mismatches: FsckFinding,
+    pub rehashed: bool,
+    pub repaired: Vec<String>,
+}
+
+pub fn fsck_view(r: berth_registry::fsck::FsckReport) -> FsckView {
+    let f = |x: berth_registry::fsck::Finding| FsckFinding { count: x.count, items: x.items };
+    FsckView {
+        clean: r.clean,
+        repositories: r.repositories,
+        links: r.links,
+        manifests: r.manifests,
+        tags: r.tags,
+        stored_blobs: r.stored_blobs,
+        stored_bytes: r.stored_bytes,
+        dangling_links: f(r.dangling_links),
+        missing_manifests: f(r.missing_manifests),
+        dangling_tags: f(r.dangling_tags),
+        refcount_mismatches: f(r.refcount_mismatches),
+        usage_mismatches: f(r.usage_mismatches),
+        orphans: f(r.orphans),
+        awaiting_collection: r.awaiting_collection,
+        digest_mismatches: f(r.digest_mismatches),
+        rehashed: r.rehashed,
+        repaired: r.repaired,
+    }
+}
+
+/// Check metadata against storage and the reference counts against a recount
+/// (platform admin); with `repair`, fix what is safe to fix.
+#[utoipa::path(post, path = "/api/v1/fsck", operation_id = "fsck", tag = "storage", request_body = FsckRun, responses((status = 200, body = FsckView)))]
+pub(crate) async fn fsck(services: &Services, identity: &Identity, req: &mut Request) -> Result<Reply, RegistryError> {
+    services.auth.require_platform_admin(&identity.principal)?;
+    let b: FsckRun = body(req).await?;
+    reply(StatusCode::OK, &fsck_view(services.registry.fsck(b.repair, b.rehash).await?))
+}
+
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(status, run), components(schemas(GcView, GcPass, GcRun)))]
+#[openapi(paths(status, run, fsck), components(schemas(GcView, GcPass, GcRun, FsckRun, FsckView, FsckFinding)))]
 pub struct GcDoc;

@@ -18,6 +18,11 @@ mod conn;
 mod console;
 mod gate;
 mod gc;
+
+/// An integrity report as the API answers it (for `berth fsck --offline`).
+pub fn fsck_json(r: berth_registry::fsck::FsckReport) -> String {
+    serde_json::to_string_pretty(&gc::fsck_view(r)).unwrap_or_default()
+}
 mod manage;
 mod namespaces;
 mod quotas;

@@ -210,7 +210,9 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
     };
     services.auth.require_tenant_admin(&identity.principal, &p.tenant)?;
     let _admitted = services.registry.quotas().admit_namespace(&p.tenant).await?;
+    let tenant = p.tenant.clone();
     services.auth.create_namespace(&identity.principal, p).await?;
+    services.registry.quotas().claimed(&name, &tenant);
     let (p, st) = services.auth.namespace(&identity.principal, &name).await?;
     reply(StatusCode::CREATED, &view(p, st, host))
 }

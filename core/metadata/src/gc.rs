@@ -39,6 +39,17 @@ pub struct Unreferenced {
     pub size: u64,
 }
 
+/// One digest's references: counted from links and manifests, and as recorded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Census {
+    pub digest: Digest,
+    pub counted: i64,
+    /// `None`: no record (bytes stored before records existed, or never stored).
+    pub recorded: Option<i64>,
+    /// Marked by the collector.
+    pub marked: bool,
+}
+
 /// A blob link with its times.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct LinkAge {
@@ -185,6 +196,50 @@ impl Metadata {
         Ok(())
     }
 
+    /// For `fsck`: every digest's recorded count (and mark), and its references
+    /// counted from the links and manifests themselves.
+    pub async fn reference_census(&self) -> Result<Vec<Census>> {
+        let mut r = self
+            .db
+            .query(
+                "SELECT digest, count() AS n FROM blob_link GROUP BY digest;
+                 SELECT digest, count() AS n FROM manifest GROUP BY digest;
+                 SELECT digest, refs OR 0 AS refs, gc OR false AS gc FROM stored_blob;",
+            )
+            .await?
+            .check()?;
+        #[derive(Deserialize)]
+        struct N {
+            digest: Digest,
+            n: i64,
+        }
+        #[derive(Deserialize)]
+        struct S {
+            digest: Digest,
+            refs: i64,
+            gc: bool,
+        }
+        let (links, manifests, stored): (Vec<N>, Vec<N>, Vec<S>) = (rows(&mut r, 0)?, rows(&mut r, 1)?, rows(&mut r, 2)?);
+        let mut by: std::collections::BTreeMap<Digest, Census> = std::collections::BTreeMap::new();
+        for n in links.into_iter().chain(manifests) {
+            by.entry(n.digest.clone()).or_insert(Census { digest: n.digest, counted: 0, recorded: None, marked: false }).counted += n.n;
+        }
+        for s in stored {
+            let e = by.entry(s.digest.clone()).or_insert(Census { digest: s.digest, counted: 0, recorded: None, marked: false });
+            e.recorded = Some(s.refs);
+            e.marked = s.gc;
+        }
+        Ok(by.into_values().collect())
+    }
+
+    /// Count every reference again, per digest and per tenant, from the links
+    /// and manifests (`fsck --repair`): one transaction.
+    pub async fn recount_references(&self) -> Result<()> {
+        self.db.query("DELETE meta:usage").await?.check()?;
+        self.ensure_usage_counted().await?;
+        Ok(())
+    }
+
     /// The global reference count of a digest (tests and `fsck` compare it with a
     /// recount).
     pub async fn blob_refs(&self, digest: &Digest) -> Result<Option<i64>> {
@@ -249,6 +304,23 @@ mod tests {
             let (pinned, marked) = (pin.await.unwrap(), mark.await.unwrap());
             assert!(pinned != marked, "round {round}: pinned {pinned}, marked {marked}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_census_finds_wrong_counts_and_a_recount_fixes_them() {
+        let md = mem().await;
+        let d = Digest::sha256(b"counted");
+        for repo in ["acme/a", "acme/b"] {
+            md.link_blob(&LinkRow { repo: repo.parse().unwrap(), digest: d.clone(), size: 7 }, None, false).await.unwrap();
+        }
+        let ok = |c: &Vec<Census>| c.iter().all(|c| c.recorded == Some(c.counted));
+        assert!(ok(&md.reference_census().await.unwrap()));
+        md.db.query("UPDATE type::record('stored_blob', $d) SET refs = 5").bind(("d", d.to_string())).await.unwrap().check().unwrap();
+        let census = md.reference_census().await.unwrap();
+        assert_eq!(census, vec![Census { digest: d.clone(), counted: 2, recorded: Some(5), marked: false }]);
+        md.recount_references().await.unwrap();
+        assert!(ok(&md.reference_census().await.unwrap()));
+        assert_eq!(md.blob_refs(&d).await.unwrap(), Some(2));
     }
 
     #[tokio::test]

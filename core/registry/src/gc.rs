@@ -94,7 +94,9 @@ impl Registry {
     /// Run one collection pass now (after any pass in progress).
     pub async fn collect(&self, dry_run: bool) -> Result<GcReport, RegistryError> {
         let _one_at_a_time = self.gc_lock.lock().await;
-        let grace_ms = (self.config.gc.grace_secs as i64).saturating_mul(1000);
+        // At least a second: a push that found its bytes referenced relies on
+        // them outliving its request (see `put_manifest`).
+        let grace_ms = (self.config.gc.grace_secs.max(1) as i64).saturating_mul(1000);
         let mut report = GcReport { dry_run, started_ms: now_ms(), ..Default::default() };
         let cutoff = report.started_ms - grace_ms;
         self.index.prune_touches(cutoff);

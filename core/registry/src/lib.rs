@@ -16,6 +16,7 @@
 //! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
 
 pub mod counters;
+pub mod fsck;
 pub mod gc;
 pub mod index;
 pub mod manage;
@@ -485,11 +486,16 @@ impl Registry {
         }
         // Reserved again: after a restart the quota actor has forgotten the session.
         // (A blob the repository already has costs nothing more.)
-        let cost = if self.index.linked_blob(&session.repo, digest).is_some() { 0 } else { session.offset };
+        let linked_here = self.index.linked_blob(&session.repo, digest).is_some();
+        let cost = if linked_here { 0 } else { session.offset };
         let quota = self.quotas.reserve(&session.repo, quota::Key::Upload(session.id), cost).await?;
         // Pinned before the bytes are published, so the collector cannot delete
-        // them between publish and link; the link releases the pin.
-        self.pin(digest).await?;
+        // them between publish and link; the link releases the pin. (A blob the
+        // repository already links needs none, as for manifests above.)
+        let pinned = !linked_here;
+        if pinned {
+            self.pin(digest).await?;
+        }
         let linked = async {
             self.store
                 .commit_upload(&session.id, &session.staging, session.offset, digest)
@@ -497,12 +503,12 @@ impl Registry {
                 .map_err(|e| internal("commit upload", e))?;
             Self::ask(
                 &self.repo_actor(&session.repo),
-                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned: true },
+                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned },
             )
             .await?
         }
         .await;
-        if linked.is_err() {
+        if linked.is_err() && pinned {
             self.unpin(digest).await;
         }
         linked
@@ -588,11 +594,19 @@ impl Registry {
         // A manifest the repository already holds (a re-tag) costs nothing more.
         let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), if known { 0 } else { bytes.len() as u64 }).await?;
-        // Pinned before the bytes are stored; the commit releases the pin.
-        self.pin(&digest).await?;
+        // Pinned before the bytes are stored; the commit releases the pin. A
+        // manifest this repository already holds needs no pin: while it is
+        // referenced the collector cannot mark it, and once unreferenced it waits
+        // out the grace period (and a mark would make the commit fail, not dangle).
+        let pinned = !known;
+        if pinned {
+            self.pin(&digest).await?;
+        }
         let stored = self.store.put_blob(&digest, bytes.clone()).await.map_err(|e| internal("store manifest", e));
         if let Err(e) = stored {
-            self.unpin(&digest).await;
+            if pinned {
+                self.unpin(&digest).await;
+            }
             return Err(e);
         }
         let row = ManifestRow {
@@ -614,9 +628,10 @@ impl Registry {
             required_blobs: parsed.required_blobs().cloned().collect(),
             required_manifests: parsed.required_manifests().cloned().collect(),
             quota,
+            pinned,
         };
         let committed = Self::ask(&self.repo_actor(repo), msg).await.and_then(|r| r);
-        if committed.is_err() {
+        if committed.is_err() && pinned {
             self.unpin(&digest).await;
         }
         committed?;

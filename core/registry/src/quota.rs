@@ -223,6 +223,18 @@ impl Quotas {
         Ok(NamespaceGuard { addr })
     }
 
+    /// A namespace was given to `tenant`: forget its cached owner, and have the
+    /// tenant's actor read its usage again (the namespace may already hold
+    /// repositories, now counted for the tenant). A push of that tenant in flight
+    /// at that moment may be counted once too often or too rarely in the actor's
+    /// figure until it next loads; the persisted usage is exact regardless.
+    pub fn claimed(&self, ns: &AccountName, tenant: &AccountName) {
+        self.owners.lock().unwrap().remove(ns.as_str());
+        if let Some(a) = self.actors.lock().unwrap().get(tenant).filter(|a| a.connected()) {
+            a.do_send(Reload);
+        }
+    }
+
     /// A tenant's limits, usage (counted by the metadata) and reservations.
     pub async fn describe(&self, tenant: &AccountName) -> Result<QuotaReport, RegistryError> {
         Self::ask(&self.actor(tenant), Describe).await?
@@ -544,5 +556,30 @@ impl Handler<SetLimits> for QuotaActor {
             act.own = own;
             Ok(())
         })))
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Reload;
+impl Handler<Reload> for QuotaActor {
+    type Result = AtomicResponse<Self, ()>;
+    fn handle(&mut self, _: Reload, _: &mut Context<Self>) -> Self::Result {
+        let (meta, tenant) = (self.meta.clone(), self.tenant.clone());
+        AtomicResponse::new(Box::pin(
+            async move {
+                let usage = meta.tenant_usage(&tenant).await?;
+                let repos = meta.tenant_repos(&tenant).await?;
+                Ok::<_, berth_metadata::MetadataError>((usage, repos))
+            }
+            .into_actor(self)
+            .map(|res, act, _| match res {
+                Ok((usage, repos)) => {
+                    act.storage = usage.storage_bytes;
+                    act.repos = repos.into_iter().collect();
+                }
+                Err(e) => tracing::warn!(tenant = %act.tenant, error = %e, "reloading quota usage failed"),
+            }),
+        ))
     }
 }

@@ -39,6 +39,8 @@ pub struct CommitManifest {
     pub required_manifests: Vec<Digest>,
     /// The tenant's reservation for the manifest's bytes, settled here.
     pub quota: Option<Ticket>,
+    /// Its bytes were pinned before they were stored; the commit releases the pin.
+    pub pinned: bool,
 }
 impl Message for CommitManifest {
     type Result = Result<(), RegistryError>;
@@ -76,11 +78,11 @@ impl Handler<CommitManifest> for RepoActor {
                 + children.iter().filter_map(|d| s.manifests.get(*d)).map(|m| m.row.content_size.max(m.row.size)).sum::<u64>();
         }
         let meta = self.meta.clone();
-        let quota = msg.quota;
+        let (quota, pinned) = (msg.quota, msg.pinned);
         let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
         AtomicResponse::new(Box::pin(
             async move {
-                let added = meta.commit_manifest(&row, tag_row.as_ref(), true).await.map_err(|e| internal("commit manifest", e))?;
+                let added = meta.commit_manifest(&row, tag_row.as_ref(), pinned).await.map_err(|e| internal("commit manifest", e))?;
                 Ok((row, tag_row, added))
             }
             .into_actor(self)

@@ -459,6 +459,30 @@ impl BlobStore {
         }
     }
 
+    /// Every stored blob: digest, size and last-modified time in ms (for `fsck`).
+    /// Keys that are not a blob's (stray files) are skipped.
+    pub async fn list_blobs(&self) -> Result<Vec<(Digest, u64, i64)>, StorageError> {
+        let entries = match self.op.list_with("blobs/").recursive(true).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let path = e.path();
+            let mut parts = path.trim_start_matches("blobs/").split('/');
+            let (Some(alg), Some(_), Some(hex), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { continue };
+            let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+            if layout::blob(&digest) != path {
+                continue;
+            }
+            let meta = self.op.stat(path).await?;
+            let modified = meta.last_modified().map(|t| t.into_inner().as_millisecond()).unwrap_or(0);
+            out.push((digest, meta.content_length(), modified));
+        }
+        Ok(out)
+    }
+
     /// Upload ids that have staging data (for sweeping data no session owns).
     pub async fn staged_uploads(&self) -> Result<Vec<UploadId>, StorageError> {
         let entries = match self.op.list("uploads/").await {
