@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Crash safety, proven by killing the server: kill -9 Berth at a random moment
+under a mixed load, restart it on the same data directory, and check what it
+promises (docs/ARCHITECTURE.md, "Crash safety").
+
+Each round starts `berth serve` (embedded defaults, with the collector and
+retention running every second), then runs WORKERS threads, each on repositories
+of its own so its acknowledged state is exact: monolithic and chunked uploads,
+manifest pushes and tag moves, tag and manifest deletes, cross-repository mounts,
+retention runs and collection passes. After a random 0.5–3 s it kills the server
+with SIGKILL, restarts it, and checks:
+- `fsck` (the API's) is clean: no link or manifest without its bytes, no tag
+  without its manifest, every reference count and every tenant's usage equal
+  to a recount from scratch;
+- every push acknowledged with 201 is there (a tag answers with the digest
+  acknowledged last, unless the operation in flight at the kill touched it, in
+  which case either outcome is allowed), and every blob of it is served and
+  matches its digest;
+- an upload interrupted by the kill either resumes (its status answers) or is
+  unknown, never a 5xx;
+- once the upload lifetime has passed, no staging is left behind.
+Any 5xx during the load, a panic in the log, or a failed check fails the run.
+
+    tests/crash/crash.py target/debug/berth [--rounds 20] [--workers 12]
+"""
+import argparse
+import base64
+import hashlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+PASSWORD = "crash-admin-password"
+AUTH = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+UPLOAD_TTL = 4
+
+
+def sha(b):
+    return "sha256:" + hashlib.sha256(b).hexdigest()
+
+
+class Down(Exception):
+    """The server went away (the kill); the operation's outcome is unknown."""
+
+
+def req(port, method, path, body=None, headers=None, timeout=30):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        h = {"Authorization": AUTH}
+        h.update(headers or {})
+        if body is not None:
+            h["Content-Length"] = str(len(body))
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    except (ConnectionError, OSError, http.client.HTTPException) as e:
+        raise Down(str(e))
+    finally:
+        c.close()
+
+
+def path_of(loc):
+    return loc.split("://", 1)[1].split("/", 1)[1] if "://" in loc else loc.lstrip("/")
+
+
+class Worker:
+    """One thread's repositories and what the server acknowledged for them."""
+
+    def __init__(self, i, rng):
+        self.i, self.rng = i, rng
+        self.repos = [f"crash/w{i}a", f"crash/w{i}b"]
+        self.tags = {}          # (repo, tag) -> manifest digest, as acknowledged
+        self.manifests = {}     # (repo, digest) -> (manifest bytes, [(digest, size)])
+        self.blobs = {}         # (repo, digest) -> size, acknowledged
+        self.in_flight = None   # what was being done when the server died
+        self.errors = []
+        self.uploads = []       # upload locations begun (some interrupted)
+
+    def check(self, what, status, ok, body=b""):
+        if status >= 500:
+            self.errors.append(f"worker {self.i}: {what} answered {status}: {body[:200]!r}")
+        return status in ok
+
+    def push_blob(self, port, repo, data):
+        d = sha(data)
+        self.in_flight = ("blob", repo, d)
+        if self.rng.random() < 0.5:
+            s, _, b = req(port, "POST", f"/v2/{repo}/blobs/uploads/?digest={d}", data, {"Content-Type": "application/octet-stream"})
+            if self.check("monolithic upload", s, (201,), b):
+                self.blobs[(repo, d)] = len(data)
+            return d
+        s, h, b = req(port, "POST", f"/v2/{repo}/blobs/uploads/")
+        if not self.check("start upload", s, (202,), b):
+            return None
+        loc = "/" + path_of(h["location"])
+        self.uploads.append(loc)
+        cut = self.rng.randint(0, len(data))
+        for part in (data[:cut], data[cut:]):
+            if not part:
+                continue
+            s, h, b = req(port, "PATCH", loc, part, {"Content-Type": "application/octet-stream"})
+            if not self.check("chunk", s, (202,), b):
+                return None
+            loc = "/" + path_of(h["location"])
+        sep = "&" if "?" in loc else "?"
+        s, _, b = req(port, "PUT", f"{loc}{sep}digest={d}")
+        if self.check("finish upload", s, (201,), b):
+            self.blobs[(repo, d)] = len(data)
+        return d
+
+    def push_image(self, port):
+        repo = self.rng.choice(self.repos)
+        config = json.dumps({"worker": self.i, "n": self.rng.random()}).encode()
+        layers = [os.urandom(self.rng.choice([100, 5000, 70_000, 600_000])) for _ in range(self.rng.randint(1, 3))]
+        descs = []
+        for data in [config] + layers:
+            d = self.push_blob(port, repo, data)
+            if d is None or (repo, d) not in self.blobs:
+                return
+            descs.append((d, len(data)))
+        m = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": descs[0][0], "size": descs[0][1]},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": n} for d, n in descs[1:]],
+        }).encode()
+        tag = f"t{self.rng.randint(0, 5)}"
+        md = sha(m)
+        self.in_flight = ("tag", repo, tag)
+        s, _, b = req(port, "PUT", f"/v2/{repo}/manifests/{tag}", m, {"Content-Type": OCI_MANIFEST})
+        if self.check("manifest push", s, (201,), b):
+            self.tags[(repo, tag)] = md
+            self.manifests[(repo, md)] = (m, descs)
+
+    def delete_tag(self, port):
+        if not self.tags:
+            return
+        repo, tag = self.rng.choice(sorted(self.tags))
+        self.in_flight = ("tag", repo, tag)
+        s, _, b = req(port, "DELETE", f"/api/v1/repositories/{repo}/-/tags/{tag}")
+        if self.check("tag delete", s, (204, 200, 404), b):
+            self.tags.pop((repo, tag), None)
+
+    def delete_manifest(self, port):
+        if not self.manifests:
+            return
+        repo, md = self.rng.choice(sorted(self.manifests))
+        self.in_flight = ("manifest", repo, md)
+        s, _, b = req(port, "DELETE", f"/v2/{repo}/manifests/{md}")
+        if self.check("manifest delete", s, (202, 404), b):
+            self.manifests.pop((repo, md), None)
+            for k in [k for k, v in self.tags.items() if k[0] == repo and v == md]:
+                self.tags.pop(k)
+
+    def mount(self, port):
+        src, dst = self.repos if self.rng.random() < 0.5 else self.repos[::-1]
+        have = [d for (r, d) in self.blobs if r == src]
+        if not have:
+            return
+        d = self.rng.choice(have)
+        self.in_flight = ("blob", dst, d)
+        s, _, b = req(port, "POST", f"/v2/{dst}/blobs/uploads/?mount={d}&from={src}")
+        if self.check("mount", s, (201, 202), b) and s == 201:
+            self.blobs[(dst, d)] = self.blobs[(src, d)]
+
+    def retention(self, port):
+        repo = self.rng.choice(self.repos)
+        self.in_flight = ("repo", repo, None)
+        body = json.dumps({"keep_last": 3, "untagged_older_than": "1s", "enabled": True}).encode()
+        s, _, b = req(port, "PUT", f"/api/v1/repositories/{repo}/-/retention", body, {"Content-Type": "application/json"})
+        self.check("retention policy", s, (200, 404), b)
+        # Its runs (scheduled, every second) delete tags: what is acknowledged
+        # for this repository is no longer known exactly.
+        self.forget(repo)
+
+    def forget(self, repo):
+        for k in [k for k in self.tags if k[0] == repo]:
+            self.tags.pop(k)
+        for k in [k for k in self.manifests if k[0] == repo]:
+            self.manifests.pop(k)
+        for k in [k for k in self.blobs if k[0] == repo]:
+            self.blobs.pop(k)
+        self.repos = [r if r != repo else f"{r}x" for r in self.repos]
+
+    def collect(self, port):
+        self.in_flight = None
+        s, _, b = req(port, "POST", "/api/v1/gc", b'{"dry_run":false}', {"Content-Type": "application/json"}, timeout=120)
+        self.check("gc pass", s, (200,), b)
+
+    def run(self, port, stop):
+        ops = [self.push_image] * 6 + [self.delete_tag, self.delete_manifest, self.mount, self.mount, self.collect] + [self.retention] * (1 if self.i == 0 else 0)
+        try:
+            while not stop.is_set():
+                self.rng.choice(ops)(port)
+                self.in_flight = None
+        except Down:
+            pass
+        except Exception as e:  # a harness bug or an answer it cannot read: fail loudly
+            self.errors.append(f"worker {self.i}: {type(e).__name__}: {e}")
+
+    def verify(self, port, check):
+        """What was acknowledged is there; a tag the killed operation touched may be either way."""
+        flight = self.in_flight
+        for (repo, tag), md in sorted(self.tags.items()):
+            if flight and flight[0] in ("tag", "manifest", "repo") and flight[1] == repo:
+                continue
+            s, h, b = req(port, "GET", f"/v2/{repo}/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
+            check(s == 200 and sha(b) == md, f"{repo}:{tag} acknowledged as {md}: got {s} {sha(b) if s == 200 else b[:120]!r}")
+            if s != 200:
+                continue
+            for d, n in self.manifests.get((repo, md), (b"", []))[1]:
+                s, _, data = req(port, "GET", f"/v2/{repo}/blobs/{d}", timeout=60)
+                check(s == 200 and sha(data) == d and len(data) == n, f"{repo}@{d}: {s}, {len(data)} bytes")
+        for loc in self.uploads[-3:]:
+            s, _, b = req(port, "GET", loc)
+            check(s in (204, 404), f"upload status {loc} after the restart: {s} {b[:120]!r}")
+        self.in_flight = None
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(binary, data, cfg, log):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
+    env.update({"BERTH_ADMIN_PASSWORD": PASSWORD, "BERTH_LOG": "warn", "BERTH_CONFIG": cfg, "BERTH_UPLOAD_TTL_SECS": str(UPLOAD_TTL)})
+    p = subprocess.Popen([binary, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data], env=env,
+                         stdout=subprocess.PIPE, stderr=log)
+    line = p.stdout.readline().decode()
+    if "listening" not in line:
+        raise SystemExit(f"berth did not start: {line!r}")
+    return p, port
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    work = tempfile.mkdtemp(prefix="berth-crash-")
+    data = os.path.join(work, "data")
+    cfg = os.path.join(work, "berth.toml")
+    with open(cfg, "w") as f:
+        f.write("[registry]\nupload_sweep_secs = 1\n[registry.gc]\ninterval_secs = 1\ngrace_secs = 1\n[registry.retention]\ninterval_secs = 1\n")
+    log_path = os.path.join(work, "berth.log")
+    log = open(log_path, "ab")
+    workers = [Worker(i, random.Random(rng.random())) for i in range(a.workers)]
+    failures = []
+    try:
+        for rnd in range(1, a.rounds + 1):
+            server, port = start(a.binary, data, cfg, log)
+            stop = threading.Event()
+            threads = [threading.Thread(target=w.run, args=(port, stop), daemon=True) for w in workers]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.5, 3.0))
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            server, port = start(a.binary, data, cfg, log)
+            problems = []
+
+            def check(ok, what):
+                if not ok:
+                    problems.append(what)
+            for w in workers:
+                problems.extend(w.errors)
+                w.errors = []
+                w.verify(port, check)
+            s, _, b = req(port, "POST", "/api/v1/fsck", b'{"repair":false}', {"Content-Type": "application/json"}, timeout=300)
+            report = json.loads(b) if s == 200 else {}
+            check(s == 200 and report.get("clean"), f"fsck after the restart: {s} {json.dumps(report)[:2000]}")
+            # Interrupted uploads expire and their staging goes.
+            time.sleep(UPLOAD_TTL + 2.5)
+            staged = os.listdir(os.path.join(data, "blobs", "uploads")) if os.path.isdir(os.path.join(data, "blobs", "uploads")) else []
+            check(not staged, f"staging left after the upload lifetime: {staged[:5]}")
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+            acked = sum(len(w.tags) for w in workers)
+            print(f"round {rnd}: killed under load, restarted; {acked} acknowledged tags checked, fsck "
+                  f"{'clean' if report.get('clean') else 'NOT clean'}, {len(problems)} problems", flush=True)
+            failures.extend(f"round {rnd}: {p}" for p in problems)
+            if problems:
+                break
+        log.close()
+        with open(log_path, "rb") as f:
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
+            if "panicked" in line:
+                failures.append(f"log: {line}")
+    finally:
+        log.close()
+    if failures:
+        print("\n".join(failures[:50]))
+        print(f"log: {log_path}")
+        sys.exit(1)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"crash harness: {a.rounds} rounds, every check held")
+
+
+if __name__ == "__main__":
+    main()
