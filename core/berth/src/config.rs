@@ -185,7 +185,7 @@ impl Config {
 }
 
 fn default_metadata(url: String) -> MetadataConfig {
-    MetadataConfig { url, namespace: "berth".into(), database: "registry".into(), username: None, password: None }
+    MetadataConfig { url, namespace: "berth".into(), database: "registry".into(), username: None, password: None, sync: None }
 }
 
 fn path_str(p: &Path) -> String {

@@ -48,6 +48,37 @@ pub struct MetadataConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// The embedded store's disk sync (`surrealkv://` only): `every` (the
+    /// default: a commit is acknowledged once it is on disk; concurrent commits
+    /// share one sync), `never` (the OS decides; a power loss can lose
+    /// acknowledged pushes), or an interval such as `1s` (at most that much).
+    #[serde(default)]
+    pub sync: Option<String>,
+}
+
+impl MetadataConfig {
+    /// The URL handed to SurrealDB, with the sync setting for the embedded store.
+    fn connect_url(&self) -> std::result::Result<String, String> {
+        let Some(sync) = &self.sync else { return Ok(self.url.clone()) };
+        let interval_ok = |v: &str| {
+            let (n, mult) = if let Some(n) = v.strip_suffix("ms") {
+                (n, 1)
+            } else if let Some(n) = v.strip_suffix('s') {
+                (n, 1000)
+            } else {
+                return false;
+            };
+            n.parse::<u64>().is_ok_and(|n| n.saturating_mul(mult) > 100)
+        };
+        if !(sync == "every" || sync == "never" || interval_ok(sync)) {
+            return Err(format!("metadata.sync {sync:?}: every, never, or an interval over 100 ms such as 1s or 500ms"));
+        }
+        if !self.url.starts_with("surrealkv://") {
+            return Err("metadata.sync applies to the embedded store (surrealkv://) only".into());
+        }
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        Ok(format!("{}{sep}sync={sync}", self.url))
+    }
 }
 
 fn default_ns() -> String {
@@ -68,6 +99,8 @@ pub enum MetadataError {
     /// added now (the caller stores the bytes again, or retries).
     #[error("the blob is being collected")]
     Collecting,
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetadataError>;
@@ -188,7 +221,8 @@ impl Metadata {
         // Berth runs no live queries: without their notification channel the
         // embedded engine does not preallocate its 15,000 slots (2 MiB, touched).
         let engine = Config::new().capabilities(Capabilities::new().with_live_query_notifications(false));
-        let db = any::connect((config.url.as_str(), engine)).await?;
+        let url = config.connect_url().map_err(MetadataError::Config)?;
+        let db = any::connect((url.as_str(), engine)).await?;
         if let (Some(username), Some(password)) = (&config.username, &config.password) {
             db.signin(Root { username: username.clone(), password: password.clone() }).await?;
         }
@@ -529,6 +563,7 @@ mod tests {
             database: default_db(),
             username: None,
             password: None,
+            sync: None,
         })
         .await
         .unwrap()
@@ -547,6 +582,26 @@ mod tests {
             content_size: bytes.len() as u64,
             refs: Some(vec![]),
         }
+    }
+
+    #[test]
+    fn sync_settings_are_checked() {
+        let c = |url: &str, sync: &str| {
+            MetadataConfig {
+                url: url.into(),
+                namespace: default_ns(),
+                database: default_db(),
+                username: None,
+                password: None,
+                sync: Some(sync.into()),
+            }
+            .connect_url()
+        };
+        assert_eq!(c("surrealkv:///d", "every").unwrap(), "surrealkv:///d?sync=every");
+        assert_eq!(c("surrealkv:///d", "500ms").unwrap(), "surrealkv:///d?sync=500ms");
+        assert!(c("surrealkv:///d", "50ms").is_err());
+        assert!(c("surrealkv:///d", "always").is_err());
+        assert!(c("ws://host:8000", "never").is_err());
     }
 
     #[tokio::test]
