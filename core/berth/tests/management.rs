@@ -972,3 +972,40 @@ fn management_api_is_not_a_csrf_target() {
         assert_eq!(r.status(), 200);
     });
 }
+
+/// Many tag pushes to one repository at once share group commits: every one
+/// lands, with its tag, and the push counter counts each.
+#[test]
+fn concurrent_tag_pushes_all_land() {
+    let dir = TempDir::new("manage-group");
+    let s = start(&dir);
+    block_on(async {
+        let c = client();
+        push_image(&c, &s, "acme/many", "base", 1, json!({})).await;
+        let m: Value = get_json(&c, &s.url("/v2/acme/many/manifests/base")).await;
+        let body = serde_json::to_vec(&m).unwrap();
+        let pushes = (0..40).map(|i| {
+            let (c, body, s) = (c.clone(), body.clone(), &s);
+            async move {
+                // Half re-tag the same manifest, half push new ones (a distinct annotation each).
+                let body = if i % 2 == 0 {
+                    body
+                } else {
+                    let mut v: Value = serde_json::from_slice(&body).unwrap();
+                    v["annotations"] = json!({"n": i.to_string()});
+                    serde_json::to_vec(&v).unwrap()
+                };
+                put_manifest(&c, s, "acme/many", &format!("t{i}"), OCI_MANIFEST, &body).await
+            }
+        });
+        let digests = futures::future::join_all(pushes).await;
+        for (i, d) in digests.iter().enumerate() {
+            let r = c.head(s.url(&format!("/v2/acme/many/manifests/t{i}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.headers()["docker-content-digest"].to_str().unwrap(), d);
+        }
+        let repo = get_json(&c, &api(&s, "repositories/acme/many")).await;
+        assert_eq!((repo["tag_count"].as_u64(), repo["push_count"].as_u64(), repo["image_count"].as_u64()), (Some(41), Some(41), Some(21)));
+        let fsck: Value = c.post(s.url("/api/v1/fsck")).json(&json!({})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(fsck["clean"], true, "{fsck}");
+    });
+}

@@ -331,46 +331,76 @@ impl Metadata {
     /// `pinned`: its bytes were pinned before they were stored, and the commit
     /// releases the pin.
     pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>, pinned: bool) -> Result<u64> {
-        // A push of a manifest already stored (a re-tag, a retry) keeps its counters.
-        let mut sql = format!(
-            "BEGIN TRANSACTION;
-             {REPO_TOUCH}
-             {TENANT_OF}
-             LET $new = !(SELECT VALUE digest FROM ONLY type::record('manifest', [$repo, $digest]));
-             {REF_ADD}
-             UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
-             UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest RETURN NONE;"
-        );
-        if tag.is_some() {
-            sql.push_str(
-                "UPSERT type::record('tag', [$repo, $tag_name]) MERGE $tag RETURN NONE;
-                 UPDATE type::record('tag', [$repo, $tag_name]) SET pushes = (pushes OR 0) + 1 RETURN NONE;",
-            );
+        Ok(self.commit_manifests(&[(m.clone(), tag.cloned(), pinned)]).await?.first().copied().unwrap_or(0))
+    }
+
+    /// Several manifest commits of one repository, in order, as one transaction
+    /// (group commit: what queued while the previous commit ran). Answers, per
+    /// commit, the bytes the tenant's usage grew by.
+    pub async fn commit_manifests(&self, batch: &[(ManifestRow, Option<TagRow>, bool)]) -> Result<Vec<u64>> {
+        let Some((first, _, _)) = batch.first() else { return Ok(vec![]) };
+        let repo = first.repo.clone();
+        let mut sql = format!("BEGIN TRANSACTION; {TENANT_OF}");
+        for (i, (_, tag, _)) in batch.iter().enumerate() {
+            // Each commit rebinds the fragments' variables to its own values.
+            sql.push_str(&format!(
+                "LET $digest = $digest_{i}; LET $size = $size_{i}; LET $pinned = $pinned_{i};
+                 {REPO_TOUCH}
+                 LET $new = !(SELECT VALUE digest FROM ONLY type::record('manifest', [$repo, $digest]));
+                 {REF_ADD}
+                 LET $added_{i} = $added;
+                 UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
+                 UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest_{i} RETURN NONE;"
+            ));
+            if tag.is_some() {
+                sql.push_str(&format!(
+                    "UPSERT type::record('tag', [$repo, $tag_name_{i}]) MERGE $tag_{i} RETURN NONE;
+                     UPDATE type::record('tag', [$repo, $tag_name_{i}]) SET pushes = (pushes OR 0) + 1 RETURN NONE;"
+                ));
+            }
         }
-        sql.push_str("RETURN { bytes: $added }; COMMIT TRANSACTION;");
-        let manifest = to_value(m)?;
-        let tag_row = tag.map(to_value).transpose()?;
+        let added: Vec<String> = (0..batch.len()).map(|i| format!("$added_{i}")).collect();
+        sql.push_str(&format!("RETURN {{ added: [{}] }}; COMMIT TRANSACTION;", added.join(", ")));
+        let mut values = Vec::with_capacity(batch.len());
+        for (m, tag, _) in batch {
+            debug_assert_eq!(m.repo, repo, "one repository per batch");
+            values.push((to_value(m)?, tag.as_ref().map(to_value).transpose()?));
+        }
         let now = now_ms();
-        let _turn = self.digest_turn(&m.digest).await;
+        // Each digest's turn, taken in one order so batches never wait on each other in a circle.
+        let mut stripes: Vec<usize> = batch.iter().map(|(m, _, _)| stripe_of(&m.digest)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut _turns = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            _turns.push(self.stripes[i].lock().await);
+        }
         let mut r = self
             .run(|| {
                 let mut q = self
                     .db
                     .query(sql.as_str())
-                    .bind(("repo", m.repo.to_string()))
-                    .bind(("digest", m.digest.to_string()))
-                    .bind(("size", m.size))
-                    .bind(("pinned", pinned))
-                    .bind(("manifest", manifest.clone()))
-                    .bind(("namespace", m.repo.namespace().to_string()))
+                    .bind(("repo", repo.to_string()))
+                    .bind(("namespace", repo.namespace().to_string()))
                     .bind(("now", now));
-                if let (Some(t), Some(row)) = (tag, &tag_row) {
-                    q = q.bind(("tag_name", t.name.to_string())).bind(("tag", row.clone()));
+                for (i, ((m, tag, pinned), (manifest, tag_row))) in batch.iter().zip(&values).enumerate() {
+                    q = q
+                        .bind((format!("digest_{i}"), m.digest.to_string()))
+                        .bind((format!("size_{i}"), m.size))
+                        .bind((format!("pinned_{i}"), *pinned))
+                        .bind((format!("manifest_{i}"), manifest.clone()));
+                    if let (Some(t), Some(row)) = (tag, tag_row) {
+                        q = q.bind((format!("tag_name_{i}"), t.name.to_string())).bind((format!("tag_{i}"), row.clone()));
+                    }
                 }
                 q
             })
             .await?;
-        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
+        #[derive(Deserialize)]
+        struct Added {
+            added: Vec<u64>,
+        }
+        Ok(returned::<Added>(&mut r)?.map(|a| a.added).unwrap_or_else(|| vec![0; batch.len()]))
     }
 
     /// Delete a manifest and every tag that points at it: one transaction.
@@ -464,8 +494,7 @@ impl Metadata {
 impl Metadata {
     /// The queue for transactions that write `digest`'s records.
     pub(crate) async fn digest_turn(&self, digest: &Digest) -> tokio::sync::MutexGuard<'_, ()> {
-        let h = digest.hex().as_bytes().iter().take(8).fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize));
-        self.stripes[h % STRIPES].lock().await
+        self.stripes[stripe_of(digest)].lock().await
     }
 
     /// Run a query, built afresh by `build` for each try, and check every
@@ -498,6 +527,10 @@ impl Metadata {
         }
         unreachable!("the loop returns")
     }
+}
+
+fn stripe_of(digest: &Digest) -> usize {
+    digest.hex().as_bytes().iter().take(8).fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(*b as usize)) % STRIPES
 }
 
 /// A number in [0, 1) that differs from call to call.
@@ -622,6 +655,24 @@ mod tests {
         md.delete_manifest(&repo, &m.digest).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert!(s.manifests.is_empty() && s.tags.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_commits_is_one_transaction_in_order() {
+        let md = mem().await;
+        let repo: RepoName = "acme/app".parse().unwrap();
+        let (a, b) = (row(&repo, b"ma"), row(&repo, b"mbb"));
+        let tag = |d: &Digest| Some(TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: d.clone(), updated_ms: 1 });
+        let added = md
+            .commit_manifests(&[(a.clone(), tag(&a.digest), false), (b.clone(), tag(&b.digest), false), (a.clone(), None, false)])
+            .await
+            .unwrap();
+        assert_eq!(added, vec![2, 3, 0], "each digest counted once");
+        let s = md.snapshot().await.unwrap();
+        assert_eq!(s.manifests.len(), 2);
+        assert_eq!(s.tags.len(), 1);
+        assert_eq!(s.tags[0].digest, b.digest, "the later commit moved the tag last");
+        assert_eq!(md.repo_profile(&repo).await.unwrap().unwrap().pushes, 3);
     }
 
     #[tokio::test]

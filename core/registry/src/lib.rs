@@ -236,7 +236,7 @@ impl Registry {
         repos
             .entry(name.clone())
             .or_insert_with(|| {
-                let actor = RepoActor { name: name.clone(), meta: self.meta.clone(), index: self.index.clone() };
+                let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone());
                 RepoActor::start_in_arbiter(&self.arbiter, move |_| actor)
             })
             .clone()

@@ -25,6 +25,15 @@ pub struct RepoActor {
     pub name: RepoName,
     pub meta: Metadata,
     pub index: Arc<Index>,
+    /// Manifest commits waiting for the next group commit.
+    queue: Vec<Queued>,
+    flush_due: bool,
+}
+
+impl RepoActor {
+    pub fn new(name: RepoName, meta: Metadata, index: Arc<Index>) -> RepoActor {
+        RepoActor { name, meta, index, queue: Vec::new(), flush_due: false }
+    }
 }
 
 impl Actor for RepoActor {
@@ -46,56 +55,122 @@ impl Message for CommitManifest {
     type Result = Result<(), RegistryError>;
 }
 
-impl Handler<CommitManifest> for RepoActor {
-    type Result = AtomicResponse<Self, Result<(), RegistryError>>;
+/// A commit waiting for the next group commit, with where its answer goes.
+pub(crate) struct Queued {
+    msg: CommitManifest,
+    reply: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
+}
 
-    fn handle(&mut self, msg: CommitManifest, _: &mut Context<Self>) -> Self::Result {
-        let state = self.index.repo_or_create(&self.name);
-        let check =
-            {
-                let s = state.read().unwrap();
-                let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
-                let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d));
-                match (missing_blob, missing_manifest) {
-                    (Some(d), _) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
-                        .with_detail(format!("blob {d} is not in repository {}", self.name))),
-                    (_, Some(d)) => Err(RegistryError::new(ErrorCode::ManifestBlobUnknown)
-                        .with_detail(format!("manifest {d} is not in repository {}", self.name))),
-                    _ => Ok(()),
-                }
-            };
-        if let Err(e) = check {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(e))));
+impl Handler<CommitManifest> for RepoActor {
+    type Result = ResponseFuture<Result<(), RegistryError>>;
+
+    /// Queue the commit; the first one queued schedules a group commit, which
+    /// runs after the messages already waiting in the mailbox (so concurrent
+    /// pushes to one repository share one transaction).
+    fn handle(&mut self, msg: CommitManifest, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue.push(Queued { msg, reply });
+        if !self.flush_due {
+            self.flush_due = true;
+            ctx.notify(Flush);
         }
-        let mut row = msg.row;
+        Box::pin(async move { answer.await.unwrap_or_else(|_| Err(internal("commit manifest", "the repository actor stopped"))) })
+    }
+}
+
+/// Commit every queued manifest in one transaction.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+/// One accepted commit of a group.
+struct Accepted {
+    row: ManifestRow,
+    tag: Option<TagRow>,
+    pinned: bool,
+    quota: Option<Ticket>,
+    reply: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
+}
+
+impl Handler<Flush> for RepoActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        self.flush_due = false;
+        let queue = std::mem::take(&mut self.queue);
+        let state = self.index.repo_or_create(&self.name);
+        let mut accepted: Vec<Accepted> = Vec::with_capacity(queue.len());
         {
-            // What the image takes: its blobs (each once) and its children's content.
             let s = state.read().unwrap();
-            let blobs: std::collections::HashSet<&Digest> = msg.required_blobs.iter().collect();
-            let children: std::collections::HashSet<&Digest> = msg.required_manifests.iter().collect();
-            row.content_size = row.size
-                + blobs.iter().filter_map(|d| s.blobs.get(*d)).sum::<u64>()
-                + children.iter().filter_map(|d| s.manifests.get(*d)).map(|m| m.row.content_size.max(m.row.size)).sum::<u64>();
+            // Manifests committed earlier in this group count as present for later ones.
+            let mut earlier: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
+            for Queued { msg, reply } in queue {
+                let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
+                let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d) && !earlier.contains_key(d));
+                let refused = match (missing_blob, missing_manifest) {
+                    (Some(d), _) => Some(format!("blob {d} is not in repository {}", self.name)),
+                    (_, Some(d)) => Some(format!("manifest {d} is not in repository {}", self.name)),
+                    _ => None,
+                };
+                if let Some(detail) = refused {
+                    let _ = reply.send(Err(RegistryError::new(ErrorCode::ManifestBlobUnknown).with_detail(detail)));
+                    continue;
+                }
+                // What the image takes: its blobs (each once) and its children's content.
+                let mut row = msg.row;
+                let blobs: std::collections::HashSet<&Digest> = msg.required_blobs.iter().collect();
+                let children: std::collections::HashSet<&Digest> = msg.required_manifests.iter().collect();
+                row.content_size = row.size
+                    + blobs.iter().filter_map(|d| s.blobs.get(*d)).sum::<u64>()
+                    + children
+                        .iter()
+                        .filter_map(|d| {
+                            s.manifests.get(*d).map(|m| m.row.content_size.max(m.row.size)).or_else(|| earlier.get(*d).copied())
+                        })
+                        .sum::<u64>();
+                earlier.insert(row.digest.clone(), row.content_size);
+                let tag = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
+                accepted.push(Accepted { row, tag, pinned: msg.pinned, quota: msg.quota, reply });
+            }
         }
         let meta = self.meta.clone();
-        let (quota, pinned) = (msg.quota, msg.pinned);
-        let tag_row = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
         AtomicResponse::new(Box::pin(
             async move {
-                let added = meta.commit_manifest(&row, tag_row.as_ref(), pinned).await.map_err(|e| internal("commit manifest", e))?;
-                Ok((row, tag_row, added))
-            }
-            .into_actor(self)
-            .map(move |res: Result<(ManifestRow, Option<TagRow>, u64), RegistryError>, _, _| {
-                let (row, tag_row, added) = res?;
-                settle(quota, added as i64);
-                let mut s = state.write().unwrap();
-                s.manifests.entry(row.digest.clone()).or_insert(ManifestEntry { row, bytes: None });
-                if let Some(t) = tag_row {
-                    s.tags.insert(t.name, t.digest);
+                if accepted.is_empty() {
+                    return;
                 }
-                Ok(())
-            }),
+                let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
+                    accepted.iter().map(|a| (a.row.clone(), a.tag.clone(), a.pinned)).collect();
+                let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&batch).await {
+                    Ok(added) => added.into_iter().map(Ok).collect(),
+                    // One commit's failure must not fail the others: each alone.
+                    Err(_) if batch.len() > 1 => {
+                        let mut out = Vec::with_capacity(batch.len());
+                        for (row, tag, pinned) in &batch {
+                            out.push(meta.commit_manifest(row, tag.as_ref(), *pinned).await.map_err(|e| internal("commit manifest", e)));
+                        }
+                        out
+                    }
+                    Err(e) => vec![Err(internal("commit manifest", e))],
+                };
+                let mut s = state.write().unwrap();
+                for (a, outcome) in accepted.into_iter().zip(outcomes) {
+                    match outcome {
+                        Ok(added) => {
+                            settle(a.quota, added as i64);
+                            s.manifests.entry(a.row.digest.clone()).or_insert(ManifestEntry { row: a.row, bytes: None });
+                            if let Some(t) = a.tag {
+                                s.tags.insert(t.name, t.digest);
+                            }
+                            let _ = a.reply.send(Ok(()));
+                        }
+                        Err(e) => {
+                            let _ = a.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+            .into_actor(self),
         ))
     }
 }
