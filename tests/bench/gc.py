@@ -19,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench  # noqa: E402
+from quota import round_  # noqa: E402  (the same 50-push round)
 
 ADMIN = "admin:bench-admin-password"
 
@@ -88,22 +89,6 @@ def main():
     print(f"50 concurrent 5-layer pushes, median: collecting {mon:.2f} s, idle {moff:.2f} s, ratio {mon / moff:.3f} (lower is better)")
     st = call(col, "GET", "/api/v1/gc")
     print(f"collector totals: {st['passes']} passes, {st['links_removed']} links, {st['blobs_deleted']} blobs, {st['bytes_reclaimed']} bytes")
-
-
-def round_(t, ns):
-    images = [(i, [os.urandom(bench.LAYER_SIZE) for _ in range(bench.LAYERS)]) for i in range(bench.N_PUSHERS)]
-
-    def push(item):
-        i, layers = item
-        c = t.conn()
-        repo = f"{ns}/img{i}"
-        descs = [(bench.push_bytes(c, repo, l), len(l)) for l in layers]
-        config = json.dumps({"architecture": "amd64", "os": "linux", "i": i}).encode()
-        cd = bench.push_bytes(c, repo, config)
-        bench.put_manifest(c, repo, "v1", bench.image_manifest(cd, len(config), descs))
-    t0 = time.perf_counter()
-    bench.parallel(bench.N_PUSHERS, images, push)
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -602,7 +602,7 @@ mod tests {
         .unwrap()
     }
 
-    fn row(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
+    pub(crate) fn row(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
         ManifestRow {
             repo: repo.clone(),
             digest: Digest::sha256(bytes),

@@ -201,18 +201,7 @@ mod tests {
     use berth_oci::{Digest, RepoName};
 
     fn manifest(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
-        ManifestRow {
-            repo: repo.clone(),
-            digest: Digest::sha256(bytes),
-            media_type: berth_oci::manifest::OCI_MANIFEST.into(),
-            size: bytes.len() as u64,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            created_ms: 1,
-            content_size: bytes.len() as u64,
-            refs: Some(vec![]),
-        }
+        crate::tests::row(repo, bytes)
     }
 
     #[tokio::test]

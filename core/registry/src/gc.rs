@@ -17,15 +17,13 @@
 //!    deleted under a reference, and a reference is never added to bytes being
 //!    deleted (an upload then stores them again; a mount falls back to an upload).
 //!
-//! The [`Collector`] actor runs a pass every `registry.gc.interval_secs`; an
+//! A `Periodic` actor (lib.rs) runs a pass every `registry.gc.interval_secs`; an
 //! on-demand pass (`POST /api/v1/gc`, `berth gc run`) waits for a running one.
 //! Each pass reports what it removed, per tenant for the usage it freed.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Weak;
 use std::time::Duration;
 
-use actix::prelude::*;
 use berth_oci::{Digest, ErrorCode, ParsedManifest, RegistryError, RepoName};
 use serde::{Deserialize, Serialize};
 
@@ -291,32 +289,5 @@ impl Registry {
         if let Err(e) = self.meta.unpin_blob(digest).await {
             tracing::warn!(%digest, error = %e, "releasing a pin failed (it goes stale in an hour)");
         }
-    }
-}
-
-/// Runs a pass every `interval` (skipped while another pass runs).
-pub struct Collector {
-    pub registry: Weak<Registry>,
-    pub every: Duration,
-}
-
-impl Actor for Collector {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.every, |act, ctx| {
-            let Some(registry) = act.registry.upgrade() else {
-                ctx.stop();
-                return;
-            };
-            if registry.gc_lock.try_lock().is_err() {
-                return; // a pass is running
-            }
-            actix_rt::spawn(async move {
-                if let Err(e) = registry.collect(false).await {
-                    tracing::warn!(error = %e.detail_or_message(), "garbage collection pass failed");
-                }
-            });
-        });
     }
 }

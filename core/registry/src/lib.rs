@@ -198,16 +198,16 @@ impl Registry {
             gc_status: Mutex::new(gc::GcStatus::default()),
         });
         if registry.config.gc.enabled {
-            let collector =
-                gc::Collector { registry: Arc::downgrade(&registry), every: Duration::from_secs(registry.config.gc.interval_secs.max(1)) };
-            gc::Collector::start_in_arbiter(&registry.arbiter, move |_| collector);
+            Periodic::start(&registry, registry.config.gc.interval_secs, |r| {
+                Box::pin(async move {
+                    if let Err(e) = r.collect(false).await {
+                        tracing::warn!(error = %e.detail_or_message(), "garbage collection pass failed");
+                    }
+                })
+            });
         }
         if registry.config.retention.enabled {
-            let scheduler = retention::Scheduler {
-                registry: Arc::downgrade(&registry),
-                every: Duration::from_secs(registry.config.retention.interval_secs.max(1)),
-            };
-            retention::Scheduler::start_in_arbiter(&registry.arbiter, move |_| scheduler);
+            Periodic::start(&registry, registry.config.retention.interval_secs, |r| Box::pin(async move { r.run_all_retention().await }));
         }
         Ok(registry)
     }
@@ -693,6 +693,40 @@ impl Registry {
             .collect();
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
         out
+    }
+}
+
+/// The future a scheduled job runs.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Background work on a schedule (the collector, retention): runs `job` every
+/// `every`, one run at a time, until the registry is gone.
+struct Periodic {
+    registry: std::sync::Weak<Registry>,
+    every: Duration,
+    job: fn(Arc<Registry>) -> Job,
+}
+
+impl Periodic {
+    fn start(registry: &Arc<Registry>, every_secs: u64, job: fn(Arc<Registry>) -> Job) {
+        let p = Periodic { registry: Arc::downgrade(registry), every: Duration::from_secs(every_secs.max(1)), job };
+        Periodic::start_in_arbiter(&registry.arbiter, move |_| p);
+    }
+}
+
+impl Actor for Periodic {
+    type Context = actix::Context<Self>;
+
+    fn started(&mut self, ctx: &mut actix::Context<Self>) {
+        use actix::{ActorContext, AsyncContext, WrapFuture};
+        ctx.run_interval(self.every, |act, ctx| {
+            let Some(registry) = act.registry.upgrade() else {
+                ctx.stop();
+                return;
+            };
+            // Waited for, so runs never overlap (on-demand ones queue on their own locks).
+            ctx.wait((act.job)(registry).into_actor(act));
+        });
     }
 }
 

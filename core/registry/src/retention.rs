@@ -19,10 +19,7 @@
 //! run would delete at that moment.
 
 use std::collections::HashSet;
-use std::sync::Weak;
-use std::time::Duration;
 
-use actix::prelude::*;
 use berth_metadata::{RetentionItem, RetentionRules, RetentionRun};
 use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use serde::Deserialize;
@@ -346,26 +343,6 @@ fn d_secs(r: &RetentionRules) -> u64 {
 
 /// Who the schedule's runs are by.
 pub const SCHEDULE: &str = "schedule";
-
-/// Runs every enabled policy every `interval`.
-pub struct Scheduler {
-    pub registry: Weak<Registry>,
-    pub every: Duration,
-}
-
-impl Actor for Scheduler {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.run_interval(self.every, |act, ctx| {
-            let Some(registry) = act.registry.upgrade() else {
-                ctx.stop();
-                return;
-            };
-            ctx.wait(async move { registry.run_all_retention().await }.into_actor(act));
-        });
-    }
-}
 
 #[cfg(test)]
 mod tests {
