@@ -4,7 +4,8 @@
 //! repositories × {pull, push, delete, list tags, catalog, and the management
 //! API's repository detail, listing, tag listing, update and shared-with-me
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
-//! quotas, the repository's retention policy, the `/registry/v1` and
+//! quotas, the repository's and the namespace's retention policy, retention
+//! runs, the `/registry/v1` and
 //! `/api/console` adapters}. Every cell is asserted.
 
 mod common;
@@ -14,7 +15,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 17] = [
+const OPS: [&str; 19] = [
     "pull",
     "push",
     "delete",
@@ -32,6 +33,8 @@ const OPS: [&str; 17] = [
     "api-ns-shares",
     "api-quota",
     "api-retention",
+    "api-retention-runs",
+    "api-ns-retention",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -57,7 +60,7 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     }
     // A namespace is visible to its tenant's members only (not through a public
     // or shared repository in it).
-    if op == "api-namespace" || op == "console-images" || op == "api-quota" {
+    if op == "api-namespace" || op == "console-images" || op == "api-quota" || op == "api-ns-retention" {
         return matches!(who, Who::Role(_));
     }
     // A namespace's shares are its administrator's to see.
@@ -73,7 +76,10 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     if op == "compat-mine" {
         return expected(who, repo_kind, "push");
     }
-    let read = matches!(op, "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags" | "compat-tags" | "api-retention");
+    let read = matches!(
+        op,
+        "pull" | "tags" | "catalog" | "api-get" | "api-list" | "api-tags" | "compat-tags" | "api-retention" | "api-retention-runs"
+    );
     match who {
         Who::Role(0) => true,
         Who::Role(1) => true,
@@ -155,6 +161,16 @@ async fn setup(s: &Server) -> Vec<(String, String, String)> {
         let r = ta.put(s.url(&format!("/api/v1/namespaces/{ns}/shares/{}", TENANTS[(i + 1) % 3]))).json(&json!({})).send().await.unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         repos.push((t.to_string(), "nsshared".to_string(), format!("{ns}/app")));
+        // Namespace retention policies (disabled), readable by the tenant's members.
+        for n in [t.to_string(), ns.clone()] {
+            let r = ta
+                .put(s.url(&format!("/api/v1/namespaces/{n}/retention")))
+                .json(&json!({"keep_last": 100, "enabled": false}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
         let r = ta.put(s.url(&format!("/api/v1/repositories/{t}/public/visibility"))).json(&json!({"public": true})).send().await.unwrap();
         assert_eq!(r.status(), 200);
         let next = TENANTS[(i + 1) % 3];
@@ -281,6 +297,20 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             let r = c.get(s.url(&format!("/api/v1/repositories/{repo}/-/retention"))).send().await.unwrap();
             let code = r.status().as_u16();
             assert!(code == 200 || denied(code) || code == 404, "{op} {repo}: {code}");
+            code == 200
+        }
+        "api-retention-runs" => {
+            let r = c.get(s.url(&format!("/api/v1/retention/runs?repository={repo}"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op} {repo}: {code}");
+            code == 200
+        }
+        "api-ns-retention" => {
+            let ns = repo.split('/').next().unwrap();
+            let r = c.get(s.url(&format!("/api/v1/namespaces/{ns}/retention"))).send().await.unwrap();
+            let code = r.status().as_u16();
+            // Another tenant's namespace answers like an unknown one.
+            assert!(code == 200 || code == 404 || code == 401, "{op} {ns}: {code}");
             code == 200
         }
         "api-ns-shares" => {
