@@ -185,7 +185,16 @@ impl Config {
 }
 
 fn default_metadata(url: String) -> MetadataConfig {
-    MetadataConfig { url, namespace: "berth".into(), database: "registry".into(), username: None, password: None, sync: None }
+    MetadataConfig {
+        url,
+        namespace: "berth".into(),
+        database: "registry".into(),
+        username: None,
+        password: None,
+        sync: None,
+        cache_mib: None,
+        memtable_mib: None,
+    }
 }
 
 fn path_str(p: &Path) -> String {

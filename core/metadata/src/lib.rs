@@ -12,6 +12,7 @@
 //!   so writes are idempotent upserts.
 
 pub mod accounts;
+mod conn;
 pub mod gc;
 pub mod manage;
 pub mod retention;
@@ -25,12 +26,7 @@ pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Re
 pub use retention::{RetentionItem, RetentionPolicy, RetentionRules, RetentionRun};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use surrealdb::engine::any::{self, Any};
-use surrealdb::method::Query;
-use surrealdb::opt::auth::Root;
-use surrealdb::opt::capabilities::Capabilities;
-use surrealdb::opt::Config;
-use surrealdb::{IndexedResults, Surreal};
+use surrealdb::IndexedResults;
 pub use usage::{QuotaLimits, TenantUsage};
 
 /// Which metadata store to use, chosen by configuration.
@@ -54,30 +50,63 @@ pub struct MetadataConfig {
     /// acknowledged pushes), or an interval such as `1s` (at most that much).
     #[serde(default)]
     pub sync: Option<String>,
+    /// The embedded store's block cache, in MiB (`surrealkv://` only; default
+    /// 64). SurrealKV would otherwise take half the machine's memory less 1 GiB.
+    #[serde(default)]
+    pub cache_mib: Option<u64>,
+    /// The embedded store's in-memory write buffer, in MiB (`surrealkv://` only;
+    /// default 64): it is flushed to disk when full, and bounds the largest
+    /// single transaction. SurrealKV would otherwise size it by the machine's
+    /// memory (1 GiB on 16–64 GiB).
+    #[serde(default)]
+    pub memtable_mib: Option<u64>,
 }
 
+/// The embedded store's cache and write buffer when the config names none.
+pub const DEFAULT_CACHE_MIB: u64 = 64;
+pub const DEFAULT_MEMTABLE_MIB: u64 = 64;
+
 impl MetadataConfig {
-    /// The URL handed to SurrealDB, with the sync setting for the embedded store.
-    fn connect_url(&self) -> std::result::Result<String, String> {
-        let Some(sync) = &self.sync else { return Ok(self.url.clone()) };
-        let interval_ok = |v: &str| {
-            let (n, mult) = if let Some(n) = v.strip_suffix("ms") {
-                (n, 1)
-            } else if let Some(n) = v.strip_suffix('s') {
-                (n, 1000)
-            } else {
-                return false;
+    /// Where to connect, with the embedded store's settings checked.
+    fn target(&self) -> std::result::Result<conn::Target, String> {
+        let embedded = self.url.strip_prefix("surrealkv://");
+        if let Some(sync) = &self.sync {
+            let interval_ok = |v: &str| {
+                let (n, mult) = if let Some(n) = v.strip_suffix("ms") {
+                    (n, 1)
+                } else if let Some(n) = v.strip_suffix('s') {
+                    (n, 1000)
+                } else {
+                    return false;
+                };
+                n.parse::<u64>().is_ok_and(|n| n.saturating_mul(mult) > 100)
             };
-            n.parse::<u64>().is_ok_and(|n| n.saturating_mul(mult) > 100)
+            if !(sync == "every" || sync == "never" || interval_ok(sync)) {
+                return Err(format!("metadata.sync {sync:?}: every, never, or an interval over 100 ms such as 1s or 500ms"));
+            }
+        }
+        let sizes = [("cache_mib", self.cache_mib), ("memtable_mib", self.memtable_mib)];
+        for (key, mib) in sizes {
+            match mib {
+                Some(m) if !(4..=1 << 20).contains(&m) => return Err(format!("metadata.{key} = {m}: between 4 and 1048576 (MiB)")),
+                _ => {}
+            }
+        }
+        let Some(dir) = embedded else {
+            if self.sync.is_some() || sizes.iter().any(|(_, m)| m.is_some()) {
+                return Err("metadata.sync, cache_mib and memtable_mib apply to the embedded store (surrealkv://) only".into());
+            }
+            return Ok(conn::Target::Url(self.url.clone()));
         };
-        if !(sync == "every" || sync == "never" || interval_ok(sync)) {
-            return Err(format!("metadata.sync {sync:?}: every, never, or an interval over 100 ms such as 1s or 500ms"));
+        if dir.is_empty() || dir.contains('?') {
+            return Err(format!("metadata.url {:?}: surrealkv://<directory>, settings go in their own keys", self.url));
         }
-        if !self.url.starts_with("surrealkv://") {
-            return Err("metadata.sync applies to the embedded store (surrealkv://) only".into());
-        }
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        Ok(format!("{}{sep}sync={sync}", self.url))
+        Ok(conn::Target::Embedded {
+            dir: dir.to_owned(),
+            sync: self.sync.clone().unwrap_or_else(|| "every".into()),
+            cache_bytes: self.cache_mib.unwrap_or(DEFAULT_CACHE_MIB) << 20,
+            memtable_bytes: self.memtable_mib.unwrap_or(DEFAULT_MEMTABLE_MIB) << 20,
+        })
     }
 }
 
@@ -101,6 +130,8 @@ pub enum MetadataError {
     Collecting,
     #[error("configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Open(String),
 }
 
 pub type Result<T> = std::result::Result<T, MetadataError>;
@@ -204,7 +235,7 @@ DEFINE TABLE IF NOT EXISTS upload SCHEMALESS;
 /// The metadata store.
 #[derive(Clone)]
 pub struct Metadata {
-    pub(crate) db: Surreal<Any>,
+    pub(crate) db: conn::Conn,
     /// Transactions that write one digest's records (its reference counts, pins,
     /// collection mark) queue here by digest, so concurrent pushes of one popular
     /// blob into many repositories take turns in this process instead of failing
@@ -218,15 +249,8 @@ const STRIPES: usize = 64;
 impl Metadata {
     /// Connect (or open the embedded store) and make sure the schema exists.
     pub async fn connect(config: &MetadataConfig) -> Result<Self> {
-        // Berth runs no live queries: without their notification channel the
-        // embedded engine does not preallocate its 15,000 slots (2 MiB, touched).
-        let engine = Config::new().capabilities(Capabilities::new().with_live_query_notifications(false));
-        let url = config.connect_url().map_err(MetadataError::Config)?;
-        let db = any::connect((url.as_str(), engine)).await?;
-        if let (Some(username), Some(password)) = (&config.username, &config.password) {
-            db.signin(Root { username: username.clone(), password: password.clone() }).await?;
-        }
-        db.use_ns(&config.namespace).use_db(&config.database).await?;
+        let target = config.target().map_err(MetadataError::Config)?;
+        let db = conn::Conn::open(target, config).await?;
         db.query(SCHEMA).await?.check()?;
         db.query(accounts::SCHEMA).await?.check()?;
         db.query(manage::SCHEMA).await?.check()?;
@@ -502,7 +526,7 @@ impl Metadata {
     /// same record at once, the loser fails with a conflict that "can be
     /// retried". Such a transaction is run again (up to 16 tries, pausing about
     /// 1, 2, 4 … 50 ms, jittered); any other failure is returned at once.
-    pub(crate) async fn run<'a>(&'a self, build: impl Fn() -> Query<'a, Any>) -> Result<IndexedResults> {
+    pub(crate) async fn run<'a>(&'a self, build: impl Fn() -> conn::Q<'a>) -> Result<IndexedResults> {
         let mut pause = std::time::Duration::from_millis(1);
         for attempt in 1.. {
             let mut r = build().await?;
@@ -597,6 +621,8 @@ mod tests {
             username: None,
             password: None,
             sync: None,
+            cache_mib: None,
+            memtable_mib: None,
         })
         .await
         .unwrap()
@@ -618,23 +644,35 @@ mod tests {
     }
 
     #[test]
-    fn sync_settings_are_checked() {
-        let c = |url: &str, sync: &str| {
+    fn embedded_settings_are_checked() {
+        let c = |url: &str, sync: Option<&str>, cache_mib: Option<u64>| {
             MetadataConfig {
                 url: url.into(),
                 namespace: default_ns(),
                 database: default_db(),
                 username: None,
                 password: None,
-                sync: Some(sync.into()),
+                sync: sync.map(Into::into),
+                cache_mib,
+                memtable_mib: None,
             }
-            .connect_url()
+            .target()
         };
-        assert_eq!(c("surrealkv:///d", "every").unwrap(), "surrealkv:///d?sync=every");
-        assert_eq!(c("surrealkv:///d", "500ms").unwrap(), "surrealkv:///d?sync=500ms");
-        assert!(c("surrealkv:///d", "50ms").is_err());
-        assert!(c("surrealkv:///d", "always").is_err());
-        assert!(c("ws://host:8000", "never").is_err());
+        let embedded = |dir: &str, sync: &str, cache_bytes: u64| conn::Target::Embedded {
+            dir: dir.into(),
+            sync: sync.into(),
+            cache_bytes,
+            memtable_bytes: DEFAULT_MEMTABLE_MIB << 20,
+        };
+        assert_eq!(c("surrealkv:///d", None, None).unwrap(), embedded("/d", "every", DEFAULT_CACHE_MIB << 20));
+        assert_eq!(c("surrealkv:///d", Some("500ms"), Some(8)).unwrap(), embedded("/d", "500ms", 8 << 20));
+        assert_eq!(c("ws://host:8000", None, None).unwrap(), conn::Target::Url("ws://host:8000".into()));
+        assert!(c("surrealkv:///d", Some("50ms"), None).is_err());
+        assert!(c("surrealkv:///d", Some("always"), None).is_err());
+        assert!(c("surrealkv:///d", None, Some(1)).is_err());
+        assert!(c("surrealkv:///d?sync=never", None, None).is_err());
+        assert!(c("ws://host:8000", Some("never"), None).is_err());
+        assert!(c("ws://host:8000", None, Some(64)).is_err());
     }
 
     #[tokio::test]
