@@ -124,6 +124,8 @@ fn storage_returns_to_its_size_while_other_pushes_go_on() {
         let first = gc_after_grace(&s).await;
         assert!(first["links_removed"].as_u64().unwrap() >= 2, "the deleted manifest's own config and layer: {first}");
         assert!(first["freed_by_tenant"]["acme"].as_u64().unwrap() > 0, "{first}");
+        let freed = metric(&s, "berth_gc_tenant_freed_bytes_total{tenant=\"acme\"}").await;
+        assert!(freed >= first["freed_by_tenant"]["acme"].as_u64().unwrap() as f64, "{freed} {first}");
         let second = gc_after_grace(&s).await;
         assert!(second["blobs_deleted"].as_u64().unwrap() > 0, "{second}");
         assert_eq!(gc(&s, false).await["blobs_deleted"], 0, "nothing left");
@@ -280,8 +282,18 @@ fn dry_runs_cli_and_the_background_collector() {
         assert!(out.contains("collector: on") && out.contains("grace 2 s"), "{out}");
         let st: Value = c.get(s.url("/api/v1/gc")).send().await.unwrap().json().await.unwrap();
         assert!(st["bytes_reclaimed"].as_u64().unwrap() >= files.values().sum::<u64>(), "{st}");
+        // The same totals in the metrics (OpenMetrics text, platform admin only).
+        let r = c.get(s.url("/metrics")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+        assert_eq!(metric(&s, "berth_gc_reclaimed_bytes_total").await, st["bytes_reclaimed"].as_u64().unwrap() as f64);
+        assert_eq!(metric(&s, "berth_gc_blobs_deleted_total").await, st["blobs_deleted"].as_u64().unwrap() as f64);
+        assert!(metric(&s, "berth_http_requests_total{route=\"uploads\",status=\"201\"}").await >= 1.0);
+        assert!(metric(&s, "berth_process_resident_memory_bytes").await > 0.0);
+        assert_eq!(reqwest::Client::new().get(s.url("/metrics")).send().await.unwrap().status(), 401);
         // Platform admins only; bad input gets a 400.
         let mia = client_as("mia", &tenant_user_token(&s, "acme", "mia", "tenant-admin").await);
+        assert_eq!(mia.get(s.url("/metrics")).send().await.unwrap().status(), 403);
         assert_eq!(mia.get(s.url("/api/v1/gc")).send().await.unwrap().status(), 403);
         assert_eq!(mia.post(s.url("/api/v1/gc")).json(&json!({})).send().await.unwrap().status(), 403);
         assert_eq!(c.post(s.url("/api/v1/gc")).json(&json!({"dry_run": "yes"})).send().await.unwrap().status(), 400);

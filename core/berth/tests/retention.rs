@@ -95,6 +95,10 @@ fn policies_delete_exactly_what_their_dry_runs_list() {
         // The real run deletes exactly that.
         let real = run(&mia, &format!("{url}/run"), false).await;
         assert_eq!(items(&real), expected);
+        for kind in ["tag", "manifest"] {
+            let n = expected.iter().filter(|(k, _)| k == kind).count() as f64;
+            assert_eq!(metric(&s, &format!("berth_retention_deleted_total{{kind=\"{kind}\"}}")).await, n, "dry runs are not counted");
+        }
         assert_eq!(tags(&mia, &s, "acme/app").await, ["b4", "b5", "latest", "v1.0", "v1.1"]);
         for gone in &untagged {
             let r = mia.get(s.url(&format!("/v2/acme/app/manifests/{gone}"))).header("accept", OCI_MANIFEST).send().await.unwrap();

@@ -115,13 +115,10 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
                     if let Ok(v) = HeaderValue::from_str(&request_id) {
                         h.insert("x-request-id", v);
                     }
+                    let took = started.elapsed();
+                    services.registry.metrics().request(label, resp.status().as_u16(), took);
                     span.in_scope(|| {
-                        tracing::info!(
-                            route = label,
-                            status = resp.status().as_u16(),
-                            micros = started.elapsed().as_micros() as u64,
-                            "served"
-                        );
+                        tracing::info!(route = label, status = resp.status().as_u16(), micros = took.as_micros() as u64, "served");
                     });
                     resp
                 }
@@ -224,6 +221,9 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
         if full_path == "/healthz" {
             return ("health", json_response(StatusCode::OK, b"{\"status\":\"ok\"}".to_vec()));
         }
+        if full_path == "/metrics" {
+            return ("metrics", metrics(services, req).await);
+        }
         if full_path == "/auth/token" {
             return ("token", gate::token_endpoint(auth, &mut req).await);
         }
@@ -254,6 +254,29 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
     let ctx = Ctx { registry: &services.registry, auth, identity: &identity, grants: &grants };
     let result = dispatch(&ctx, route, req).await;
     (label, result.unwrap_or_else(|e| error_response(&e)))
+}
+
+/// `GET /metrics`: the OpenMetrics exposition, for the platform admin (a
+/// Prometheus `basic_auth` with an access token): tenant names are among its labels.
+async fn metrics(services: &Services, req: Request) -> Reply {
+    if req.method != Method::GET {
+        return error_response(&method_not_allowed(&req.method));
+    }
+    let identity = match gate::authenticate(&services.auth, &req).await {
+        Ok(i) => i,
+        Err(r) => return gate::refusal_response(&services.auth, &req, r),
+    };
+    let allowed = gate::require_basic(&identity).and_then(|()| services.auth.require_platform_admin(&identity.principal));
+    if let Err(e) = allowed {
+        let mut r = error_response(&e);
+        if e.code() == ErrorCode::Unauthorized {
+            set(&mut r, "www-authenticate", gate::API_CHALLENGE);
+        }
+        return r;
+    }
+    let mut r = json_response(StatusCode::OK, services.registry.metrics_text().into_bytes());
+    set(&mut r, "content-type", berth_registry::metrics::CONTENT_TYPE);
+    r
 }
 
 /// What a handler may use: the registry, and the already-made access decisions.

@@ -101,6 +101,7 @@ impl Registry {
         self.collect_links(cutoff, &mut report).await;
         self.collect_bytes(cutoff, &mut report).await?;
         report.finished_ms = now_ms();
+        self.metrics.gc_pass(&report);
         if !dry_run {
             let mut st = self.gc_status.lock().unwrap();
             st.passes += 1;

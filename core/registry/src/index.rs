@@ -108,6 +108,10 @@ impl Index {
     }
 
     /// Every repository's name.
+    pub fn repo_count(&self) -> usize {
+        self.repos.read().unwrap().len()
+    }
+
     pub fn repo_names(&self) -> Vec<RepoName> {
         self.repos.read().unwrap().keys().cloned().collect()
     }

@@ -20,6 +20,7 @@ pub mod fsck;
 pub mod gc;
 pub mod index;
 pub mod manage;
+pub mod metrics;
 pub mod quota;
 pub mod repo;
 pub mod retention;
@@ -152,6 +153,7 @@ pub struct Registry {
     /// One collection pass at a time.
     gc_lock: tokio::sync::Mutex<()>,
     gc_status: Mutex<gc::GcStatus>,
+    metrics: metrics::Metrics,
 }
 
 impl Registry {
@@ -196,6 +198,7 @@ impl Registry {
             quotas,
             gc_lock: tokio::sync::Mutex::new(()),
             gc_status: Mutex::new(gc::GcStatus::default()),
+            metrics: metrics::Metrics::default(),
         });
         if registry.config.gc.enabled {
             Periodic::start(&registry, registry.config.gc.interval_secs, |r| {
@@ -214,6 +217,16 @@ impl Registry {
 
     pub fn config(&self) -> &RegistryConfig {
         &self.config
+    }
+
+    /// Where requests and background passes are counted.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The metrics exposition (OpenMetrics text), gauges read now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(self.index.repo_count())
     }
 
     /// The per-tenant quotas.

@@ -303,6 +303,7 @@ impl Registry {
             }
         }
         run.finished_ms = now_ms();
+        self.metrics.retention_run(&run);
         if by != SCHEDULE || !run.items.is_empty() || !run.errors.is_empty() {
             self.meta.record_retention_run(&run).await.map_err(|e| internal("record retention run", e))?;
         }

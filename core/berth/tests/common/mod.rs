@@ -236,3 +236,14 @@ pub async fn tenant_user_token(s: &Server, tenant: &str, user: &str, role: &str)
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
+
+/// One sample of `GET /metrics` (as the platform admin): `series` is the name
+/// with its labels as exposed, e.g. `berth_gc_passes_total`.
+pub async fn metric(s: &Server, series: &str) -> f64 {
+    let text = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
