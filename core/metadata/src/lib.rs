@@ -15,6 +15,7 @@ pub mod accounts;
 mod conn;
 pub mod gc;
 pub mod manage;
+pub mod plugins;
 pub mod retention;
 pub mod usage;
 
@@ -23,6 +24,7 @@ pub use accounts::{
 };
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
+pub use plugins::{FindingRow, PluginInstanceRow};
 pub use retention::{RetentionItem, RetentionPolicy, RetentionRules, RetentionRun};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -158,6 +160,10 @@ pub struct ManifestRow {
     /// collector then reads the manifest itself).
     #[serde(default)]
     pub refs: Option<Vec<Digest>>,
+    /// What plugin gates found when it was pushed (replaced by each push of
+    /// it). Not loaded into the read index: read with `manifest_findings`.
+    #[serde(default)]
+    pub findings: Vec<FindingRow>,
 }
 
 /// A tag, as stored.
@@ -257,6 +263,7 @@ impl Metadata {
         db.query(usage::SCHEMA).await?.check()?;
         db.query(gc::SCHEMA).await?.check()?;
         db.query(retention::SCHEMA).await?.check()?;
+        db.query(plugins::SCHEMA).await?.check()?;
         let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() };
         if md.ensure_usage_counted().await? {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
@@ -640,6 +647,7 @@ mod tests {
             created_ms: 1,
             content_size: bytes.len() as u64,
             refs: Some(vec![]),
+            findings: vec![],
         }
     }
 

@@ -419,6 +419,7 @@ mod tests {
             created_ms: 1,
             content_size: bytes.len() as u64,
             refs: Some(vec![]),
+            findings: vec![],
         }
     }
 
@@ -565,6 +566,7 @@ mod conflict_tests {
                     created_ms: 1,
                     content_size: 2,
                     refs: Some(vec![]),
+                    findings: vec![],
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
                 md.commit_manifest(&m, Some(&t), false).await?;

@@ -634,6 +634,7 @@ impl Registry {
             // Completed by the repository actor, which knows the blobs' and children's sizes.
             content_size: bytes.len() as u64,
             refs: Some(parsed.required_blobs().chain(parsed.required_manifests()).cloned().collect()),
+            findings: vec![],
         };
         let msg = repo::CommitManifest {
             row,
