@@ -172,6 +172,47 @@ pub enum GcCmd {
 }
 
 #[derive(Subcommand)]
+pub enum PluginCmd {
+    /// Installed modules and the instances you administer.
+    List,
+    /// Install (or upgrade) a module (platform admin): a folder holding
+    /// plugin.toml and its component; with --component, that component (its
+    /// file name and sha256 are then written into the manifest sent).
+    Install {
+        dir: PathBuf,
+        #[arg(long)]
+        component: Option<PathBuf>,
+    },
+    /// Set an instance, or (only an ID) enable an existing one afresh.
+    Enable {
+        id: String,
+        /// The module to run.
+        #[arg(long)]
+        module: Option<String>,
+        /// platform, tenant:<name> or namespace:<name>.
+        #[arg(long)]
+        scope: Option<String>,
+        /// A hook to call it for (repeatable): gate, manifest-pushed, manifest-pulled, …
+        #[arg(long = "hook")]
+        hooks: Vec<String>,
+        /// key=value (repeatable).
+        #[arg(long = "config")]
+        config: Vec<String>,
+        /// A host its outbound HTTP may reach (repeatable).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+    },
+    /// Switch an instance off (its configuration stays).
+    Disable { id: String },
+    /// Remove an instance and its key-value store.
+    Remove { id: String },
+    /// An instance's state and health (calls, failures, latency, last error); all without an ID.
+    Status { id: Option<String> },
+    /// Load every module folder again and restart every instance (platform admin).
+    Reload,
+}
+
+#[derive(Subcommand)]
 pub enum QuotaCmd {
     /// A tenant's limits and usage (default: your own tenant's).
     Get { tenant: Option<String> },
@@ -891,6 +932,142 @@ pub async fn gc(conn: &Conn, cmd: GcCmd) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+pub async fn plugin(conn: &Conn, cmd: PluginCmd) -> Result<bool> {
+    use reqwest::Method as M;
+    let c = Client::new(conn)?;
+    let instance = |id: &str| format!("plugins/instances/{id}");
+    let v = match cmd {
+        PluginCmd::List => {
+            let v = c.json(M::GET, "plugins", None).await?;
+            if !conn.json {
+                println!("modules:");
+                table(
+                    v["modules"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[("name", "NAME"), ("version", "VERSION"), ("hooks", "HOOKS"), ("capabilities", "CAPABILITIES")],
+                );
+                for r in v["refused"].as_array().into_iter().flatten() {
+                    println!("refused: {}: {}", r["folder"].as_str().unwrap_or(""), r["error"].as_str().unwrap_or(""));
+                }
+                println!("instances:");
+                table(
+                    v["instances"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[("id", "ID"), ("module", "MODULE"), ("scope", "SCOPE"), ("hooks", "HOOKS"), ("state", "STATE")],
+                );
+                return Ok(true);
+            }
+            v
+        }
+        PluginCmd::Install { dir, component } => {
+            let path = dir.join("plugin.toml");
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mut manifest: toml::Table = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+            let name = manifest.get("name").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("plugin.toml has no name"))?.to_owned();
+            let (bytes, file) = match component {
+                Some(p) => {
+                    let file =
+                        p.file_name().map(|f| f.to_string_lossy().into_owned()).ok_or_else(|| anyhow!("--component names no file"))?;
+                    (std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?, file)
+                }
+                None => {
+                    let file = manifest
+                        .get("file")
+                        .and_then(|v| v.as_str())
+                        .ok_or_else(|| anyhow!("plugin.toml names no file (or give --component)"))?
+                        .to_owned();
+                    (std::fs::read(dir.join(&file)).with_context(|| format!("reading {}", dir.join(&file).display()))?, file)
+                }
+            };
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if let Some(pinned) = manifest.get("sha256").and_then(|v| v.as_str()) {
+                if pinned != sha {
+                    bail!("{file} has sha256 {sha}, but plugin.toml pins {pinned}");
+                }
+            }
+            manifest.insert("file".into(), toml::Value::String(file));
+            manifest.insert("sha256".into(), toml::Value::String(sha));
+            use base64::Engine as _;
+            let body = json!({"manifest": toml::to_string(&manifest)?, "component_base64": base64::engine::general_purpose::STANDARD.encode(&bytes)});
+            c.json(M::PUT, &format!("plugins/modules/{name}"), Some(body)).await?
+        }
+        PluginCmd::Enable { id, module, scope, hooks, config, allow_hosts } => {
+            let mut body = if module.is_none() && scope.is_none() && hooks.is_empty() && config.is_empty() && allow_hosts.is_empty() {
+                // Enable what is stored, as it is (secrets stay as stored).
+                let v = c.json(M::GET, &instance(&id), None).await?;
+                json!({"module": v["module"], "scope": v["scope"], "hooks": v["hooks"], "config": v["config"], "allow_hosts": v["allow_hosts"]})
+            } else {
+                let mut cfg = serde_json::Map::new();
+                for kv in &config {
+                    let (k, v) = kv.split_once('=').ok_or_else(|| anyhow!("--config {kv:?}: key=value"))?;
+                    cfg.insert(k.to_owned(), Value::String(v.to_owned()));
+                }
+                json!({
+                    "module": module.ok_or_else(|| anyhow!("--module is required to set an instance"))?,
+                    "scope": scope.ok_or_else(|| anyhow!("--scope is required to set an instance"))?,
+                    "hooks": hooks, "config": cfg, "allow_hosts": allow_hosts,
+                })
+            };
+            body["enabled"] = json!(true);
+            c.json(M::PUT, &instance(&id), Some(body)).await?
+        }
+        PluginCmd::Disable { id } => {
+            let v = c.json(M::GET, &instance(&id), None).await?;
+            let body = json!({"module": v["module"], "scope": v["scope"], "hooks": v["hooks"], "config": v["config"], "allow_hosts": v["allow_hosts"], "enabled": false});
+            c.json(M::PUT, &instance(&id), Some(body)).await?
+        }
+        PluginCmd::Remove { id } => {
+            c.json(M::DELETE, &instance(&id), None).await?;
+            if !conn.json {
+                println!("removed plugin instance {id}");
+            }
+            return Ok(true);
+        }
+        PluginCmd::Status { id: Some(id) } => c.json(M::GET, &instance(&id), None).await?,
+        PluginCmd::Status { id: None } => {
+            let v = c.json(M::GET, "plugins", None).await?;
+            if !conn.json {
+                for i in v["instances"].as_array().into_iter().flatten() {
+                    print_instance(i);
+                }
+                return Ok(true);
+            }
+            v["instances"].clone()
+        }
+        PluginCmd::Reload => c.json(M::POST, "plugins/reload", None).await?,
+    };
+    if conn.json {
+        print(&v);
+    } else if v.get("state").is_some() {
+        print_instance(&v);
+    } else {
+        print(&v);
+    }
+    Ok(true)
+}
+
+fn print_instance(i: &Value) {
+    let s = |k: &str| i[k].as_str().unwrap_or("").to_owned();
+    println!(
+        "{} ({} at {}): {}{}",
+        s("id"),
+        s("module"),
+        s("scope"),
+        s("state"),
+        i["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
+    let h = &i["health"];
+    if h.is_object() {
+        println!(
+            "  calls {}, failures {}, timeouts {}, p50 {:.1} ms, p99 {:.1} ms{}",
+            h["calls"],
+            h["failures"],
+            h["timeouts"],
+            h["p50_ms"].as_f64().unwrap_or(0.0),
+            h["p99_ms"].as_f64().unwrap_or(0.0),
+            h["last_error"].as_str().map(|e| format!(", last error: {e}")).unwrap_or_default()
+        );
+    }
 }
 
 pub async fn quota(conn: &Conn, cmd: QuotaCmd) -> Result<bool> {

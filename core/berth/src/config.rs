@@ -27,6 +27,8 @@ pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
 pub const ENV_ADMIN_PASSWORD: &str = "BERTH_ADMIN_PASSWORD";
 pub const ENV_EXTERNAL_URL: &str = "BERTH_EXTERNAL_URL";
 pub const ENV_POLICY_DIR: &str = "BERTH_POLICY_DIR";
+/// Where plugin modules are installed (default `<data_dir>/plugins`).
+pub const ENV_PLUGIN_DIR: &str = "BERTH_PLUGIN_DIR";
 /// Used by the client subcommands (`berth policy …`, `berth token …`).
 pub const ENV_SERVER: &str = "BERTH_SERVER";
 pub const ENV_USER: &str = "BERTH_USER";
@@ -46,6 +48,7 @@ const KNOWN_ENV: &[&str] = &[
     ENV_ADMIN_PASSWORD,
     ENV_EXTERNAL_URL,
     ENV_POLICY_DIR,
+    ENV_PLUGIN_DIR,
     ENV_SERVER,
     ENV_USER,
     ENV_PASSWORD,
@@ -64,6 +67,26 @@ pub struct FileConfig {
     pub registry: Option<RegistryConfig>,
     pub log: Option<LogConfig>,
     pub auth: Option<AuthConfig>,
+    pub plugins: Option<PluginsFile>,
+}
+
+/// `[plugins]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsFile {
+    /// Where modules are installed (a folder each); default `<data_dir>/plugins`.
+    pub dir: Option<PathBuf>,
+    /// `false`: no plugin is loaded or called.
+    pub enabled: Option<bool>,
+}
+
+/// The plugin host's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginsConfig {
+    pub enabled: bool,
+    pub dir: PathBuf,
+    /// Compiled modules, reused across restarts: `<data_dir>/plugins-cache`.
+    pub cache_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -98,6 +121,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub plugins: PluginsConfig,
 }
 
 /// Values given on the command line (they win over everything else).
@@ -180,7 +204,13 @@ impl Config {
         if auth.policy_dir.is_none() && Path::new(DEFAULT_POLICY_DIR).join("model.conf").is_file() {
             auth.policy_dir = Some(PathBuf::from(DEFAULT_POLICY_DIR));
         }
-        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth })
+        let plugins_file = file.plugins.unwrap_or_default();
+        let plugins = PluginsConfig {
+            enabled: plugins_file.enabled.unwrap_or(true),
+            dir: env.get(ENV_PLUGIN_DIR).map(PathBuf::from).or(plugins_file.dir).unwrap_or_else(|| data_dir.join("plugins")),
+            cache_dir: data_dir.join("plugins-cache"),
+        };
+        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins })
     }
 }
 
@@ -194,6 +224,7 @@ fn default_metadata(url: String) -> MetadataConfig {
         sync: None,
         cache_mib: None,
         memtable_mib: None,
+        watchdog_secs: None,
     }
 }
 

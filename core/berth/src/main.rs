@@ -96,6 +96,9 @@ enum Command {
     /// Garbage collection: run a pass now (or a dry run), show the collector's status.
     #[command(subcommand)]
     Gc(client::GcCmd),
+    /// WebAssembly plugins: modules (install, reload) and instances (enable, disable, status).
+    #[command(subcommand)]
+    Plugin(client::PluginCmd),
     /// Check credentials against the server and store them (mode 0600) for later commands.
     Login,
     /// Forget the stored credentials.
@@ -150,6 +153,7 @@ fn main() -> std::process::ExitCode {
             run_client(Box::pin(async move { fsck_offline(cfg, repair, rehash, json_out).await }))
         }
         Command::Gc(c) => run_client(Box::pin(async move { client::gc(&conn, c).await })),
+        Command::Plugin(c) => run_client(Box::pin(async move { client::plugin(&conn, c).await })),
         Command::Quota(c) => run_client(Box::pin(async move { client::quota(&conn, c).await })),
         Command::Tag(c) => run_client(Box::pin(async move { client::tag(&conn, c).await })),
         Command::Login => run_client(Box::pin(async move { client::login(&conn).await })),
@@ -259,7 +263,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
     let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
-    let registry = Registry::open(store, meta.clone(), cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let plugins = if cfg.plugins.enabled {
+        let p = berth_registry::plugins::Plugins::open(&cfg.plugins.dir, &cfg.plugins.cache_dir, meta.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("plugins: {e}"))?;
+        Some(p)
+    } else {
+        None
+    };
+    let meta_probe = meta.clone();
+    let registry = Registry::open(store, meta.clone(), cfg.registry.clone(), plugins).await.map_err(|e| anyhow::anyhow!(e))?;
     let auth = berth_auth::Auth::open(meta, cfg.auth.clone(), registry.arbiter()).await.map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     if let Some(dir) = &cfg.auth.policy_dir {
         tracing::info!(dir = %dir.display(), "policies loaded");
@@ -274,12 +287,49 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("berth created the platform admin: user 'admin', password '{pw}' (shown once; set BERTH_ADMIN_PASSWORD to choose it)");
     }
     let services = berth_http::Services { registry: registry.clone(), auth };
+    let watchdog = cfg.metadata.watchdog_secs.unwrap_or(berth_metadata::DEFAULT_WATCHDOG_SECS);
+    if watchdog > 0 {
+        watch_metadata(meta_probe, std::time::Duration::from_secs(watchdog))?;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_when_quiet());
     berth_http::serve(services, listener, shutdown_signal()).await;
     tracing::info!("shutting down");
     registry.flush_counters().await;
     registry.shutdown();
+    Ok(())
+}
+
+/// Exit when the metadata store stops answering (see `MetadataConfig::watchdog_secs`):
+/// a task reads from it every few seconds; a thread of its own (not the
+/// runtime's, whose workers may be the ones stuck) checks that reads keep
+/// succeeding. Exiting is safe: every acknowledged change is durable, and the
+/// next start sweeps what was in flight.
+fn watch_metadata(meta: Metadata, limit: std::time::Duration) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let beat = std::sync::Arc::new(AtomicU64::new(0));
+    let started = std::time::Instant::now();
+    let b = beat.clone();
+    tokio::spawn(async move {
+        loop {
+            if meta.ping().await.is_ok() {
+                b.store(started.elapsed().as_secs(), Ordering::Release);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+    });
+    std::thread::Builder::new().name("berth-watchdog".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let silent = started.elapsed().as_secs().saturating_sub(beat.load(Ordering::Acquire));
+        if silent > limit.as_secs() {
+            tracing::error!(
+                silent_secs = silent,
+                "the metadata store has not answered for {silent} s; exiting so a supervisor restarts Berth (metadata.watchdog_secs)"
+            );
+            eprintln!("berth: the metadata store has not answered for {silent} s; exiting (metadata.watchdog_secs)");
+            std::process::exit(75);
+        }
+    })?;
     Ok(())
 }
 
@@ -290,7 +340,7 @@ async fn fsck_offline(cfg: Config, repair: bool, rehash: bool, json_out: bool) -
     }
     let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
     let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
-    let registry = Registry::open(store, meta, cfg.registry.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+    let registry = Registry::open(store, meta, cfg.registry.clone(), None).await.map_err(|e| anyhow::anyhow!(e))?;
     let report = registry.fsck(repair, rehash).await.map_err(|e| anyhow::anyhow!(e.detail_or_message()))?;
     registry.shutdown();
     let v: serde_json::Value = serde_json::from_str(&berth_http::fsck_json(report))?;

@@ -286,6 +286,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["quotas"], &Method::GET) => crate::quotas::mine(services, identity).await,
         (["retention", "runs"], &Method::GET) => crate::retention::runs(services, identity, crate::manage::query(req)?).await,
         (["fsck"], &Method::POST) => crate::gc::fsck(services, identity, req).await,
+        (["plugins", rest @ ..], _) => crate::plugins::route(services, identity, rest, req).await,
         (["gc"], &Method::GET) => crate::gc::status(services, identity),
         (["gc"], &Method::POST) => crate::gc::run(services, identity, req).await,
         (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,

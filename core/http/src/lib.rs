@@ -25,6 +25,7 @@ pub fn fsck_json(r: berth_registry::fsck::FsckReport) -> String {
 }
 mod manage;
 mod namespaces;
+mod plugins;
 mod quotas;
 mod retention;
 pub mod route;
@@ -306,7 +307,7 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
         (Route::BadReference(_, e), Method::PUT) => Err(RegistryError::new(ErrorCode::TagInvalid).with_detail(e.detail_or_message())),
         (Route::Manifest(repo, r), Method::GET) => get_manifest(registry, &repo, &r, true).await,
         (Route::Manifest(repo, r), Method::HEAD) => get_manifest(registry, &repo, &r, false).await,
-        (Route::Manifest(repo, r), Method::PUT) => put_manifest(registry, &repo, &r, &mut req).await,
+        (Route::Manifest(repo, r), Method::PUT) => put_manifest(registry, &repo, &r, &mut req, ctx.identity.principal.subject()).await,
         (Route::Manifest(repo, r), Method::DELETE) => {
             registry.delete_manifest(&repo, &r).await?;
             Ok(empty(StatusCode::ACCEPTED))
@@ -442,7 +443,13 @@ async fn get_manifest(registry: &Registry, repo: &RepoName, reference: &Referenc
     Ok(r)
 }
 
-async fn put_manifest(registry: &Registry, repo: &RepoName, reference: &Reference, req: &mut Request) -> Result<Reply, RegistryError> {
+async fn put_manifest(
+    registry: &Registry,
+    repo: &RepoName,
+    reference: &Reference,
+    req: &mut Request,
+    pusher: &str,
+) -> Result<Reply, RegistryError> {
     let too_big = || {
         RegistryError::new(ErrorCode::ManifestInvalid)
             .with_status(413)
@@ -478,7 +485,7 @@ async fn put_manifest(registry: &Registry, repo: &RepoName, reference: &Referenc
         return Err(too_big());
     }
     let content_type = req.header("content-type").map(str::to_owned);
-    let put = registry.put_manifest(repo, reference, content_type.as_deref(), Bytes::from(buf)).await?;
+    let put = registry.put_manifest(repo, reference, content_type.as_deref(), Bytes::from(buf), pusher).await?;
     let mut r = empty(StatusCode::CREATED);
     set(&mut r, "location", format!("/v2/{repo}/manifests/{}", put.digest));
     set(&mut r, "docker-content-digest", put.digest.to_string());

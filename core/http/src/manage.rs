@@ -203,7 +203,12 @@ pub(crate) fn query<T: DeserializeOwned + Default>(req: &Request) -> Result<T, R
 }
 
 pub(crate) async fn body<T: DeserializeOwned>(req: &mut Request) -> Result<T, RegistryError> {
-    let b = crate::read_json_body(req, MAX_BODY).await?;
+    body_limited(req, MAX_BODY).await
+}
+
+/// [`body`] for the few requests that carry more than `MAX_BODY` (a plugin's component).
+pub(crate) async fn body_limited<T: DeserializeOwned>(req: &mut Request, limit: usize) -> Result<T, RegistryError> {
+    let b = crate::read_json_body(req, limit).await?;
     serde_json::from_slice(&b).map_err(|e| bad(format!("invalid JSON body: {e}")))
 }
 
@@ -713,6 +718,7 @@ pub(crate) fn document() -> utoipa::openapi::OpenApi {
     doc.merge(crate::quotas::QuotaDoc::openapi());
     doc.merge(crate::gc::GcDoc::openapi());
     doc.merge(crate::retention::RetentionDoc::openapi());
+    doc.merge(crate::plugins::PluginDoc::openapi());
     doc
 }
 

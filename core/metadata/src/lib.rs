@@ -57,16 +57,25 @@ pub struct MetadataConfig {
     #[serde(default)]
     pub cache_mib: Option<u64>,
     /// The embedded store's in-memory write buffer, in MiB (`surrealkv://` only;
-    /// default 64): it is flushed to disk when full, and bounds the largest
+    /// default 256): it is flushed to disk when full, and bounds the largest
     /// single transaction. SurrealKV would otherwise size it by the machine's
-    /// memory (1 GiB on 16–64 GiB).
+    /// memory (1 GiB on 16–64 GiB). Each flush is a chance for SurrealKV
+    /// 0.21's lock-order deadlock (see `watchdog_secs`), so it is not small.
     #[serde(default)]
     pub memtable_mib: Option<u64>,
+    /// Exit when the metadata store has not answered a read for this long
+    /// (default 60; 0: never), so a supervisor restarts Berth. SurrealKV 0.21
+    /// (the embedded engine of SurrealDB 3.3) can deadlock when a memtable
+    /// flush and a range read take its manifest and memtable locks in opposite
+    /// orders; nothing but a restart ends that, and a restart is safe.
+    #[serde(default)]
+    pub watchdog_secs: Option<u64>,
 }
 
 /// The embedded store's cache and write buffer when the config names none.
 pub const DEFAULT_CACHE_MIB: u64 = 64;
-pub const DEFAULT_MEMTABLE_MIB: u64 = 64;
+pub const DEFAULT_MEMTABLE_MIB: u64 = 256;
+pub const DEFAULT_WATCHDOG_SECS: u64 = 60;
 
 impl MetadataConfig {
     /// Where to connect, with the embedded store's settings checked.
@@ -269,6 +278,12 @@ impl Metadata {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
         }
         Ok(md)
+    }
+
+    /// A read that goes to the storage engine (the watchdog's probe).
+    pub async fn ping(&self) -> Result<()> {
+        self.db.query("SELECT VALUE version FROM ONLY meta:usage").await?.check()?;
+        Ok(())
     }
 
     /// Load every repository, manifest, tag and blob link.
@@ -630,6 +645,7 @@ mod tests {
             sync: None,
             cache_mib: None,
             memtable_mib: None,
+            watchdog_secs: None,
         })
         .await
         .unwrap()
@@ -663,6 +679,7 @@ mod tests {
                 sync: sync.map(Into::into),
                 cache_mib,
                 memtable_mib: None,
+                watchdog_secs: None,
             }
             .target()
         };

@@ -21,6 +21,7 @@ pub mod gc;
 pub mod index;
 pub mod manage;
 pub mod metrics;
+pub mod plugins;
 pub mod quota;
 pub mod repo;
 pub mod retention;
@@ -154,11 +155,17 @@ pub struct Registry {
     gc_lock: tokio::sync::Mutex<()>,
     gc_status: Mutex<gc::GcStatus>,
     metrics: metrics::Metrics,
+    plugins: Option<plugins::Plugins>,
 }
 
 impl Registry {
     /// Load the index from metadata and start the actors on their own thread.
-    pub async fn open(store: BlobStore, meta: Metadata, config: RegistryConfig) -> Result<Arc<Registry>, String> {
+    pub async fn open(
+        store: BlobStore,
+        meta: Metadata,
+        config: RegistryConfig,
+        plugins: Option<plugins::Plugins>,
+    ) -> Result<Arc<Registry>, String> {
         let snapshot = meta.snapshot().await.map_err(|e| format!("loading metadata: {e}"))?;
         let index = Arc::new(Index::from_snapshot(snapshot, config.manifest_cache_bytes));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -199,6 +206,7 @@ impl Registry {
             gc_lock: tokio::sync::Mutex::new(()),
             gc_status: Mutex::new(gc::GcStatus::default()),
             metrics: metrics::Metrics::default(),
+            plugins,
         });
         if registry.config.gc.enabled {
             Periodic::start(&registry, registry.config.gc.interval_secs, |r| {
@@ -591,6 +599,7 @@ impl Registry {
         reference: &Reference,
         content_type: Option<&str>,
         bytes: Bytes,
+        pusher: &str,
     ) -> Result<PutManifest, RegistryError> {
         let parsed = ParsedManifest::parse(&bytes, content_type)?;
         let (digest, tag) = match reference {
@@ -603,6 +612,9 @@ impl Registry {
             }
             Reference::Tag(t) => (Digest::sha256(&bytes), Some(t.clone())),
         };
+        // Plugin gates judge the push before anything of it is stored or
+        // reserved, outside the repository actor: a slow gate delays only this push.
+        let findings = self.gate(repo, &digest, tag.as_ref(), &parsed, &bytes, pusher).await?;
         self.quotas.admit_repo(repo).await?;
         // A manifest the repository already holds (a re-tag) costs nothing more.
         let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
@@ -634,7 +646,7 @@ impl Registry {
             // Completed by the repository actor, which knows the blobs' and children's sizes.
             content_size: bytes.len() as u64,
             refs: Some(parsed.required_blobs().chain(parsed.required_manifests()).cloned().collect()),
-            findings: vec![],
+            findings,
         };
         let msg = repo::CommitManifest {
             row,

@@ -1,0 +1,320 @@
+//! The registry's side of plugins: the installed modules (a folder per module
+//! under the plugins directory), the instances (rows in metadata, so every
+//! replica runs the same ones), the gate run before a manifest commits, and the
+//! host services a plugin's sandbox reads through (blob bytes, key-value store).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use berth_metadata::{FindingRow, Metadata, PluginInstanceRow};
+use berth_oci::manifest::{ManifestKind, ParsedManifest};
+use berth_oci::range::ByteRange;
+use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+use berth_plugins::{BlobReader, Decision, Hook, Image, InstanceSpec, KvStore, Module, Platform, PluginHost, PluginManifest, Push, Scope};
+use berth_storage::BlobStore;
+use futures::StreamExt;
+
+use crate::{internal, now_ms, Registry};
+
+/// Largest component `install` accepts.
+pub const MAX_COMPONENT_BYTES: usize = 32 << 20;
+
+/// Installed modules and configured instances.
+pub struct Plugins {
+    host: PluginHost,
+    dir: PathBuf,
+    meta: Metadata,
+    /// Module folders that did not load, and why.
+    refused: Mutex<BTreeMap<String, String>>,
+    /// Instances in metadata that are not running, and why (their module is
+    /// missing or refused, or no longer accepts their configuration).
+    stalled: Mutex<BTreeMap<String, (PluginInstanceRow, String)>>,
+}
+
+struct Kv(Metadata);
+
+#[async_trait::async_trait]
+impl KvStore for Kv {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0.plugin_kv_get(scope, key).await.map_err(|e| e.to_string())
+    }
+
+    async fn set(&self, scope: &str, key: &str, value: &[u8]) -> Result<(), String> {
+        self.0.plugin_kv_set(scope, key, value).await.map_err(|e| e.to_string())
+    }
+}
+
+struct Blobs(BlobStore);
+
+#[async_trait::async_trait]
+impl BlobReader for Blobs {
+    async fn read(&self, digest: &str, offset: u64, max: u64) -> Result<Vec<u8>, String> {
+        let d: Digest = digest.parse().map_err(|e: RegistryError| e.detail_or_message())?;
+        let size = self.0.stat_blob(&d).await.map_err(|e| e.to_string())?.ok_or("not stored")?;
+        if offset >= size || max == 0 {
+            return Ok(vec![]);
+        }
+        let end = size.min(offset.saturating_add(max)) - 1;
+        let mut stream = self.0.read_blob(&d, Some(ByteRange { start: offset, end })).await.map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity((end - offset + 1) as usize);
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        }
+        Ok(out)
+    }
+}
+
+/// `platform`, `tenant:<name>`, `namespace:<name>`.
+pub fn parse_scope(s: &str) -> Result<Scope, String> {
+    match s.split_once(':') {
+        None if s == "platform" => Ok(Scope::Platform),
+        Some(("tenant", t)) if t.parse::<berth_oci::AccountName>().is_ok() => Ok(Scope::Tenant(t.into())),
+        Some(("namespace", n)) if n.parse::<berth_oci::AccountName>().is_ok() => Ok(Scope::Namespace(n.into())),
+        _ => Err(format!("scope {s:?}: platform, tenant:<name> or namespace:<name>")),
+    }
+}
+
+fn spec_of(row: &PluginInstanceRow) -> Result<InstanceSpec, String> {
+    Ok(InstanceSpec {
+        id: row.id.clone(),
+        module: row.module.clone(),
+        scope: parse_scope(&row.scope)?,
+        hooks: row.hooks.iter().map(|h| h.parse()).collect::<Result<BTreeSet<Hook>, String>>()?,
+        config: row.config.clone(),
+        allow_hosts: row.allow_hosts.clone(),
+        enabled: row.enabled,
+    })
+}
+
+fn row_of(spec: &InstanceSpec, by: &str) -> PluginInstanceRow {
+    PluginInstanceRow {
+        id: spec.id.clone(),
+        module: spec.module.clone(),
+        scope: spec.scope.to_string(),
+        hooks: spec.hooks.iter().map(|h| h.name().to_owned()).collect(),
+        config: spec.config.clone(),
+        allow_hosts: spec.allow_hosts.clone(),
+        enabled: spec.enabled,
+        updated_ms: now_ms(),
+        by: by.to_owned(),
+    }
+}
+
+impl Plugins {
+    /// Load the modules in `dir` (compiled copies cached in `cache_dir`) and the
+    /// instances stored in metadata.
+    pub async fn open(dir: &Path, cache_dir: &Path, meta: Metadata) -> Result<Plugins, String> {
+        let host = PluginHost::new(cache_dir, Some(Arc::new(Kv(meta.clone()))))?;
+        let p = Plugins { host, dir: dir.to_owned(), meta, refused: Mutex::new(BTreeMap::new()), stalled: Mutex::new(BTreeMap::new()) };
+        p.reload().await?;
+        Ok(p)
+    }
+
+    pub fn host(&self) -> &PluginHost {
+        &self.host
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Load every module folder again, then every stored instance; instances
+    /// start afresh (health and breaker reset). Answers the folders refused.
+    pub async fn reload(&self) -> Result<BTreeMap<String, String>, String> {
+        let mut refused = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.join("plugin.toml").is_file()).collect();
+            dirs.sort();
+            for d in dirs {
+                if let Err(e) = self.host.load(&d) {
+                    tracing::error!(error = %e, "plugin module refused");
+                    refused.insert(d.file_name().unwrap_or_default().to_string_lossy().into_owned(), e);
+                }
+            }
+        }
+        *self.refused.lock().unwrap() = refused.clone();
+        let rows = self.meta.plugin_instances().await.map_err(|e| format!("reading plugin instances: {e}"))?;
+        let mut stalled = BTreeMap::new();
+        for row in rows {
+            if let Err(e) = spec_of(&row).and_then(|s| self.host.put_instance(s).map(|_| ())) {
+                tracing::warn!(plugin = %row.id, error = %e, "plugin instance not started");
+                self.host.remove_instance(&row.id);
+                stalled.insert(row.id.clone(), (row, e));
+            }
+        }
+        *self.stalled.lock().unwrap() = stalled;
+        Ok(refused)
+    }
+
+    /// Install a module: check its manifest and pin, write it to its folder
+    /// (replacing an older version) and load it.
+    pub async fn install(&self, manifest_toml: &str, component: &[u8]) -> Result<Arc<Module>, String> {
+        let m = PluginManifest::parse(manifest_toml)?;
+        if component.len() > MAX_COMPONENT_BYTES {
+            return Err(format!("the component is {} bytes; at most {MAX_COMPONENT_BYTES}", component.len()));
+        }
+        let folder = self.dir.join(&m.name);
+        let staging = self.dir.join(format!(".{}.installing", m.name));
+        let write = || -> std::io::Result<()> {
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging)?;
+            std::fs::write(staging.join(&m.file), component)?;
+            std::fs::write(staging.join("plugin.toml"), manifest_toml)?;
+            Ok(())
+        };
+        write().map_err(|e| format!("writing {}: {e}", staging.display()))?;
+        // Load from the staging folder first: a module that does not load
+        // replaces nothing.
+        if let Err(e) = self.host.load(&staging) {
+            let _ = std::fs::remove_dir_all(&staging);
+            // The staging load registered nothing under a new name on failure,
+            // but restore the installed version if it was replaced.
+            if folder.join("plugin.toml").is_file() {
+                let _ = self.host.load(&folder);
+            }
+            return Err(e);
+        }
+        let old = self.dir.join(format!(".{}.old", m.name));
+        let _ = std::fs::remove_dir_all(&old);
+        if folder.exists() {
+            std::fs::rename(&folder, &old).map_err(|e| format!("replacing {}: {e}", folder.display()))?;
+        }
+        std::fs::rename(&staging, &folder).map_err(|e| format!("installing {}: {e}", folder.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+        let module = self.host.load(&folder)?;
+        self.refused.lock().unwrap().remove(&m.name);
+        // Instances that were waiting for this module start now.
+        let waiting: Vec<PluginInstanceRow> =
+            self.stalled.lock().unwrap().values().filter(|(r, _)| r.module == m.name).map(|(r, _)| r.clone()).collect();
+        for row in waiting {
+            if spec_of(&row).and_then(|s| self.host.put_instance(s).map(|_| ())).is_ok() {
+                self.stalled.lock().unwrap().remove(&row.id);
+            }
+        }
+        Ok(module)
+    }
+
+    /// Set an instance (checked against its module), stored then started.
+    pub async fn set_instance(&self, spec: InstanceSpec, by: &str) -> Result<(), RegistryError> {
+        self.host.check(&spec).map_err(|e| RegistryError::new(ErrorCode::InvalidRequest).with_status(400).with_detail(e))?;
+        self.meta.put_plugin_instance(&row_of(&spec, by)).await.map_err(|e| internal("store plugin instance", e))?;
+        self.stalled.lock().unwrap().remove(&spec.id);
+        self.host.put_instance(spec).map_err(|e| RegistryError::new(ErrorCode::InvalidRequest).with_status(400).with_detail(e))?;
+        Ok(())
+    }
+
+    /// Remove an instance (and its key-value store). `false`: there was none.
+    pub async fn delete_instance(&self, id: &str) -> Result<bool, RegistryError> {
+        let known = self.host.instance(id).is_some() || self.stalled.lock().unwrap().contains_key(id);
+        if !known {
+            return Ok(false);
+        }
+        self.meta.delete_plugin_instance(id).await.map_err(|e| internal("delete plugin instance", e))?;
+        self.host.remove_instance(id);
+        self.stalled.lock().unwrap().remove(id);
+        Ok(true)
+    }
+
+    /// The stored instance `id`, running or not.
+    pub fn instance_spec(&self, id: &str) -> Option<InstanceSpec> {
+        if let Some(i) = self.host.instance(id) {
+            return Some(i.spec.clone());
+        }
+        self.stalled.lock().unwrap().get(id).and_then(|(r, _)| spec_of(r).ok())
+    }
+
+    /// Instances that are stored but not running, and why.
+    pub fn stalled(&self) -> Vec<(InstanceSpec, String)> {
+        self.stalled.lock().unwrap().values().filter_map(|(r, why)| Some((spec_of(r).ok()?, why.clone()))).collect()
+    }
+
+    pub fn refused(&self) -> BTreeMap<String, String> {
+        self.refused.lock().unwrap().clone()
+    }
+}
+
+fn platforms(parsed: &ParsedManifest) -> Vec<Platform> {
+    if parsed.kind != ManifestKind::Index {
+        return vec![];
+    }
+    let field = |p: &serde_json::Value, k: &str| p.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    parsed
+        .references
+        .iter()
+        .filter_map(|d| d.platform.as_ref())
+        .map(|p| Platform {
+            os: field(p, "os").unwrap_or_default(),
+            architecture: field(p, "architecture").unwrap_or_default(),
+            variant: field(p, "variant"),
+        })
+        .collect()
+}
+
+impl Registry {
+    /// The plugin host, when plugins are configured.
+    pub fn plugins(&self) -> Option<&Plugins> {
+        self.plugins.as_ref()
+    }
+
+    /// Ask the gates covering `repo` about a manifest push. A denial is a
+    /// `DENIED` carrying the plugin's reason; findings go with the commit. Only
+    /// a push that could commit is gated (every blob it references is linked).
+    pub(crate) async fn gate(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        tag: Option<&Tag>,
+        parsed: &ParsedManifest,
+        bytes: &[u8],
+        pusher: &str,
+    ) -> Result<Vec<FindingRow>, RegistryError> {
+        let Some(plugins) = &self.plugins else { return Ok(vec![]) };
+        let tenant = self.quotas.owner(repo).await?.map(|t| t.to_string());
+        if plugins.host.subscribed(Hook::Gate, tenant.as_deref(), repo.namespace()).is_empty() {
+            return Ok(vec![]);
+        }
+        if parsed.required_blobs().any(|d| self.index.linked_blob(repo, d).is_none()) {
+            return Ok(vec![]);
+        }
+        let content_size = bytes.len() as u64 + parsed.config.iter().chain(&parsed.references).map(|d| d.size).sum::<u64>();
+        let push = Push {
+            tenant: tenant.unwrap_or_default(),
+            repository: repo.to_string(),
+            tag: tag.map(|t| t.to_string()),
+            digest: digest.to_string(),
+            media_type: parsed.media_type.clone(),
+            size: bytes.len() as u64,
+            content_size,
+            platforms: platforms(parsed),
+            subject: parsed.subject.as_ref().map(|s| s.digest.to_string()),
+            artifact_type: parsed.artifact_type.clone(),
+            pusher: pusher.to_owned(),
+        };
+        let image = Image {
+            manifest: bytes.to_vec(),
+            refs: parsed.required_blobs().map(|d| d.to_string()).collect(),
+            reader: Arc::new(Blobs(self.store.clone())),
+        };
+        match plugins.host.gate(&push, Some(&image)).await {
+            Decision::Allow { findings } => Ok(findings
+                .into_iter()
+                .map(|f| FindingRow {
+                    plugin: f.plugin,
+                    rule: f.rule,
+                    severity: serde_json::to_value(f.severity).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                    message: f.message,
+                })
+                .collect()),
+            Decision::Deny { plugin, reason } => {
+                tracing::info!(%repo, %digest, plugin, reason, "push denied by a plugin gate");
+                Err(RegistryError::new(ErrorCode::Denied).with_detail(format!("refused by plugin {plugin}: {reason}")))
+            }
+        }
+    }
+
+    /// The findings kept with a manifest.
+    pub async fn findings(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<FindingRow>, RegistryError> {
+        self.meta.manifest_findings(repo, digest).await.map_err(|e| internal("read findings", e))
+    }
+}
