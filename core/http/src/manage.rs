@@ -106,6 +106,19 @@ pub struct TagDetail {
     pub manifest: serde_json::Value,
     /// For a multi-platform image: each platform's manifest and size.
     pub platforms: Vec<PlatformView>,
+    /// What plugin gates found when it was pushed.
+    pub findings: Vec<FindingView>,
+}
+
+/// One finding of a plugin gate.
+#[derive(Serialize, ToSchema)]
+pub struct FindingView {
+    /// The plugin instance that found it.
+    pub plugin: String,
+    pub rule: String,
+    /// info, low, medium, high or critical.
+    pub severity: String,
+    pub message: String,
 }
 
 /// `POST /api/v1/repositories`.
@@ -542,7 +555,14 @@ async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag
         .into_iter()
         .map(|p| PlatformView { platform: p.platform, digest: p.digest.to_string(), media_type: p.media_type, size: p.size })
         .collect();
-    reply(StatusCode::OK, &TagDetail { tag: tag_view(t), created: d.created, manifest, platforms })
+    let findings = services
+        .registry
+        .findings(repo, &t.digest)
+        .await?
+        .into_iter()
+        .map(|f| FindingView { plugin: f.plugin, rule: f.rule, severity: f.severity, message: f.message })
+        .collect();
+    reply(StatusCode::OK, &TagDetail { tag: tag_view(t), created: d.created, manifest, platforms, findings })
 }
 
 /// Delete a tag (its manifest stays).
@@ -693,7 +713,7 @@ pub(crate) fn registry_info(services: &Services, req: &Request) -> Result<Reply,
     info(title = "Berth management API", description = "Errors: `{\"errors\":[{\"code\",\"message\",\"detail\"}]}`. \
         Authentication: HTTP Basic with a password or a registry access token."),
     paths(list, create, get, update, delete, tags, tag, delete_tag, delete_manifest, bulk_delete, registry_info, check_name, official_list, official_detail, official_versions),
-    components(schemas(TagDetail, PlatformView, RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
+    components(schemas(TagDetail, FindingView, PlatformView, RepoNameCheck, RegistryInfo, Repository, TagView, CreateRepository, UpdateRepository, RepositoryDeleted, BulkDelete, Deleted)),
     modifiers(&BasicAuth),
     security(("basic" = []))
 )]

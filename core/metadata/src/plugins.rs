@@ -101,12 +101,14 @@ impl Metadata {
     pub async fn manifest_findings(&self, repo: &berth_oci::RepoName, digest: &berth_oci::Digest) -> Result<Vec<FindingRow>> {
         let mut r = self
             .db
-            .query("SELECT VALUE findings OR [] FROM ONLY type::record('manifest', [$repo, $digest])")
+            .query("SELECT VALUE findings OR [] FROM type::record('manifest', [$repo, $digest])")
             .bind(("repo", repo.to_string()))
             .bind(("digest", digest.to_string()))
             .await?
             .check()?;
-        Ok(one::<Vec<FindingRow>>(&mut r, 0)?.unwrap_or_default())
+        // One row (or none): the record's list. (`FROM ONLY` or `RETURN … .findings`
+        // would unwrap a list of one.)
+        Ok(rows::<Vec<FindingRow>>(&mut r, 0)?.into_iter().next().unwrap_or_default())
     }
 }
 
@@ -145,6 +147,13 @@ mod tests {
         assert_eq!(md.plugin_kv_get("hook-1", "k").await.unwrap(), None);
         md.plugin_kv_set("hook-1", "k", &[0, 1, 255]).await.unwrap();
         assert_eq!(md.plugin_kv_get("hook-1", "k").await.unwrap(), Some(vec![0, 1, 255]));
+        // Findings live on their manifest row, written with its commit.
+        let repo: berth_oci::RepoName = "acme/app".parse().unwrap();
+        let mut m = crate::tests::row(&repo, b"m");
+        assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), vec![]);
+        m.findings = vec![FindingRow { plugin: "scan".into(), rule: "r".into(), severity: "low".into(), message: "x".into() }];
+        md.commit_manifest(&m, None, false).await.unwrap();
+        assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), m.findings);
         md.delete_plugin_instance("hook-1").await.unwrap();
         assert!(md.plugin_instances().await.unwrap().is_empty());
         assert_eq!(md.plugin_kv_get("hook-1", "k").await.unwrap(), None, "its store goes with it");
