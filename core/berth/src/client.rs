@@ -989,7 +989,12 @@ pub async fn plugin(conn: &Conn, cmd: PluginCmd) -> Result<bool> {
             manifest.insert("sha256".into(), toml::Value::String(sha));
             use base64::Engine as _;
             let body = json!({"manifest": toml::to_string(&manifest)?, "component_base64": base64::engine::general_purpose::STANDARD.encode(&bytes)});
-            c.json(M::PUT, &format!("plugins/modules/{name}"), Some(body)).await?
+            let v = c.json(M::PUT, &format!("plugins/modules/{name}"), Some(body)).await?;
+            if !conn.json {
+                println!("installed {name} {} (hooks: {})", v["version"].as_str().unwrap_or(""), v["hooks"]);
+                return Ok(true);
+            }
+            v
         }
         PluginCmd::Enable { id, module, scope, hooks, config, allow_hosts } => {
             let mut body = if module.is_none() && scope.is_none() && hooks.is_empty() && config.is_empty() && allow_hosts.is_empty() {
