@@ -5,17 +5,20 @@
 //! API's repository detail, listing, tag listing, update and shared-with-me
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
 //! quotas, the repository's and the namespace's retention policy, retention
-//! runs, the `/registry/v1` and
-//! `/api/console` adapters}. Every cell is asserted.
+//! runs, the namespace's plugin instance and the plugin listing, the
+//! `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
 
 mod common;
+
+#[path = "../../plugins/tests/support/mod.rs"]
+mod support;
 
 use common::*;
 use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 19] = [
+const OPS: [&str; 21] = [
     "pull",
     "push",
     "delete",
@@ -35,6 +38,8 @@ const OPS: [&str; 19] = [
     "api-retention",
     "api-retention-runs",
     "api-ns-retention",
+    "api-plugin",
+    "api-plugin-list",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -63,8 +68,8 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     if op == "api-namespace" || op == "console-images" || op == "api-quota" || op == "api-ns-retention" {
         return matches!(who, Who::Role(_));
     }
-    // A namespace's shares are its administrator's to see.
-    if op == "api-ns-shares" {
+    // A namespace's shares and plugin instances are its administrator's to see.
+    if op == "api-ns-shares" || op == "api-plugin" || op == "api-plugin-list" {
         return who == Who::Role(0);
     }
     // A repository in a namespace shared with a tenant is shared with it.
@@ -92,8 +97,12 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     }
 }
 
-async fn setup(s: &Server) -> Vec<(String, String, String)> {
+async fn setup(s: &Server, data: &std::path::Path) -> Vec<(String, String, String)> {
     let admin = client();
+    // A plugin module every namespace gets an instance of (a gate that allows).
+    support::install(&data.join("plugins"), "berth_hostile", "hostile", "hooks = [\"gate\"]\n[config.mode]\n");
+    let r = admin.post(s.url("/api/v1/plugins/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     for (i, t) in TENANTS.iter().enumerate() {
         let r = admin.post(s.url("/api/v1/tenants")).json(&json!({"name": t})).send().await.unwrap();
         assert_eq!(r.status(), 201);
@@ -161,8 +170,16 @@ async fn setup(s: &Server) -> Vec<(String, String, String)> {
         let r = ta.put(s.url(&format!("/api/v1/namespaces/{ns}/shares/{}", TENANTS[(i + 1) % 3]))).json(&json!({})).send().await.unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         repos.push((t.to_string(), "nsshared".to_string(), format!("{ns}/app")));
-        // Namespace retention policies (disabled), readable by the tenant's members.
+        // Namespace retention policies (disabled), readable by the tenant's
+        // members; a plugin instance per namespace, its administrator's.
         for n in [t.to_string(), ns.clone()] {
+            let r = ta
+                .put(s.url(&format!("/api/v1/plugins/instances/{n}-plugin")))
+                .json(&json!({"module": "hostile", "scope": format!("namespace:{n}"), "hooks": ["gate"], "config": {"mode": "allow"}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
             let r = ta
                 .put(s.url(&format!("/api/v1/namespaces/{n}/retention")))
                 .json(&json!({"keep_last": 100, "enabled": false}))
@@ -340,6 +357,22 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             assert_eq!(v["total_count"].as_u64().unwrap() as usize, v["items"].as_array().unwrap().len());
             listed
         }
+        "api-plugin" | "api-plugin-list" => {
+            let ns = repo.split('/').next().unwrap();
+            let id = format!("{ns}-plugin");
+            if op == "api-plugin" {
+                let code = c.get(s.url(&format!("/api/v1/plugins/instances/{id}"))).send().await.unwrap().status().as_u16();
+                // Another scope's instance answers like an unknown one.
+                assert!(code == 200 || code == 404 || code == 401, "{op} {id}: {code}");
+                return code == 200;
+            }
+            let r = c.get(s.url("/api/v1/plugins")).send().await.unwrap();
+            if r.status() == 401 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["instances"].as_array().unwrap().iter().any(|i| i["id"] == id.as_str())
+        }
         "api-update" => {
             let r = c
                 .patch(s.url(&format!("/api/v1/repositories/{repo}")))
@@ -359,7 +392,7 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
 async fn isolation_matrix() {
     let dir = TempDir::new("isolation");
     let s = Server::start_in(&dir.path().join("data"), &[]);
-    let repos = setup(&s).await;
+    let repos = setup(&s, &dir.path().join("data")).await;
     let whos = [Who::Role(0), Who::Role(1), Who::Role(2), Who::Role(3), Who::Anonymous, Who::ShareTenant, Who::Stranger];
     let mut cells = 0;
     let mut failures = vec![];
