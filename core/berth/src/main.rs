@@ -272,6 +272,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         None
     };
     let meta_probe = meta.clone();
+    let meta_close = meta.clone();
     let registry = Registry::open(store, meta.clone(), cfg.registry.clone(), plugins).await.map_err(|e| anyhow::anyhow!(e))?;
     let auth = berth_auth::Auth::open(meta, cfg.auth.clone(), registry.arbiter()).await.map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     if let Some(dir) = &cfg.auth.policy_dir {
@@ -297,6 +298,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     registry.flush_counters().await;
     registry.shutdown();
+    meta_close.shutdown().await;
     Ok(())
 }
 
@@ -340,9 +342,11 @@ async fn fsck_offline(cfg: Config, repair: bool, rehash: bool, json_out: bool) -
     }
     let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
     let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
+    let meta_close = meta.clone();
     let registry = Registry::open(store, meta, cfg.registry.clone(), None).await.map_err(|e| anyhow::anyhow!(e))?;
     let report = registry.fsck(repair, rehash).await.map_err(|e| anyhow::anyhow!(e.detail_or_message()))?;
     registry.shutdown();
+    meta_close.shutdown().await;
     let v: serde_json::Value = serde_json::from_str(&berth_http::fsck_json(report))?;
     Ok(client::print_fsck(json_out, &v))
 }

@@ -33,7 +33,8 @@ pub(crate) enum Target {
 
 #[derive(Clone)]
 pub(crate) enum Conn {
-    Embedded(Surreal<Db>),
+    /// The SDK handle, and the datastore under it (to shut it down).
+    Embedded(Surreal<Db>, std::sync::Arc<Datastore>),
     Url(Surreal<Any>),
 }
 
@@ -64,7 +65,7 @@ impl Conn {
                 ds.bootstrap().await.map_err(|e| failed(&e))?;
                 ds.start_maintenance_tasks();
                 // No notification channel: Berth runs no live queries.
-                Conn::Embedded(Surreal::<Db>::unstable_from_datastore(ds, None).await?)
+                Conn::Embedded(Surreal::<Db>::unstable_from_datastore(ds.clone(), None).await?, ds)
             }
             Target::Url(url) => {
                 // Berth runs no live queries: without their notification channel the
@@ -78,15 +79,25 @@ impl Conn {
             }
         };
         match &conn {
-            Conn::Embedded(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
+            Conn::Embedded(db, _) => db.use_ns(&config.namespace).use_db(&config.database).await?,
             Conn::Url(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
         };
         Ok(conn)
     }
 
+    /// Stop the embedded store's maintenance tasks and close its engine (every
+    /// commit is already durable; this leaves no flush or compaction cut off).
+    pub(crate) async fn shutdown(&self) {
+        if let Conn::Embedded(_, ds) = self {
+            if let Err(e) = ds.shutdown().await {
+                tracing::warn!(error = %e, "closing the embedded metadata store");
+            }
+        }
+    }
+
     pub(crate) fn query<'a>(&'a self, sql: impl Into<Cow<'a, str>>) -> Q<'a> {
         match self {
-            Conn::Embedded(db) => Q::Embedded(db.query(sql)),
+            Conn::Embedded(db, _) => Q::Embedded(db.query(sql)),
             Conn::Url(db) => Q::Url(db.query(sql)),
         }
     }

@@ -280,6 +280,11 @@ impl Metadata {
         Ok(md)
     }
 
+    /// Close the embedded store cleanly (graceful shutdown, after the last request).
+    pub async fn shutdown(&self) {
+        self.db.shutdown().await;
+    }
+
     /// A read that goes to the storage engine (the watchdog's probe).
     pub async fn ping(&self) -> Result<()> {
         self.db.query("SELECT VALUE version FROM ONLY meta:usage").await?.check()?;
