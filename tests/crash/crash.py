@@ -14,8 +14,9 @@ with SIGKILL, restarts it, and checks:
   to a recount from scratch;
 - every push acknowledged with 201 is there (a tag answers with the digest
   acknowledged last, unless the operation in flight at the kill touched it, in
-  which case either outcome is allowed), and every blob of it is served and
-  matches its digest;
+  which case it answers with the old or the new outcome, and what it answers
+  is what later rounds expect), and every blob of it is served and matches its
+  digest;
 - an upload interrupted by the kill either resumes (its status answers) or is
   unknown, never a 5xx;
 - once the upload lifetime has passed, no staging is left behind.
