@@ -243,17 +243,7 @@ fn dry_runs_cli_and_the_background_collector() {
     let dir = TempDir::new("gc-bg");
     let s = start(&dir, true);
     let data = dir.path().join("data");
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(args)
-            .env("BERTH_SERVER", &s.base)
-            .env("BERTH_USER", "admin")
-            .env("BERTH_PASSWORD", ADMIN_PASSWORD)
-            .env("BERTH_CREDENTIALS", dir.path().join("none.json"))
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
+    let cli = |args: &[&str]| admin_cli(&s, dir.path(), args);
     block_on(async {
         let c = client();
         push_with(&c, &s, "acme/x", "v1", 1, &bytes(2, 100)).await;

@@ -33,17 +33,7 @@ fn the_scanner_gates_a_tenants_pushes() {
     let dir = TempDir::new("plugins");
     let s = Server::start_in(&dir.path().join("data"), &[]);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(args)
-            .env("BERTH_SERVER", &s.base)
-            .env("BERTH_USER", "admin")
-            .env("BERTH_PASSWORD", ADMIN_PASSWORD)
-            .env("BERTH_CREDENTIALS", dir.path().join("none.json"))
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
+    let cli = |args: &[&str]| admin_cli(&s, dir.path(), args);
     // Installed as an operator would: the manifest from the repository, the
     // component as built; the CLI pins its sha256.
     let wasm = support::built().join("berth_scanner.wasm");

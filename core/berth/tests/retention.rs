@@ -206,17 +206,7 @@ fn namespace_policies_schedule_cli_access_and_bad_input() {
     });
 
     // The CLI.
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(args)
-            .env("BERTH_SERVER", &s.base)
-            .env("BERTH_USER", "admin")
-            .env("BERTH_PASSWORD", ADMIN_PASSWORD)
-            .env("BERTH_CREDENTIALS", dir.path().join("none.json"))
-            .output()
-            .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-    };
+    let cli = |args: &[&str]| admin_cli(&s, dir.path(), args);
     let ok = |args: &[&str]| {
         let (code, out) = cli(args);
         assert_eq!(code, Some(0), "berth {args:?}: {out}");

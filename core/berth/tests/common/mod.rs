@@ -247,3 +247,17 @@ pub async fn metric(s: &Server, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in\n{text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
+
+/// Run the `berth` CLI against `s` as the platform admin (no stored
+/// credentials: they would live in `scratch`): exit code and stdout + stderr.
+pub fn admin_cli(s: &Server, scratch: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env("BERTH_SERVER", &s.base)
+        .env("BERTH_USER", "admin")
+        .env("BERTH_PASSWORD", ADMIN_PASSWORD)
+        .env("BERTH_CREDENTIALS", scratch.join("none.json"))
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
