@@ -757,14 +757,7 @@ pub async fn ns(conn: &Conn, cmd: NsCmd) -> Result<bool> {
         }
         NsCmd::Shares { name } => {
             let v = c.json(M::GET, &format!("namespaces/{name}/shares"), None).await?;
-            if conn.json {
-                print(&v);
-            } else {
-                table(
-                    v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
-                    &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
-                );
-            }
+            print_shares(conn, &v);
         }
     }
     Ok(true)
@@ -1049,6 +1042,18 @@ pub async fn plugin(conn: &Conn, cmd: PluginCmd) -> Result<bool> {
         print(&v);
     }
     Ok(true)
+}
+
+/// A repository's or namespace's shares.
+fn print_shares(conn: &Conn, v: &Value) {
+    if conn.json {
+        print(v);
+    } else {
+        table(
+            v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+            &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
+        );
+    }
 }
 
 fn print_instance(i: &Value) {
@@ -1345,14 +1350,7 @@ pub async fn repo(conn: &Conn, cmd: RepoCmd) -> Result<bool> {
         }
         RepoCmd::Shares { name } => {
             let v = c.json(M::GET, &format!("repositories/{name}/shares"), None).await?;
-            if conn.json {
-                print(&v);
-            } else {
-                table(
-                    v["shares"].as_array().map(Vec::as_slice).unwrap_or(&[]),
-                    &[("tenant", "TENANT"), ("actions", "ACTIONS"), ("expires_ms", "EXPIRES_MS")],
-                );
-            }
+            print_shares(conn, &v);
         }
         RepoCmd::Check { name } => {
             let v = c.json(M::GET, &format!("repositories/-/check?name={}", encode(&name)), None).await?;

@@ -165,9 +165,9 @@ impl Config {
         };
         let metadata = match (env.get(ENV_METADATA_URL), file.metadata) {
             (Some(url), Some(m)) => MetadataConfig { url: url.clone(), ..m },
-            (Some(url), None) => default_metadata(url.clone()),
+            (Some(url), None) => MetadataConfig::new(url.clone()),
             (None, Some(m)) => m,
-            (None, None) => default_metadata(format!("surrealkv://{}", path_str(&data_dir.join("meta")))),
+            (None, None) => MetadataConfig::new(format!("surrealkv://{}", path_str(&data_dir.join("meta")))),
         };
         let mut registry = file.registry.unwrap_or_default();
         if let Some(v) = env.get(ENV_UPLOAD_TTL) {
@@ -211,20 +211,6 @@ impl Config {
             cache_dir: data_dir.join("plugins-cache"),
         };
         Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins })
-    }
-}
-
-fn default_metadata(url: String) -> MetadataConfig {
-    MetadataConfig {
-        url,
-        namespace: "berth".into(),
-        database: "registry".into(),
-        username: None,
-        password: None,
-        sync: None,
-        cache_mib: None,
-        memtable_mib: None,
-        watchdog_secs: None,
     }
 }
 

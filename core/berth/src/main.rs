@@ -271,7 +271,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
-    let meta_probe = meta.clone();
     let meta_close = meta.clone();
     let registry = Registry::open(store, meta.clone(), cfg.registry.clone(), plugins).await.map_err(|e| anyhow::anyhow!(e))?;
     let auth = berth_auth::Auth::open(meta, cfg.auth.clone(), registry.arbiter()).await.map_err(|e| anyhow::anyhow!("auth: {e}"))?;
@@ -290,7 +289,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let services = berth_http::Services { registry: registry.clone(), auth };
     let watchdog = cfg.metadata.watchdog_secs.unwrap_or(berth_metadata::DEFAULT_WATCHDOG_SECS);
     if watchdog > 0 {
-        watch_metadata(meta_probe, std::time::Duration::from_secs(watchdog))?;
+        watch_metadata(meta_close.clone(), std::time::Duration::from_secs(watchdog))?;
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_when_quiet());

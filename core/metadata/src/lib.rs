@@ -78,6 +78,21 @@ pub const DEFAULT_MEMTABLE_MIB: u64 = 256;
 pub const DEFAULT_WATCHDOG_SECS: u64 = 60;
 
 impl MetadataConfig {
+    /// `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> MetadataConfig {
+        MetadataConfig {
+            url: url.into(),
+            namespace: default_ns(),
+            database: default_db(),
+            username: None,
+            password: None,
+            sync: None,
+            cache_mib: None,
+            memtable_mib: None,
+            watchdog_secs: None,
+        }
+    }
+
     /// Where to connect, with the embedded store's settings checked.
     fn target(&self) -> std::result::Result<conn::Target, String> {
         let embedded = self.url.strip_prefix("surrealkv://");
@@ -641,19 +656,7 @@ mod tests {
     use super::*;
 
     pub(crate) async fn mem() -> Metadata {
-        Metadata::connect(&MetadataConfig {
-            url: "mem://".into(),
-            namespace: default_ns(),
-            database: default_db(),
-            username: None,
-            password: None,
-            sync: None,
-            cache_mib: None,
-            memtable_mib: None,
-            watchdog_secs: None,
-        })
-        .await
-        .unwrap()
+        Metadata::connect(&MetadataConfig::new("mem://")).await.unwrap()
     }
 
     pub(crate) fn row(repo: &RepoName, bytes: &[u8]) -> ManifestRow {
@@ -675,18 +678,7 @@ mod tests {
     #[test]
     fn embedded_settings_are_checked() {
         let c = |url: &str, sync: Option<&str>, cache_mib: Option<u64>| {
-            MetadataConfig {
-                url: url.into(),
-                namespace: default_ns(),
-                database: default_db(),
-                username: None,
-                password: None,
-                sync: sync.map(Into::into),
-                cache_mib,
-                memtable_mib: None,
-                watchdog_secs: None,
-            }
-            .target()
+            MetadataConfig { sync: sync.map(Into::into), cache_mib, ..MetadataConfig::new(url) }.target()
         };
         let embedded = |dir: &str, sync: &str, cache_bytes: u64| conn::Target::Embedded {
             dir: dir.into(),

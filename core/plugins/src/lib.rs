@@ -320,6 +320,12 @@ impl PluginHost {
     /// for this pin), and make it ready to instantiate. Instances of a module
     /// loaded again use the new one from their next call.
     pub fn load(&self, dir: &Path) -> Result<Arc<Module>, String> {
+        Ok(self.register(self.prepare(dir)?))
+    }
+
+    /// Check and compile the module in `dir` without installing it (so a
+    /// module that does not load replaces nothing).
+    pub fn prepare(&self, dir: &Path) -> Result<Module, String> {
         let toml_path = dir.join("plugin.toml");
         let text = std::fs::read_to_string(&toml_path).map_err(|e| format!("{}: {e}", toml_path.display()))?;
         let manifest = PluginManifest::parse(&text).map_err(|e| format!("{}: {e}", toml_path.display()))?;
@@ -333,9 +339,13 @@ impl PluginHost {
         check_contract(&self.engine, &component, &manifest.name)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| format!("{}: {e:#}", manifest.name))?;
         let pre = PluginPre::new(pre).map_err(|e| format!("{} does not export the berth:plugin world: {e:#}", manifest.name))?;
-        let module = Arc::new(Module { manifest, dir: dir.to_owned(), pre });
+        Ok(Module { manifest, dir: dir.to_owned(), pre })
+    }
+
+    /// Install a prepared module under its name; its instances move to it.
+    pub fn register(&self, module: Module) -> Arc<Module> {
+        let module = Arc::new(module);
         self.modules.write().unwrap().insert(module.manifest.name.clone(), module.clone());
-        // Instances move to the new module.
         let mut instances = self.instances.write().unwrap();
         let moved: Vec<InstanceSpec> =
             instances.values().filter(|i| i.spec.module == module.manifest.name).map(|i| i.spec.clone()).collect();
@@ -343,22 +353,22 @@ impl PluginHost {
             instances.insert(spec.id.clone(), Arc::new(Instance { spec, module: module.clone(), tally: Mutex::new(Tally::default()) }));
         }
         tracing::info!(plugin = %module.manifest.name, version = %module.manifest.version, "plugin module loaded");
-        Ok(module)
+        module
     }
 
-    /// Load every `<dir>/*/plugin.toml`; the errors of those that failed.
-    pub fn load_all(&self, dir: &Path) -> Vec<String> {
-        let mut errors = vec![];
-        let Ok(entries) = std::fs::read_dir(dir) else { return errors };
+    /// Load every `<dir>/*/plugin.toml`; the folders refused, and why.
+    pub fn load_all(&self, dir: &Path) -> BTreeMap<String, String> {
+        let mut refused = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(dir) else { return refused };
         let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.join("plugin.toml").is_file()).collect();
         dirs.sort();
         for d in dirs {
             if let Err(e) = self.load(&d) {
                 tracing::error!(error = %e, "plugin module refused");
-                errors.push(e);
+                refused.insert(d.file_name().unwrap_or_default().to_string_lossy().into_owned(), e);
             }
         }
-        errors
+        refused
     }
 
     fn compile(&self, sha256: &str, bytes: &[u8]) -> Result<Component, String> {

@@ -122,17 +122,7 @@ impl Plugins {
     /// Load every module folder again, then every stored instance; instances
     /// start afresh (health and breaker reset). Answers the folders refused.
     pub async fn reload(&self) -> Result<BTreeMap<String, String>, String> {
-        let mut refused = BTreeMap::new();
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.join("plugin.toml").is_file()).collect();
-            dirs.sort();
-            for d in dirs {
-                if let Err(e) = self.host.load(&d) {
-                    tracing::error!(error = %e, "plugin module refused");
-                    refused.insert(d.file_name().unwrap_or_default().to_string_lossy().into_owned(), e);
-                }
-            }
-        }
+        let refused = self.host.load_all(&self.dir);
         *self.refused.lock().unwrap() = refused.clone();
         let rows = self.meta.plugin_instances().await.map_err(|e| format!("reading plugin instances: {e}"))?;
         let mut stalled = BTreeMap::new();
@@ -164,17 +154,15 @@ impl Plugins {
             Ok(())
         };
         write().map_err(|e| format!("writing {}: {e}", staging.display()))?;
-        // Load from the staging folder first: a module that does not load
-        // replaces nothing.
-        if let Err(e) = self.host.load(&staging) {
-            let _ = std::fs::remove_dir_all(&staging);
-            // The staging load registered nothing under a new name on failure,
-            // but restore the installed version if it was replaced.
-            if folder.join("plugin.toml").is_file() {
-                let _ = self.host.load(&folder);
+        // Checked and compiled from the staging folder first: a module that
+        // does not load replaces nothing.
+        let mut module = match self.host.prepare(&staging) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let old = self.dir.join(format!(".{}.old", m.name));
         let _ = std::fs::remove_dir_all(&old);
         if folder.exists() {
@@ -182,7 +170,8 @@ impl Plugins {
         }
         std::fs::rename(&staging, &folder).map_err(|e| format!("installing {}: {e}", folder.display()))?;
         let _ = std::fs::remove_dir_all(&old);
-        let module = self.host.load(&folder)?;
+        module.dir = folder;
+        let module = self.host.register(module);
         self.refused.lock().unwrap().remove(&m.name);
         // Instances that were waiting for this module start now.
         let waiting: Vec<PluginInstanceRow> =
