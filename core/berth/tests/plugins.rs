@@ -76,6 +76,26 @@ fn the_scanner_gates_a_tenants_pushes() {
             bob.put(api("modules/scanner")).json(&json!({"manifest": "", "component_base64": ""})).send().await.unwrap().status(),
             403
         );
+        // Bad module installs: every one a 400 that installs nothing.
+        let admin = client();
+        let garbage = b"not a component";
+        let pinned =
+            format!("name = \"junk\"\nversion = \"1\"\nfile = \"j.wasm\"\nsha256 = \"{}\"\nhooks = [\"gate\"]\n", &sha256(garbage)[7..]);
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(garbage);
+        for (name, body) in [
+            ("junk", json!({"manifest": "name = [", "component_base64": b64})),
+            ("other", json!({"manifest": pinned, "component_base64": b64})),
+            ("junk", json!({"manifest": pinned, "component_base64": "%%%"})),
+            ("junk", json!({"manifest": pinned, "component_base64": b64})),
+            ("junk", json!({"manifest": pinned, "component_base64": b64, "force": true})),
+        ] {
+            let r = admin.put(api(&format!("modules/{name}"))).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 400, "{body}: {}", r.text().await.unwrap());
+        }
+        let listed: Value = admin.get(s.url("/api/v1/plugins")).send().await.unwrap().json().await.unwrap();
+        assert!(listed["modules"].as_array().unwrap().iter().all(|m| m["name"] != "junk"), "{listed}");
+        assert_eq!(admin.post(s.url("/metrics")).send().await.unwrap().status(), 405);
         // Bad input: an unknown hook, config key, module or scope.
         for (field, value) in
             [("hooks", json!(["gates"])), ("config", json!({"colour": "red"})), ("module", json!("nope")), ("scope", json!("galaxy"))]
