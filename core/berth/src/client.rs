@@ -206,8 +206,17 @@ pub enum PluginCmd {
     Disable { id: String },
     /// Remove an instance and its key-value store.
     Remove { id: String },
-    /// An instance's state and health (calls, failures, latency, last error); all without an ID.
+    /// An instance's state and health (calls, failures, latency, last error,
+    /// event queue); all without an ID.
     Status { id: Option<String> },
+    /// An instance's delivery log, newest first.
+    Deliveries {
+        id: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
     /// Load every module folder again and restart every instance (platform admin).
     Reload,
 }
@@ -1032,6 +1041,26 @@ pub async fn plugin(conn: &Conn, cmd: PluginCmd) -> Result<bool> {
             }
             v["instances"].clone()
         }
+        PluginCmd::Deliveries { id, limit, offset } => {
+            let v = c.json(M::GET, &format!("plugins/instances/{id}/deliveries?limit={limit}&offset={offset}"), None).await?;
+            if !conn.json {
+                table(
+                    v["items"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &[
+                        ("at_ms", "AT_MS"),
+                        ("event_type", "EVENT"),
+                        ("event_id", "ID"),
+                        ("attempt", "ATTEMPT"),
+                        ("outcome", "OUTCOME"),
+                        ("took_ms", "MS"),
+                        ("detail", "DETAIL"),
+                    ],
+                );
+                println!("{} of {}", v["items"].as_array().map_or(0, Vec::len), v["total_count"]);
+                return Ok(true);
+            }
+            v
+        }
         PluginCmd::Reload => c.json(M::POST, "plugins/reload", None).await?,
     };
     if conn.json {
@@ -1076,6 +1105,13 @@ fn print_instance(i: &Value) {
             h["p50_ms"].as_f64().unwrap_or(0.0),
             h["p99_ms"].as_f64().unwrap_or(0.0),
             h["last_error"].as_str().map(|e| format!(", last error: {e}")).unwrap_or_default()
+        );
+    }
+    let q = &i["queue"];
+    if q.is_object() {
+        println!(
+            "  queue {} (oldest waiting {} ms), delivered {}, retried {}, given up {}, overflow {}",
+            q["depth"], q["lag_ms"], q["delivered"], q["retried"], q["given_up"], q["overflow"]
         );
     }
 }

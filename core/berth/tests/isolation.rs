@@ -5,7 +5,7 @@
 //! API's repository detail, listing, tag listing, update and shared-with-me
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
 //! quotas, the repository's and the namespace's retention policy, retention
-//! runs, the namespace's plugin instance and the plugin listing, the
+//! runs, the namespace's plugin instance, its delivery log and the plugin listing, the
 //! `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
 
 mod common;
@@ -18,7 +18,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 21] = [
+const OPS: [&str; 22] = [
     "pull",
     "push",
     "delete",
@@ -40,6 +40,7 @@ const OPS: [&str; 21] = [
     "api-ns-retention",
     "api-plugin",
     "api-plugin-list",
+    "api-plugin-log",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -69,7 +70,7 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
         return matches!(who, Who::Role(_));
     }
     // A namespace's shares and plugin instances are its administrator's to see.
-    if op == "api-ns-shares" || op == "api-plugin" || op == "api-plugin-list" {
+    if op == "api-ns-shares" || op == "api-plugin" || op == "api-plugin-list" || op == "api-plugin-log" {
         return who == Who::Role(0);
     }
     // A repository in a namespace shared with a tenant is shared with it.
@@ -357,11 +358,12 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             assert_eq!(v["total_count"].as_u64().unwrap() as usize, v["items"].as_array().unwrap().len());
             listed
         }
-        "api-plugin" | "api-plugin-list" => {
+        "api-plugin" | "api-plugin-list" | "api-plugin-log" => {
             let ns = repo.split('/').next().unwrap();
             let id = format!("{ns}-plugin");
-            if op == "api-plugin" {
-                let code = c.get(s.url(&format!("/api/v1/plugins/instances/{id}"))).send().await.unwrap().status().as_u16();
+            if op != "api-plugin-list" {
+                let path = if op == "api-plugin" { id.clone() } else { format!("{id}/deliveries") };
+                let code = c.get(s.url(&format!("/api/v1/plugins/instances/{path}"))).send().await.unwrap().status().as_u16();
                 // Another scope's instance answers like an unknown one.
                 assert!(code == 200 || code == 404 || code == 401, "{op} {id}: {code}");
                 return code == 200;

@@ -207,7 +207,7 @@ async fn serve(services: &Services, identity: &Identity, segs: &[&str], req: &mu
             let repo = repo_name(ns, image)?;
             let reference: Reference = crate::route::percent_decode(reference).ok_or_else(|| bad("bad percent-encoding"))?.parse()?;
             authorize(services, identity, &repo, Action::Delete)?;
-            registry.delete_manifest(&repo, &reference).await?;
+            registry.delete_manifest(&repo, &reference, identity.principal.subject()).await?;
             Ok(ok(serde_json::Value::Null))
         }
         (["repositories", scope @ ("mine" | "public")], &Method::GET) => {

@@ -248,7 +248,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
                 return Err(bad(format!("{ns} is its tenant's own namespace")));
             }
             for r in repos {
-                services.registry.delete_repo(&r.profile.name).await?;
+                services.registry.delete_repo(&r.profile.name, identity.principal.subject()).await?;
                 auth.repo_deleted(&r.profile.name).await?;
             }
             auth.delete_namespace(who, &ns).await?;
@@ -320,7 +320,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
         "DeleteContainerImage" => {
             let repo = image(&p, &namespace(&p)?)?;
             gate::authorize_api(auth, identity, &repo, Action::Delete)?;
-            services.registry.delete_repo(&repo).await?;
+            services.registry.delete_repo(&repo, identity.principal.subject()).await?;
             auth.repo_deleted(&repo).await?;
             Ok(Answer::default())
         }
@@ -348,7 +348,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
             let repo = image(&p, &namespace(&p)?)?;
             let tag: Tag = p.tag_name.as_deref().ok_or_else(|| bad("TagName is required"))?.parse()?;
             gate::authorize_api(auth, identity, &repo, Action::Delete)?;
-            services.registry.delete_manifest(&repo, &Reference::Tag(tag)).await?;
+            services.registry.delete_manifest(&repo, &Reference::Tag(tag), identity.principal.subject()).await?;
             Ok(Answer::default())
         }
         "" => Err(bad("Action is required")),

@@ -305,11 +305,11 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
         // Digest-shaped: the digest's own error (malformed, or an algorithm Berth does not support).
         (Route::BadReference(_, e), Method::PUT) if matches!(e.code(), ErrorCode::DigestInvalid | ErrorCode::Unsupported) => Err(e),
         (Route::BadReference(_, e), Method::PUT) => Err(RegistryError::new(ErrorCode::TagInvalid).with_detail(e.detail_or_message())),
-        (Route::Manifest(repo, r), Method::GET) => get_manifest(registry, &repo, &r, true).await,
-        (Route::Manifest(repo, r), Method::HEAD) => get_manifest(registry, &repo, &r, false).await,
+        (Route::Manifest(repo, r), Method::GET) => get_manifest(registry, &repo, &r, true, ctx.identity.principal.subject()).await,
+        (Route::Manifest(repo, r), Method::HEAD) => get_manifest(registry, &repo, &r, false, ctx.identity.principal.subject()).await,
         (Route::Manifest(repo, r), Method::PUT) => put_manifest(registry, &repo, &r, &mut req, ctx.identity.principal.subject()).await,
         (Route::Manifest(repo, r), Method::DELETE) => {
-            registry.delete_manifest(&repo, &r).await?;
+            registry.delete_manifest(&repo, &r, ctx.identity.principal.subject()).await?;
             Ok(empty(StatusCode::ACCEPTED))
         }
         (Route::Blob(repo, d), Method::GET) => get_blob(registry, &repo, &d, req.header("range").map(str::to_owned), true).await,
@@ -318,9 +318,11 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
             registry.delete_blob(&repo, &d).await?;
             Ok(empty(StatusCode::ACCEPTED))
         }
-        (Route::Uploads(repo), Method::POST) => start_upload(registry, &repo, ctx.grants.mount_allowed, &mut req).await,
+        (Route::Uploads(repo), Method::POST) => {
+            start_upload(registry, &repo, ctx.grants.mount_allowed, &mut req, ctx.identity.principal.subject()).await
+        }
         (Route::Upload(repo, id), Method::PATCH) => patch_upload(registry, &repo, &id, &mut req).await,
-        (Route::Upload(repo, id), Method::PUT) => put_upload(registry, &repo, &id, &mut req).await,
+        (Route::Upload(repo, id), Method::PUT) => put_upload(registry, &repo, &id, &mut req, ctx.identity.principal.subject()).await,
         (Route::Upload(repo, id), Method::GET) => {
             let offset = registry.upload_status(&repo, &id).await?;
             Ok(upload_accepted(StatusCode::NO_CONTENT, &repo, &id, offset))
@@ -433,8 +435,14 @@ fn referrers(registry: &Registry, repo: &RepoName, digest: &Digest, req: &Reques
 
 // ----- manifests -----
 
-async fn get_manifest(registry: &Registry, repo: &RepoName, reference: &Reference, body: bool) -> Result<Reply, RegistryError> {
-    let (m, size) = registry.get_manifest(repo, reference, body).await?;
+async fn get_manifest(
+    registry: &Registry,
+    repo: &RepoName,
+    reference: &Reference,
+    body: bool,
+    puller: &str,
+) -> Result<Reply, RegistryError> {
+    let (m, size) = registry.get_manifest(repo, reference, body, puller).await?;
     let mut r = Response::new(if body { m.bytes.into() } else { Bytes::new().into() });
     set(&mut r, "content-type", &m.media_type);
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
@@ -573,21 +581,27 @@ fn empty_body() -> Body {
     Box::pin(futures::stream::empty())
 }
 
-async fn start_upload(registry: &Registry, repo: &RepoName, mount_allowed: bool, req: &mut Request) -> Result<Reply, RegistryError> {
+async fn start_upload(
+    registry: &Registry,
+    repo: &RepoName,
+    mount_allowed: bool,
+    req: &mut Request,
+    by: &str,
+) -> Result<Reply, RegistryError> {
     if let Some(mount) = req.param("mount") {
         let digest: Digest = mount.parse()?;
         // A source the caller may not read is never mounted from: plain session instead.
         if let Some(from) = req.param("from").filter(|_| mount_allowed) {
             // An unparsable or unknown source is simply not mountable.
             if let Ok(from) = from.parse::<RepoName>() {
-                if registry.mount_blob(repo, &digest, &from).await? {
+                if registry.mount_blob(repo, &digest, &from, by).await? {
                     return Ok(blob_created(repo, &digest));
                 }
             }
         }
     } else if let Some(digest) = digest_param(req)? {
         let body = req.take_body().unwrap_or_else(empty_body);
-        registry.upload_monolithic(repo, &digest, body).await?;
+        registry.upload_monolithic(repo, &digest, body, by).await?;
         return Ok(blob_created(repo, &digest));
     }
     let id = registry.start_upload(repo).await?;
@@ -601,12 +615,12 @@ async fn patch_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: 
     Ok(upload_accepted(StatusCode::ACCEPTED, repo, id, offset))
 }
 
-async fn put_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &mut Request) -> Result<Reply, RegistryError> {
+async fn put_upload(registry: &Registry, repo: &RepoName, id: &UploadId, req: &mut Request, by: &str) -> Result<Reply, RegistryError> {
     let digest = digest_param(req)?
         .ok_or_else(|| RegistryError::new(ErrorCode::DigestInvalid).with_detail("the digest query parameter is required"))?;
     let range = content_range(req)?;
     let body = req.take_body();
-    registry.finish_upload(repo, id, &digest, range, body).await?;
+    registry.finish_upload(repo, id, &digest, range, body, by).await?;
     Ok(blob_created(repo, &digest))
 }
 

@@ -466,7 +466,7 @@ async fn create(services: &Services, identity: &Identity, req: &mut Request, hos
     check_text("description", &b.description, 4096)?;
     check_text("category", &b.category, 128)?;
     check_labels(&b.labels)?;
-    if !services.registry.create_repo(&repo, b.description, b.category, b.labels).await? {
+    if !services.registry.create_repo(&repo, b.description, b.category, b.labels, identity.principal.subject()).await? {
         return Err(RegistryError::new(ErrorCode::Conflict).with_detail(format!("repository {repo} exists")));
     }
     let ns: AccountName = repo.namespace().parse()?;
@@ -518,7 +518,7 @@ async fn update(services: &Services, identity: &Identity, repo: &RepoName, req: 
     params(("name" = String, Path)), responses((status = 200, body = RepositoryDeleted)))]
 async fn delete(services: &Services, identity: &Identity, repo: &RepoName) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::Delete)?;
-    let removed = services.registry.delete_repo(repo).await?;
+    let removed = services.registry.delete_repo(repo, identity.principal.subject()).await?;
     services.auth.repo_deleted(repo).await?;
     let r = RepositoryDeleted { name: repo.to_string(), tags: removed.tags, manifests: removed.manifests, blob_links: removed.blob_links };
     reply(StatusCode::OK, &r)
@@ -570,7 +570,7 @@ async fn tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag
     tag = "repositories", responses((status = 204)))]
 async fn delete_tag(services: &Services, identity: &Identity, repo: &RepoName, tag: Tag) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::DeleteTag)?;
-    services.registry.delete_manifest(repo, &Reference::Tag(tag)).await?;
+    services.registry.delete_manifest(repo, &Reference::Tag(tag), identity.principal.subject()).await?;
     Ok(crate::no_content())
 }
 
@@ -579,7 +579,7 @@ async fn delete_tag(services: &Services, identity: &Identity, repo: &RepoName, t
     tag = "repositories", responses((status = 204)))]
 async fn delete_manifest(services: &Services, identity: &Identity, repo: &RepoName, digest: Digest) -> Result<Reply, RegistryError> {
     authorize(&services.auth, identity, repo, Op::DeleteManifest)?;
-    services.registry.delete_manifest(repo, &Reference::Digest(digest)).await?;
+    services.registry.delete_manifest(repo, &Reference::Digest(digest), identity.principal.subject()).await?;
     Ok(crate::no_content())
 }
 
@@ -594,7 +594,7 @@ async fn bulk_delete(services: &Services, identity: &Identity, repo: &RepoName, 
         s => return Err(bad(format!("status {s:?}: use untagged or tagged"))),
     };
     authorize(&services.auth, identity, repo, Op::BulkDelete)?;
-    let deleted = services.registry.delete_by_status(repo, status).await?;
+    let deleted = services.registry.delete_by_status(repo, status, identity.principal.subject()).await?;
     reply(StatusCode::OK, &Deleted { deleted: deleted.iter().map(|d| d.to_string()).collect() })
 }
 

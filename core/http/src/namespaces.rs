@@ -281,7 +281,7 @@ async fn delete(services: &Services, identity: &Identity, name: &AccountName, p:
     let mut deleted = Vec::new();
     for r in repos {
         let repo = r.profile.name;
-        services.registry.delete_repo(&repo).await?;
+        services.registry.delete_repo(&repo, identity.principal.subject()).await?;
         services.auth.repo_deleted(&repo).await?;
         deleted.push(repo.to_string());
     }

@@ -12,10 +12,10 @@ use berth_oci::{AccountName, ErrorCode, RegistryError};
 use berth_plugins::{Hook, InstanceSpec, Scope};
 use berth_registry::plugins::{parse_scope, Plugins};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use warp::http::{Method, StatusCode};
 
-use crate::manage::{body, reply};
+use crate::manage::{body, paging, query, reply, Page};
 use crate::{Reply, Request, Services};
 
 /// How a secret value is shown, and how a request keeps the stored one.
@@ -56,6 +56,47 @@ pub struct HealthView {
     pub logs_dropped: u64,
 }
 
+/// An instance's event queue (instances that take events).
+#[derive(Serialize, ToSchema)]
+pub struct QueueView {
+    /// Events waiting to be delivered.
+    pub depth: u64,
+    /// How long the oldest waiting event has waited, in ms.
+    pub lag_ms: u64,
+    /// Events not queued because the queue was full (`limits.queue`).
+    pub overflow: u64,
+    pub delivered: u64,
+    /// Failed deliveries scheduled again.
+    pub retried: u64,
+    /// Events given up after their last attempt, or refused by the plugin.
+    pub given_up: u64,
+}
+
+/// One delivery attempt.
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryView {
+    pub event_id: String,
+    /// The hook (`manifest-pushed` …).
+    pub event_type: String,
+    /// 1 for the first try.
+    pub attempt: u32,
+    pub at_ms: i64,
+    /// `delivered`, `retrying` or `failed`.
+    pub outcome: String,
+    pub detail: Option<String>,
+    pub took_ms: f64,
+}
+
+/// Query of `GET /api/v1/plugins/instances/{id}/deliveries`.
+#[derive(Deserialize, IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveryParams {
+    /// 0 to 1000, default 100.
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct InstanceView {
     pub id: String,
@@ -73,6 +114,7 @@ pub struct InstanceView {
     /// Why it is tripped or stalled.
     pub reason: Option<String>,
     pub health: Option<HealthView>,
+    pub queue: Option<QueueView>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -228,6 +270,14 @@ fn view_instance(p: &Plugins, spec: &InstanceSpec, stalled: Option<&str>) -> Ins
             last_error_ms: h.last_error_ms,
             logs_dropped: h.logs_dropped,
         }),
+        queue: p.deliveries().stats(&spec.id).map(|q| QueueView {
+            depth: q.depth,
+            lag_ms: q.lag_ms,
+            overflow: q.overflow,
+            delivered: q.delivered,
+            retried: q.retried,
+            given_up: q.given_up,
+        }),
     }
 }
 
@@ -248,6 +298,7 @@ pub(crate) async fn route(services: &Services, identity: &Identity, segs: &[&str
         (["instances", id], &Method::GET) => get(services, identity, id),
         (["instances", id], &Method::PUT) => set(services, identity, id, req).await,
         (["instances", id], &Method::DELETE) => delete(services, identity, id).await,
+        (["instances", id, "deliveries"], &Method::GET) => deliveries(services, identity, id, query(req)?).await,
         _ => Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no such endpoint: /api/v1/plugins/{}", segs.join("/")))),
     }
 }
@@ -355,9 +406,44 @@ async fn delete(services: &Services, identity: &Identity, id: &str) -> Result<Re
     Ok(crate::no_content())
 }
 
+/// The instance's delivery log (newest first; the last 1,000 attempts are kept).
+#[utoipa::path(get, path = "/api/v1/plugins/instances/{id}/deliveries", operation_id = "listPluginDeliveries", tag = "plugins",
+    params(("id" = String, Path), DeliveryParams), responses((status = 200, body = Page<DeliveryView>)))]
+async fn deliveries(services: &Services, identity: &Identity, id: &str, q: DeliveryParams) -> Result<Reply, RegistryError> {
+    let p = plugins(services)?;
+    let spec = p.instance_spec(id).ok_or_else(|| unknown(id))?;
+    administer(services, identity, &spec.scope).map_err(|_| unknown(id))?;
+    let (limit, offset) = paging(q.limit, q.offset)?;
+    let (rows, total) = p.deliveries_log(id, limit, offset).await?;
+    let items = rows
+        .into_iter()
+        .map(|r| DeliveryView {
+            event_id: r.event_id,
+            event_type: r.hook,
+            attempt: r.attempt,
+            at_ms: r.at_ms,
+            outcome: r.outcome,
+            detail: r.detail,
+            took_ms: r.took_ms,
+        })
+        .collect();
+    reply(StatusCode::OK, &Page { items, total_count: total as usize, limit, offset })
+}
+
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(list, reload, install, get, set, delete),
-    components(schemas(PluginsView, ModuleView, RefusedModule, InstanceView, HealthView, InstallModule, SetInstance, Reloaded))
+    paths(list, reload, install, get, set, delete, deliveries),
+    components(schemas(
+        PluginsView,
+        ModuleView,
+        RefusedModule,
+        InstanceView,
+        HealthView,
+        QueueView,
+        DeliveryView,
+        InstallModule,
+        SetInstance,
+        Reloaded
+    ))
 )]
 pub struct PluginDoc;

@@ -156,19 +156,36 @@ impl Metadata {
 
     /// Create `table:name` with `row` unless it exists; `false` if it did.
     pub(crate) async fn create_if_absent(&self, table: &'static str, name: &str, row: serde_json::Value) -> Result<bool> {
+        self.create_announcing(table, name, row, &[]).await
+    }
+
+    /// [`Metadata::create_if_absent`], writing `outbox` (the events announcing
+    /// the creation) only if it created the record.
+    pub(crate) async fn create_announcing(
+        &self,
+        table: &'static str,
+        name: &str,
+        row: serde_json::Value,
+        outbox: &[crate::OutboxRow],
+    ) -> Result<bool> {
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             IF (SELECT VALUE name FROM ONLY type::record($table, $name)) {{ RETURN false; }};
+             CREATE type::record($table, $name) CONTENT $row RETURN NONE;
+             {}
+             RETURN true;
+             COMMIT TRANSACTION;",
+            if outbox.is_empty() { String::new() } else { crate::outbox::add("$outbox") }
+        );
+        let outbox = crate::outbox::bind(outbox)?;
         let mut r = self
             .run(|| {
                 self.db
-                    .query(
-                        "BEGIN TRANSACTION;
-                 IF (SELECT VALUE name FROM ONLY type::record($table, $name)) { RETURN false; };
-                 CREATE type::record($table, $name) CONTENT $row RETURN NONE;
-                 RETURN true;
-                 COMMIT TRANSACTION;",
-                    )
+                    .query(sql.as_str())
                     .bind(("table", table))
                     .bind(("name", name.to_string()))
                     .bind(("row", row.clone()))
+                    .bind(("outbox", outbox.clone()))
             })
             .await?;
         Ok(returned::<bool>(&mut r)?.unwrap_or(false))

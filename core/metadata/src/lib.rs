@@ -15,6 +15,7 @@ pub mod accounts;
 mod conn;
 pub mod gc;
 pub mod manage;
+pub mod outbox;
 pub mod plugins;
 pub mod retention;
 pub mod usage;
@@ -24,6 +25,7 @@ pub use accounts::{
 };
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
+pub use outbox::{DeliveryRow, OutboxRow, Settle};
 pub use plugins::{FindingRow, PluginInstanceRow};
 pub use retention::{RetentionItem, RetentionPolicy, RetentionRules, RetentionRun};
 use serde::de::DeserializeOwned;
@@ -232,7 +234,8 @@ pub struct Snapshot {
 
 /// Creates the repository record on first use (implicit creation by a push) and
 /// marks it updated; binds `$repo`, `$namespace`, `$now`.
-const REPO_TOUCH: &str = "UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
+const REPO_TOUCH: &str = "LET $repo_new = !(SELECT VALUE name FROM ONLY type::record('repo', $repo)); \
+     UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
      created_ms = created_ms OR $now, updated_ms = $now RETURN NONE;";
 
 /// What a transaction answers about usage: bytes added to or freed from a tenant's.
@@ -288,6 +291,7 @@ impl Metadata {
         db.query(gc::SCHEMA).await?.check()?;
         db.query(retention::SCHEMA).await?.check()?;
         db.query(plugins::SCHEMA).await?.check()?;
+        db.query(outbox::SCHEMA).await?.check()?;
         let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() };
         if md.ensure_usage_counted().await? {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
@@ -325,12 +329,16 @@ impl Metadata {
     /// (0 when the link existed or another of its repositories holds the blob).
     ///
     /// `pinned`: the bytes were pinned ([`Metadata::pin_blob`]) before they were
-    /// stored, and this link releases the pin.
-    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>, pinned: bool) -> Result<u64> {
+    /// stored, and this link releases the pin. `outbox`: the events announcing it
+    /// ([`outbox`]), written with it.
+    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>, pinned: bool, outbox: &[OutboxRow]) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
+        let announce = if outbox.is_empty() { String::new() } else { outbox::add("$outbox") };
+        let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
              {REPO_TOUCH}
+             {announce}
              {TENANT_OF}
              LET $new = !(SELECT VALUE digest FROM ONLY type::record('blob_link', [$repo, $digest]));
              {REF_ADD}
@@ -352,6 +360,7 @@ impl Metadata {
                     .bind(("digest", link.digest.to_string()))
                     .bind(("size", link.size))
                     .bind(("pinned", pinned))
+                    .bind(("outbox", outbox.clone()))
             })
             .await?;
         Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
@@ -396,14 +405,15 @@ impl Metadata {
     /// when none of its repositories held it yet).
     /// `pinned`: its bytes were pinned before they were stored, and the commit
     /// releases the pin.
-    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>, pinned: bool) -> Result<u64> {
-        Ok(self.commit_manifests(&[(m.clone(), tag.cloned(), pinned)]).await?.first().copied().unwrap_or(0))
+    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>, pinned: bool, outbox: &[OutboxRow]) -> Result<u64> {
+        Ok(self.commit_manifests(&[(m.clone(), tag.cloned(), pinned)], &[outbox.to_vec()]).await?.first().copied().unwrap_or(0))
     }
 
     /// Several manifest commits of one repository, in order, as one transaction
     /// (group commit: what queued while the previous commit ran). Answers, per
-    /// commit, the bytes the tenant's usage grew by.
-    pub async fn commit_manifests(&self, batch: &[(ManifestRow, Option<TagRow>, bool)]) -> Result<Vec<u64>> {
+    /// commit, the bytes the tenant's usage grew by. `outboxes[i]`: the events
+    /// announcing commit `i` (missing: none).
+    pub async fn commit_manifests(&self, batch: &[(ManifestRow, Option<TagRow>, bool)], outboxes: &[Vec<OutboxRow>]) -> Result<Vec<u64>> {
         let Some((first, _, _)) = batch.first() else { return Ok(vec![]) };
         let repo = first.repo.clone();
         let mut sql = format!("BEGIN TRANSACTION; {TENANT_OF}");
@@ -412,11 +422,13 @@ impl Metadata {
             sql.push_str(&format!(
                 "LET $digest = $digest_{i}; LET $size = $size_{i}; LET $pinned = $pinned_{i};
                  {REPO_TOUCH}
+                 {}
                  LET $new = !(SELECT VALUE digest FROM ONLY type::record('manifest', [$repo, $digest]));
                  {REF_ADD}
                  LET $added_{i} = $added;
                  UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
-                 UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest_{i} RETURN NONE;"
+                 UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest_{i} RETURN NONE;",
+                if outboxes.get(i).is_some_and(|o| !o.is_empty()) { outbox::add(&format!("$outbox_{i}")) } else { String::new() }
             ));
             if tag.is_some() {
                 sql.push_str(&format!(
@@ -428,9 +440,10 @@ impl Metadata {
         let added: Vec<String> = (0..batch.len()).map(|i| format!("$added_{i}")).collect();
         sql.push_str(&format!("RETURN {{ added: [{}] }}; COMMIT TRANSACTION;", added.join(", ")));
         let mut values = Vec::with_capacity(batch.len());
-        for (m, tag, _) in batch {
+        for (i, (m, tag, _)) in batch.iter().enumerate() {
             debug_assert_eq!(m.repo, repo, "one repository per batch");
-            values.push((to_value(m)?, tag.as_ref().map(to_value).transpose()?));
+            let announce = outboxes.get(i).map(|o| outbox::bind(o)).transpose()?.unwrap_or_default();
+            values.push((to_value(m)?, tag.as_ref().map(to_value).transpose()?, announce));
         }
         let now = now_ms();
         // Each digest's turn, taken in one order so batches never wait on each other in a circle.
@@ -449,12 +462,13 @@ impl Metadata {
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("now", now));
-                for (i, ((m, tag, pinned), (manifest, tag_row))) in batch.iter().zip(&values).enumerate() {
+                for (i, ((m, tag, pinned), (manifest, tag_row, announce))) in batch.iter().zip(&values).enumerate() {
                     q = q
                         .bind((format!("digest_{i}"), m.digest.to_string()))
                         .bind((format!("size_{i}"), m.size))
                         .bind((format!("pinned_{i}"), *pinned))
-                        .bind((format!("manifest_{i}"), manifest.clone()));
+                        .bind((format!("manifest_{i}"), manifest.clone()))
+                        .bind((format!("outbox_{i}"), announce.clone()));
                     if let (Some(t), Some(row)) = (tag, tag_row) {
                         q = q.bind((format!("tag_name_{i}"), t.name.to_string())).bind((format!("tag_{i}"), row.clone()));
                     }
@@ -471,9 +485,12 @@ impl Metadata {
 
     /// Delete a manifest and every tag that points at it: one transaction.
     /// Answers the bytes the owning tenant's usage shrank by.
-    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, outbox: &[OutboxRow]) -> Result<u64> {
+        let announce = outbox::add("$outbox");
+        let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
+             {announce}
              {TENANT_OF}
              DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
              LET $had = (DELETE type::record('manifest', [$repo, $digest]) RETURN BEFORE);
@@ -495,19 +512,23 @@ impl Metadata {
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("digest", digest.to_string()))
                     .bind(("now", now_ms()))
+                    .bind(("outbox", outbox.clone()))
             })
             .await?;
         Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
-    /// Delete one tag.
-    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<()> {
-        self.db
-            .query("DELETE type::record('tag', [$repo, $tag]) RETURN NONE")
-            .bind(("repo", repo.to_string()))
-            .bind(("tag", tag.to_string()))
-            .await?
-            .check()?;
+    /// Delete one tag (and write the events announcing it).
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, outbox: &[OutboxRow]) -> Result<()> {
+        let sql = format!(
+            "BEGIN TRANSACTION; DELETE type::record('tag', [$repo, $tag]) RETURN NONE; {} COMMIT TRANSACTION;",
+            outbox::add("$outbox")
+        );
+        let outbox = outbox::bind(outbox)?;
+        self.run(|| {
+            self.db.query(sql.as_str()).bind(("repo", repo.to_string())).bind(("tag", tag.to_string())).bind(("outbox", outbox.clone()))
+        })
+        .await?;
         Ok(())
     }
 
@@ -703,8 +724,8 @@ mod tests {
         let repo: RepoName = "acme/app".parse().unwrap();
         let m = row(&repo, b"m1");
         let tag = TagRow { repo: repo.clone(), name: "v1".parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
-        md.commit_manifest(&m, Some(&tag), false).await.unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None, false).await.unwrap();
+        md.commit_manifest(&m, Some(&tag), false, &[]).await.unwrap();
+        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None, false, &[]).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert_eq!(s.repos, vec![repo.clone()]);
         assert_eq!(s.manifests, vec![m.clone()]);
@@ -712,7 +733,7 @@ mod tests {
         assert_eq!(s.links.len(), 1);
 
         // Deleting the manifest removes its tags in the same transaction.
-        md.delete_manifest(&repo, &m.digest).await.unwrap();
+        md.delete_manifest(&repo, &m.digest, &[]).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert!(s.manifests.is_empty() && s.tags.is_empty());
     }
@@ -724,7 +745,7 @@ mod tests {
         let (a, b) = (row(&repo, b"ma"), row(&repo, b"mbb"));
         let tag = |d: &Digest| Some(TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: d.clone(), updated_ms: 1 });
         let added = md
-            .commit_manifests(&[(a.clone(), tag(&a.digest), false), (b.clone(), tag(&b.digest), false), (a.clone(), None, false)])
+            .commit_manifests(&[(a.clone(), tag(&a.digest), false), (b.clone(), tag(&b.digest), false), (a.clone(), None, false)], &[])
             .await
             .unwrap();
         assert_eq!(added, vec![2, 3, 0], "each digest counted once");
@@ -757,7 +778,7 @@ mod tests {
         // The link that completes an upload removes its record in the same transaction.
         md.put_upload(&u).await.unwrap();
         let link = LinkRow { repo: u.repo.clone(), digest: Digest::sha256(b"done"), size: 4 };
-        md.link_blob(&link, Some(&u.id), false).await.unwrap();
+        md.link_blob(&link, Some(&u.id), false, &[]).await.unwrap();
         assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
         assert!(md.snapshot().await.unwrap().links.iter().any(|l| l.digest == link.digest));
     }

@@ -146,9 +146,10 @@ const PROFILE: &str = "name, created_ms OR 0 AS created_ms, updated_ms OR create
      pulls OR 0 AS pulls, pushes OR 0 AS pushes, last_pulled_ms, last_pushed_ms";
 
 impl Metadata {
-    /// Create an empty repository explicitly; `false` if it exists.
-    pub async fn create_repo(&self, p: &RepoProfile) -> Result<bool> {
-        self.create_if_absent("repo", p.name.as_str(), profile_row(p)?).await
+    /// Create an empty repository explicitly; `false` if it exists. `outbox`:
+    /// the events announcing it, written only if it was created.
+    pub async fn create_repo(&self, p: &RepoProfile, outbox: &[crate::OutboxRow]) -> Result<bool> {
+        self.create_announcing("repo", p.name.as_str(), profile_row(p)?, outbox).await
     }
 
     pub async fn repo_profile(&self, name: &RepoName) -> Result<Option<RepoProfile>> {
@@ -233,42 +234,43 @@ impl Metadata {
 
     /// Add a batch of counted pulls: one transaction. Tags or manifests deleted in
     /// the meantime are skipped (`UPDATE` creates nothing).
-    pub async fn record_pulls(&self, batch: &[PullDelta]) -> Result<()> {
-        if batch.is_empty() {
+    /// `outbox`: the pull events of the batch, written with it.
+    pub async fn record_pulls(&self, batch: &[PullDelta], outbox: &[crate::OutboxRow]) -> Result<()> {
+        if batch.is_empty() && outbox.is_empty() {
             return Ok(());
         }
+        let announce = crate::outbox::add("$outbox");
+        let outbox = crate::outbox::bind(outbox)?;
         let rows: Vec<serde_json::Value> = batch
             .iter()
             .map(|d| serde_json::to_value(d).map_err(|e| crate::MetadataError::Corrupt(e.to_string())))
             .collect::<Result<_>>()?;
-        self.run(|| {
-            self.db
-                .query(
-                    "BEGIN TRANSACTION;
-                 FOR $d IN $batch {
+        let sql = format!(
+            "BEGIN TRANSACTION;
+                 FOR $d IN $batch {{
                     UPDATE type::record('repo', $d.repo) SET pulls = (pulls OR 0) + $d.count,
                         last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
                     UPDATE type::record('manifest', [$d.repo, $d.digest]) SET pulls = (pulls OR 0) + $d.count,
                         last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
-                    IF $d.tag != NONE AND $d.tag != NULL {
+                    IF $d.tag != NONE AND $d.tag != NULL {{
                         UPDATE type::record('tag', [$d.repo, $d.tag]) SET pulls = (pulls OR 0) + $d.count,
                             last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
-                    };
-                 };
-                 COMMIT TRANSACTION;",
-                )
-                .bind(("batch", rows.clone()))
-        })
-        .await?;
+                    }};
+                 }};
+                 {announce}
+                 COMMIT TRANSACTION;"
+        );
+        self.run(|| self.db.query(sql.as_str()).bind(("batch", rows.clone())).bind(("outbox", outbox.clone()))).await?;
         Ok(())
     }
 
     /// Delete a repository with every tag, manifest and blob link it has: one
     /// transaction, which also releases the tenant's references (`freed_bytes`:
     /// what leaves its usage). Stored bytes stay for the collector.
-    pub async fn delete_repo(&self, name: &RepoName) -> Result<Removed> {
+    pub async fn delete_repo(&self, name: &RepoName, outbox: &[crate::OutboxRow]) -> Result<Removed> {
         let sql = format!(
             "BEGIN TRANSACTION;
+             {}
              {}
              LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
              LET $manifests = (DELETE manifest WHERE repo = $name RETURN BEFORE).digest;
@@ -278,9 +280,11 @@ impl Metadata {
              {}
              RETURN {{ tags: $tags, manifests: count($manifests), blob_links: count($links), freed_bytes: $freed }};
              COMMIT TRANSACTION;",
+            crate::outbox::add("$outbox"),
             crate::usage::TENANT_OF,
             crate::usage::ref_release("array::concat($manifests, $links)")
         );
+        let outbox = crate::outbox::bind(outbox)?;
         let mut r = self
             .run(|| {
                 self.db
@@ -288,6 +292,7 @@ impl Metadata {
                     .bind(("name", name.to_string()))
                     .bind(("namespace", name.namespace().to_string()))
                     .bind(("now", crate::now_ms()))
+                    .bind(("outbox", outbox.clone()))
             })
             .await?;
         Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
@@ -441,29 +446,32 @@ mod tests {
             last_pulled_ms: None,
             last_pushed_ms: None,
         };
-        assert!(md.create_repo(&p).await.unwrap());
-        assert!(!md.create_repo(&p).await.unwrap());
+        assert!(md.create_repo(&p, &[]).await.unwrap());
+        assert!(!md.create_repo(&p, &[]).await.unwrap());
         assert_eq!(md.repo_profile(&empty).await.unwrap(), Some(p.clone()));
 
         // Pushes: two manifests, the tag moved once; a blob link.
         let m1 = manifest(&app, b"one");
         let m2 = manifest(&app, b"two!");
         let t = |d: &Digest, ms| TagRow { repo: app.clone(), name: "v1".parse().unwrap(), digest: d.clone(), updated_ms: ms };
-        md.commit_manifest(&m1, Some(&t(&m1.digest, 10)), false).await.unwrap();
-        md.commit_manifest(&m2, Some(&t(&m2.digest, 11)), false).await.unwrap();
-        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None, false).await.unwrap();
-        md.commit_manifest(&manifest(&other, b"x"), None, false).await.unwrap();
+        md.commit_manifest(&m1, Some(&t(&m1.digest, 10)), false, &[]).await.unwrap();
+        md.commit_manifest(&m2, Some(&t(&m2.digest, 11)), false, &[]).await.unwrap();
+        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None, false, &[]).await.unwrap();
+        md.commit_manifest(&manifest(&other, b"x"), None, false, &[]).await.unwrap();
 
         let prof = md.repo_profile(&app).await.unwrap().unwrap();
         assert_eq!((prof.pushes, prof.pulls), (2, 0));
         assert!(prof.created_ms > 0 && prof.last_pushed_ms.is_some(), "{prof:?}");
 
-        md.record_pulls(&[
-            PullDelta { repo: app.clone(), tag: Some("v1".parse().unwrap()), digest: m2.digest.clone(), count: 3, last_ms: 50 },
-            PullDelta { repo: app.clone(), tag: None, digest: m1.digest.clone(), count: 1, last_ms: 40 },
-            // A tag deleted since is skipped, not created.
-            PullDelta { repo: app.clone(), tag: Some("gone".parse().unwrap()), digest: m1.digest.clone(), count: 1, last_ms: 45 },
-        ])
+        md.record_pulls(
+            &[
+                PullDelta { repo: app.clone(), tag: Some("v1".parse().unwrap()), digest: m2.digest.clone(), count: 3, last_ms: 50 },
+                PullDelta { repo: app.clone(), tag: None, digest: m1.digest.clone(), count: 1, last_ms: 40 },
+                // A tag deleted since is skipped, not created.
+                PullDelta { repo: app.clone(), tag: Some("gone".parse().unwrap()), digest: m1.digest.clone(), count: 1, last_ms: 45 },
+            ],
+            &[],
+        )
         .await
         .unwrap();
         let prof = md.repo_profile(&app).await.unwrap().unwrap();
@@ -491,7 +499,7 @@ mod tests {
         let ns = md.namespace_stats(&"acme".parse().unwrap()).await.unwrap();
         assert_eq!(ns, NamespaceStats { repository_count: 2, storage_bytes: 100 + 3 + 4 });
 
-        let removed = md.delete_repo(&app).await.unwrap();
+        let removed = md.delete_repo(&app, &[]).await.unwrap();
         assert_eq!((removed.tags, removed.manifests, removed.blob_links), (1, 2, 1));
         assert_eq!(md.repo_profile(&app).await.unwrap(), None);
         assert!(md.tag_infos(&app).await.unwrap().is_empty());
@@ -569,9 +577,9 @@ mod conflict_tests {
                     findings: vec![],
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
-                md.commit_manifest(&m, Some(&t), false).await?;
+                md.commit_manifest(&m, Some(&t), false, &[]).await?;
                 let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), digest: m.digest, count: 1, last_ms: i };
-                md.record_pulls(&[d]).await
+                md.record_pulls(&[d], &[]).await
             })
         });
         let policy: Vec<_> = policy.collect();

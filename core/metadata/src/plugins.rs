@@ -1,5 +1,5 @@
 //! Plugin instances (a module bound to a scope, with its configuration), each
-//! instance's key-value store. Findings of gates live on their manifest rows
+//! instance's key-value store (its outbox and delivery log are in [`crate::outbox`]). Findings of gates live on their manifest rows
 //! ([`crate::ManifestRow::findings`]), written in the commit's transaction.
 
 use std::collections::BTreeMap;
@@ -58,7 +58,10 @@ impl Metadata {
 
     pub async fn delete_plugin_instance(&self, id: &str) -> Result<()> {
         self.db
-            .query("DELETE type::record('plugin_instance', $id) RETURN NONE; DELETE plugin_kv WHERE instance = $id RETURN NONE")
+            .query(
+                "DELETE type::record('plugin_instance', $id) RETURN NONE; DELETE plugin_kv WHERE instance = $id RETURN NONE;
+                 DELETE outbox WHERE instance = $id RETURN NONE; DELETE plugin_delivery WHERE instance = $id RETURN NONE;",
+            )
             .bind(("id", id.to_owned()))
             .await?
             .check()?;
@@ -152,7 +155,7 @@ mod tests {
         let mut m = crate::tests::row(&repo, b"m");
         assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), vec![]);
         m.findings = vec![FindingRow { plugin: "scan".into(), rule: "r".into(), severity: "low".into(), message: "x".into() }];
-        md.commit_manifest(&m, None, false).await.unwrap();
+        md.commit_manifest(&m, None, false, &[]).await.unwrap();
         assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), m.findings);
         md.delete_plugin_instance("hook-1").await.unwrap();
         assert!(md.plugin_instances().await.unwrap().is_empty());

@@ -139,7 +139,7 @@ pub struct Push {
     pub pusher: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Platform {
     pub os: String,
     pub architecture: String,
@@ -248,7 +248,12 @@ impl Instance {
                 if *e == CallError::Timeout {
                     h.timeouts += 1;
                 }
-                h.consecutive_failures += 1;
+                // A plugin that answers "unavailable" (its receiver is down)
+                // works: delivery retries with backoff, and the breaker waits
+                // for failures of the plugin itself.
+                if !matches!(e, CallError::Unavailable(_)) {
+                    h.consecutive_failures += 1;
+                }
                 h.last_error = Some(e.to_string());
                 h.last_error_ms = Some(now_ms());
                 if h.consecutive_failures >= max && h.tripped.is_none() {
@@ -452,6 +457,11 @@ impl PluginHost {
         self.instances.read().unwrap().values().cloned().collect()
     }
 
+    /// Whether any enabled instance is called for `hook`.
+    pub fn takes(&self, hook: Hook) -> bool {
+        self.instances.read().unwrap().values().any(|i| i.spec.enabled && i.spec.hooks.contains(&hook))
+    }
+
     /// The instances a change in `namespace` (owned by `tenant`) is delivered to
     /// for `hook`: switched-on ones whose scope covers it, platform first.
     pub fn subscribed(&self, hook: Hook, tenant: Option<&str>, namespace: &str) -> Vec<Arc<Instance>> {
@@ -590,8 +600,6 @@ impl PluginHost {
             Ok(Err(e)) => (Err(e), 0),
             Err(_) => (Err(CallError::Timeout), 0),
         };
-        // A plugin's own "unavailable" or invalid config is an answer, not a
-        // sandbox failure; but it still counts towards the breaker when repeated.
         inst.record(started.elapsed(), result.as_ref().map(|_| ()), dropped);
         result
     }
@@ -687,6 +695,8 @@ pub enum EventKind {
         media_type: String,
         size: u64,
         content_size: u64,
+        #[serde(default)]
+        platforms: Vec<Platform>,
         subject: Option<String>,
         artifact_type: Option<String>,
         pusher: String,
@@ -759,6 +769,14 @@ impl EventKind {
 }
 
 impl Event {
+    /// A new event, happening now, with a fresh id: the time in ms (13 digits,
+    /// so ids sort by time) and 64 random bits.
+    pub fn new(kind: EventKind) -> Event {
+        let at_ms = now_ms();
+        let random = uuid::Uuid::new_v4().as_u64_pair().0;
+        Event { id: format!("{at_ms:013}-{random:016x}"), at_ms, kind }
+    }
+
     fn to_wit(&self) -> wit::Event {
         use wit::EventKind as W;
         let s = |v: &String| v.clone();
@@ -771,6 +789,7 @@ impl Event {
                 media_type,
                 size,
                 content_size,
+                platforms,
                 subject,
                 artifact_type,
                 pusher,
@@ -782,7 +801,10 @@ impl Event {
                 media_type: s(media_type),
                 size: *size,
                 content_size: *content_size,
-                platforms: vec![],
+                platforms: platforms
+                    .iter()
+                    .map(|p| wit::Platform { os: p.os.clone(), architecture: p.architecture.clone(), variant: p.variant.clone() })
+                    .collect(),
                 subject: subject.clone(),
                 artifact_type: artifact_type.clone(),
                 pusher: s(pusher),

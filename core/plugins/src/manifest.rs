@@ -139,6 +139,17 @@ pub struct Limits {
     /// Log lines kept from one call (default 50; the rest are counted).
     #[serde(default = "default_log_lines")]
     pub log_lines: u32,
+    /// Events an instance's outbox holds at most (default 10,000); events past
+    /// it are not queued, and counted as overflow.
+    #[serde(default = "default_queue")]
+    pub queue: u64,
+    /// Deliveries of one event tried at most before it is given up (default
+    /// 12: with the backoff, about an hour of retries).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Events delivered to one instance at once (default 4).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
 }
 
 impl Default for Limits {
@@ -150,6 +161,9 @@ impl Default for Limits {
             fail_open: false,
             max_failures: default_failures(),
             log_lines: default_log_lines(),
+            queue: default_queue(),
+            max_attempts: default_attempts(),
+            concurrency: default_concurrency(),
         }
     }
 }
@@ -165,6 +179,15 @@ fn default_failures() -> u32 {
 }
 fn default_log_lines() -> u32 {
     50
+}
+fn default_queue() -> u64 {
+    10_000
+}
+fn default_attempts() -> u32 {
+    12
+}
+fn default_concurrency() -> u32 {
+    4
 }
 
 /// `plugin.toml`.
@@ -223,6 +246,15 @@ impl PluginManifest {
         }
         if l.max_failures == 0 {
             return Err("limits.max_failures: at least 1".into());
+        }
+        if !(1..=1_000_000).contains(&l.queue) {
+            return Err(format!("limits.queue {}: 1 to 1000000", l.queue));
+        }
+        if !(1..=100).contains(&l.max_attempts) {
+            return Err(format!("limits.max_attempts {}: 1 to 100", l.max_attempts));
+        }
+        if !(1..=64).contains(&l.concurrency) {
+            return Err(format!("limits.concurrency {}: 1 to 64", l.concurrency));
         }
         for h in &self.capabilities.http {
             host_pattern(h)?;

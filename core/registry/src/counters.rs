@@ -9,8 +9,11 @@
 //! bounded by the number of distinct (repository, tag, manifest) keys pulled in
 //! the meantime, not by the number of pulls.
 //!
-//! What a crash costs: the pulls of at most one flush interval (the tally is
-//! written on graceful shutdown). Pushes are counted in the manifest commit itself.
+//! Pull events for plugins ride on the same batches ([`PullTally::announce`]),
+//! written in the counts' transaction.
+//!
+//! What a crash costs: the pulls (and pull events) of at most one flush
+//! interval (the tally is written on graceful shutdown). Pushes are counted in the manifest commit itself.
 //!
 //! A pull is a manifest `GET` (as Docker Hub counts them): a `HEAD` is not, and a
 //! multi-platform pull that fetches the index and then one platform's manifest
@@ -21,9 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use berth_metadata::{Metadata, PullDelta};
+use berth_metadata::{Metadata, OutboxRow, PullDelta};
 use berth_oci::{Digest, RepoName, Tag};
 
+use crate::delivery::Deliveries;
 use crate::now_ms;
 
 type Key = (RepoName, Option<Tag>, Digest);
@@ -32,9 +36,25 @@ type Key = (RepoName, Option<Tag>, Digest);
 #[derive(Default)]
 pub struct PullTally {
     pending: Mutex<HashMap<Key, (u64, i64)>>,
+    /// Pull events for plugins, written with the next batch of counts (bounded
+    /// by the instances' queues: each row holds a place in one).
+    events: Mutex<Vec<OutboxRow>>,
+    deliveries: Option<Arc<Deliveries>>,
 }
 
 impl PullTally {
+    /// A tally whose pull events go to `deliveries`' queues.
+    pub fn new(deliveries: Option<Arc<Deliveries>>) -> PullTally {
+        PullTally { deliveries, ..PullTally::default() }
+    }
+
+    /// Queue pull events for the next flush.
+    pub fn announce(&self, rows: Vec<OutboxRow>) {
+        if !rows.is_empty() {
+            self.events.lock().unwrap().extend(rows);
+        }
+    }
+
     /// Count one pull of `digest` in `repo`, by `tag` if the client named one.
     pub fn count(&self, repo: &RepoName, tag: Option<&Tag>, digest: &Digest) {
         let now = now_ms();
@@ -61,14 +81,21 @@ impl PullTally {
     /// Write what was counted; on failure the batch goes back for the next try.
     pub async fn flush(&self, meta: &Metadata) -> bool {
         let batch = self.take();
-        if batch.is_empty() {
+        let events = std::mem::take(&mut *self.events.lock().unwrap());
+        if batch.is_empty() && events.is_empty() {
             return true;
         }
-        match meta.record_pulls(&batch).await {
-            Ok(()) => true,
+        match meta.record_pulls(&batch, &events).await {
+            Ok(()) => {
+                if let Some(d) = &self.deliveries {
+                    d.committed(&events, true);
+                }
+                true
+            }
             Err(e) => {
-                tracing::warn!(error = %e, keys = batch.len(), "writing pull counters failed; kept for the next flush");
+                tracing::warn!(error = %e, keys = batch.len(), events = events.len(), "writing pull counters failed; kept for the next flush");
                 self.put_back(batch);
+                self.events.lock().unwrap().splice(0..0, events);
                 false
             }
         }

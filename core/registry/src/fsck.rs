@@ -167,7 +167,7 @@ impl Registry {
         if repair {
             for (repo, d) in dangling {
                 let quota = self.quotas.reserve(&repo, self.quotas.op_key(), 0).await?;
-                let msg = repo::Link { digest: d.clone(), size: None, ends_upload: None, quota, pinned: false };
+                let msg = repo::Link { digest: d.clone(), size: None, ends_upload: None, quota, pinned: false, announce: None };
                 match Self::ask(&self.repo_actor(&repo), msg).await? {
                     Ok(()) => rep.repaired.push(format!("unlinked {repo}@{d} (its bytes are gone; clients upload it again)")),
                     Err(e) => rep.repaired.push(format!("could not unlink {repo}@{d}: {}", e.detail_or_message())),

@@ -16,6 +16,7 @@
 //! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
 
 pub mod counters;
+pub mod delivery;
 pub mod fsck;
 pub mod gc;
 pub mod index;
@@ -184,7 +185,7 @@ impl Registry {
         let quotas = Arc::new(quota::Quotas::new(meta.clone(), index.clone(), config.quota, arbiter.clone(), ttl));
         let q = quotas.clone();
         let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, q, ttl, sweep));
-        let pulls = Arc::new(counters::PullTally::default());
+        let pulls = Arc::new(counters::PullTally::new(plugins.as_ref().map(|p| p.deliveries_handle())));
         let counter = counters::CounterActor {
             tally: pulls.clone(),
             meta: meta.clone(),
@@ -234,6 +235,26 @@ impl Registry {
 
     /// The metrics exposition (OpenMetrics text), gauges read now.
     pub fn metrics_text(&self) -> String {
+        if let Some(p) = &self.plugins {
+            let figures: Vec<metrics::PluginFigures> = p
+                .host()
+                .instances()
+                .iter()
+                .map(|i| {
+                    let h = i.health();
+                    metrics::PluginFigures {
+                        instance: i.spec.id.clone(),
+                        calls: h.calls,
+                        failures: h.failures,
+                        timeouts: h.timeouts,
+                        p99_seconds: h.p99_ms / 1000.0,
+                        tripped: h.tripped.is_some(),
+                        queue: p.deliveries().stats(&i.spec.id),
+                    }
+                })
+                .collect();
+            self.metrics.plugin_figures(&figures);
+        }
         self.metrics.render(self.index.repo_count())
     }
 
@@ -318,8 +339,8 @@ impl Registry {
             return Err(name_unknown(repo));
         }
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
-        Self::ask(&self.repo_actor(repo), repo::Link { digest: digest.clone(), size: None, ends_upload: None, quota, pinned: false })
-            .await?
+        let unlink = repo::Link { digest: digest.clone(), size: None, ends_upload: None, quota, pinned: false, announce: None };
+        Self::ask(&self.repo_actor(repo), unlink).await?
     }
 
     // ----- uploads -----
@@ -332,7 +353,7 @@ impl Registry {
 
     /// Cross-repository mount: link `digest` from `from` into `repo` if `from` has it.
     /// Returns false when it cannot be mounted (the caller then opens a session).
-    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName) -> Result<bool, RegistryError> {
+    pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName, by: &str) -> Result<bool, RegistryError> {
         let Some(size) = self.index.linked_blob(from, digest) else {
             return Ok(false);
         };
@@ -347,7 +368,8 @@ impl Registry {
         let cost = if self.quotas.owner(repo).await? == self.quotas.owner(from).await? { 0 } else { size };
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), cost).await?;
         self.index.touch(repo, digest, now_ms());
-        let link = repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None, quota, pinned: false };
+        let announce = self.announcer(repo, by).await?;
+        let link = repo::Link { digest: digest.clone(), size: Some(size), ends_upload: None, quota, pinned: false, announce };
         match Self::ask(&self.repo_actor(repo), link).await? {
             Ok(()) => Ok(true),
             // Its bytes are being collected: the client uploads them instead.
@@ -357,14 +379,14 @@ impl Registry {
     }
 
     /// A whole blob in one request (`POST ?digest=` with a body).
-    pub async fn upload_monolithic<S, E>(&self, repo: &RepoName, digest: &Digest, body: S) -> Result<(), RegistryError>
+    pub async fn upload_monolithic<S, E>(&self, repo: &RepoName, digest: &Digest, body: S, by: &str) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         self.quotas.admit_repo(repo).await?;
         let id = Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(digest.algorithm()) }).await??;
-        self.finish_upload(repo, &id, digest, None, Some(body)).await
+        self.finish_upload(repo, &id, digest, None, Some(body), by).await
     }
 
     /// Append a chunk (`PATCH`); returns the new committed size.
@@ -452,13 +474,14 @@ impl Registry {
         digest: &Digest,
         content_range: Option<ByteRange>,
         body: Option<S>,
+        by: &str,
     ) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
         let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
-        let result = self.commit(&mut session, digest, content_range, body).await;
+        let result = self.commit(&mut session, digest, content_range, body, by).await;
         match &result {
             // The commit removed the staging data and, with the link, the record.
             Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
@@ -479,6 +502,7 @@ impl Registry {
         digest: &Digest,
         content_range: Option<ByteRange>,
         body: Option<S>,
+        by: &str,
     ) -> Result<(), RegistryError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -514,6 +538,7 @@ impl Registry {
         // them between publish and link; the link releases the pin. (A blob the
         // repository already links needs none, as for manifests above.)
         let pinned = !linked_here;
+        let announce = self.announcer(&session.repo, by).await?;
         if pinned {
             self.pin(digest).await?;
         }
@@ -524,7 +549,7 @@ impl Registry {
                 .map_err(|e| internal("commit upload", e))?;
             Self::ask(
                 &self.repo_actor(&session.repo),
-                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned },
+                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned, announce },
             )
             .await?
         }
@@ -564,7 +589,15 @@ impl Registry {
     }
 
     /// Fetch a manifest by tag or digest (HEAD passes `body = false`).
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
+    /// A pull by `puller` is counted, and announced to plugins that take pulls
+    /// (with the next batch of counts: nothing is written now).
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        body: bool,
+        puller: &str,
+    ) -> Result<(ManifestBody, u64), RegistryError> {
         let (m, size) = self.read_manifest(repo, reference, body).await?;
         if body && self.config.count_pulls {
             let tag = match reference {
@@ -572,6 +605,18 @@ impl Registry {
                 Reference::Digest(_) => None,
             };
             self.pulls.count(repo, tag, &m.digest);
+        }
+        if body && self.plugins.as_ref().is_some_and(|p| p.deliveries().wanted(berth_plugins::Hook::ManifestPulled)) {
+            if let Some(a) = self.announcer(repo, puller).await? {
+                let kind = berth_plugins::EventKind::ManifestPulled {
+                    tenant: a.tenant(),
+                    repository: repo.to_string(),
+                    reference: reference.to_string(),
+                    digest: m.digest.to_string(),
+                    puller: puller.to_owned(),
+                };
+                self.pulls.announce(a.rows(kind, false));
+            }
         }
         Ok((m, size))
     }
@@ -655,6 +700,8 @@ impl Registry {
             required_manifests: parsed.required_manifests().cloned().collect(),
             quota,
             pinned,
+            platforms: plugins::platforms(&parsed),
+            announce: self.announcer(repo, pusher).await?,
         };
         let committed = Self::ask(&self.repo_actor(repo), msg).await.and_then(|r| r);
         if committed.is_err() && pinned {
@@ -665,18 +712,19 @@ impl Registry {
         Ok(PutManifest { digest, subject: parsed.subject.map(|s| s.digest) })
     }
 
-    /// Delete a manifest (by digest, with its tags) or just a tag.
-    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(), RegistryError> {
+    /// Delete a manifest (by digest, with its tags) or just a tag; `by`: who.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference, by: &str) -> Result<(), RegistryError> {
         if self.index.repo(repo).is_none() {
             return Err(name_unknown(repo));
         }
         let actor = self.repo_actor(repo);
+        let announce = self.announcer(repo, by).await?;
         match reference {
             Reference::Digest(d) => {
                 let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
-                Self::ask(&actor, repo::DeleteManifest(d.clone(), quota)).await?
+                Self::ask(&actor, repo::DeleteManifest(d.clone(), quota, announce)).await?
             }
-            Reference::Tag(t) => Self::ask(&actor, repo::DeleteTag(t.clone())).await?,
+            Reference::Tag(t) => Self::ask(&actor, repo::DeleteTag(t.clone(), announce)).await?,
         }
     }
 

@@ -101,6 +101,7 @@ impl Registry {
         description: String,
         category: String,
         labels: BTreeMap<String, String>,
+        by: &str,
     ) -> Result<bool, RegistryError> {
         let now = now_ms();
         let profile = RepoProfile {
@@ -116,7 +117,13 @@ impl Registry {
             last_pushed_ms: None,
         };
         self.quotas.admit_repo(name).await?;
-        let created = self.meta.create_repo(&profile).await.map_err(meta_err("create repository"))?;
+        let announce = self.announcer(name, by).await?;
+        let outbox = announce.as_ref().map_or_else(Vec::new, |a| a.rows(a.repository_created(name), false));
+        let created = self.meta.create_repo(&profile, &outbox).await.map_err(meta_err("create repository"));
+        if let Some(a) = &announce {
+            a.committed(&outbox, created.as_ref().is_ok_and(|c| *c));
+        }
+        let created = created?;
         if created {
             self.index.repo_or_create(name);
         }
@@ -191,12 +198,12 @@ impl Registry {
     }
 
     /// Delete a repository with all its tags, manifests and blob links.
-    pub async fn delete_repo(&self, name: &RepoName) -> Result<berth_metadata::Removed, RegistryError> {
+    pub async fn delete_repo(&self, name: &RepoName, by: &str) -> Result<berth_metadata::Removed, RegistryError> {
         if !self.repo_exists(name) {
             return Err(name_unknown(name));
         }
         let quota = self.quotas.reserve(name, self.quotas.op_key(), 0).await?;
-        let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo(quota)).await??;
+        let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo(quota, self.announcer(name, by).await?)).await??;
         self.repos.lock().unwrap().remove(name);
         self.quotas.repo_gone(name).await;
         Ok(removed)
@@ -205,7 +212,7 @@ impl Registry {
     /// Delete every untagged manifest, or every tagged one with its tags; answers
     /// the digests removed. An untagged manifest that an index of the repository
     /// still lists is kept (deleting it would break that index).
-    pub async fn delete_by_status(&self, repo: &RepoName, status: TagStatus) -> Result<Vec<Digest>, RegistryError> {
+    pub async fn delete_by_status(&self, repo: &RepoName, status: TagStatus, by: &str) -> Result<Vec<Digest>, RegistryError> {
         let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
         let candidates: Vec<Digest> = {
             let s = state.read().unwrap();
@@ -243,7 +250,7 @@ impl Registry {
         }
         let mut deleted = Vec::new();
         for d in candidates.into_iter().filter(|d| !children.contains(d)) {
-            match self.delete_manifest(repo, &Reference::Digest(d.clone())).await {
+            match self.delete_manifest(repo, &Reference::Digest(d.clone()), by).await {
                 Ok(()) => deleted.push(d),
                 // Deleted meanwhile by someone else: not ours to report.
                 Err(e) if e.code() == ErrorCode::ManifestUnknown => {}

@@ -36,6 +36,50 @@ struct KindLabel {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
+struct InstanceLabel {
+    instance: String,
+}
+
+/// One plugin instance's figures, read when scraped.
+#[derive(Clone, Debug, Default)]
+pub struct PluginFigures {
+    pub instance: String,
+    pub calls: u64,
+    pub failures: u64,
+    pub timeouts: u64,
+    pub p99_seconds: f64,
+    pub tripped: bool,
+    pub queue: Option<crate::delivery::QueueStats>,
+}
+
+/// The per-instance series.
+#[derive(Default)]
+struct PluginSeries {
+    calls: Family<InstanceLabel, Counter>,
+    failures: Family<InstanceLabel, Counter>,
+    timeouts: Family<InstanceLabel, Counter>,
+    p99: Family<InstanceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    tripped: Family<InstanceLabel, Gauge>,
+    depth: Family<InstanceLabel, Gauge>,
+    lag: Family<InstanceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    overflow: Family<InstanceLabel, Counter>,
+    delivered: Family<InstanceLabel, Counter>,
+    retried: Family<InstanceLabel, Counter>,
+    given_up: Family<InstanceLabel, Counter>,
+    /// The instances that have series (removed with the instance).
+    known: std::sync::Mutex<std::collections::BTreeSet<InstanceLabel>>,
+}
+
+/// Bring a counter up to `value` (a count that went back, after an instance
+/// was restarted, leaves it where it is: counters only grow).
+fn catch_up(c: &Counter, value: u64) {
+    let now = c.get();
+    if value > now {
+        c.inc_by(value - now);
+    }
+}
+
 /// Every metric Berth exports.
 pub struct Metrics {
     exposition: Exposition,
@@ -53,6 +97,7 @@ pub struct Metrics {
     retention_errors: Counter,
     repositories: Gauge,
     resident: Gauge,
+    plugins: PluginSeries,
 }
 
 impl Default for Metrics {
@@ -74,6 +119,7 @@ impl Default for Metrics {
             retention_errors: Counter::default(),
             repositories: Gauge::default(),
             resident: Gauge::default(),
+            plugins: PluginSeries::default(),
         };
         let r = &mut m.exposition;
         r.register("http_requests", "Requests answered, by route and status", m.requests.clone());
@@ -95,6 +141,18 @@ impl Default for Metrics {
         r.register("retention_errors", "Retention deletions that failed", m.retention_errors.clone());
         r.register("repositories", "Repositories in the registry", m.repositories.clone());
         r.register_with_unit("process_resident_memory", "Resident memory of this process", Unit::Bytes, m.resident.clone());
+        let p = &m.plugins;
+        r.register("plugin_calls", "Calls into a plugin instance (gates and deliveries)", p.calls.clone());
+        r.register("plugin_failures", "Calls that failed (trap, timeout, memory, fuel, or an error answer)", p.failures.clone());
+        r.register("plugin_timeouts", "Calls ended by their time limit", p.timeouts.clone());
+        r.register_with_unit("plugin_call_p99", "99th percentile of the last 1,024 calls' time", Unit::Seconds, p.p99.clone());
+        r.register("plugin_tripped", "1 while the instance is switched off by its circuit breaker", p.tripped.clone());
+        r.register("plugin_queue_depth", "Events waiting in the instance's outbox", p.depth.clone());
+        r.register_with_unit("plugin_queue_lag", "How long the oldest waiting event has waited", Unit::Seconds, p.lag.clone());
+        r.register("plugin_events_overflow", "Events not queued because the instance's queue was full", p.overflow.clone());
+        r.register("plugin_events_delivered", "Events the instance acknowledged", p.delivered.clone());
+        r.register("plugin_events_retried", "Deliveries that failed and were scheduled again", p.retried.clone());
+        r.register("plugin_events_given_up", "Events dropped after their last attempt or refused by the plugin", p.given_up.clone());
         m
     }
 }
@@ -130,6 +188,40 @@ impl Metrics {
             self.retention_deleted.get_or_create(&KindLabel { kind: it.kind.clone() }).inc();
         }
         self.retention_errors.inc_by(run.errors.len() as u64);
+    }
+
+    /// Bring the per-instance series up to date (before a scrape).
+    pub(crate) fn plugin_figures(&self, figures: &[PluginFigures]) {
+        let p = &self.plugins;
+        let mut known = p.known.lock().unwrap();
+        let now: std::collections::BTreeSet<InstanceLabel> =
+            figures.iter().map(|f| InstanceLabel { instance: f.instance.clone() }).collect();
+        for gone in known.difference(&now) {
+            for fam in [&p.calls, &p.failures, &p.timeouts, &p.overflow, &p.delivered, &p.retried, &p.given_up] {
+                fam.remove(gone);
+            }
+            p.p99.remove(gone);
+            p.lag.remove(gone);
+            p.tripped.remove(gone);
+            p.depth.remove(gone);
+        }
+        *known = now;
+        for f in figures {
+            let l = InstanceLabel { instance: f.instance.clone() };
+            catch_up(&p.calls.get_or_create(&l), f.calls);
+            catch_up(&p.failures.get_or_create(&l), f.failures);
+            catch_up(&p.timeouts.get_or_create(&l), f.timeouts);
+            p.p99.get_or_create(&l).set(f.p99_seconds);
+            p.tripped.get_or_create(&l).set(i64::from(f.tripped));
+            if let Some(q) = &f.queue {
+                p.depth.get_or_create(&l).set(q.depth as i64);
+                p.lag.get_or_create(&l).set(q.lag_ms as f64 / 1000.0);
+                catch_up(&p.overflow.get_or_create(&l), q.overflow);
+                catch_up(&p.delivered.get_or_create(&l), q.delivered);
+                catch_up(&p.retried.get_or_create(&l), q.retried);
+                catch_up(&p.given_up.get_or_create(&l), q.given_up);
+            }
+        }
     }
 
     /// The exposition, gauges read now.

@@ -7,14 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use berth_metadata::{FindingRow, Metadata, PluginInstanceRow};
+use berth_metadata::{FindingRow, Metadata, OutboxRow, PluginInstanceRow};
 use berth_oci::manifest::{ManifestKind, ParsedManifest};
 use berth_oci::range::ByteRange;
 use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
-use berth_plugins::{BlobReader, Decision, Hook, Image, InstanceSpec, KvStore, Module, Platform, PluginHost, PluginManifest, Push, Scope};
+use berth_plugins::{
+    BlobReader, Decision, EventKind, Hook, Image, InstanceSpec, KvStore, Module, Platform, PluginHost, PluginManifest, Push, Scope,
+};
 use berth_storage::BlobStore;
 use futures::StreamExt;
 
+use crate::delivery::Deliveries;
 use crate::{internal, now_ms, Registry};
 
 /// Largest component `install` accepts.
@@ -22,7 +25,8 @@ pub const MAX_COMPONENT_BYTES: usize = 32 << 20;
 
 /// Installed modules and configured instances.
 pub struct Plugins {
-    host: PluginHost,
+    host: Arc<PluginHost>,
+    deliveries: Arc<Deliveries>,
     dir: PathBuf,
     meta: Metadata,
     /// Module folders that did not load, and why.
@@ -105,14 +109,31 @@ impl Plugins {
     /// Load the modules in `dir` (compiled copies cached in `cache_dir`) and the
     /// instances stored in metadata.
     pub async fn open(dir: &Path, cache_dir: &Path, meta: Metadata) -> Result<Plugins, String> {
-        let host = PluginHost::new(cache_dir, Some(Arc::new(Kv(meta.clone()))))?;
-        let p = Plugins { host, dir: dir.to_owned(), meta, refused: Mutex::new(BTreeMap::new()), stalled: Mutex::new(BTreeMap::new()) };
+        let host = Arc::new(PluginHost::new(cache_dir, Some(Arc::new(Kv(meta.clone()))))?);
+        let deliveries = Arc::new(Deliveries::new(host.clone(), meta.clone()));
+        let p = Plugins {
+            host,
+            deliveries,
+            dir: dir.to_owned(),
+            meta,
+            refused: Mutex::new(BTreeMap::new()),
+            stalled: Mutex::new(BTreeMap::new()),
+        };
         p.reload().await?;
         Ok(p)
     }
 
     pub fn host(&self) -> &PluginHost {
         &self.host
+    }
+
+    /// The instances' event queues.
+    pub fn deliveries(&self) -> &Deliveries {
+        &self.deliveries
+    }
+
+    pub(crate) fn deliveries_handle(&self) -> Arc<Deliveries> {
+        self.deliveries.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -134,6 +155,7 @@ impl Plugins {
             }
         }
         *self.stalled.lock().unwrap() = stalled;
+        self.deliveries.sync();
         Ok(refused)
     }
 
@@ -181,6 +203,7 @@ impl Plugins {
                 self.stalled.lock().unwrap().remove(&row.id);
             }
         }
+        self.deliveries.sync();
         Ok(module)
     }
 
@@ -190,6 +213,7 @@ impl Plugins {
         self.meta.put_plugin_instance(&row_of(&spec, by)).await.map_err(|e| internal("store plugin instance", e))?;
         self.stalled.lock().unwrap().remove(&spec.id);
         self.host.put_instance(spec).map_err(|e| RegistryError::new(ErrorCode::InvalidRequest).with_status(400).with_detail(e))?;
+        self.deliveries.sync();
         Ok(())
     }
 
@@ -202,7 +226,18 @@ impl Plugins {
         self.meta.delete_plugin_instance(id).await.map_err(|e| internal("delete plugin instance", e))?;
         self.host.remove_instance(id);
         self.stalled.lock().unwrap().remove(id);
+        self.deliveries.sync();
         Ok(true)
+    }
+
+    /// A page of `id`'s delivery log, newest first, and its length.
+    pub async fn deliveries_log(
+        &self,
+        id: &str,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<berth_metadata::DeliveryRow>, u64), RegistryError> {
+        self.meta.plugin_deliveries(id, limit, offset).await.map_err(|e| internal("read plugin deliveries", e))
     }
 
     /// The stored instance `id`, running or not.
@@ -223,7 +258,38 @@ impl Plugins {
     }
 }
 
-fn platforms(parsed: &ParsedManifest) -> Vec<Platform> {
+/// How a change announces itself: who made it, whose it is, and the queues
+/// its events go to. Made per request ([`Registry::announcer`]) and carried
+/// to where the change's transaction is built.
+#[derive(Clone)]
+pub struct Announce {
+    deliveries: Arc<Deliveries>,
+    tenant: Option<String>,
+    pub by: String,
+}
+
+impl Announce {
+    /// The owning tenant, as events name it (`""`: none).
+    pub fn tenant(&self) -> String {
+        self.tenant.clone().unwrap_or_default()
+    }
+
+    /// The outbox rows for `kind` (see [`Deliveries::rows`]).
+    pub fn rows(&self, kind: EventKind, if_new_repo: bool) -> Vec<OutboxRow> {
+        self.deliveries.rows(kind, self.tenant.as_deref(), if_new_repo)
+    }
+
+    /// The event a transaction announces if it creates the repository.
+    pub fn repository_created(&self, repo: &RepoName) -> EventKind {
+        EventKind::RepositoryCreated { tenant: self.tenant(), repository: repo.to_string(), by: self.by.clone() }
+    }
+
+    pub fn committed(&self, rows: &[OutboxRow], ok: bool) {
+        self.deliveries.committed(rows, ok);
+    }
+}
+
+pub(crate) fn platforms(parsed: &ParsedManifest) -> Vec<Platform> {
     if parsed.kind != ManifestKind::Index {
         return vec![];
     }
@@ -244,6 +310,14 @@ impl Registry {
     /// The plugin host, when plugins are configured.
     pub fn plugins(&self) -> Option<&Plugins> {
         self.plugins.as_ref()
+    }
+
+    /// What a change to `repo` by `by` needs to announce itself; `None` when
+    /// no instance takes events.
+    pub(crate) async fn announcer(&self, repo: &RepoName, by: &str) -> Result<Option<Announce>, RegistryError> {
+        let Some(p) = self.plugins.as_ref().filter(|p| p.deliveries.any_queue()) else { return Ok(None) };
+        let tenant = self.quotas.owner(repo).await?.map(|t| t.to_string());
+        Ok(Some(Announce { deliveries: p.deliveries.clone(), tenant, by: by.to_owned() }))
     }
 
     /// Ask the gates covering `repo` about a manifest push. A denial is a

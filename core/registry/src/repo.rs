@@ -7,10 +7,12 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use berth_metadata::{LinkRow, ManifestRow, Metadata, Removed, TagRow};
+use berth_metadata::{LinkRow, ManifestRow, Metadata, OutboxRow, Removed, TagRow};
 use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
+use berth_plugins::{EventKind, Platform};
 
 use crate::index::{Index, ManifestEntry};
+use crate::plugins::Announce;
 use crate::quota::Ticket;
 use crate::{internal, now_ms};
 
@@ -50,6 +52,9 @@ pub struct CommitManifest {
     pub quota: Option<Ticket>,
     /// Its bytes were pinned before they were stored; the commit releases the pin.
     pub pinned: bool,
+    /// The platforms of an index (for the event announcing the push).
+    pub platforms: Vec<Platform>,
+    pub announce: Option<Announce>,
 }
 impl Message for CommitManifest {
     type Result = Result<(), RegistryError>;
@@ -89,6 +94,9 @@ struct Accepted {
     tag: Option<TagRow>,
     pinned: bool,
     quota: Option<Ticket>,
+    /// The events announcing it, and where to report their fate.
+    outbox: Vec<OutboxRow>,
+    announce: Option<Announce>,
     reply: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
 }
 
@@ -130,7 +138,27 @@ impl Handler<Flush> for RepoActor {
                         .sum::<u64>();
                 earlier.insert(row.digest.clone(), row.content_size);
                 let tag = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
-                accepted.push(Accepted { row, tag, pinned: msg.pinned, quota: msg.quota, reply });
+                let outbox = msg.announce.as_ref().map_or_else(Vec::new, |a| {
+                    let mut rows = a.rows(a.repository_created(&self.name), true);
+                    rows.extend(a.rows(
+                        EventKind::ManifestPushed {
+                            tenant: a.tenant(),
+                            repository: self.name.to_string(),
+                            tag: tag.as_ref().map(|t| t.name.to_string()),
+                            digest: row.digest.to_string(),
+                            media_type: row.media_type.clone(),
+                            size: row.size,
+                            content_size: row.content_size,
+                            platforms: msg.platforms,
+                            subject: row.subject.as_ref().map(|d| d.to_string()),
+                            artifact_type: row.artifact_type.clone(),
+                            pusher: a.by.clone(),
+                        },
+                        false,
+                    ));
+                    rows
+                });
+                accepted.push(Accepted { row, tag, pinned: msg.pinned, quota: msg.quota, outbox, announce: msg.announce, reply });
             }
         }
         let meta = self.meta.clone();
@@ -141,13 +169,16 @@ impl Handler<Flush> for RepoActor {
                 }
                 let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
                     accepted.iter().map(|a| (a.row.clone(), a.tag.clone(), a.pinned)).collect();
-                let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&batch).await {
+                let outboxes: Vec<Vec<OutboxRow>> = accepted.iter().map(|a| a.outbox.clone()).collect();
+                let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&batch, &outboxes).await {
                     Ok(added) => added.into_iter().map(Ok).collect(),
                     // One commit's failure must not fail the others: each alone.
                     Err(_) if batch.len() > 1 => {
                         let mut out = Vec::with_capacity(batch.len());
-                        for (row, tag, pinned) in &batch {
-                            out.push(meta.commit_manifest(row, tag.as_ref(), *pinned).await.map_err(|e| internal("commit manifest", e)));
+                        for ((row, tag, pinned), outbox) in batch.iter().zip(&outboxes) {
+                            out.push(
+                                meta.commit_manifest(row, tag.as_ref(), *pinned, outbox).await.map_err(|e| internal("commit manifest", e)),
+                            );
                         }
                         out
                     }
@@ -155,6 +186,9 @@ impl Handler<Flush> for RepoActor {
                 };
                 let mut s = state.write().unwrap();
                 for (a, outcome) in accepted.into_iter().zip(outcomes) {
+                    if let Some(an) = &a.announce {
+                        an.committed(&a.outbox, outcome.is_ok());
+                    }
                     match outcome {
                         Ok(added) => {
                             settle(a.quota, added as i64);
@@ -177,7 +211,7 @@ impl Handler<Flush> for RepoActor {
 
 /// Delete a manifest and the tags pointing at it (settling the tenant's ticket
 /// with the bytes freed).
-pub struct DeleteManifest(pub Digest, pub Option<Ticket>);
+pub struct DeleteManifest(pub Digest, pub Option<Ticket>, pub Option<Announce>);
 impl Message for DeleteManifest {
     type Result = Result<(), RegistryError>;
 }
@@ -186,29 +220,48 @@ impl Handler<DeleteManifest> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: DeleteManifest, _: &mut Context<Self>) -> Self::Result {
-        let (digest, quota) = (msg.0, msg.1);
+        let (digest, quota, announce) = (msg.0, msg.1, msg.2);
         let Some(state) = self.index.repo(&self.name) else {
             return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
         };
         if !state.read().unwrap().manifests.contains_key(&digest) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
         }
+        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+            let mut tags: Vec<String> =
+                state.read().unwrap().tags.iter().filter(|(_, d)| **d == digest).map(|(t, _)| t.to_string()).collect();
+            tags.sort();
+            let kind = EventKind::ManifestDeleted {
+                tenant: a.tenant(),
+                repository: self.name.to_string(),
+                digest: digest.to_string(),
+                tags,
+                by: a.by.clone(),
+            };
+            a.rows(kind, false)
+        });
         let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
-            async move { meta.delete_manifest(&repo, &d).await.map_err(|e| internal("delete manifest", e)) }.into_actor(self).map(
-                move |res, _, _| {
-                    settle(quota, -(res? as i64));
-                    let mut s = state.write().unwrap();
-                    if let Some(e) = s.manifests.remove(&digest) {
-                        if let Some(b) = e.bytes {
-                            index.forget_cached(b.len());
-                        }
+            async move {
+                let res = meta.delete_manifest(&repo, &d, &outbox).await.map_err(|e| internal("delete manifest", e));
+                if let Some(a) = &announce {
+                    a.committed(&outbox, res.is_ok());
+                }
+                res
+            }
+            .into_actor(self)
+            .map(move |res, _, _| {
+                settle(quota, -(res? as i64));
+                let mut s = state.write().unwrap();
+                if let Some(e) = s.manifests.remove(&digest) {
+                    if let Some(b) = e.bytes {
+                        index.forget_cached(b.len());
                     }
-                    s.tags.retain(|_, v| v != &digest);
-                    Ok(())
-                },
-            ),
+                }
+                s.tags.retain(|_, v| v != &digest);
+                Ok(())
+            }),
         ))
     }
 }
@@ -218,7 +271,7 @@ fn manifest_unknown(d: &Digest) -> RegistryError {
 }
 
 /// Delete one tag (the manifest stays).
-pub struct DeleteTag(pub Tag);
+pub struct DeleteTag(pub Tag, pub Option<Announce>);
 impl Message for DeleteTag {
     type Result = Result<(), RegistryError>;
 }
@@ -227,25 +280,41 @@ impl Handler<DeleteTag> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: DeleteTag, _: &mut Context<Self>) -> Self::Result {
-        let tag = msg.0;
+        let (tag, announce) = (msg.0, msg.1);
         let state = self.index.repo(&self.name);
-        let known = state.as_ref().is_some_and(|s| s.read().unwrap().tags.contains_key(&tag));
-        if !known {
+        let pointed = state.as_ref().and_then(|s| s.read().unwrap().tags.get(&tag).cloned());
+        let Some(pointed) = pointed else {
             return AtomicResponse::new(Box::pin(fut::ready(Err(
                 RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown"))
             ))));
-        }
-        let state = state.expect("known implies present");
+        };
+        let state = state.expect("a tag implies its repository");
+        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+            let kind = EventKind::TagDeleted {
+                tenant: a.tenant(),
+                repository: self.name.to_string(),
+                tag: tag.to_string(),
+                digest: pointed.to_string(),
+                by: a.by.clone(),
+            };
+            a.rows(kind, false)
+        });
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let t = tag.clone();
         AtomicResponse::new(Box::pin(
-            async move { meta.delete_tag(&repo, &t).await.map_err(|e| internal("delete tag", e)) }.into_actor(self).map(
-                move |res, _, _| {
-                    res?;
-                    state.write().unwrap().tags.remove(&tag);
-                    Ok(())
-                },
-            ),
+            async move {
+                let res = meta.delete_tag(&repo, &t, &outbox).await.map_err(|e| internal("delete tag", e));
+                if let Some(a) = &announce {
+                    a.committed(&outbox, res.is_ok());
+                }
+                res
+            }
+            .into_actor(self)
+            .map(move |res, _, _| {
+                res?;
+                state.write().unwrap().tags.remove(&tag);
+                Ok(())
+            }),
         ))
     }
 }
@@ -263,6 +332,7 @@ pub struct Link {
     pub quota: Option<Ticket>,
     /// The bytes were pinned before they were stored; the link releases the pin.
     pub pinned: bool,
+    pub announce: Option<Announce>,
 }
 impl Message for Link {
     type Result = Result<(), RegistryError>;
@@ -285,17 +355,40 @@ impl Handler<Link> for RepoActor {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         let pinned = msg.pinned;
-        let (ends_upload, quota) = (msg.ends_upload, msg.quota);
+        let (ends_upload, quota, announce) = (msg.ends_upload, msg.quota, msg.announce);
         let (meta, repo) = (self.meta.clone(), self.name.clone());
         let (digest, size) = (msg.digest, msg.size);
+        // A link announces the repository if it creates it, and an upload's blob.
+        let outbox = match (&announce, size) {
+            (Some(a), Some(size)) => {
+                let mut rows = a.rows(a.repository_created(&self.name), true);
+                if ends_upload.is_some() {
+                    let kind = EventKind::BlobUploaded {
+                        tenant: a.tenant(),
+                        repository: self.name.to_string(),
+                        digest: digest.to_string(),
+                        size,
+                        by: a.by.clone(),
+                    };
+                    rows.extend(a.rows(kind, false));
+                }
+                rows
+            }
+            _ => vec![],
+        };
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                match size {
-                    Some(size) => meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref(), pinned).await.map(|b| b as i64),
+                let res = match size {
+                    Some(size) => {
+                        meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref(), pinned, &outbox).await.map(|b| b as i64)
+                    }
                     None => meta.unlink_blob(&repo, &d).await.map(|b| -(b as i64)),
+                };
+                if let Some(a) = &announce {
+                    a.committed(&outbox, res.is_ok());
                 }
-                .map_err(|e| match e {
+                res.map_err(|e| match e {
                     berth_metadata::MetadataError::Collecting => {
                         RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
                     }
@@ -319,7 +412,7 @@ impl Handler<Link> for RepoActor {
 /// Delete the whole repository: its tags, manifests and blob links, in one
 /// metadata transaction, then its index entry (settling the tenant's ticket with
 /// the bytes freed).
-pub struct DeleteRepo(pub Option<Ticket>);
+pub struct DeleteRepo(pub Option<Ticket>, pub Option<Announce>);
 impl Message for DeleteRepo {
     type Result = Result<Removed, RegistryError>;
 }
@@ -328,18 +421,27 @@ impl Handler<DeleteRepo> for RepoActor {
     type Result = AtomicResponse<Self, Result<Removed, RegistryError>>;
 
     fn handle(&mut self, msg: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
-        let quota = msg.0;
+        let (quota, announce) = (msg.0, msg.1);
+        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+            a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: self.name.to_string(), by: a.by.clone() }, false)
+        });
         let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
         let name = repo.clone();
         AtomicResponse::new(Box::pin(
-            async move { meta.delete_repo(&repo).await.map_err(|e| internal("delete repository", e)) }.into_actor(self).map(
-                move |res, _, _| {
-                    let removed = res?;
-                    settle(quota, -(removed.freed_bytes as i64));
-                    index.remove_repo(&name);
-                    Ok(removed)
-                },
-            ),
+            async move {
+                let res = meta.delete_repo(&repo, &outbox).await.map_err(|e| internal("delete repository", e));
+                if let Some(a) = &announce {
+                    a.committed(&outbox, res.is_ok());
+                }
+                res
+            }
+            .into_actor(self)
+            .map(move |res, _, _| {
+                let removed = res?;
+                settle(quota, -(removed.freed_bytes as i64));
+                index.remove_repo(&name);
+                Ok(removed)
+            }),
         ))
     }
 }

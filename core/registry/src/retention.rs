@@ -286,7 +286,7 @@ impl Registry {
                         _ => it.name.parse::<Digest>().map(Reference::Digest),
                     };
                     let result = match reference {
-                        Ok(reference) => self.delete_manifest(&repo, &reference).await,
+                        Ok(reference) => self.delete_manifest(&repo, &reference, by).await,
                         Err(e) => Err(e),
                     };
                     match result {

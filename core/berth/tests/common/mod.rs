@@ -2,6 +2,8 @@
 //! data directory, and small helpers to drive the OCI API.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
