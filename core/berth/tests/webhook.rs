@@ -237,3 +237,57 @@ fn the_outbox_survives_kill_9() {
         assert_eq!(delivered, TAGS, "{log}");
     });
 }
+
+#[test]
+fn hostile_subscribers_do_not_hurt_pushes_or_pulls() {
+    let dir = TempDir::new("hostile-events");
+    let s = start(&dir);
+    let module = support::install(
+        &dir.path().join("src"),
+        "berth_hostile",
+        "hostile",
+        "hooks = [\"manifest-pushed\", \"manifest-pulled\"]\n[config.mode]\n\
+         [limits]\ntimeout_ms = 300\nmemory_mib = 16\nmax_failures = 3\nmax_attempts = 2\nlog_lines = 5\nconcurrency = 1\n",
+    );
+    let (code, out) = admin_cli(&s, dir.path(), &["plugin", "install", module.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    let modes = [("loop", "timed out"), ("memory", "out of memory"), ("trap", "trapped"), ("log-flood", "timed out")];
+    block_on(async {
+        let admin = client();
+        for (mode, _) in modes {
+            let body = json!({"module": "hostile", "scope": "platform", "hooks": ["manifest-pushed", "manifest-pulled"], "config": {"mode": mode}});
+            let r = admin.put(s.url(&format!("/api/v1/plugins/instances/h-{mode}"))).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+        // Pushes and pulls go on, correct, while every subscriber misbehaves
+        // (and after each is switched off).
+        for i in 0..10u64 {
+            let digest = push_image(&admin, &s, "library/app", &format!("v{i}"), i, json!({})).await;
+            let r = admin.get(s.url(&format!("/v2/library/app/manifests/v{i}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        for (mode, why) in modes {
+            let url = s.url(&format!("/api/v1/plugins/instances/h-{mode}"));
+            let mut st = Value::Null;
+            for _ in 0..300 {
+                st = admin.get(&url).send().await.unwrap().json().await.unwrap();
+                if st["state"] == "tripped" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(st["state"], "tripped", "{mode}: {st}");
+            assert!(st["reason"].as_str().unwrap().contains(why), "{mode}: {st}");
+            assert_eq!(st["health"]["failures"].as_u64(), Some(3), "{mode}: no call after it was switched off: {st}");
+            // What it did not take stays queued for when it is enabled again.
+            assert!(st["queue"]["depth"].as_u64().unwrap() > 0, "{mode}: {st}");
+            assert_eq!(st["queue"]["delivered"].as_u64(), Some(0), "{mode}: {st}");
+        }
+        assert_eq!(metric(&s, "berth_plugin_tripped{instance=\"h-loop\"}").await, 1.0);
+        let digest = push_image(&admin, &s, "library/app", "after", 99, json!({})).await;
+        let r = admin.get(s.url("/v2/library/app/manifests/after")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    });
+}

@@ -216,6 +216,49 @@ async fn hostile_plugins_are_ended_within_their_limits() {
     assert_eq!((health.calls, health.failures), (1, 0));
 }
 
+/// An in-memory store standing in for metadata's `plugin_kv` (the server's
+/// is tested with the metadata crate and end to end).
+#[derive(Default)]
+struct MemKv(std::sync::Mutex<std::collections::BTreeMap<(String, String), Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl berth_plugins::KvStore for MemKv {
+    async fn get(&self, scope: &str, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.0.lock().unwrap().get(&(scope.to_owned(), key.to_owned())).cloned())
+    }
+    async fn set(&self, scope: &str, key: &str, value: &[u8]) -> Result<(), String> {
+        self.0.lock().unwrap().insert((scope.to_owned(), key.to_owned()), value.to_vec());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_key_value_store_is_granted_and_each_instances_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = PluginHost::new(&dir.path().join("cache"), Some(std::sync::Arc::new(MemKv::default()))).unwrap();
+    let plugins = dir.path().join("plugins");
+    h.load(&support::install(&plugins, "berth_hostile", "counter", "hooks = [\"gate\"]\n[capabilities]\nkv = true\n[config.mode]\n"))
+        .unwrap();
+    h.load(&support::install(&plugins, "berth_hostile", "nokv", "hooks = [\"gate\"]\n[config.mode]\n")).unwrap();
+    let count = |d: Decision| match d {
+        Decision::Allow { findings } => findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>().join(","),
+        other => panic!("{other:?}"),
+    };
+    h.put_instance(spec("a", "counter", Scope::Namespace("a".into()), &[Hook::Gate], &[("mode", "kv")])).unwrap();
+    h.put_instance(spec("b", "counter", Scope::Namespace("b".into()), &[Hook::Gate], &[("mode", "kv")])).unwrap();
+    // Each instance counts in its own store, across calls (fresh sandboxes).
+    assert_eq!(count(h.gate(&push("a/app"), None).await), "1");
+    assert_eq!(count(h.gate(&push("a/app"), None).await), "2");
+    assert_eq!(count(h.gate(&push("b/app"), None).await), "1");
+    assert_eq!(count(h.gate(&push("a/app"), None).await), "3");
+    // Not granted: the host refuses, and the gate's failure refuses the push.
+    h.put_instance(spec("c", "nokv", Scope::Namespace("c".into()), &[Hook::Gate], &[("mode", "kv")])).unwrap();
+    match h.gate(&push("c/app"), None).await {
+        Decision::Deny { reason, .. } => assert!(reason.contains("kv: HostError::Denied") && reason.contains("not granted"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn repeated_failures_switch_an_instance_off() {
     let dir = tempfile::tempdir().unwrap();
