@@ -38,8 +38,8 @@ pub mod bindings {
 
 pub use bindings::berth::plugin::host::HostError;
 pub use bindings::berth::plugin::types::{
-    BlobUpload, Event, EventKind, Finding, ManifestDelete, ManifestPull, ManifestPush as Push, Platform, PluginError,
-    RepositoryChange, Severity, TagDelete, Verdict,
+    BlobUpload, Event, EventKind, Finding, ManifestDelete, ManifestPull, ManifestPush as Push, Platform, PluginError, RepositoryChange,
+    Severity, TagDelete, Verdict,
 };
 
 /// The contract version this SDK speaks; Berth refuses a plugin built for another.
@@ -77,7 +77,7 @@ macro_rules! export {
                     <$t as $crate::Plugin>::notify(event)
                 }
             }
-            $crate::bindings::__export_plugin_world!(BerthPluginExport with_types_in $crate::bindings);
+    $crate::bindings::__export_plugin_world!(BerthPluginExport with_types_in $crate::bindings);
         };
     };
 }

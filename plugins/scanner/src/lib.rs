@@ -115,7 +115,9 @@ impl Rules {
         for (name, sev, re) in PATTERNS {
             patterns.push((name.to_string(), *sev, Regex::new(re).map_err(|e| PluginError::Failed(e.to_string()))?));
         }
-        for (i, line) in host::config("extra_secret_patterns").unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
+        for (i, line) in
+            host::config("extra_secret_patterns").unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()).enumerate()
+        {
             let re = Regex::new(line).map_err(|e| PluginError::InvalidConfig(format!("extra_secret_patterns line {}: {e}", i + 1)))?;
             patterns.push((format!("custom pattern {}", i + 1), Severity::High, re));
         }
@@ -146,7 +148,11 @@ fn scan(push: &Push, rules: &Rules) -> Result<Vec<Finding>, PluginError> {
     if let Some(max) = host::config("max_layer_bytes") {
         let max: u64 = max.trim().parse().map_err(|_| PluginError::InvalidConfig(format!("max_layer_bytes {max:?} is not a number")))?;
         for l in manifest.layers.iter().filter(|l| l.size > max) {
-            out.push(finding("layer-too-large", Severity::Medium, format!("layer {} is {} bytes, over the limit of {max}", l.digest, l.size)));
+            out.push(finding(
+                "layer-too-large",
+                Severity::Medium,
+                format!("layer {} is {} bytes, over the limit of {max}", l.digest, l.size),
+            ));
         }
     }
 
@@ -173,7 +179,11 @@ fn scan(push: &Push, rules: &Rules) -> Result<Vec<Finding>, PluginError> {
         let name = user.split(':').next().unwrap_or("");
         if name.is_empty() || name == "root" || name == "0" {
             let shown = if user.is_empty() { "no user (root)".to_string() } else { format!("user {user:?}") };
-            out.push(finding("runs-as-root", Severity::High, format!("{} requires a non-root user; the image runs as {shown}", push.repository)));
+            out.push(finding(
+                "runs-as-root",
+                Severity::High,
+                format!("{} requires a non-root user; the image runs as {shown}", push.repository),
+            ));
         }
     }
     Ok(out)
@@ -188,7 +198,9 @@ impl Plugin for Scanner {
             Some("medium") => Some(Severity::Medium),
             Some("critical") => Some(Severity::Critical),
             Some("never") => None,
-            Some(other) => return Err(PluginError::InvalidConfig(format!("deny_at {other:?}: info, low, medium, high, critical or never"))),
+            Some(other) => {
+                return Err(PluginError::InvalidConfig(format!("deny_at {other:?}: info, low, medium, high, critical or never")))
+            }
         };
         let rules = Rules::load()?;
         let mut findings = scan(&push, &rules)?;
