@@ -327,4 +327,13 @@ async fn modules_are_pinned_and_compiled_once() {
         .join("\n");
     std::fs::write(module.join("plugin.toml"), pinned).unwrap();
     assert!(host(&dir).load(&module).is_err());
+
+    // A real component built for the next contract version (its own WIT,
+    // `berth:plugin@0.2.0`): refused at load, naming both versions.
+    let future = support::install(&plugins, "berth_future", "future", "hooks = [\"gate\"]\n");
+    let e = match host(&dir).load(&future) {
+        Err(e) => e,
+        Ok(_) => panic!("a component of another contract version was loaded"),
+    };
+    assert_eq!(e, "future was built for berth:plugin@0.2.0; this Berth speaks berth:plugin@0.1.0");
 }
