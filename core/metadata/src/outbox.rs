@@ -9,6 +9,9 @@
 //! failed ones wait (`next_ms`) for another try, and every attempt leaves a line
 //! in `plugin_delivery`, the log the management API shows.
 //!
+//! Where several replicas share the metadata store, one at a time delivers an
+//! instance's queue: the one holding its lease ([`Metadata::outbox_lease`]).
+//!
 //! Invariant: an outbox row is removed only by a settlement recording that it
 //! was delivered or given up, so a crash at any point redelivers (at least
 //! once; receivers deduplicate by the event id) and never loses one.
@@ -20,6 +23,7 @@ use crate::{rows, Metadata, Result};
 pub(crate) const SCHEMA: &str = r#"
 DEFINE TABLE IF NOT EXISTS outbox SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS outbox_due ON outbox FIELDS instance, next_ms;
+DEFINE TABLE IF NOT EXISTS outbox_lease SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS plugin_delivery SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS plugin_delivery_at ON plugin_delivery FIELDS instance, at_ms;
 "#;
@@ -184,6 +188,29 @@ impl Metadata {
         Ok(())
     }
 
+    /// Take or renew the lease on `instance`'s queue for `holder` (a process)
+    /// until `now_ms + ttl_ms`; `false` while another holder's lease runs.
+    pub async fn outbox_lease(&self, instance: &str, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
+        let mut r = self
+            .run(|| {
+                self.db
+                    .query(
+                        "BEGIN TRANSACTION;
+                         LET $l = (SELECT holder, until FROM ONLY type::record('outbox_lease', $i));
+                         IF $l != NONE AND $l.holder != $h AND $l.until > $now { RETURN false; };
+                         UPSERT type::record('outbox_lease', $i) CONTENT { holder: $h, until: $now + $ttl } RETURN NONE;
+                         RETURN true;
+                         COMMIT TRANSACTION;",
+                    )
+                    .bind(("i", instance.to_owned()))
+                    .bind(("h", holder.to_owned()))
+                    .bind(("now", now_ms))
+                    .bind(("ttl", ttl_ms))
+            })
+            .await?;
+        Ok(crate::returned::<bool>(&mut r)?.unwrap_or(false))
+    }
+
     /// A page of `instance`'s delivery log, newest first, and its length.
     pub async fn plugin_deliveries(&self, instance: &str, limit: usize, offset: usize) -> Result<(Vec<DeliveryRow>, u64)> {
         let mut r = self
@@ -292,6 +319,18 @@ mod tests {
         assert_eq!(items, vec![log("hook", "e1", 2, 600, "delivered"), log("hook", "e1", 1, 21, "retrying")]);
         md.prune_deliveries("hook", 1).await.unwrap();
         assert_eq!(md.plugin_deliveries("hook", 10, 0).await.unwrap().1, 1);
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time_delivers_a_queue() {
+        let md = mem().await;
+        assert!(md.outbox_lease("hook", "r1", 1000, 100).await.unwrap());
+        assert!(!md.outbox_lease("hook", "r2", 1050, 100).await.unwrap(), "r1's lease runs");
+        assert!(md.outbox_lease("other", "r2", 1050, 100).await.unwrap(), "another queue's lease is its own");
+        assert!(md.outbox_lease("hook", "r1", 1090, 100).await.unwrap(), "renewed by its holder");
+        assert!(!md.outbox_lease("hook", "r2", 1150, 100).await.unwrap(), "renewed until 1190");
+        assert!(md.outbox_lease("hook", "r2", 1191, 100).await.unwrap(), "taken over once it ran out");
+        assert!(!md.outbox_lease("hook", "r1", 1200, 100).await.unwrap());
     }
 
     #[tokio::test]

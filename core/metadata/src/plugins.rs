@@ -60,7 +60,8 @@ impl Metadata {
         self.db
             .query(
                 "DELETE type::record('plugin_instance', $id) RETURN NONE; DELETE plugin_kv WHERE instance = $id RETURN NONE;
-                 DELETE outbox WHERE instance = $id RETURN NONE; DELETE plugin_delivery WHERE instance = $id RETURN NONE;",
+                 DELETE outbox WHERE instance = $id RETURN NONE; DELETE plugin_delivery WHERE instance = $id RETURN NONE;
+                 DELETE type::record('outbox_lease', $id) RETURN NONE;",
             )
             .bind(("id", id.to_owned()))
             .await?

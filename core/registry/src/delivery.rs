@@ -13,7 +13,8 @@
 //! their delivery-log lines. A failed delivery is tried again after an
 //! exponential backoff (1 s, 2 s … 10 min, jittered) until `limits.max_attempts`;
 //! a plugin's `failed` answer is final. A switched-off instance keeps its
-//! queue; it resumes when enabled again. The worker is a tokio task rather than
+//! queue; it resumes when enabled again. Where replicas share metadata, one
+//! holds a queue's lease and delivers it. The worker is a tokio task rather than
 //! an actix actor: plugin calls are CPU work that must not hold the actor
 //! thread.
 //!
@@ -46,6 +47,9 @@ const BATCH: usize = 64;
 const IDLE: Duration = Duration::from_secs(2);
 /// Delivery-log lines kept per instance.
 pub const LOG_KEPT: usize = 1000;
+/// How long a queue's lease lasts; it is renewed when half has passed, and a
+/// replica that died holds it no longer than this.
+const LEASE_MS: i64 = 30_000;
 
 /// One instance's queue, as its worker and the announcers share it.
 pub struct Queue {
@@ -130,12 +134,15 @@ impl Queue {
 pub struct Deliveries {
     host: Arc<PluginHost>,
     meta: Metadata,
+    /// This process, as a lease holder.
+    holder: Arc<str>,
     queues: Mutex<BTreeMap<String, Arc<Queue>>>,
 }
 
 impl Deliveries {
     pub fn new(host: Arc<PluginHost>, meta: Metadata) -> Deliveries {
-        Deliveries { host, meta, queues: Mutex::new(BTreeMap::new()) }
+        let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()).into();
+        Deliveries { host, meta, holder, queues: Mutex::new(BTreeMap::new()) }
     }
 
     /// Start a worker for every instance that takes events and has none, and
@@ -160,7 +167,7 @@ impl Deliveries {
         for (id, cap) in wanted {
             let q = queues.entry(id).or_insert_with_key(|id| {
                 let q = Arc::new(Queue::new(id, cap));
-                tokio::spawn(work(q.clone(), self.host.clone(), self.meta.clone()));
+                tokio::spawn(work(q.clone(), self.host.clone(), self.meta.clone(), self.holder.clone()));
                 q
             });
             q.cap.store(cap, Ordering::Relaxed);
@@ -254,14 +261,38 @@ fn backoff_ms(attempt: u32, event_id: &str) -> i64 {
 }
 
 /// One instance's worker: deliver what is due, settle it, sleep until more is.
-async fn work(q: Arc<Queue>, host: Arc<PluginHost>, meta: Metadata) {
+/// It delivers only while it holds the queue's lease (other replicas' workers
+/// wait, and take over when a holder stops renewing).
+async fn work(q: Arc<Queue>, host: Arc<PluginHost>, meta: Metadata, holder: Arc<str>) {
     let mut rounds = 0u64;
+    let mut lease_until = 0i64;
     while !q.stop.load(Ordering::Acquire) {
         let Some(inst) = host.instance(&q.instance).filter(|i| i.is_on()) else {
             q.wait(IDLE).await;
             continue;
         };
         let now = now_ms();
+        if now > lease_until - LEASE_MS / 2 {
+            match meta.outbox_lease(&q.instance, &holder, now, LEASE_MS).await {
+                Ok(true) => lease_until = now + LEASE_MS,
+                Ok(false) => {
+                    // Another replica delivers; the queue's figures still come
+                    // from the shared outbox (so its bound is the whole queue's).
+                    lease_until = 0;
+                    if let Ok(d) = meta.outbox_depth(&q.instance).await {
+                        q.pending.store(d.rows, Ordering::Relaxed);
+                        q.oldest_ms.store(d.oldest_ms.unwrap_or(0), Ordering::Relaxed);
+                    }
+                    q.wait(IDLE).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(plugin = %q.instance, error = %e, "taking the plugin queue's lease failed");
+                    q.wait(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
         let due = match meta.outbox_due(&q.instance, now, BATCH).await {
             Ok(d) => d,
             Err(e) => {
