@@ -68,6 +68,10 @@ pub struct FileConfig {
     pub log: Option<LogConfig>,
     pub auth: Option<AuthConfig>,
     pub plugins: Option<PluginsFile>,
+    /// Seconds between SIGTERM and the listener closing, while `/readyz`
+    /// answers 503 and requests are still served (default 0; behind a load
+    /// balancer, its health-check interval times the failures it needs).
+    pub drain_secs: Option<u64>,
 }
 
 /// `[plugins]`.
@@ -122,6 +126,7 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub plugins: PluginsConfig,
+    pub drain_secs: u64,
 }
 
 /// Values given on the command line (they win over everything else).
@@ -210,7 +215,11 @@ impl Config {
             dir: env.get(ENV_PLUGIN_DIR).map(PathBuf::from).or(plugins_file.dir).unwrap_or_else(|| data_dir.join("plugins")),
             cache_dir: data_dir.join("plugins-cache"),
         };
-        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins })
+        let drain_secs = file.drain_secs.unwrap_or(0);
+        if drain_secs > 600 {
+            return Err(format!("drain_secs {drain_secs}: at most 600"));
+        }
+        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins, drain_secs })
     }
 }
 

@@ -293,7 +293,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_when_quiet());
-    berth_http::serve(services, listener, shutdown_signal()).await;
+    // On SIGTERM readiness goes false first; requests are served for
+    // `drain_secs` more (so a load balancer moves away), then the listener closes.
+    let (draining, drain) = (registry.clone(), std::time::Duration::from_secs(cfg.drain_secs));
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.drain();
+        if !drain.is_zero() {
+            tracing::info!(secs = drain.as_secs(), "draining: /readyz answers 503");
+            tokio::time::sleep(drain).await;
+        }
+    };
+    berth_http::serve(services, listener, shutdown).await;
     tracing::info!("shutting down");
     registry.flush_counters().await;
     registry.shutdown();

@@ -219,8 +219,16 @@ impl Request {
 async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'static str, Reply) {
     let auth = &services.auth;
     let Some(path) = full_path.strip_prefix("/v2/").or_else(|| (full_path == "/v2").then_some("")) else {
+        // Unauthenticated, for load balancers and orchestrators: alive, and
+        // ready for requests (metadata and storage answer; not draining).
         if full_path == "/healthz" {
-            return ("health", json_response(StatusCode::OK, b"{\"status\":\"ok\"}".to_vec()));
+            return ("health", health_response(StatusCode::OK, "ok", None));
+        }
+        if full_path == "/readyz" {
+            return match services.registry.readiness().await {
+                Ok(()) => ("ready", health_response(StatusCode::OK, "ready", None)),
+                Err(why) => ("ready", health_response(StatusCode::SERVICE_UNAVAILABLE, "not ready", Some(why))),
+            };
         }
         if full_path == "/metrics" {
             return ("metrics", metrics(services, req).await);
@@ -255,6 +263,18 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
     let ctx = Ctx { registry: &services.registry, auth, identity: &identity, grants: &grants };
     let result = dispatch(&ctx, route, req).await;
     (label, result.unwrap_or_else(|e| error_response(&e)))
+}
+
+/// The body of `/healthz` and `/readyz`.
+#[derive(serde::Serialize)]
+struct HealthBody {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+fn health_response(status: StatusCode, word: &'static str, reason: Option<&'static str>) -> Reply {
+    json_response(status, serde_json::to_vec(&HealthBody { status: word, reason }).expect("json"))
 }
 
 /// `GET /metrics`: the OpenMetrics exposition, for the platform admin (a

@@ -157,6 +157,8 @@ pub struct Registry {
     gc_status: Mutex<gc::GcStatus>,
     metrics: metrics::Metrics,
     plugins: Option<plugins::Plugins>,
+    /// Set on SIGTERM: readiness goes false while requests are still served.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -208,6 +210,7 @@ impl Registry {
             gc_status: Mutex::new(gc::GcStatus::default()),
             metrics: metrics::Metrics::default(),
             plugins,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         if registry.config.gc.enabled {
             Periodic::start(&registry, registry.config.gc.interval_secs, |r| {
@@ -271,6 +274,29 @@ impl Registry {
     /// Stop the actors (after the HTTP server has drained).
     pub fn shutdown(&self) {
         self.system.stop();
+    }
+
+    /// Stop being ready (a load balancer takes this replica out) while still
+    /// serving what comes.
+    pub fn drain(&self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this replica should be sent requests: not draining, and the
+    /// metadata store and the blob store each answer within 2 s. `Err`: why not.
+    pub async fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("draining");
+        }
+        let limit = Duration::from_secs(2);
+        match tokio::time::timeout(limit, self.meta.ping()).await {
+            Ok(Ok(())) => {}
+            _ => return Err("metadata unreachable"),
+        }
+        match tokio::time::timeout(limit, self.store.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err("storage unreachable"),
+        }
     }
 
     fn repo_actor(&self, name: &RepoName) -> Addr<RepoActor> {

@@ -194,8 +194,14 @@ impl BlobStore {
             in_flight: Arc::new(tokio::sync::Semaphore::new(ALL_IN_FLIGHT_KIB)),
             upload_in_flight_kib: IN_FLIGHT_KIB,
         };
-        store.op.check().await.map_err(StorageError::from_dal)?;
+        store.probe().await?;
         Ok(store)
+    }
+
+    /// Whether the backend answers (a listing of at most one entry of the root:
+    /// cheap on every backend, S3 included).
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        self.op.check().await.map_err(StorageError::from_dal)
     }
 
     /// Whether uploads stage into one appended file (else one object per chunk).

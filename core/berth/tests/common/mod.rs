@@ -81,6 +81,13 @@ impl Server {
         format!("{}{}", self.base, path)
     }
 
+    /// Send SIGTERM without waiting (see [`Server::stop`]).
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            unsafe_kill(c.id());
+        }
+    }
+
     /// Stop with SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

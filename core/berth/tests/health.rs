@@ -1,0 +1,62 @@
+//! Liveness and readiness, for load balancers and orchestrators: `/healthz`
+//! and `/readyz` answer without credentials; on SIGTERM readiness goes false
+//! first while requests are still served for `drain_secs`, then Berth exits
+//! cleanly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn readiness_goes_false_on_sigterm_while_requests_are_served() {
+    let dir = TempDir::new("health");
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "drain_secs = 3\n").unwrap();
+    let mut s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    block_on(async {
+        let anon = anon_client();
+        let r = anon.get(s.url("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+        let r = anon.get(s.url("/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.json::<Value>().await.unwrap(), serde_json::json!({"status": "ready"}));
+        push_image(&client(), &s, "library/app", "v1", 1, serde_json::json!({})).await;
+
+        s.terminate();
+        let signalled = Instant::now();
+        let mut draining = None;
+        while signalled.elapsed() < Duration::from_secs(2) {
+            let r = anon.get(s.url("/readyz")).send().await.unwrap();
+            if r.status() == 503 {
+                draining = Some(r.json::<Value>().await.unwrap());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(draining, Some(serde_json::json!({"status": "not ready", "reason": "draining"})));
+        // Still serving while it drains.
+        let r = client().get(s.url("/v2/library/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(anon.get(s.url("/healthz")).send().await.unwrap().status(), 200, "alive while draining");
+    });
+    // Then it exits cleanly.
+    s.stop();
+}
+
+#[test]
+fn a_bad_drain_setting_is_refused() {
+    let dir = TempDir::new("health-bad");
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "drain_secs = 100000\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("drain_secs 100000: at most 600"), "{}", String::from_utf8_lossy(&out.stderr));
+}
