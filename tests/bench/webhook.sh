@@ -72,7 +72,12 @@ subscribe() {
 }
 unsubscribe() { curl -s -o /dev/null -H "$auth" -X DELETE "$api"; }
 rps() { wrk -t2 -c"$CONNS" -d"${WRK_SECS}s" -H "$auth" "http://127.0.0.1:$PORT/v2/bench/app/manifests/latest" | awk '/Requests\/sec/ {print $2}'; }
-queue() { curl -s -H "$auth" "$api" | python3 -c 'import json,sys; q=json.load(sys.stdin)["queue"]; print(f"delivered {q[\"delivered\"]}, queued {q[\"depth\"]}, overflow {q[\"overflow\"]}, lag {q[\"lag_ms\"]} ms")'; }
+queue() {
+  curl -s -H "$auth" "$api" | python3 -c '
+import json, sys
+q = json.load(sys.stdin)["queue"]
+print("delivered %(delivered)s, queued %(depth)s, overflow %(overflow)s, lag %(lag_ms)s ms" % q)'
+}
 
 none=(); hooked=()
 for r in $(seq "$ROUNDS"); do

@@ -182,6 +182,27 @@ fn webhooks_deliver_signed_events_of_their_tenant_and_retry() {
         assert_eq!(metric(&s, "berth_plugin_events_delivered_total{instance=\"acme-hook\"}").await, acme_rx.acked().len() as f64);
         assert_eq!(metric(&s, "berth_plugin_events_retried_total{instance=\"acme-hook\"}").await, 2.0);
         assert_eq!(metric(&s, "berth_plugin_queue_depth{instance=\"globex-hook\"}").await, 0.0);
+
+        // Removing an instance while its worker is busy (a receiver that is
+        // down, pulls coming in): it goes, with its queue, log and series.
+        acme_rx.set_down(true);
+        push_image(&mia, &s, "acme/busy", "v1", 4, json!({})).await;
+        let pulls = async {
+            for _ in 0..50 {
+                let r = mia.get(s.url("/v2/acme/busy/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        };
+        let remove = async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            mia.delete(api("instances/acme-hook")).send().await.unwrap().status()
+        };
+        let ((), status) = futures::join!(pulls, remove);
+        assert_eq!(status, 204);
+        assert_eq!(mia.get(api("instances/acme-hook")).send().await.unwrap().status(), 404);
+        assert_eq!(mia.get(api("instances/acme-hook/deliveries")).send().await.unwrap().status(), 404);
+        let text = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(!text.contains("acme-hook") && text.contains("globex-hook"), "{text}");
     });
 }
 

@@ -56,16 +56,22 @@ impl Metadata {
         Ok(())
     }
 
+    /// Remove an instance with everything that is its: its key-value store,
+    /// its outbox, its delivery log and its lease (one transaction, retried when
+    /// it meets the delivery worker's writes).
     pub async fn delete_plugin_instance(&self, id: &str) -> Result<()> {
-        self.db
-            .query(
-                "DELETE type::record('plugin_instance', $id) RETURN NONE; DELETE plugin_kv WHERE instance = $id RETURN NONE;
-                 DELETE outbox WHERE instance = $id RETURN NONE; DELETE plugin_delivery WHERE instance = $id RETURN NONE;
-                 DELETE type::record('outbox_lease', $id) RETURN NONE;",
-            )
-            .bind(("id", id.to_owned()))
-            .await?
-            .check()?;
+        self.run(|| {
+            self.db
+                .query(
+                    "BEGIN TRANSACTION;
+                     DELETE type::record('plugin_instance', $id) RETURN NONE; DELETE plugin_kv WHERE instance = $id RETURN NONE;
+                     DELETE outbox WHERE instance = $id RETURN NONE; DELETE plugin_delivery WHERE instance = $id RETURN NONE;
+                     DELETE type::record('outbox_lease', $id) RETURN NONE;
+                     COMMIT TRANSACTION;",
+                )
+                .bind(("id", id.to_owned()))
+        })
+        .await?;
         Ok(())
     }
 

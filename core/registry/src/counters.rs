@@ -81,7 +81,10 @@ impl PullTally {
     /// Write what was counted; on failure the batch goes back for the next try.
     pub async fn flush(&self, meta: &Metadata) -> bool {
         let batch = self.take();
-        let events = std::mem::take(&mut *self.events.lock().unwrap());
+        let mut events = std::mem::take(&mut *self.events.lock().unwrap());
+        if let Some(d) = &self.deliveries {
+            events.retain(|r| d.has_queue(&r.instance));
+        }
         if batch.is_empty() && events.is_empty() {
             return true;
         }

@@ -212,13 +212,18 @@ impl Deliveries {
         if subscribed.is_empty() {
             return vec![];
         }
+        // Places first: an event no queue has room for costs a counter, no more.
+        let admitted: Vec<Arc<Queue>> = {
+            let queues = self.queues.lock().unwrap();
+            subscribed.iter().filter_map(|inst| queues.get(&inst.spec.id)).filter(|q| q.admit()).cloned().collect()
+        };
+        if admitted.is_empty() {
+            return vec![];
+        }
         let event = Event::new(kind);
-        let Ok(text) = serde_json::to_string(&event) else { return vec![] };
-        let queues = self.queues.lock().unwrap();
-        subscribed
+        let text = serde_json::to_string(&event).expect("an event serializes");
+        admitted
             .iter()
-            .filter_map(|inst| queues.get(&inst.spec.id))
-            .filter(|q| q.admit())
             .map(|q| OutboxRow {
                 instance: q.instance.clone(),
                 event_id: event.id.clone(),
@@ -230,6 +235,12 @@ impl Deliveries {
                 next_ms: event.at_ms,
             })
             .collect()
+    }
+
+    /// Whether `instance` has a queue (rows made for an instance removed since
+    /// are not written).
+    pub fn has_queue(&self, instance: &str) -> bool {
+        self.queues.lock().unwrap().contains_key(instance)
     }
 
     /// The transaction carrying `rows` committed (wake their workers) or did

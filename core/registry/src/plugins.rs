@@ -223,10 +223,18 @@ impl Plugins {
         if !known {
             return Ok(false);
         }
-        self.meta.delete_plugin_instance(id).await.map_err(|e| internal("delete plugin instance", e))?;
+        // Its worker stops first, so no delivery writes meet the delete.
+        let running = self.host.instance(id).map(|i| i.spec.clone());
         self.host.remove_instance(id);
-        self.stalled.lock().unwrap().remove(id);
         self.deliveries.sync();
+        if let Err(e) = self.meta.delete_plugin_instance(id).await {
+            if let Some(spec) = running {
+                let _ = self.host.put_instance(spec);
+                self.deliveries.sync();
+            }
+            return Err(internal("delete plugin instance", e));
+        }
+        self.stalled.lock().unwrap().remove(id);
         Ok(true)
     }
 
