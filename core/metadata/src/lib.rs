@@ -676,8 +676,78 @@ pub(crate) fn to_value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
 mod tests {
     use super::*;
 
+    /// A fresh, empty store: embedded in memory, or with
+    /// `BERTH_TEST_METADATA=server` a database of its own on a SurrealDB
+    /// server (the binary `BERTH_TEST_SURREAL` names, started once per test
+    /// process): one suite, both kinds of store.
     pub(crate) async fn mem() -> Metadata {
+        if std::env::var("BERTH_TEST_METADATA").as_deref() == Ok("server") {
+            let mut c = MetadataConfig::new(server::url());
+            c.database = format!("t{}", server::next());
+            c.username = Some("root".into());
+            c.password = Some("root".into());
+            return Metadata::connect(&c).await.unwrap();
+        }
         Metadata::connect(&MetadataConfig::new("mem://")).await.unwrap()
+    }
+
+    mod server {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+
+        pub fn next() -> u64 {
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        }
+
+        /// The server's `ws://` address. It is started by a thread that lives
+        /// as long as the test process, and dies with it (parent-death signal).
+        pub fn url() -> String {
+            static URL: OnceLock<String> = OnceLock::new();
+            URL.get_or_init(|| {
+                let bin = std::env::var("BERTH_TEST_SURREAL")
+                    .expect("BERTH_TEST_METADATA=server needs BERTH_TEST_SURREAL (the surreal binary; .ci/run builds it)");
+                let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    use std::os::unix::process::CommandExt;
+                    let mut cmd = std::process::Command::new(bin);
+                    cmd.args([
+                        "start",
+                        "--user",
+                        "root",
+                        "--pass",
+                        "root",
+                        "--bind",
+                        &format!("127.0.0.1:{port}"),
+                        "--log",
+                        "warn",
+                        "memory",
+                    ])
+                    .stdout(std::process::Stdio::null());
+                    // SAFETY: prctl is async-signal-safe; it only asks for SIGKILL when this thread's process dies.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                            Ok(())
+                        });
+                    }
+                    let mut child = cmd.spawn().expect("starting the SurrealDB server");
+                    let _ = tx.send(());
+                    let _ = child.wait();
+                });
+                rx.recv().unwrap();
+                for _ in 0..200 {
+                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                        return format!("ws://127.0.0.1:{port}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                panic!("the SurrealDB server did not listen on {port}");
+            })
+            .clone()
+        }
     }
 
     pub(crate) fn row(repo: &RepoName, bytes: &[u8]) -> ManifestRow {

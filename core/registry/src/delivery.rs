@@ -167,7 +167,7 @@ impl Deliveries {
         for (id, cap) in wanted {
             let q = queues.entry(id).or_insert_with_key(|id| {
                 let q = Arc::new(Queue::new(id, cap));
-                tokio::spawn(work(q.clone(), self.host.clone(), self.meta.clone(), self.holder.clone()));
+                background().spawn(work(q.clone(), self.host.clone(), self.meta.clone(), self.holder.clone()));
                 q
             });
             q.cap.store(cap, Ordering::Relaxed);
@@ -261,6 +261,30 @@ impl Deliveries {
             }
         }
     }
+}
+
+/// The runtime delivery workers run on: one thread at the lowest scheduling
+/// priority but one (nice 10), so deliveries take the CPU that requests leave
+/// (all of it when the registry is idle, a few per cent when requests keep
+/// every core busy: then queues fill and overflow, visibly, rather than pulls
+/// slowing down). Gates stay on the request's own runtime: a push waits for them.
+fn background() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("berth-deliver")
+            .on_thread_start(|| {
+                // SAFETY: setpriority on this thread's own id (Linux: per thread).
+                #[cfg(target_os = "linux")]
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                }
+            })
+            .enable_all()
+            .build()
+            .expect("the delivery runtime")
+    })
 }
 
 /// The delay before attempt `attempt + 1`: 1 s doubling to 10 min, ±25 %
