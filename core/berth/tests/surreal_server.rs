@@ -20,7 +20,7 @@ struct Surreal {
 impl Surreal {
     fn start(bin: &str, dir: &Path, port: u16) -> Surreal {
         let store = format!("surrealkv://{}", dir.display());
-        let child = Command::new(bin)
+        let mut child = Command::new(bin)
             .args(["start", "--user", "root", "--pass", "root", "--bind", &format!("127.0.0.1:{port}"), "--log", "warn", &store])
             .stdout(Stdio::null())
             .spawn()
@@ -31,6 +31,8 @@ impl Surreal {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("the SurrealDB server did not listen on {port}");
     }
 }
