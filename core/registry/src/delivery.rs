@@ -263,11 +263,11 @@ impl Deliveries {
     }
 }
 
-/// The runtime delivery workers run on: one thread at the lowest scheduling
-/// priority but one (nice 10), so deliveries take the CPU that requests leave
-/// (all of it when the registry is idle, a few per cent when requests keep
-/// every core busy: then queues fill and overflow, visibly, rather than pulls
-/// slowing down). Gates stay on the request's own runtime: a push waits for them.
+/// The runtime delivery workers run on: one thread scheduled `SCHED_IDLE`
+/// (Linux), so deliveries take only the CPU that requests leave: all of it when
+/// the registry is idle, next to none when requests keep every core busy (then
+/// queues fill and overflow, visibly, rather than pulls slowing down). Gates
+/// stay on the request's own runtime: a push waits for them.
 fn background() -> &'static tokio::runtime::Runtime {
     static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
@@ -275,10 +275,14 @@ fn background() -> &'static tokio::runtime::Runtime {
             .worker_threads(1)
             .thread_name("berth-deliver")
             .on_thread_start(|| {
-                // SAFETY: setpriority on this thread's own id (Linux: per thread).
+                // SAFETY: sched_setscheduler on the calling thread (pid 0) with a
+                // valid parameter; SCHED_IDLE needs no privilege.
                 #[cfg(target_os = "linux")]
                 unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+                    let param = libc::sched_param { sched_priority: 0 };
+                    if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                    }
                 }
             })
             .enable_all()
