@@ -175,7 +175,7 @@ impl Metadata {
              {}
              RETURN true;
              COMMIT TRANSACTION;",
-            if outbox.is_empty() { String::new() } else { crate::outbox::add("$outbox") }
+            crate::outbox::add("$outbox", outbox)
         );
         let outbox = crate::outbox::bind(outbox)?;
         let mut r = self

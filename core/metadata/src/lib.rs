@@ -333,7 +333,7 @@ impl Metadata {
     /// ([`outbox`]), written with it.
     pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>, pinned: bool, outbox: &[OutboxRow]) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
-        let announce = if outbox.is_empty() { String::new() } else { outbox::add("$outbox") };
+        let announce = outbox::add("$outbox", outbox);
         let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
@@ -428,7 +428,7 @@ impl Metadata {
                  LET $added_{i} = $added;
                  UPDATE type::record('repo', $repo) SET pushes = (pushes OR 0) + 1, last_pushed_ms = $now RETURN NONE;
                  UPSERT type::record('manifest', [$repo, $digest]) MERGE $manifest_{i} RETURN NONE;",
-                if outboxes.get(i).is_some_and(|o| !o.is_empty()) { outbox::add(&format!("$outbox_{i}")) } else { String::new() }
+                outbox::add(&format!("$outbox_{i}"), outboxes.get(i).map_or(&[][..], Vec::as_slice))
             ));
             if tag.is_some() {
                 sql.push_str(&format!(
@@ -486,7 +486,7 @@ impl Metadata {
     /// Delete a manifest and every tag that points at it: one transaction.
     /// Answers the bytes the owning tenant's usage shrank by.
     pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, outbox: &[OutboxRow]) -> Result<u64> {
-        let announce = outbox::add("$outbox");
+        let announce = outbox::add("$outbox", outbox);
         let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
@@ -522,7 +522,7 @@ impl Metadata {
     pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, outbox: &[OutboxRow]) -> Result<()> {
         let sql = format!(
             "BEGIN TRANSACTION; DELETE type::record('tag', [$repo, $tag]) RETURN NONE; {} COMMIT TRANSACTION;",
-            outbox::add("$outbox")
+            outbox::add("$outbox", outbox)
         );
         let outbox = outbox::bind(outbox)?;
         self.run(|| {

@@ -239,7 +239,7 @@ impl Metadata {
         if batch.is_empty() && outbox.is_empty() {
             return Ok(());
         }
-        let announce = crate::outbox::add("$outbox");
+        let announce = crate::outbox::add("$outbox", outbox);
         let outbox = crate::outbox::bind(outbox)?;
         let rows: Vec<serde_json::Value> = batch
             .iter()
@@ -280,7 +280,7 @@ impl Metadata {
              {}
              RETURN {{ tags: $tags, manifests: count($manifests), blob_links: count($links), freed_bytes: $freed }};
              COMMIT TRANSACTION;",
-            crate::outbox::add("$outbox"),
+            crate::outbox::add("$outbox", outbox),
             crate::usage::TENANT_OF,
             crate::usage::ref_release("array::concat($manifests, $links)")
         );

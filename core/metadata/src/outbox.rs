@@ -83,9 +83,13 @@ impl Settle {
     }
 }
 
-/// The statements that add the rows bound as `var` to the transaction they
-/// are spliced into (after `REPO_TOUCH`, where a row may depend on `$repo_new`).
-pub(crate) fn add(var: &str) -> String {
+/// The statements that add `rows`, bound as `var`, to the transaction they
+/// are spliced into (after `REPO_TOUCH`, where a row may depend on
+/// `$repo_new`); none when there are no rows.
+pub(crate) fn add(var: &str, rows: &[OutboxRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
     format!(
         "FOR $o IN {var} {{
             IF !$o.if_new_repo OR $repo_new {{
@@ -111,16 +115,13 @@ pub struct Depth {
 }
 
 impl Metadata {
-    /// Up to `limit` of `instance`'s rows due by `now_ms`, oldest first.
+    /// Up to `limit` of `instance`'s rows due by `now_ms`, oldest due first.
     pub async fn outbox_due(&self, instance: &str, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
         let mut r = self
             .db
             .query(
-                // A range of record ids (the instance's, in event-id order, which
-                // is time order): the scan reads only as far as it must, whatever
-                // the queue's length (an ORDER BY would sort the whole queue).
                 "SELECT instance, event_id, at_ms, hook, event, if_new_repo OR false AS if_new_repo, attempts OR 0 AS attempts, next_ms
-                 FROM outbox:[$i, NONE]..[$i, ..] WHERE next_ms <= $now LIMIT $n",
+                 FROM outbox WHERE instance = $i AND next_ms <= $now ORDER BY next_ms, event_id LIMIT $n",
             )
             .bind(("i", instance.to_owned()))
             .bind(("now", now_ms))

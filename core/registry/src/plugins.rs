@@ -297,6 +297,15 @@ impl Announce {
     }
 }
 
+/// Tell the queues of `rows` whether the transaction that carried them
+/// (`res`) committed, and pass `res` on.
+pub(crate) fn reported<T, E>(announce: Option<&Announce>, rows: &[OutboxRow], res: Result<T, E>) -> Result<T, E> {
+    if let Some(a) = announce {
+        a.committed(rows, res.is_ok());
+    }
+    res
+}
+
 pub(crate) fn platforms(parsed: &ParsedManifest) -> Vec<Platform> {
     if parsed.kind != ManifestKind::Index {
         return vec![];

@@ -12,7 +12,7 @@ use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 use berth_plugins::{EventKind, Platform};
 
 use crate::index::{Index, ManifestEntry};
-use crate::plugins::Announce;
+use crate::plugins::{reported, Announce};
 use crate::quota::Ticket;
 use crate::{internal, now_ms};
 
@@ -244,11 +244,11 @@ impl Handler<DeleteManifest> for RepoActor {
         let d = digest.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let res = meta.delete_manifest(&repo, &d, &outbox).await.map_err(|e| internal("delete manifest", e));
-                if let Some(a) = &announce {
-                    a.committed(&outbox, res.is_ok());
-                }
-                res
+                reported(
+                    announce.as_ref(),
+                    &outbox,
+                    meta.delete_manifest(&repo, &d, &outbox).await.map_err(|e| internal("delete manifest", e)),
+                )
             }
             .into_actor(self)
             .map(move |res, _, _| {
@@ -303,11 +303,7 @@ impl Handler<DeleteTag> for RepoActor {
         let t = tag.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let res = meta.delete_tag(&repo, &t, &outbox).await.map_err(|e| internal("delete tag", e));
-                if let Some(a) = &announce {
-                    a.committed(&outbox, res.is_ok());
-                }
-                res
+                reported(announce.as_ref(), &outbox, meta.delete_tag(&repo, &t, &outbox).await.map_err(|e| internal("delete tag", e)))
             }
             .into_actor(self)
             .map(move |res, _, _| {
@@ -385,10 +381,7 @@ impl Handler<Link> for RepoActor {
                     }
                     None => meta.unlink_blob(&repo, &d).await.map(|b| -(b as i64)),
                 };
-                if let Some(a) = &announce {
-                    a.committed(&outbox, res.is_ok());
-                }
-                res.map_err(|e| match e {
+                reported(announce.as_ref(), &outbox, res).map_err(|e| match e {
                     berth_metadata::MetadataError::Collecting => {
                         RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
                     }
@@ -429,11 +422,7 @@ impl Handler<DeleteRepo> for RepoActor {
         let name = repo.clone();
         AtomicResponse::new(Box::pin(
             async move {
-                let res = meta.delete_repo(&repo, &outbox).await.map_err(|e| internal("delete repository", e));
-                if let Some(a) = &announce {
-                    a.committed(&outbox, res.is_ok());
-                }
-                res
+                reported(announce.as_ref(), &outbox, meta.delete_repo(&repo, &outbox).await.map_err(|e| internal("delete repository", e)))
             }
             .into_actor(self)
             .map(move |res, _, _| {
