@@ -23,7 +23,7 @@ use surrealdb_engine_local::Datastore;
 use crate::{MetadataConfig, MetadataError, Result};
 
 /// Where the metadata lives, as [`MetadataConfig::target`] checked it.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Target {
     /// SurrealKV in `dir`, opened in this process with these settings.
     Embedded { dir: String, sync: String, cache_bytes: u64, memtable_bytes: u64 },

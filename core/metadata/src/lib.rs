@@ -164,6 +164,13 @@ pub enum MetadataError {
 
 pub type Result<T> = std::result::Result<T, MetadataError>;
 
+impl MetadataError {
+    /// An optimistic transaction lost to a concurrent one ("can be retried").
+    pub(crate) fn is_conflict(&self) -> bool {
+        matches!(self, MetadataError::Db(e) if matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)))
+    }
+}
+
 /// A manifest's facts, as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ManifestRow {
@@ -283,16 +290,32 @@ impl Metadata {
     /// Connect (or open the embedded store) and make sure the schema exists.
     pub async fn connect(config: &MetadataConfig) -> Result<Self> {
         let target = config.target().map_err(MetadataError::Config)?;
-        let db = conn::Conn::open(target, config).await?;
-        db.query(SCHEMA).await?.check()?;
-        db.query(accounts::SCHEMA).await?.check()?;
-        db.query(manage::SCHEMA).await?.check()?;
-        db.query(usage::SCHEMA).await?.check()?;
-        db.query(gc::SCHEMA).await?.check()?;
-        db.query(retention::SCHEMA).await?.check()?;
-        db.query(plugins::SCHEMA).await?.check()?;
-        db.query(outbox::SCHEMA).await?.check()?;
+        // Processes that start together against one server (replicas, or test
+        // processes each with a database of their own) define the same namespace
+        // and tables at once; the losers' conflicts are retried like any other.
+        let mut pause = std::time::Duration::from_millis(5);
+        let db = loop {
+            match conn::Conn::open(target.clone(), config).await {
+                Err(e) if e.is_conflict() && pause < std::time::Duration::from_secs(2) => {
+                    tokio::time::sleep(pause.mul_f64(0.5 + jitter())).await;
+                    pause *= 2;
+                }
+                r => break r?,
+            }
+        };
         let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() };
+        for schema in [
+            SCHEMA,
+            accounts::SCHEMA,
+            manage::SCHEMA,
+            usage::SCHEMA,
+            gc::SCHEMA,
+            retention::SCHEMA,
+            plugins::SCHEMA,
+            outbox::SCHEMA,
++        ] {
+            md.run(|| md.db.query(schema)).await?;
+        }
         if md.ensure_usage_counted().await? {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
         }
