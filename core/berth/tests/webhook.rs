@@ -229,8 +229,17 @@ fn the_outbox_survives_kill_9() {
         }
         // Committed and queued, not delivered: the receiver answers 503.
         eventually("every event tried once", 20, || rx.refused() >= TAGS as u32).await;
-        let st: Value = admin.get(s.url("/api/v1/plugins/instances/audit")).send().await.unwrap().json().await.unwrap();
+        // Between tries (a call in flight is not counted as waiting) all are queued.
+        let mut st = Value::Null;
+        for _ in 0..100 {
+            st = admin.get(s.url("/api/v1/plugins/instances/audit")).send().await.unwrap().json().await.unwrap();
+            if st["queue"]["depth"].as_u64() == Some(TAGS as u64) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(st["queue"]["depth"].as_u64(), Some(TAGS as u64), "{st}");
+        assert_eq!(st["queue"]["delivered"].as_u64(), Some(0), "{st}");
         assert!(st["queue"]["lag_ms"].as_u64().unwrap() > 0, "{st}");
     });
     // kill -9 with every event still queued.
