@@ -18,6 +18,7 @@
 //!   else in Berth decides access.
 //! - This crate knows nothing of HTTP; it returns [`Refusal`]s the HTTP layer renders.
 
+pub mod audit;
 pub mod identity;
 pub mod limiter;
 pub mod policy;
@@ -25,6 +26,7 @@ pub mod secret;
 pub mod tokens;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -59,8 +61,15 @@ pub struct AuthConfig {
     /// The URL clients reach Berth at (e.g. `https://registry.example.com`); the
     /// token realm is built from it. Unset: taken from the request's Host.
     pub external_url: Option<String>,
-    /// Trust `X-Forwarded-Proto`/`X-Forwarded-Host` (only behind a proxy that sets them).
+    /// Behind a reverse proxy: take the scheme and host from `X-Forwarded-Proto`
+    /// and `X-Forwarded-Host`, and the client's address from `X-Forwarded-For`
+    /// (see [`AuthConfig::trusted_proxies`]).
     pub trust_proxy: bool,
+    /// The proxies' networks (e.g. `10.0.0.0/8`). The client is the right-most
+    /// `X-Forwarded-For` hop not in them, provided the connection itself comes
+    /// from one; a client cannot choose its address by sending the header. Empty:
+    /// the connection's peer is the one proxy, and the hop it appended is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The `service` of the token challenge and the audience of bearer tokens.
     pub service: String,
     /// Lifetime of bearer tokens from `/auth/token`.
@@ -72,14 +81,18 @@ pub struct AuthConfig {
     pub refresh_token_secs: u64,
     /// Directory holding `model.conf` and `policy.csv`; unset: the built-in defaults.
     pub policy_dir: Option<PathBuf>,
-    /// Failed logins allowed per user and per source within the window.
+    /// Failed logins a (user, source) pair makes before each further one waits
+    /// (5 s, doubling); a source gets ten times as many across all users.
     pub login_max_failures: u32,
+    /// The longest such wait, and how long after its last failure a count is kept.
     pub login_window_secs: u64,
     /// Password of the bootstrap `admin` (also `BERTH_ADMIN_PASSWORD`); when
     /// unset on first start, one is generated and printed once.
     pub admin_password: Option<String>,
     /// How often policy, shares, signing keys and tokens are refreshed.
     pub refresh_secs: u64,
+    /// How long the security audit log keeps its events.
+    pub audit_keep_days: u64,
 }
 
 impl Default for AuthConfig {
@@ -87,6 +100,7 @@ impl Default for AuthConfig {
         AuthConfig {
             external_url: None,
             trust_proxy: false,
+            trusted_proxies: Vec::new(),
             service: "berth".into(),
             bearer_ttl_secs: 300,
             access_token_default_secs: 12 * 3600,
@@ -97,7 +111,32 @@ impl Default for AuthConfig {
             login_window_secs: 300,
             admin_password: None,
             refresh_secs: 2,
+            audit_keep_days: 90,
         }
+    }
+}
+
+impl AuthConfig {
+    /// The client's address: the connection's `peer`, or behind trusted proxies
+    /// the right-most hop of `X-Forwarded-For` (comma-separated, each header's
+    /// values in order) that is not a trusted proxy.
+    pub fn client_address<'a>(&self, peer: Option<IpAddr>, forwarded_for: impl DoubleEndedIterator<Item = &'a str>) -> Option<IpAddr> {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        let mut client = peer?;
+        if !self.trust_proxy || !(self.trusted_proxies.is_empty() || trusted(&client)) {
+            return Some(client);
+        }
+        for (i, hop) in forwarded_for.rev().flat_map(|h| h.rsplit(',')).enumerate() {
+            // Past the first hop, only a trusted proxy's word is taken.
+            if i > 0 && !trusted(&client) {
+                break;
+            }
+            match hop.trim().parse::<IpAddr>() {
+                Ok(ip) => client = ip,
+                Err(_) => break,
+            }
+        }
+        Some(client)
     }
 }
 
@@ -158,9 +197,12 @@ pub struct Auth {
     token_actor: Addr<TokenActor>,
     namespaces: RwLock<HashMap<String, AccountName>>,
     limiter: limiter::Limiter,
+    audit: audit::Audit,
     /// Recently verified Basic credentials (hash of `user:secret` → user, expiry),
     /// so simple clients sending Basic on every request do not pay argon2 each time.
     verified: Mutex<HashMap<String, (AccountName, i64)>>,
+    /// When [`Auth::refresh`] last asked which users' credentials changed.
+    users_checked_ms: std::sync::atomic::AtomicI64,
     /// Bounds concurrent argon2 verifications (each takes ~19 MiB and tens of ms of
     /// a core) to the core count, so a burst of logins neither exhausts memory nor
     /// starves request handling, and a burst with one credential hashes it once.
@@ -170,12 +212,15 @@ pub struct Auth {
 }
 
 const VERIFIED_TTL_MS: i64 = 60_000;
+/// How far replicas' clocks may disagree on when a credential changed.
+const CLOCK_SKEW_MS: i64 = 10_000;
 
 impl Auth {
     /// Load keys, policy, namespaces and tokens; create the bootstrap admin on
     /// first start; start the token actor on `arbiter` and the refresh loop.
     pub async fn open(meta: Metadata, config: AuthConfig, arbiter: &ArbiterHandle) -> Result<Arc<Auth>, String> {
         let policy = policy::Policy::open(meta.clone(), config.policy_dir.clone()).await?;
+        policy.upgrade_push_shares().await?;
         let keys = load_keys(&meta).await?;
         let generated_admin_password = bootstrap_admin(&meta, config.admin_password.as_deref()).await?;
         let now = tokens::now_ms();
@@ -192,6 +237,7 @@ impl Auth {
         let sweep = Duration::from_secs(config.refresh_secs.max(1) * 15);
         let token_actor = TokenActor::start_in_arbiter(arbiter, move |_| TokenActor::new(m, v, sweep));
         let limiter = limiter::Limiter::new(config.login_max_failures, Duration::from_secs(config.login_window_secs));
+        let audit = audit::Audit::start(meta.clone(), Duration::from_secs(config.audit_keep_days.max(1) * 86_400));
         let auth = Arc::new(Auth {
             meta,
             config,
@@ -201,7 +247,9 @@ impl Auth {
             token_actor,
             namespaces: RwLock::new(HashMap::new()),
             limiter,
+            audit,
             verified: Mutex::new(HashMap::new()),
+            users_checked_ms: std::sync::atomic::AtomicI64::new(now),
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             generated_admin_password,
         });
@@ -239,6 +287,17 @@ impl Auth {
         }
         if let Err(e) = self.refresh_namespaces().await {
             tracing::warn!(error = %e.detail_or_message(), "namespace refresh");
+        }
+        // Credentials other replicas changed: verified passwords of those users
+        // are checked again (a changed password stops working within a tick).
+        let since = self.users_checked_ms.swap(tokens::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        match self.meta.users_changed_since(since - CLOCK_SKEW_MS).await {
+            Ok(users) if !users.is_empty() => self.verified.lock().unwrap().retain(|_, (u, _)| !users.contains(u)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "user changes refresh");
+                self.users_checked_ms.store(since, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if let Ok(rows) = self.meta.signing_keys().await {
             for k in rows {
@@ -309,31 +368,36 @@ impl Auth {
         }
     }
 
-    /// Check a user name with a password or a registry access token. Failures
-    /// are throttled per user and per source.
+    /// Check a user name with a password or a registry access token. Failed
+    /// password logins slow further attempts from their source ([`limiter`]);
+    /// a valid access token is never held back by them (its 256 random bits
+    /// cannot be guessed, so throttling protects nothing there).
     pub async fn login(&self, user: &str, secret: &str, source: &str) -> Result<(AccountName, Option<String>), Refusal> {
-        if let Err(wait) = self.limiter.check(user, source) {
-            return Err(Refusal::Throttled {
-                error: RegistryError::new(ErrorCode::TooManyRequests).with_detail("too many failed logins; try again later"),
-                retry_after_secs: wait,
-            });
-        }
+        let source = limiter::Source::parse(source);
+        let name = user.parse::<AccountName>().ok();
+        let throttled = |wait: u64| Refusal::Throttled {
+            error: RegistryError::new(ErrorCode::TooManyRequests).with_detail("too many failed logins; try again later"),
+            retry_after_secs: wait,
+        };
+        let source_text = source.to_string();
         let fail = || {
-            self.limiter.fail(user, source);
-            tracing::info!(user = %user.chars().take(64).collect::<String>(), %source, "failed login");
+            self.limiter.fail(name.as_ref(), &source);
+            self.audit.record("login-failed", Some(user), Some(&source_text), None, None);
             unauthorized("invalid username or password")
         };
-        let Ok(name) = user.parse::<AccountName>() else { return Err(fail()) };
         if tokens::split(secret).is_some() {
-            return match tokens::validate(&self.tokens, secret, TokenKind::Access, tokens::now_ms()) {
-                Some(row) if row.user == name => {
+            if let Some(name) = &name {
+                if let Some(row) = tokens::validate(&self.tokens, secret, TokenKind::Access, tokens::now_ms()).filter(|r| r.user == *name) {
                     self.token_actor.do_send(tokens::Touch(row.id.clone()));
-                    self.limiter.succeed(user);
-                    Ok((name, Some(row.id)))
+                    self.limiter.succeed(name, &source);
+                    return Ok((name.clone(), Some(row.id)));
                 }
-                _ => Err(fail()),
-            };
+            }
+            self.limiter.check(name.as_ref(), &source).map_err(throttled)?;
+            return Err(fail());
         }
+        self.limiter.check(name.as_ref(), &source).map_err(throttled)?;
+        let Some(name) = name.clone() else { return Err(fail()) };
         let key = secret::sha256_hex(format!("{user}\0{secret}").as_bytes());
         if let Some(u) = self.recently_verified(&key) {
             return Ok((u, None));
@@ -352,7 +416,8 @@ impl Auth {
         if !(ok && row.is_some()) {
             return Err(fail());
         }
-        self.limiter.succeed(user);
+        self.limiter.succeed(&name, &source);
+        self.audit.record("login", Some(name.as_str()), Some(&source_text), None, Some("password".into()));
         let mut v = self.verified.lock().unwrap();
         if v.len() > 10_000 {
             v.retain(|_, (_, until)| *until > now);
@@ -494,6 +559,13 @@ impl Auth {
             (Principal::User(u), true) => {
                 let ttl = Duration::from_secs(self.config.refresh_token_secs);
                 let issued = self.issue(u.clone(), TokenKind::Refresh, ttl, "refresh token".into()).await?;
+                self.audit.record(
+                    "token-issued",
+                    Some(u.as_str()),
+                    Some(source),
+                    Some(issued.row.id.clone()),
+                    Some("refresh token".into()),
+                );
                 Some(issued.token)
             }
             _ => None,
@@ -527,7 +599,9 @@ impl Auth {
         if description.len() > 256 {
             return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("description longer than 256 characters"));
         }
-        self.issue(user.clone(), TokenKind::Access, Duration::from_secs(ttl), description).await
+        let issued = self.issue(user.clone(), TokenKind::Access, Duration::from_secs(ttl), description).await?;
+        self.audit.record("token-issued", Some(user.as_str()), None, Some(issued.row.id.clone()), Some(format!("access token, {ttl} s")));
+        Ok(issued)
     }
 
     /// The caller's access tokens (never their secrets).
@@ -552,6 +626,7 @@ impl Auth {
             .await
             .map_err(|e| internal("token actor", e))?
             .map_err(|e| internal("revoking token", e))?;
+        self.audit.record("token-revoked", who.user().map(|u| u.as_str()), None, Some(id.to_owned()), Some(format!("of {owner}")));
         Ok(())
     }
 
@@ -741,7 +816,15 @@ impl Auth {
             PolicyRuleRow { ptype: "g".into(), fields: vec![name.to_string(), format!("role:{role}"), tenant.to_string()] },
             PolicyRuleRow { ptype: "g2".into(), fields: vec![name.to_string(), format!("tenant:{tenant}")] },
         ];
-        self.policy.change(&rules, &[]).await.map_err(|e| internal("granting role", e))
+        self.policy.change(&rules, &[]).await.map_err(|e| internal("granting role", e))?;
+        self.audit.record(
+            "user-created",
+            who.user().map(|u| u.as_str()),
+            None,
+            Some(name.to_string()),
+            Some(format!("{role} of {tenant}")),
+        );
+        Ok(())
     }
 
     /// Users visible to the caller: all for a platform admin, else the caller's tenant's.
@@ -763,6 +846,7 @@ impl Auth {
         let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| internal("hashing", e))?;
         self.meta.set_password(user, &hash).await.map_err(|e| internal("setting password", e))?;
         self.verified.lock().unwrap().retain(|_, (u, _)| u != user);
+        self.audit.record("password-changed", Some(user.as_str()), None, Some(user.to_string()), None);
         Ok(())
     }
 
@@ -773,13 +857,14 @@ impl Auth {
     }
 
     /// The rules granting tenant `with` `actions` on `object` (a repository, or
-    /// `<ns>/*` for a whole namespace) of `owner`'s.
+    /// `<ns>/*` for a whole namespace) of `owner`'s: pull to all of `with`'s
+    /// members, push only to those who may push in their own tenant.
     fn grant_rules(owner: &AccountName, object: &str, with: &AccountName, actions: &[String]) -> Vec<PolicyRuleRow> {
         actions
             .iter()
-            .map(|a| PolicyRuleRow {
-                ptype: "p".into(),
-                fields: vec![format!("tenant:{with}"), owner.to_string(), object.to_owned(), a.clone(), "allow".into()],
+            .map(|a| {
+                let subject = if a == "pull" { format!("tenant:{with}") } else { policy::pushers_group(with.as_str()) };
+                PolicyRuleRow { ptype: "p".into(), fields: vec![subject, owner.to_string(), object.to_owned(), a.clone(), "allow".into()] }
             })
             .collect()
     }
@@ -822,7 +907,10 @@ impl Auth {
         let tenant = self.require_repo_admin(who, repo)?;
         let rule = Self::public_rule(&tenant, repo);
         let (add, remove) = if public { (vec![rule], vec![]) } else { (vec![], vec![rule]) };
-        self.policy.change(&add, &remove).await.map_err(|e| internal("changing visibility", e))
+        self.policy.change(&add, &remove).await.map_err(|e| internal("changing visibility", e))?;
+        let what = if public { "public" } else { "private" };
+        self.audit.record("visibility-changed", who.user().map(|u| u.as_str()), None, Some(repo.to_string()), Some(what.into()));
+        Ok(())
     }
 
     /// A repository was deleted (its deletion was authorized by the caller): its
@@ -862,6 +950,7 @@ impl Auth {
     ) -> Result<(), RegistryError> {
         let owner = self.require_repo_admin(who, repo)?;
         let (actions, expires_ms) = self.share_terms(&owner, &with, push, expires_in_secs).await?;
+        self.audit_share(who, repo.as_str(), &with, &actions, expires_ms);
         // Replace any earlier share with this tenant.
         let old = Self::share_rules(&owner, repo, &with, &["pull".into(), "push".into()]);
         let new = Self::share_rules(&owner, repo, &with, &actions);
@@ -875,7 +964,9 @@ impl Auth {
 
     pub async fn unshare(&self, who: &Principal, repo: &RepoName, with: AccountName) -> Result<(), RegistryError> {
         let owner = self.require_repo_admin(who, repo)?;
-        self.withdraw_share(&owner, repo, &with).await
+        self.withdraw_share(&owner, repo, &with).await?;
+        self.audit_share(who, repo.as_str(), &with, &[], None);
+        Ok(())
     }
 
     async fn withdraw_share(&self, owner: &AccountName, repo: &RepoName, with: &AccountName) -> Result<(), RegistryError> {
@@ -897,6 +988,7 @@ impl Auth {
         self.require_namespace_admin(who, ns)?;
         let owner = self.tenant_of_namespace(ns).ok_or_else(|| denied(format!("administrator of namespace {ns} required")))?;
         let (actions, expires_ms) = self.share_terms(&owner, &with, push, expires_in_secs).await?;
+        self.audit_share(who, &format!("{ns}/*"), &with, &actions, expires_ms);
         let old = Self::ns_share_rules(&owner, ns, &with, &["pull".into(), "push".into()]);
         let new = Self::ns_share_rules(&owner, ns, &with, &actions);
         self.meta
@@ -910,7 +1002,18 @@ impl Auth {
     pub async fn unshare_namespace(&self, who: &Principal, ns: &AccountName, with: AccountName) -> Result<(), RegistryError> {
         self.require_namespace_admin(who, ns)?;
         let owner = self.tenant_of_namespace(ns).ok_or_else(|| denied(format!("administrator of namespace {ns} required")))?;
-        self.withdraw_ns_share(&owner, ns, &with).await
+        self.withdraw_ns_share(&owner, ns, &with).await?;
+        self.audit_share(who, &format!("{ns}/*"), &with, &[], None);
+        Ok(())
+    }
+
+    fn audit_share(&self, who: &Principal, object: &str, with: &AccountName, actions: &[String], expires_ms: Option<i64>) {
+        let detail = match (actions.is_empty(), expires_ms) {
+            (true, _) => format!("withdrawn from {with}"),
+            (false, None) => format!("{} to {with}", actions.join("+")),
+            (false, Some(ms)) => format!("{} to {with} until {ms}", actions.join("+")),
+        };
+        self.audit.record("share-changed", who.user().map(|u| u.as_str()), None, Some(object.to_owned()), Some(detail));
     }
 
     async fn withdraw_ns_share(&self, owner: &AccountName, ns: &AccountName, with: &AccountName) -> Result<(), RegistryError> {
@@ -988,7 +1091,29 @@ impl Auth {
 
     pub async fn change_policy(&self, who: &Principal, add: Vec<PolicyRuleRow>, remove: Vec<PolicyRuleRow>) -> Result<(), RegistryError> {
         self.require_platform_admin(who)?;
-        self.policy.change(&add, &remove).await.map_err(|e| internal("changing policy", e))
+        self.policy.change(&add, &remove).await.map_err(|e| internal("changing policy", e))?;
+        let rules = |sign: char, rs: &[PolicyRuleRow]| {
+            rs.iter().map(move |r| format!("{sign} {}, {}", r.ptype, r.fields.join(", "))).collect::<Vec<_>>()
+        };
+        let mut detail = rules('+', &add);
+        detail.extend(rules('-', &remove));
+        let detail = detail.join("; ").chars().take(2_000).collect::<String>();
+        self.audit.record("policy-changed", who.user().map(|u| u.as_str()), None, None, Some(detail));
+        Ok(())
+    }
+
+    /// The security audit log since `since_ms` (default: the last 24 hours),
+    /// newest first (platform admin).
+    pub async fn audit_events(
+        &self,
+        who: &Principal,
+        since_ms: Option<i64>,
+        action: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<berth_metadata::AuditRow>, RegistryError> {
+        self.require_platform_admin(who)?;
+        let since = since_ms.unwrap_or_else(|| tokens::now_ms() - 86_400_000);
+        self.meta.audit_since(since, action, limit).await.map_err(|e| internal("reading the audit log", e))
     }
 
     /// Decide an arbitrary request (for `berth policy check`).
@@ -1004,6 +1129,7 @@ impl Auth {
         self.refresh().await;
         let keep = (self.config.bearer_ttl_secs as i64 + 60) * 1000;
         let _ = self.meta.prune_signing_keys(tokens::now_ms() - keep).await;
+        self.audit.record("key-rotated", who.user().map(|u| u.as_str()), None, Some(kid.clone()), None);
         Ok(kid)
     }
 }
@@ -1082,5 +1208,35 @@ async fn bootstrap_admin(meta: &Metadata, configured: Option<&str>) -> Result<Op
             tracing::info!("created the platform admin user 'admin'");
             Ok(generated)
         }
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn client(c: &AuthConfig, peer: &str, xff: &[&str]) -> IpAddr {
+        c.client_address(Some(ip(peer)), xff.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn the_client_is_the_right_most_untrusted_hop() {
+        let mut c = AuthConfig::default();
+        assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6"]), ip("10.0.0.5"), "no proxy trusted: the header is ignored");
+        c.trust_proxy = true;
+        // One proxy (the peer): the hop it appended, never the client-supplied first one.
+        assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6, 1.2.3.4"]), ip("1.2.3.4"));
+        assert_eq!(client(&c, "10.0.0.5", &[]), ip("10.0.0.5"));
+        c.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6, 1.2.3.4, 10.1.1.1"]), ip("1.2.3.4"), "two proxies in the list");
+        assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6", "1.2.3.4, 10.1.1.1"]), ip("1.2.3.4"), "headers in order");
+        assert_eq!(client(&c, "10.0.0.5", &["10.2.2.2, 10.1.1.1"]), ip("10.2.2.2"), "all proxies: the left-most");
+        assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6, garbage"]), ip("10.0.0.5"), "an unparseable hop ends the walk");
+        assert_eq!(client(&c, "8.8.8.8", &["1.2.3.4"]), ip("8.8.8.8"), "a peer that is no proxy: header ignored");
+        assert_eq!(client(&c, "fd00::1", &["2001:db8::7"]), ip("2001:db8::7"));
     }
 }

@@ -150,7 +150,8 @@ impl Adapter for MetadataAdapter {
             Source::Db(meta) => meta.policy_rules().await.map_err(Self::err)?,
             Source::Rules(r) => r.clone(),
         };
-        for r in rules {
+        let derived = derived_rules(&rules);
+        for r in rules.into_iter().chain(derived) {
             let sec = if r.ptype.starts_with('g') { "g" } else { "p" };
             if let Some(ast) = m.get_mut_model().get_mut(sec).and_then(|s| s.get_mut(&r.ptype)) {
                 ast.get_mut_policy().insert(r.fields);
@@ -229,6 +230,34 @@ impl Adapter for MetadataAdapter {
         self.change(Vec::new(), gone).await?;
         Ok(any)
     }
+}
+
+/// The roles that may push in their own tenant, and so through a push share.
+pub const PUSH_ROLES: [&str; 3] = ["tenant-admin", "maintainer", "developer"];
+
+/// The group of a tenant's members who may push in it (developer and up): the
+/// subject of push shares to that tenant. Its membership is never stored: it is
+/// derived from the role bindings whenever the policy loads ([`derived_rules`]),
+/// so a role granted or withdrawn by any means moves it too.
+pub fn pushers_group(tenant: &str) -> String {
+    format!("{PUSHERS_PREFIX}{tenant}")
+}
+
+const PUSHERS_PREFIX: &str = "tenant-pushers:";
+
+/// `g2, <user>, tenant-pushers:<tenant>` for every `g, <user>, role:<r>, <tenant>`
+/// whose role may push.
+pub fn derived_rules(rules: &[PolicyRuleRow]) -> Vec<PolicyRuleRow> {
+    rules
+        .iter()
+        .filter(|r| r.ptype == "g" && r.fields.len() == 3)
+        .filter(|r| r.fields[1].strip_prefix("role:").is_some_and(|role| PUSH_ROLES.contains(&role)))
+        .map(|r| row("g2", vec![r.fields[0].clone(), pushers_group(&r.fields[2])]))
+        .collect()
+}
+
+fn is_derived(r: &PolicyRuleRow) -> bool {
+    r.ptype == "g2" && r.fields.get(1).is_some_and(|g| g.starts_with(PUSHERS_PREFIX))
 }
 
 /// Build an enforcer for `model` over `adapter`.
@@ -350,6 +379,8 @@ impl Policy {
         for g in ["g", "g2"] {
             rules.extend(enforcer.get_named_grouping_policy(g).into_iter().map(|f| row(g, f)));
         }
+        // Listed (and exported) are the rules as stored, not what loading derived.
+        rules.retain(|r| !is_derived(r));
         rules.sort();
         *self.loaded.write().unwrap() = Arc::new(Loaded { enforcer, version: state.version, rules });
         self.cache.write().unwrap().clear();
@@ -406,6 +437,29 @@ impl Policy {
 
     pub fn rules(&self) -> Vec<PolicyRuleRow> {
         self.loaded.read().unwrap().rules.clone()
+    }
+
+    /// Push shares written before pushing through a share needed a pushing role
+    /// named every member (`tenant:<t>`); they now name the pushers' group.
+    pub async fn upgrade_push_shares(&self) -> Result<(), String> {
+        let old: Vec<PolicyRuleRow> = self
+            .rules()
+            .into_iter()
+            .filter(|r| r.ptype == "p" && r.fields[0].starts_with("tenant:") && matches!(r.fields[3].as_str(), "push" | "delete"))
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<PolicyRuleRow> = old
+            .iter()
+            .map(|r| {
+                let mut f = r.fields.clone();
+                f[0] = pushers_group(&f[0]["tenant:".len()..]);
+                row("p", f)
+            })
+            .collect();
+        tracing::info!(rules = old.len(), "push shares now grant push only to the other tenant's pushing roles");
+        self.change(&new, &old).await
     }
 
     /// Add and remove rules (validated by the caller), then reload.

@@ -797,6 +797,24 @@ pub async fn registry_info(conn: &Conn) -> Result<bool> {
     Ok(true)
 }
 
+/// The security audit log, newest first.
+pub async fn audit(conn: &Conn, action: Option<String>, since_secs: Option<u64>, limit: Option<u32>) -> Result<bool> {
+    let c = Client::new(conn)?;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let since = since_secs.map(|s| now_ms.saturating_sub((s as i64).saturating_mul(1000)));
+    let q = query_string(&[("action", action), ("since_ms", since.map(|m| m.to_string())), ("limit", limit.map(|n| n.to_string()))]);
+    let v = c.json(reqwest::Method::GET, &format!("audit{q}"), None).await?;
+    if conn.json {
+        print(&v);
+    } else {
+        table(
+            v["events"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+            &[("ms", "MS"), ("action", "ACTION"), ("actor", "WHO"), ("source", "FROM"), ("target", "TARGET"), ("detail", "DETAIL")],
+        );
+    }
+    Ok(true)
+}
+
 fn print_run(run: &Value) {
     let verb = if run["dry_run"].as_bool().unwrap_or(false) { "would delete" } else { "deleted" };
     let items = run["items"].as_array().map(Vec::as_slice).unwrap_or(&[]);

@@ -21,6 +21,8 @@ pub const ENV_STORAGE: &str = "BERTH_STORAGE";
 pub const ENV_METADATA_URL: &str = "BERTH_METADATA_URL";
 pub const ENV_LOG: &str = "BERTH_LOG";
 pub const DEFAULT_LOG: &str = "info";
+/// Where `berth policy test` looks when no directory is given (a development
+/// tool run in a checkout; `serve` never looks here unless configured).
 pub const DEFAULT_POLICY_DIR: &str = "./policies";
 pub const ENV_LOG_FORMAT: &str = "BERTH_LOG_FORMAT";
 pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
@@ -204,11 +206,10 @@ impl Config {
                 return Err(format!("external_url {u:?} must start with http:// or https://"));
             }
         }
-        // Policies as code: a `policies/` directory next to where Berth runs is
-        // used when none is configured; otherwise the built-in defaults.
-        if auth.policy_dir.is_none() && Path::new(DEFAULT_POLICY_DIR).join("model.conf").is_file() {
-            auth.policy_dir = Some(PathBuf::from(DEFAULT_POLICY_DIR));
-        }
+        // Policies come from a directory only when one is configured: a
+        // `policies/` folder that happens to be in the working directory of a
+        // production start is never picked up. Unset: the built-in defaults (the
+        // repository's `policies/` as compiled in).
         let plugins_file = file.plugins.unwrap_or_default();
         let plugins = PluginsConfig {
             enabled: plugins_file.enabled.unwrap_or(true),

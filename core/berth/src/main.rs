@@ -75,6 +75,18 @@ enum Command {
     Official(client::OfficialCmd),
     /// The registry's address and its pull-through mirror's (for `registry-mirrors`).
     Registry,
+    /// The security audit log, newest first (platform admin).
+    Audit {
+        /// Only this action (login, login-failed, token-issued, token-revoked, …).
+        #[arg(long)]
+        action: Option<String>,
+        /// Events of the last this many seconds [default: a day].
+        #[arg(long)]
+        since_secs: Option<u64>,
+        /// At most this many events (1–1000) [default: 100].
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// Check metadata against storage and the reference counts against a recount
     /// (exit 1 if not clean); --repair fixes what is safe to fix.
     Fsck {
@@ -134,6 +146,9 @@ fn main() -> std::process::ExitCode {
         Command::Retention(c) => run_client(Box::pin(async move { client::retention(&conn, c).await })),
         Command::Official(c) => run_client(Box::pin(async move { client::official(&conn, c).await })),
         Command::Registry => run_client(Box::pin(async move { client::registry_info(&conn).await })),
+        Command::Audit { action, since_secs, limit } => {
+            run_client(Box::pin(async move { client::audit(&conn, action, since_secs, limit).await }))
+        }
         Command::Fsck { repair, rehash, offline: false, .. } => {
             run_client(Box::pin(async move { client::fsck(&conn, repair, rehash).await }))
         }

@@ -317,32 +317,88 @@ fn policy_test_tables_run_offline() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAIL"));
 }
 
-/// The throttle's "source" is the connection's peer address: failed logins from
-/// one loopback address lock that address out and no other.
+fn from(ip: [u8; 4], user: &str, secret: &str, forwarded_for: Option<&str>) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, basic(user, secret).parse().unwrap());
+    if let Some(f) = forwarded_for {
+        h.insert("x-forwarded-for", f.parse().unwrap());
+    }
+    reqwest::Client::builder().local_address(std::net::IpAddr::from(ip)).default_headers(h).build().unwrap()
+}
+
+async fn status(c: reqwest::Client, s: &Server) -> u16 {
+    c.get(s.url("/v2/")).send().await.unwrap().status().as_u16()
+}
+
+/// Failed logins slow their (user, source) pair, and a source that sprays many
+/// users; they never lock the user out from elsewhere, and never hold back a
+/// valid access token. The source is the connection's peer address.
 #[tokio::test]
-async fn failed_logins_lock_out_their_source_address_only() {
+async fn failed_logins_slow_their_source_never_the_user_elsewhere() {
     let dir = TempDir::new("auth-source");
     let s = Server::start_in(dir.path(), &[]);
-    let from = |ip: [u8; 4], user: &str, secret: &str| {
-        reqwest::Client::builder()
-            .local_address(std::net::IpAddr::from(ip))
-            .default_headers(reqwest::header::HeaderMap::from_iter([(
-                reqwest::header::AUTHORIZATION,
-                basic(user, secret).parse().unwrap(),
-            )]))
-            .build()
-            .unwrap()
-    };
-    // One failure each for eight different (unknown) users: no user reaches the
-    // limit, but the source does.
-    for i in 0..8 {
-        let r = from([127, 0, 0, 2], &format!("nobody{i}"), "wrong").get(s.url("/v2/")).send().await.unwrap();
-        assert!(matches!(r.status().as_u16(), 401 | 429), "{}", r.status());
+    let token = tenant_user_token(&s, "acme", "mia", "developer").await;
+    for _ in 0..6 {
+        let code = status(from([127, 0, 0, 2], "mia", "wrong", None), &s).await;
+        assert!(matches!(code, 401 | 429), "{code}");
     }
-    let r = from([127, 0, 0, 2], "admin", ADMIN_PASSWORD).get(s.url("/v2/")).send().await.unwrap();
-    expect_error(r, 429, "TOOMANYREQUESTS", "the source that failed").await;
-    let r = from([127, 0, 0, 3], "admin", ADMIN_PASSWORD).get(s.url("/v2/")).send().await.unwrap();
-    assert_eq!(r.status(), 200, "another source is not locked out");
+    let r = from([127, 0, 0, 2], "mia", "mia-password", None).get(s.url("/v2/")).send().await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    expect_error(r, 429, "TOOMANYREQUESTS", "the pair that failed waits").await;
+    assert_eq!(status(from([127, 0, 0, 3], "mia", "mia-password", None), &s).await, 200, "mia from another source is not locked out");
+    assert_eq!(status(from([127, 0, 0, 2], "mia", &token, None), &s).await, 200, "a valid access token is never held back");
+    assert_eq!(status(from([127, 0, 0, 2], "admin", ADMIN_PASSWORD, None), &s).await, 200, "another user from that source");
+    // Spraying: one failure each for 50 (unknown) users; no pair is slowed,
+    // the source is, for every user.
+    for i in 0..50 {
+        let code = status(from([127, 0, 0, 4], &format!("nobody{i}"), "wrong", None), &s).await;
+        assert!(matches!(code, 401 | 429), "{code}");
+    }
+    let r = from([127, 0, 0, 4], "admin", ADMIN_PASSWORD, None).get(s.url("/v2/")).send().await.unwrap();
+    expect_error(r, 429, "TOOMANYREQUESTS", "the spraying source waits").await;
+    assert_eq!(status(from([127, 0, 0, 5], "admin", ADMIN_PASSWORD, None), &s).await, 200);
+    // Without trust_proxy a client's X-Forwarded-For means nothing.
+    for i in 0..6 {
+        status(from([127, 0, 0, 6], "admin", "wrong", Some(&format!("10.0.0.{i}"))), &s).await;
+    }
+    assert_eq!(status(from([127, 0, 0, 6], "admin", ADMIN_PASSWORD, Some("10.9.9.9")), &s).await, 429, "the header changed nothing");
+}
+
+/// Behind a trusted proxy the client is the hop the proxy appended (the
+/// right-most not in trusted_proxies), never the first one a client supplies.
+#[tokio::test]
+async fn a_spoofed_forwarded_for_is_ignored() {
+    let dir = TempDir::new("auth-proxy");
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "[auth]\ntrust_proxy = true\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n").unwrap();
+    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    tenant_user_token(&s, "acme", "dev", "developer").await;
+    // The client 203.0.113.9 (through the proxies 10.1.1.1 and the peer) makes up
+    // a new first hop on each try.
+    for i in 0..6 {
+        let code = status(from([127, 0, 0, 2], "dev", "wrong", Some(&format!("198.51.100.{i}, 203.0.113.9, 10.1.1.1"))), &s).await;
+        assert!(matches!(code, 401 | 429), "{code}");
+    }
+    let code = status(from([127, 0, 0, 2], "dev", "dev-password", Some("198.51.100.77, 203.0.113.9, 10.1.1.1")), &s).await;
+    assert_eq!(code, 429, "its failures counted against 203.0.113.9 whatever it claimed");
+    let code = status(from([127, 0, 0, 2], "dev", "dev-password", Some("203.0.113.10, 10.1.1.1")), &s).await;
+    assert_eq!(code, 200, "another client behind the same proxy is not slowed");
+}
+
+/// A `policies/` folder in the working directory of a start is not used unless
+/// configured: the built-in policy decides.
+#[tokio::test]
+async fn a_policies_folder_in_the_working_directory_is_not_picked_up() {
+    let dir = TempDir::new("auth-cwd");
+    let cwd = dir.path().join("cwd");
+    std::fs::create_dir_all(cwd.join("policies")).unwrap();
+    std::fs::write(cwd.join("policies/model.conf"), include_str!("../../../policies/model.conf")).unwrap();
+    std::fs::write(cwd.join("policies/policy.csv"), "p, *, *, *, *, allow\n").unwrap();
+    let s = Server::start_with(&dir.path().join("data"), "127.0.0.1:0", &[], |cmd| {
+        cmd.current_dir(&cwd).env_remove("BERTH_POLICY_DIR");
+    });
+    let r = anon_client().post(s.url("/v2/anyone/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "anonymous push stays refused");
 }
 
 /// The catalog through docker's token flow: an anonymous catalog is challenged
@@ -409,4 +465,56 @@ async fn refused_bearer_tokens_all_read_alike() {
         details.insert(v["errors"][0]["detail"].to_string());
     }
     assert_eq!(details.len(), 1, "{details:?}");
+}
+
+/// Security events land in the audit log with who, from where and what (never
+/// a secret), for the platform admin alone.
+#[tokio::test]
+async fn security_events_are_in_the_audit_log() {
+    let dir = TempDir::new("audit");
+    let s = Server::start_in(dir.path(), &[]);
+    let token = tenant_user_token(&s, "acme", "mia", "tenant-admin").await;
+    assert_eq!(status(from([127, 0, 0, 7], "mia", "wrong-password", None), &s).await, 401);
+    let mia = client_as("mia", &token);
+    push_image(&mia, &s, "acme/app", "v1", 1, json!({})).await;
+    let r = mia.put(s.url("/api/v1/repositories/acme/app/visibility")).json(&json!({"public": true})).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = mia.put(s.url("/api/v1/me/password")).json(&json!({"password": "mia-new-password"})).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let tokens: serde_json::Value = mia.get(s.url("/api/v1/tokens")).send().await.unwrap().json().await.unwrap();
+    let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(client().delete(s.url(&format!("/api/v1/tokens/{id}"))).send().await.unwrap().status(), 204);
+    let r = client_as("mia", "mia-new-password").get(s.url("/api/v1/audit")).send().await.unwrap();
+    expect_error(r, 403, "DENIED", "a tenant admin does not read the audit log").await;
+
+    let want = ["user-created", "login", "token-issued", "login-failed", "visibility-changed", "password-changed", "token-revoked"];
+    let mut events = serde_json::Value::Null;
+    for _ in 0..50 {
+        events = client().get(s.url("/api/v1/audit")).send().await.unwrap().json().await.unwrap();
+        let seen = |a: &str| events["events"].as_array().unwrap().iter().any(|e| e["action"] == a);
+        if want.iter().all(|a| seen(a)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let list = events["events"].as_array().unwrap();
+    let find = |action: &str| list.iter().find(|e| e["action"] == action).unwrap_or_else(|| panic!("no {action} in {events}"));
+    let failed = find("login-failed");
+    assert_eq!((failed["actor"].as_str(), failed["source"].as_str()), (Some("mia"), Some("127.0.0.7")));
+    assert_eq!(find("token-issued")["target"], id.as_str());
+    assert_eq!((find("token-revoked")["target"].as_str(), find("token-revoked")["actor"].as_str()), (Some(id.as_str()), Some("admin")));
+    assert_eq!(find("visibility-changed")["target"], "acme/app");
+    assert_eq!(find("password-changed")["source"], "127.0.0.1");
+    let text = events.to_string();
+    for secret in ["wrong-password", "mia-new-password", "mia-password", token.as_str()] {
+        assert!(!text.contains(secret), "the audit log holds a secret");
+    }
+    let filtered: serde_json::Value = client().get(s.url("/api/v1/audit?action=login-failed")).send().await.unwrap().json().await.unwrap();
+    assert!(filtered["events"].as_array().unwrap().iter().all(|e| e["action"] == "login-failed"));
+    let r = client().get(s.url("/api/v1/audit?limit=0")).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "limit out of range").await;
+    let r = client().get(s.url("/api/v1/audit?bogus=1")).send().await.unwrap();
+    assert_eq!(r.status(), 400, "unknown query parameter");
+    let (ok, out) = berth_cli(&s, &["audit", "--action", "login-failed", "--since-secs", "600"]);
+    assert!(ok && out.contains("login-failed") && out.contains("127.0.0.7"), "{out}");
 }

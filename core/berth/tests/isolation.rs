@@ -6,7 +6,8 @@
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
 //! quotas, the repository's and the namespace's retention policy, retention
 //! runs, the namespace's plugin instance, its delivery log and the plugin listing, the
-//! `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
+//! security audit log, the `/registry/v1` and `/api/console` adapters}. Every
+//! cell is asserted.
 
 mod common;
 
@@ -18,7 +19,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 22] = [
+const OPS: [&str; 23] = [
     "pull",
     "push",
     "delete",
@@ -41,6 +42,7 @@ const OPS: [&str; 22] = [
     "api-plugin",
     "api-plugin-list",
     "api-plugin-log",
+    "api-audit",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -68,6 +70,10 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     // or shared repository in it).
     if op == "api-namespace" || op == "console-images" || op == "api-quota" || op == "api-ns-retention" {
         return matches!(who, Who::Role(_));
+    }
+    // The security audit log is the platform admin's alone.
+    if op == "api-audit" {
+        return false;
     }
     // A namespace's shares and plugin instances are its administrator's to see.
     if op == "api-ns-shares" || op == "api-plugin" || op == "api-plugin-list" || op == "api-plugin-log" {
@@ -374,6 +380,17 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             }
             let v: serde_json::Value = r.json().await.unwrap();
             v["instances"].as_array().unwrap().iter().any(|i| i["id"] == id.as_str())
+        }
+        "api-audit" => {
+            // Events naming the repository (its visibility and shares were set up).
+            let r = c.get(s.url("/api/v1/audit?limit=1000")).send().await.unwrap();
+            let code = r.status().as_u16();
+            assert!(code == 200 || denied(code), "{op}: {code}");
+            if code != 200 {
+                return false;
+            }
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["events"].as_array().unwrap().iter().any(|e| e["target"] == repo)
         }
         "api-update" => {
             let r = c

@@ -799,6 +799,11 @@ fn namespace_shares_cover_every_repository_in_it() {
         assert_eq!(r.status(), 200);
         push_image(&bob, &s, "acme-tools/from-bob", "v1", 4, json!({})).await;
         assert_eq!(get_json(&ada, &api(&s, "repositories/acme-tools/from-bob")).await["tenant"], "acme");
+        // Push goes only to beta's members who may push in beta: its reader pulls, never pushes.
+        let bea = client_as("bea", &tenant_user_token(&s, "beta", "bea", "reader").await);
+        assert_eq!(pull(&bea, "acme-tools/x").await, 200);
+        let r = bea.post(s.url("/v2/acme-tools/x/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 403, "a reader of the share tenant may not push through a push share");
 
         // Bad input.
         for (body, what) in

@@ -104,3 +104,36 @@ fn berth_runs_over_a_surrealdb_server() {
     let s = berth(&dir, db.port);
     check(&s);
 }
+
+/// Two Berths over one SurrealDB server: a password changed through one stops
+/// working on the other within its refresh (2 s), although the other had just
+/// verified it (and kept it in its cache of verified credentials).
+#[test]
+fn a_changed_password_stops_working_on_every_replica() {
+    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
+        eprintln!("a_changed_password_stops_working_on_every_replica: set BERTH_TEST_SURREAL");
+        return;
+    };
+    let (one, two) = (TempDir::new("surreal-a"), TempDir::new("surreal-b"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let a = berth(&one, db.port);
+    let b = berth(&two, db.port);
+    block_on(async {
+        tenant_user_token(&a, "acme", "mia", "developer").await;
+        let old = client_as("mia", "mia-password");
+        assert_eq!(old.get(b.url("/v2/")).send().await.unwrap().status(), 200, "b verifies (and caches) the password");
+        let r = old.put(a.url("/api/v1/me/password")).json(&json!({"password": "mia-new-password"})).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let mut refused = false;
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            if old.get(b.url("/v2/")).send().await.unwrap().status() == 401 {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the old password still works on the other replica after 10 s");
+        assert_eq!(client_as("mia", "mia-new-password").get(b.url("/v2/")).send().await.unwrap().status(), 200);
+    });
+}

@@ -300,6 +300,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["policies", "remove"], &Method::POST) => remove_rule(auth, who, body(req).await?).await,
         (["policies", "check"], &Method::POST) => check_policy(auth, who, body(req).await?),
         (["keys", "rotate"], &Method::POST) => rotate_key(auth, who).await,
+        (["audit"], &Method::GET) => audit(auth, who, crate::manage::query(req)?).await,
         (["shares"], &Method::GET) => list_granted_shares(auth, who).await,
         ([first, ..], _) if *first == "namespaces" => {
             crate::namespaces::handle(services, identity, path.strip_prefix("namespaces").unwrap_or(""), req).await
@@ -331,6 +332,7 @@ fn known(path: &str) -> bool {
         "policies/remove",
         "policies/check",
         "keys/rotate",
+        "audit",
     ]
     .contains(&p)
         || p.starts_with("tokens/")
@@ -488,6 +490,59 @@ async fn rotate_key(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError
     reply(StatusCode::OK, &Kid { kid: auth.rotate_signing_key(who).await? })
 }
 
+/// One security event of the audit log.
+#[derive(Serialize, ToSchema)]
+pub struct AuditEvent {
+    /// When (milliseconds since the epoch).
+    pub ms: i64,
+    /// `login`, `login-failed`, `token-issued`, `token-revoked`, `password-changed`,
+    /// `user-created`, `policy-changed`, `share-changed`, `visibility-changed`, `key-rotated`.
+    pub action: String,
+    /// The acting user, or the name a failed login tried.
+    pub actor: Option<String>,
+    /// The client's address.
+    pub source: Option<String>,
+    /// What it was done to (a token id, a user, a repository).
+    pub target: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditList {
+    pub events: Vec<AuditEvent>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Events at or after this time (ms since the epoch; default: the last 24 hours).
+    pub since_ms: Option<i64>,
+    /// Only this action.
+    pub action: Option<String>,
+    /// At most this many, newest first (1–1000, default 100).
+    pub limit: Option<i64>,
+}
+
+/// The security audit log, newest first (platform admin).
+#[utoipa::path(get, path = "/api/v1/audit", operation_id = "listAuditEvents", tag = "accounts", params(AuditParams),
+    responses((status = 200, body = AuditList), (status = 403, description = "platform admin only")))]
+async fn audit(auth: &Auth, who: &Principal, p: AuditParams) -> Result<Reply, RegistryError> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("limit must be 1 to 1000"));
+    }
+    if p.action.as_ref().is_some_and(|a| a.len() > 64 || !a.chars().all(|c| c.is_ascii_lowercase() || c == '-')) {
+        return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("action: lowercase letters and dashes"));
+    }
+    let rows = auth.audit_events(who, p.since_ms, p.action.as_deref(), limit as usize).await?;
+    let events = rows
+        .into_iter()
+        .map(|r| AuditEvent { ms: r.ms, action: r.action, actor: r.actor, source: r.source, target: r.target, detail: r.detail })
+        .collect();
+    reply(StatusCode::OK, &AuditList { events })
+}
+
 /// `…/visibility` and `…/shares[/<tenant>]` without the `/-/` separator of the
 /// repository endpoints (see `manage`).
 fn is_old_style(segs: &[&str]) -> bool {
@@ -609,6 +664,7 @@ async fn unshare(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountN
         remove_rule,
         check_policy,
         rotate_key,
+        audit,
         set_visibility,
         list_shares,
         share,
@@ -629,6 +685,8 @@ async fn unshare(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountN
         RuleList,
         CheckResult,
         Kid,
+        AuditEvent,
+        AuditList,
         Visibility,
         ShareView,
         ShareList,

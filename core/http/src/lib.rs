@@ -236,14 +236,18 @@ async fn handle(services: &Services, full_path: &str, mut req: Request) -> (&'st
         if full_path == "/auth/token" {
             return ("token", gate::token_endpoint(auth, &mut req).await);
         }
+        // The management surfaces: security events they cause name the client.
         if full_path == "/api/console" {
-            return ("console", console::handle(services, req).await);
+            let source = gate::source(auth, &req);
+            return ("console", berth_auth::audit::SOURCE.scope(source, console::handle(services, req)).await);
         }
         if let Some(rest) = full_path.strip_prefix("/registry/v1/") {
-            return ("compat", compat::handle(services, rest, req).await);
+            let source = gate::source(auth, &req);
+            return ("compat", berth_auth::audit::SOURCE.scope(source, compat::handle(services, rest, req)).await);
         }
         if let Some(rest) = full_path.strip_prefix("/api/v1/") {
-            return ("api", api::handle(services, rest, req).await);
+            let source = gate::source(auth, &req);
+            return ("api", berth_auth::audit::SOURCE.scope(source, api::handle(services, rest, req)).await);
         }
         return ("none", error_response(&RegistryError::new(ErrorCode::Unsupported).with_status(404).with_detail("not found")));
     };

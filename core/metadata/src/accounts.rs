@@ -107,6 +107,7 @@ pub struct PolicyState {
 pub(crate) const SCHEMA: &str = r#"
 DEFINE TABLE IF NOT EXISTS tenant SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS user SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS user_changed ON user FIELDS changed_ms;
 DEFINE TABLE IF NOT EXISTS namespace SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS token SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS token_user ON token FIELDS user;
@@ -198,12 +199,20 @@ impl Metadata {
 
     pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<()> {
         self.db
-            .query("UPDATE type::record('user', $name) SET password_hash = $h RETURN NONE")
+            .query("UPDATE type::record('user', $name) SET password_hash = $h, changed_ms = $now RETURN NONE")
             .bind(("name", user.to_string()))
             .bind(("h", password_hash.to_owned()))
+            .bind(("now", crate::now_ms()))
             .await?
             .check()?;
         Ok(())
+    }
+
+    /// Users whose credentials changed at or after `since_ms` (other replicas
+    /// drop what they cached about them).
+    pub async fn users_changed_since(&self, since_ms: i64) -> Result<Vec<AccountName>> {
+        let mut r = self.db.query("SELECT VALUE name FROM user WHERE changed_ms >= $since").bind(("since", since_ms)).await?.check()?;
+        crate::rows(&mut r, 0)
     }
 
     pub async fn user(&self, name: &AccountName) -> Result<Option<UserRow>> {

@@ -12,6 +12,7 @@
 //!   so writes are idempotent upserts.
 
 pub mod accounts;
+pub mod audit;
 mod conn;
 pub mod gc;
 pub mod manage;
@@ -23,6 +24,7 @@ pub mod usage;
 pub use accounts::{
     NamespaceRow, NsShareRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow,
 };
+pub use audit::AuditRow;
 use berth_oci::{Digest, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
 pub use outbox::{DeliveryRow, OutboxRow, Settle};
@@ -313,7 +315,8 @@ impl Metadata {
             retention::SCHEMA,
             plugins::SCHEMA,
             outbox::SCHEMA,
-+        ] {
+            audit::SCHEMA,
+        ] {
             md.run(|| md.db.query(schema)).await?;
         }
         if md.ensure_usage_counted().await? {

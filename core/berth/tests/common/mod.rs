@@ -51,6 +51,12 @@ impl Server {
     }
 
     pub fn start_at(data: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_with(data, listen, env, |_| {})
+    }
+
+    /// As [`Server::start_at`], with the command adjusted last by `adjust`
+    /// (its working directory, an environment variable removed).
+    pub fn start_with(data: &Path, listen: &str, env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
         cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
@@ -68,6 +74,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn berth");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
