@@ -93,6 +93,17 @@ pub struct AuthConfig {
     pub refresh_secs: u64,
     /// How long the security audit log keeps its events.
     pub audit_keep_days: u64,
+    /// How far clocks may be apart: bearer tokens are accepted this long past
+    /// their expiry, and a retired signing key verifies this much longer.
+    pub clock_skew_secs: u64,
+    /// The file holding the master key that seals signing keys in the database
+    /// (64 hex digits; also `BERTH_MASTER_KEY_FILE`). Every replica needs the
+    /// same. Unset with the embedded store: `<data_dir>/master.key`, generated
+    /// on first start.
+    pub master_key_file: Option<PathBuf>,
+    /// Generate the master key file when it is missing (the embedded default).
+    #[serde(skip)]
+    pub generate_master_key: bool,
 }
 
 impl Default for AuthConfig {
@@ -112,6 +123,9 @@ impl Default for AuthConfig {
             admin_password: None,
             refresh_secs: 2,
             audit_keep_days: 90,
+            clock_skew_secs: 30,
+            master_key_file: None,
+            generate_master_key: false,
         }
     }
 }
@@ -193,6 +207,7 @@ pub struct Auth {
     config: AuthConfig,
     policy: policy::Policy,
     keys: KeyRing,
+    master: secret::MasterKey,
     tokens: TokenView,
     token_actor: Addr<TokenActor>,
     namespaces: RwLock<HashMap<String, AccountName>>,
@@ -221,7 +236,11 @@ impl Auth {
     pub async fn open(meta: Metadata, config: AuthConfig, arbiter: &ArbiterHandle) -> Result<Arc<Auth>, String> {
         let policy = policy::Policy::open(meta.clone(), config.policy_dir.clone()).await?;
         policy.upgrade_push_shares().await?;
-        let keys = load_keys(&meta).await?;
+        let master = match &config.master_key_file {
+            Some(path) => secret::MasterKey::load(path, config.generate_master_key)?,
+            None => return Err("no master key: set [auth] master_key_file (BERTH_MASTER_KEY_FILE), the same file on every replica".into()),
+        };
+        let keys = load_keys(&meta, &master, config.generate_master_key).await?;
         let generated_admin_password = bootstrap_admin(&meta, config.admin_password.as_deref()).await?;
         let now = tokens::now_ms();
         let view: TokenView = Arc::new(RwLock::new(
@@ -243,6 +262,7 @@ impl Auth {
             config,
             policy,
             keys,
+            master,
             tokens: view,
             token_actor,
             namespaces: RwLock::new(HashMap::new()),
@@ -299,15 +319,37 @@ impl Auth {
                 self.users_checked_ms.store(since, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        if let Ok(rows) = self.meta.signing_keys().await {
-            for k in rows {
-                if let Ok(secret) = hex::decode(&k.secret_hex) {
-                    if k.retired_ms.is_none() {
-                        self.keys.rotate(k.kid, secret);
-                    }
+        match self.meta.signing_keys().await {
+            Ok(rows) => {
+                let keys = self.verifying_keys(rows);
+                if keys.is_empty() {
+                    tracing::error!("no signing key can be opened with this master key; keeping the keys loaded before");
+                } else {
+                    self.keys.replace(keys);
                 }
             }
+            Err(e) => tracing::warn!(error = %e, "signing keys refresh"),
         }
+    }
+
+    /// The keys that verify now, current last: the current one and those
+    /// retired less than the longest bearer lifetime (plus clock skew) ago. A
+    /// key retired longer ago, or dropped by an emergency rotation, verifies
+    /// nothing on any node from its next refresh.
+    fn verifying_keys(&self, mut rows: Vec<SigningKeyRow>) -> Vec<(String, Vec<u8>)> {
+        let window_ms = (self.config.bearer_ttl_secs + self.config.clock_skew_secs) as i64 * 1000;
+        let now = tokens::now_ms();
+        rows.retain(|k| k.retired_ms.is_none_or(|r| r + window_ms > now));
+        rows.sort_by_key(|k| (k.retired_ms.is_none(), k.created_ms));
+        rows.into_iter()
+            .filter_map(|k| {
+                let secret = k.sealed.as_deref().and_then(|s| self.master.open(&k.kid, s));
+                if secret.is_none() {
+                    tracing::warn!(kid = %k.kid, "a signing key cannot be opened with this master key");
+                }
+                secret.map(|s| (k.kid, s))
+            })
+            .collect()
     }
 
     async fn refresh_namespaces(&self) -> Result<(), RegistryError> {
@@ -346,12 +388,13 @@ impl Auth {
                 Ok(Identity { principal: Principal::User(user), credential: Credential::Basic })
             }
             "bearer" => {
-                let claims = self.keys.verify(value.trim(), &self.config.service, now_secs(), 30).map_err(|e| {
-                    // One answer for every failed check: which one failed (format,
-                    // key id, signature, lifetime, audience) would guide a forger.
-                    tracing::debug!(reason = %e, source, "bearer token refused");
-                    unauthorized("invalid or expired bearer token")
-                })?;
+                let claims =
+                    self.keys.verify(value.trim(), &self.config.service, now_secs(), self.config.clock_skew_secs as i64).map_err(|e| {
+                        // One answer for every failed check: which one failed (format,
+                        // key id, signature, lifetime, audience) would guide a forger.
+                        tracing::debug!(reason = %e, source, "bearer token refused");
+                        unauthorized("invalid or expired bearer token")
+                    })?;
                 if let Some(tid) = &claims.tid {
                     if !self.tokens.read().unwrap().contains_key(tid) {
                         return Err(unauthorized("the access token behind this bearer token was revoked or expired"));
@@ -1122,15 +1165,26 @@ impl Auth {
         Ok(self.policy.check(sub, dom, obj, act.as_str()))
     }
 
-    /// Start signing with a new key; the old one verifies until its tokens expire.
-    pub async fn rotate_signing_key(&self, who: &Principal) -> Result<String, RegistryError> {
+    /// Start signing with a new key. The old one verifies until every token
+    /// it signed has expired (the bearer lifetime plus clock skew), on every
+    /// node without a restart; with `immediately` (a leaked key) it and every
+    /// other retired key stop verifying at once here, and at the next refresh
+    /// (2 s) on other nodes.
+    pub async fn rotate_signing_key(&self, who: &Principal, immediately: bool) -> Result<String, RegistryError> {
         self.require_platform_admin(who)?;
-        let kid = rotate_key(&self.meta).await.map_err(|e| internal("rotating key", e))?;
+        let kid = rotate_key(&self.meta, &self.master).await.map_err(|e| internal("rotating key", e))?;
+        let window_ms = (self.config.bearer_ttl_secs + self.config.clock_skew_secs) as i64 * 1000;
+        let before = if immediately { i64::MAX } else { tokens::now_ms() - window_ms };
+        self.meta.prune_signing_keys(before).await.map_err(|e| internal("dropping retired keys", e))?;
         self.refresh().await;
-        let keep = (self.config.bearer_ttl_secs as i64 + 60) * 1000;
-        let _ = self.meta.prune_signing_keys(tokens::now_ms() - keep).await;
-        self.audit.record("key-rotated", who.user().map(|u| u.as_str()), None, Some(kid.clone()), None);
+        let how = if immediately { "old keys dropped at once" } else { "old keys retire after the bearer lifetime" };
+        self.audit.record("key-rotated", who.user().map(|u| u.as_str()), None, Some(kid.clone()), Some(how.into()));
         Ok(kid)
+    }
+
+    /// The key ids that verify bearer tokens on this node.
+    pub fn verifying_kids(&self) -> Vec<String> {
+        self.keys.kids()
     }
 }
 
@@ -1155,24 +1209,61 @@ pub fn decode_basic(v: &str) -> Option<(String, String)> {
 
 static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| secret::hash_password("berth-dummy-password"));
 
-async fn rotate_key(meta: &Metadata) -> Result<String, String> {
+async fn rotate_key(meta: &Metadata, master: &secret::MasterKey) -> Result<String, String> {
     let mut secret = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
     let kid = secret::random_token(9);
-    let row = SigningKeyRow { kid: kid.clone(), secret_hex: hex::encode(secret), created_ms: tokens::now_ms(), retired_ms: None };
+    let sealed = master.seal(&kid, &secret);
+    let row = SigningKeyRow { kid: kid.clone(), sealed: Some(sealed), secret_hex: None, created_ms: tokens::now_ms(), retired_ms: None };
     meta.rotate_signing_key(&row).await.map_err(|e| e.to_string())?;
     Ok(kid)
 }
 
-async fn load_keys(meta: &Metadata) -> Result<KeyRing, String> {
-    let mut rows = meta.signing_keys().await.map_err(|e| format!("loading signing keys: {e}"))?;
+/// The signing keys at start: keys stored in the clear by earlier versions are
+/// sealed first. A current key that this master key cannot open (a lost master
+/// key, or another replica's) stops the start rather than signing with a key
+/// the others cannot verify; on one machine (`alone`: the embedded store, with
+/// the key file beside it) no one else verifies, so the keys are replaced
+/// instead and only the bearer tokens issued before (minutes long) are lost.
+async fn load_keys(meta: &Metadata, master: &secret::MasterKey, alone: bool) -> Result<KeyRing, String> {
+    let failed = |e: berth_metadata::MetadataError| format!("loading signing keys: {e}");
+    let mut rows = meta.signing_keys().await.map_err(failed)?;
+    for k in &rows {
+        if let (None, Some(hex_secret)) = (&k.sealed, &k.secret_hex) {
+            let secret = hex::decode(hex_secret).map_err(|_| format!("signing key {}: not hex", k.kid))?;
+            meta.seal_signing_key(&k.kid, &master.seal(&k.kid, &secret)).await.map_err(failed)?;
+            tracing::info!(kid = %k.kid, "signing key sealed with the master key");
+        }
+    }
     if !rows.iter().any(|k| k.retired_ms.is_none()) {
-        rotate_key(meta).await?;
-        rows = meta.signing_keys().await.map_err(|e| format!("loading signing keys: {e}"))?;
+        rotate_key(meta, master).await?;
+    }
+    rows = meta.signing_keys().await.map_err(failed)?;
+    let current_opens =
+        rows.iter().filter(|k| k.retired_ms.is_none()).all(|k| k.sealed.as_deref().and_then(|s| master.open(&k.kid, s)).is_some());
+    if !current_opens && alone {
+        tracing::warn!(
+            "the signing keys cannot be opened with this master key (a new one?): replacing them; bearer tokens issued before are refused"
+        );
+        rotate_key(meta, master).await?;
+        meta.prune_signing_keys(i64::MAX).await.map_err(failed)?;
+        rows = meta.signing_keys().await.map_err(failed)?;
     }
     // Current key last.
     rows.sort_by_key(|k| (k.retired_ms.is_none(), k.created_ms));
-    let keys = rows.into_iter().filter_map(|k| hex::decode(&k.secret_hex).ok().map(|s| (k.kid, s))).collect();
+    let mut keys = Vec::new();
+    for k in rows {
+        match k.sealed.as_deref().and_then(|s| master.open(&k.kid, s)) {
+            Some(secret) => keys.push((k.kid, secret)),
+            None if k.retired_ms.is_none() => {
+                return Err(format!(
+                    "the current signing key {} cannot be opened with this master key: every replica needs the same master key file",
+                    k.kid
+                ))
+            }
+            None => tracing::warn!(kid = %k.kid, "a retired signing key cannot be opened with this master key"),
+        }
+    }
     Ok(KeyRing::new(keys))
 }
 

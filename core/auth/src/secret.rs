@@ -59,6 +59,77 @@ pub fn b64(s: &str) -> String {
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
+/// The key signing keys are sealed with before they are stored (XChaCha20-
+/// Poly1305, the key id as associated data), kept outside the database: a
+/// backup of the database alone cannot forge bearer tokens.
+pub struct MasterKey([u8; 32]);
+
+impl MasterKey {
+    /// Read the key (64 hex digits) from `path`; when the file does not exist and
+    /// `create` is set, make one (readable by its owner only).
+    pub fn load(path: &std::path::Path, create: bool) -> Result<MasterKey, String> {
+        let shown = path.display();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim()).map_err(|_| format!("master key {shown}: not 64 hex digits"))?;
+                let key: [u8; 32] = bytes.try_into().map_err(|_| format!("master key {shown}: not 64 hex digits (32 bytes)"))?;
+                Ok(MasterKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                }
+                let mut key = [0u8; 32];
+                rand::rng().fill_bytes(&mut key);
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| format!("creating the master key {shown}: {e}"))?;
+                f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| format!("writing the master key {shown}: {e}"))?;
+                tracing::info!(file = %shown, "master key generated (keep it out of database backups; every replica needs the same)");
+                Ok(MasterKey(key))
+            }
+            Err(e) => Err(format!("reading the master key {shown}: {e}")),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn from_bytes(key: [u8; 32]) -> MasterKey {
+        MasterKey(key)
+    }
+
+    /// Seal a signing key's secret: base64 of nonce and ciphertext.
+    pub fn seal(&self, kid: &str, secret: &[u8]) -> String {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new((&self.0).into());
+        let mut nonce = [0u8; 24];
+        rand::rng().fill_bytes(&mut nonce);
+        let ct = cipher.encrypt((&nonce).into(), Payload { msg: secret, aad: kid.as_bytes() }).expect("sealing in memory cannot fail");
+        let mut out = nonce.to_vec();
+        out.extend(ct);
+        STANDARD.encode(out)
+    }
+
+    /// Open what [`MasterKey::seal`] sealed for `kid`; `None` with another
+    /// master key, another key id, or altered bytes.
+    pub fn open(&self, kid: &str, sealed: &str) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit as _, Payload};
+        let bytes = STANDARD.decode(sealed).ok()?;
+        if bytes.len() < 24 {
+            return None;
+        }
+        let (nonce, ct) = bytes.split_at(24);
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new((&self.0).into());
+        cipher.decrypt(nonce.into(), Payload { msg: ct, aad: kid.as_bytes() }).ok()
+    }
+}
+
 /// The claims of a Berth bearer token.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Claims {
@@ -121,6 +192,20 @@ impl KeyRing {
         let mut k = self.inner.write().unwrap();
         k.secrets.insert(kid.clone(), secret);
         k.current = kid;
+    }
+
+    /// Replace the whole ring (the last key is current): keys not given stop
+    /// verifying at once.
+    pub fn replace(&self, keys: Vec<(String, Vec<u8>)>) {
+        let Some(current) = keys.last().map(|(k, _)| k.clone()) else { return };
+        *self.inner.write().unwrap() = Keys { current, secrets: keys.into_iter().collect() };
+    }
+
+    /// The key ids that verify (for tests and status).
+    pub fn kids(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.inner.read().unwrap().secrets.keys().cloned().collect();
+        k.sort();
+        k
     }
 
     pub fn forget(&self, kid: &str) {
@@ -229,6 +314,20 @@ mod tests {
         assert!(ring.verify(&t2, "berth", 50, 0).is_ok());
         ring.forget("k1");
         assert_eq!(ring.verify(&t, "berth", 50, 0), Err(JwtError::UnknownKey));
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_their_master_key_and_id() {
+        let m = MasterKey::from_bytes([7; 32]);
+        let sealed = m.seal("k1", &[1, 2, 3]);
+        assert!(!sealed.contains("010203"));
+        assert_eq!(m.open("k1", &sealed), Some(vec![1, 2, 3]));
+        assert_eq!(m.open("k2", &sealed), None, "bound to its key id");
+        assert_eq!(MasterKey::from_bytes([8; 32]).open("k1", &sealed), None, "another master key");
+        assert_eq!(m.open("k1", "AAAA"), None);
+        let ring = KeyRing::new(vec![("a".into(), vec![1; 32]), ("b".into(), vec![2; 32])]);
+        ring.replace(vec![("c".into(), vec![3; 32])]);
+        assert_eq!(ring.kids(), ["c"]);
     }
 
     #[test]

@@ -1417,9 +1417,9 @@ pub async fn repo(conn: &Conn, cmd: RepoCmd) -> Result<bool> {
     Ok(true)
 }
 
-pub async fn rotate_key(conn: &Conn) -> Result<bool> {
+pub async fn rotate_key(conn: &Conn, now: bool) -> Result<bool> {
     let c = Client::new(conn)?;
-    print(&c.json(reqwest::Method::POST, "keys/rotate", None).await?);
+    print(&c.json(reqwest::Method::POST, if now { "keys/rotate?now=true" } else { "keys/rotate" }, None).await?);
     Ok(true)
 }
 

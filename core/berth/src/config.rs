@@ -25,6 +25,7 @@ pub const DEFAULT_LOG: &str = "info";
 /// tool run in a checkout; `serve` never looks here unless configured).
 pub const DEFAULT_POLICY_DIR: &str = "./policies";
 pub const ENV_LOG_FORMAT: &str = "BERTH_LOG_FORMAT";
+pub const ENV_MASTER_KEY_FILE: &str = "BERTH_MASTER_KEY_FILE";
 pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
 pub const ENV_ADMIN_PASSWORD: &str = "BERTH_ADMIN_PASSWORD";
 pub const ENV_EXTERNAL_URL: &str = "BERTH_EXTERNAL_URL";
@@ -50,6 +51,7 @@ const KNOWN_ENV: &[&str] = &[
     ENV_ADMIN_PASSWORD,
     ENV_EXTERNAL_URL,
     ENV_POLICY_DIR,
+    ENV_MASTER_KEY_FILE,
     ENV_PLUGIN_DIR,
     ENV_SERVER,
     ENV_USER,
@@ -201,6 +203,21 @@ impl Config {
         if let Some(v) = env.get(ENV_POLICY_DIR) {
             auth.policy_dir = Some(PathBuf::from(v));
         }
+        if let Some(v) = env.get(ENV_MASTER_KEY_FILE) {
+            auth.master_key_file = Some(PathBuf::from(v));
+        }
+        if auth.master_key_file.is_none() {
+            // Replicas sharing a server must share the key: it is never made up
+            // behind their backs. On one machine it lives beside the data.
+            if metadata.is_server() {
+                return Err(format!(
+                    "metadata on a SurrealDB server: set [auth] master_key_file (or {ENV_MASTER_KEY_FILE}), the same file on every \
+                     replica (64 hex digits; it seals the token-signing keys, keep it out of database backups)"
+                ));
+            }
+            auth.master_key_file = Some(data_dir.join("master.key"));
+            auth.generate_master_key = true;
+        }
         if let Some(u) = &auth.external_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 return Err(format!("external_url {u:?} must start with http:// or https://"));
@@ -281,5 +298,18 @@ mod tests {
         let c = Config::load(&env(&[(ENV_STORAGE, "memory"), (ENV_METADATA_URL, "mem://")]), Overrides::default()).unwrap();
         assert_eq!(c.storage, StorageConfig::Memory);
         assert_eq!(c.metadata.url, "mem://");
+    }
+
+    #[test]
+    fn the_master_key_beside_the_data_or_configured_for_a_server() {
+        let c = Config::load(&env(&[]), Overrides::default()).unwrap();
+        assert_eq!(c.auth.master_key_file, Some(PathBuf::from("./berth-data/master.key")));
+        assert!(c.auth.generate_master_key);
+        let err = Config::load(&env(&[(ENV_METADATA_URL, "ws://db:8000")]), Overrides::default()).unwrap_err();
+        assert!(err.contains("master_key_file"), "{err}");
+        let c =
+            Config::load(&env(&[(ENV_METADATA_URL, "ws://db:8000"), (ENV_MASTER_KEY_FILE, "/etc/berth/master.key")]), Overrides::default())
+                .unwrap();
+        assert_eq!((c.auth.master_key_file, c.auth.generate_master_key), (Some(PathBuf::from("/etc/berth/master.key")), false));
     }
 }

@@ -117,8 +117,12 @@ enum Command {
     Logout,
     /// Print the management API's OpenAPI 3 document.
     Openapi,
-    /// Rotate the bearer-token signing key.
-    RotateKey,
+    /// Rotate the bearer-token signing key (older keys verify until their tokens
+    /// expire; with --now, a leaked key, they stop at once).
+    RotateKey {
+        #[arg(long)]
+        now: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -177,7 +181,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Command::Logout => run_client(Box::pin(async move { client::logout() })),
-        Command::RotateKey => run_client(Box::pin(async move { client::rotate_key(&conn).await })),
+        Command::RotateKey { now } => run_client(Box::pin(async move { client::rotate_key(&conn, now).await })),
         Command::Serve { listen, data_dir, config } => {
             let env: std::collections::HashMap<String, String> = std::env::vars().collect();
             let cfg = match Config::load(&env, Overrides { config, listen, data_dir }) {

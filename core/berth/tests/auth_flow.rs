@@ -157,6 +157,18 @@ async fn docker_token_flow_and_scopes() {
     assert_eq!(code, 400);
     let r = anon_client().get(s.url("/auth/token?service=other")).send().await.unwrap();
     expect_error(r, 400, "INVALID_REQUEST", "wrong service").await;
+
+    // An emergency rotation (`berth rotate-key --now`): every token signed before
+    // it is refused at once, tokens issued after work.
+    let (_, v) = token_for(&s, Some(&mia), "repository:acme/app:pull").await;
+    let before = v["token"].as_str().unwrap().to_string();
+    assert_eq!(mia_c(&before).get(s.url("/v2/")).send().await.unwrap().status(), 200);
+    let (ok, out) = berth_cli(&s, &["rotate-key", "--now"]);
+    assert!(ok, "{out}");
+    expect_error(mia_c(&before).get(s.url("/v2/")).send().await.unwrap(), 401, "UNAUTHORIZED", "signed by a dropped key").await;
+    expect_error(mia_c(&rotated).get(s.url("/v2/")).send().await.unwrap(), 401, "UNAUTHORIZED", "every older key").await;
+    let (_, v) = token_for(&s, Some(&mia), "repository:acme/app:pull").await;
+    assert_eq!(mia_c(v["token"].as_str().unwrap()).get(s.url("/v2/")).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -517,4 +529,34 @@ async fn security_events_are_in_the_audit_log() {
     assert_eq!(r.status(), 400, "unknown query parameter");
     let (ok, out) = berth_cli(&s, &["audit", "--action", "login-failed", "--since-secs", "600"]);
     assert!(ok && out.contains("login-failed") && out.contains("127.0.0.7"), "{out}");
+}
+
+/// Signing keys are sealed with `<data_dir>/master.key`. Started with another
+/// master key (the file lost), a single-machine Berth cannot open them, replaces
+/// them, and refuses the bearer tokens signed before; passwords and access
+/// tokens are unaffected.
+#[tokio::test]
+async fn a_lost_master_key_costs_only_bearer_tokens() {
+    let dir = TempDir::new("master-key");
+    let data = dir.path().join("data");
+    let mut s = Server::start_in(&data, &[]);
+    let key_file = data.join("master.key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(key.trim().len(), 64, "{key:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let token = tenant_user_token(&s, "acme", "mia", "developer").await;
+    let (_, v) = token_for(&s, Some(&basic("mia", &token)), "repository:acme/app:pull").await;
+    let bearer_token = v["token"].as_str().unwrap().to_owned();
+    let with = |t: &str| reqwest::Client::new().get(s.url("/v2/")).bearer_auth(t.to_owned());
+    assert_eq!(with(&bearer_token).send().await.unwrap().status(), 200);
+    s.stop();
+    std::fs::remove_file(&key_file).unwrap();
+    let s = Server::start_in(&data, &[]);
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), key, "a new master key");
+    let with = |t: &str| reqwest::Client::new().get(s.url("/v2/")).bearer_auth(t.to_owned());
+    expect_error(with(&bearer_token).send().await.unwrap(), 401, "UNAUTHORIZED", "signed with a replaced key").await;
+    assert_eq!(client_as("mia", &token).get(s.url("/v2/")).send().await.unwrap().status(), 200);
+    let (_, v) = token_for(&s, Some(&basic("mia", &token)), "repository:acme/app:pull").await;
+    assert_eq!(with(v["token"].as_str().unwrap()).send().await.unwrap().status(), 200);
 }

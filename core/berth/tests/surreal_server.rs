@@ -44,13 +44,24 @@ impl Drop for Surreal {
     }
 }
 
+/// The master key every Berth over one server shares (64 hex digits).
+const MASTER_KEY: &str = "4d6173746572206b6579206f66207468652074657374732c20736861726564";
+
 fn berth(dir: &TempDir, port: u16) -> Server {
+    berth_with(dir, port, "")
+}
+
+/// With more `[auth]` settings.
+fn berth_with(dir: &TempDir, port: u16, auth: &str) -> Server {
     let cfg = dir.path().join("berth.toml");
+    let key = dir.path().join("master.key");
+    std::fs::write(&key, format!("{MASTER_KEY}00\n")).unwrap();
     std::fs::write(
         &cfg,
         format!(
             "[metadata]\nurl = \"ws://127.0.0.1:{port}\"\nusername = \"root\"\npassword = \"root\"\nnamespace = \"berth\"\ndatabase = \"it\"\n\
-             [registry]\ncounter_flush_secs = 1\n"
+             [registry]\ncounter_flush_secs = 1\n[auth]\nmaster_key_file = \"{}\"\n{auth}",
+            key.display()
         ),
     )
     .unwrap();
@@ -135,5 +146,111 @@ fn a_changed_password_stops_working_on_every_replica() {
         }
         assert!(refused, "the old password still works on the other replica after 10 s");
         assert_eq!(client_as("mia", "mia-new-password").get(b.url("/v2/")).send().await.unwrap().status(), 200);
+    });
+}
+
+/// The signing keys as the database holds them, read over the server's HTTP
+/// `/sql` endpoint, as a backup of the database would have them.
+async fn stored_keys(port: u16) -> Vec<Value> {
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/sql"))
+        .basic_auth("root", Some("root"))
+        .header("surreal-ns", "berth")
+        .header("surreal-db", "it")
+        .header("accept", "application/json")
+        .body("SELECT kid, sealed, secret_hex, retired_ms, created_ms FROM signing_key ORDER BY created_ms")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    v[0]["result"].as_array().unwrap_or_else(|| panic!("{v}")).clone()
+}
+
+/// A key's secret, opened with the master key (what someone holding both the
+/// database and the master key file, or a leaked key, has).
+fn open_sealed(kid: &str, sealed: &str) -> Vec<u8> {
+    use base64::Engine;
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    let key = hex::decode(format!("{MASTER_KEY}00")).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(sealed).unwrap();
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new(key.as_slice().into());
+    cipher.decrypt(bytes[..24].into(), Payload { msg: &bytes[24..], aad: kid.as_bytes() }).unwrap()
+}
+
+/// A bearer token for the admin signed with `secret` under `kid`, valid for an hour.
+fn forge(kid: &str, secret: &[u8]) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let input = format!(
+        "{}.{}",
+        b64(&json!({"alg": "HS256", "typ": "JWT", "kid": kid})),
+        b64(
+            &json!({"iss": "berth", "sub": "admin", "aud": "berth", "exp": now + 3600, "nbf": now - 1, "iat": now, "jti": "forged", "access": []})
+        )
+    );
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret).unwrap();
+    mac.update(input.as_bytes());
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{input}.{sig}")
+}
+
+async fn bearer_status(s: &Server, token: &str) -> u16 {
+    reqwest::Client::new().get(s.url("/v2/")).bearer_auth(token).send().await.unwrap().status().as_u16()
+}
+
+async fn until_refused(s: &Server, token: &str) -> bool {
+    for _ in 0..75 {
+        if bearer_status(s, token).await == 401 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Signing keys are sealed at rest (a database backup alone holds no key), a
+/// rotated key stops verifying on every replica once the longest bearer
+/// lifetime has passed, and an emergency rotation drops old keys at once here
+/// and within a refresh on the other replica; no restart anywhere.
+#[test]
+fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
+    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
+        eprintln!("rotated_keys_retire_on_every_replica_and_are_sealed_at_rest: set BERTH_TEST_SURREAL");
+        return;
+    };
+    let (one, two) = (TempDir::new("keys-a"), TempDir::new("keys-b"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let short = "bearer_ttl_secs = 2\nclock_skew_secs = 1\n";
+    let a = berth_with(&one, db.port, short);
+    let b = berth_with(&two, db.port, short);
+    block_on(async {
+        let keys = stored_keys(port).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let (kid, sealed) = (keys[0]["kid"].as_str().unwrap().to_owned(), keys[0]["sealed"].as_str().unwrap().to_owned());
+        assert!(keys[0]["secret_hex"].is_null(), "no key in the clear: {keys:?}");
+        let secret = open_sealed(&kid, &sealed);
+        assert!(!sealed.contains(&hex::encode(&secret)));
+        let forged = forge(&kid, &secret);
+        assert_eq!(bearer_status(&b, &forged).await, 200, "whoever holds the key can sign");
+
+        // A rotation: the old key retires after 2 s + 1 s on both replicas.
+        assert_eq!(client().post(a.url("/api/v1/keys/rotate")).send().await.unwrap().status(), 200);
+        assert!(until_refused(&a, &forged).await, "the old key still verifies on the replica that rotated");
+        assert!(until_refused(&b, &forged).await, "the old key still verifies on the other replica");
+
+        // An emergency rotation: the replaced key stops at once where it was
+        // rotated, and at the other's next refresh.
+        let keys = stored_keys(port).await;
+        let current = keys.iter().find(|k| k["retired_ms"].is_null()).unwrap();
+        let kid = current["kid"].as_str().unwrap();
+        let forged = forge(kid, &open_sealed(kid, current["sealed"].as_str().unwrap()));
+        assert_eq!(bearer_status(&b, &forged).await, 200);
+        assert_eq!(client().post(a.url("/api/v1/keys/rotate?now=true")).send().await.unwrap().status(), 200);
+        assert_eq!(bearer_status(&a, &forged).await, 401, "dropped at once");
+        assert!(until_refused(&b, &forged).await, "dropped on the other replica");
+        assert!(stored_keys(port).await.iter().all(|k| k["retired_ms"].is_null()), "only the new key is left");
     });
 }

@@ -299,7 +299,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["policies"], &Method::POST) => add_rule(auth, who, body(req).await?).await,
         (["policies", "remove"], &Method::POST) => remove_rule(auth, who, body(req).await?).await,
         (["policies", "check"], &Method::POST) => check_policy(auth, who, body(req).await?),
-        (["keys", "rotate"], &Method::POST) => rotate_key(auth, who).await,
+        (["keys", "rotate"], &Method::POST) => rotate_key(auth, who, crate::manage::query(req)?).await,
         (["audit"], &Method::GET) => audit(auth, who, crate::manage::query(req)?).await,
         (["shares"], &Method::GET) => list_granted_shares(auth, who).await,
         ([first, ..], _) if *first == "namespaces" => {
@@ -484,10 +484,22 @@ fn check_policy(auth: &Auth, who: &Principal, b: CheckBody) -> Result<Reply, Reg
     reply(StatusCode::OK, &CheckResult { allowed: d.allowed, rule: d.rule })
 }
 
-/// Rotate the bearer-token signing key (platform admin).
-#[utoipa::path(post, path = "/api/v1/keys/rotate", operation_id = "rotateSigningKey", tag = "policies", responses((status = 200, body = Kid)))]
-async fn rotate_key(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
-    reply(StatusCode::OK, &Kid { kid: auth.rotate_signing_key(who).await? })
+#[derive(Deserialize, utoipa::IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RotateParams {
+    /// An emergency rotation (a leaked key): every older key stops verifying at
+    /// once (here; on other replicas at their next refresh), so every bearer
+    /// token issued before is refused.
+    pub now: Option<bool>,
+}
+
+/// Rotate the bearer-token signing key (platform admin). Older keys verify
+/// until the tokens they signed expire, unless `now`.
+#[utoipa::path(post, path = "/api/v1/keys/rotate", operation_id = "rotateSigningKey", tag = "policies", params(RotateParams),
+    responses((status = 200, body = Kid)))]
+async fn rotate_key(auth: &Auth, who: &Principal, p: RotateParams) -> Result<Reply, RegistryError> {
+    reply(StatusCode::OK, &Kid { kid: auth.rotate_signing_key(who, p.now.unwrap_or(false)).await? })
 }
 
 /// One security event of the audit log.

@@ -63,8 +63,13 @@ pub struct TokenRow {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SigningKeyRow {
     pub kid: String,
-    /// Hex of the 32-byte secret.
-    pub secret_hex: String,
+    /// The 32-byte secret, sealed with the master key (see `berth-auth`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+    /// Hex of the secret in the clear: rows written before keys were sealed
+    /// (sealed, and this removed, at the next start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hex: Option<String>,
     pub created_ms: i64,
     pub retired_ms: Option<i64>,
 }
@@ -301,7 +306,8 @@ impl Metadata {
     // ----- signing keys -----
 
     pub async fn signing_keys(&self) -> Result<Vec<SigningKeyRow>> {
-        let mut r = self.db.query("SELECT kid, secret_hex, created_ms, retired_ms FROM signing_key ORDER BY created_ms").await?.check()?;
+        let mut r =
+            self.db.query("SELECT kid, sealed, secret_hex, created_ms, retired_ms FROM signing_key ORDER BY created_ms").await?.check()?;
         rows(&mut r, 0)
     }
 
@@ -321,6 +327,17 @@ impl Metadata {
                 .bind(("row", row.clone()))
         })
         .await?;
+        Ok(())
+    }
+
+    /// Store a key's sealed secret in place of its clear one.
+    pub async fn seal_signing_key(&self, kid: &str, sealed: &str) -> Result<()> {
+        self.db
+            .query("UPDATE type::record('signing_key', $kid) SET sealed = $sealed, secret_hex = NONE RETURN NONE")
+            .bind(("kid", kid.to_owned()))
+            .bind(("sealed", sealed.to_owned()))
+            .await?
+            .check()?;
         Ok(())
     }
 

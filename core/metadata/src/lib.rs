@@ -97,6 +97,12 @@ impl MetadataConfig {
         }
     }
 
+    /// A SurrealDB server (which several replicas may share), not a store of
+    /// this process's own.
+    pub fn is_server(&self) -> bool {
+        ["ws://", "wss://", "http://", "https://"].iter().any(|p| self.url.starts_with(p))
+    }
+
     /// Where to connect, with the embedded store's settings checked.
     fn target(&self) -> std::result::Result<conn::Target, String> {
         let embedded = self.url.strip_prefix("surrealkv://");
