@@ -77,15 +77,41 @@ impl Principal {
     }
 }
 
+/// What a registry access token may be used for: pulling, pushing (and
+/// deleting), the management API. A token minted by a token never has more.
+pub const TOKEN_SCOPES: [&str; 3] = ["pull", "push", "manage"];
+
 /// How a request proved who it is.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Credential {
     /// No credentials.
     None,
-    /// Basic auth with a password or a registry access token.
-    Basic,
+    /// Basic auth with the user's password.
+    Password,
+    /// Basic auth with a registry access token (`bt_…`).
+    AccessToken { id: String, scopes: Vec<String>, expires_ms: i64 },
     /// A bearer token: only what its `access` claim lists is allowed.
     Bearer(Vec<Grant>),
+}
+
+impl Credential {
+    /// Whether the credential carries a token scope (a password carries all).
+    pub fn has_scope(&self, scope: &str) -> bool {
+        match self {
+            Credential::Password => true,
+            Credential::AccessToken { scopes, .. } => scopes.iter().any(|s| s == scope),
+            Credential::None | Credential::Bearer(_) => false,
+        }
+    }
+}
+
+/// The token scope an action needs.
+pub fn scope_for(action: Action) -> &'static str {
+    match action {
+        Action::Pull => "pull",
+        Action::Push | Action::Delete => "push",
+        Action::Admin => "manage",
+    }
 }
 
 /// The outcome of authentication.
@@ -100,13 +126,13 @@ impl Identity {
         Identity { principal: Principal::Anonymous, credential: Credential::None }
     }
 
-    /// Whether the credential may list the catalog: a password or access token
-    /// may; a bearer token only with a `registry:catalog:*` grant; nobody
-    /// anonymously (the challenge names the scope).
+    /// Whether the credential may list the catalog: a password or an access
+    /// token that may pull; a bearer token only with a `registry:catalog:*`
+    /// grant; nobody anonymously (the challenge names the scope).
     pub fn may_list_catalog(&self) -> bool {
         match &self.credential {
             Credential::None => false,
-            Credential::Basic => true,
+            Credential::Password | Credential::AccessToken { .. } => self.credential.has_scope("pull"),
             Credential::Bearer(grants) => grants.iter().any(|g| g.kind == "registry" && g.name == "catalog"),
         }
     }
@@ -114,7 +140,8 @@ impl Identity {
     /// Whether the credential itself (not policy) permits `action` on `repo`.
     pub fn credential_allows(&self, repo: &RepoName, action: Action) -> bool {
         match &self.credential {
-            Credential::None | Credential::Basic => true,
+            Credential::None | Credential::Password => true,
+            Credential::AccessToken { .. } => self.credential.has_scope(scope_for(action)),
             Credential::Bearer(grants) => {
                 grants.iter().any(|g| g.kind == "repository" && g.name == repo.as_str() && g.actions.iter().any(|a| a == action.as_str()))
             }

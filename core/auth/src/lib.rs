@@ -41,7 +41,7 @@ use berth_metadata::{
 use berth_oci::{AccountName, ErrorCode, RegistryError, RepoName};
 use serde::Deserialize;
 
-pub use identity::{Action, Credential, Grant, Identity, Principal, Scope};
+pub use identity::{Action, Credential, Grant, Identity, Principal, Scope, TOKEN_SCOPES};
 pub use policy::Decision;
 use secret::{Claims, KeyRing};
 use tokens::{TokenActor, TokenView};
@@ -218,6 +218,9 @@ pub struct Auth {
     verified: Mutex<HashMap<String, (AccountName, i64)>>,
     /// When [`Auth::refresh`] last asked which users' credentials changed.
     users_checked_ms: std::sync::atomic::AtomicI64,
+    /// Users whose credentials ever changed: when last (the password epoch
+    /// bearer tokens minted from a password carry), and whether disabled.
+    changed: RwLock<HashMap<AccountName, (i64, bool)>>,
     /// Bounds concurrent argon2 verifications (each takes ~19 MiB and tens of ms of
     /// a core) to the core count, so a burst of logins neither exhausts memory nor
     /// starves request handling, and a burst with one credential hashes it once.
@@ -257,6 +260,13 @@ impl Auth {
         let token_actor = TokenActor::start_in_arbiter(arbiter, move |_| TokenActor::new(m, v, sweep));
         let limiter = limiter::Limiter::new(config.login_max_failures, Duration::from_secs(config.login_window_secs));
         let audit = audit::Audit::start(meta.clone(), Duration::from_secs(config.audit_keep_days.max(1) * 86_400));
+        let changed = meta
+            .users_changed_since(0)
+            .await
+            .map_err(|e| format!("loading users: {e}"))?
+            .into_iter()
+            .map(|c| (c.name, (c.changed_ms, c.disabled)))
+            .collect();
         let auth = Arc::new(Auth {
             meta,
             config,
@@ -270,6 +280,7 @@ impl Auth {
             audit,
             verified: Mutex::new(HashMap::new()),
             users_checked_ms: std::sync::atomic::AtomicI64::new(now),
+            changed: RwLock::new(changed),
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             generated_admin_password,
         });
@@ -312,7 +323,13 @@ impl Auth {
         // are checked again (a changed password stops working within a tick).
         let since = self.users_checked_ms.swap(tokens::now_ms(), std::sync::atomic::Ordering::Relaxed);
         match self.meta.users_changed_since(since - CLOCK_SKEW_MS).await {
-            Ok(users) if !users.is_empty() => self.verified.lock().unwrap().retain(|_, (u, _)| !users.contains(u)),
+            Ok(users) if !users.is_empty() => {
+                self.verified.lock().unwrap().retain(|_, (u, _)| !users.iter().any(|c| c.name == *u));
+                let mut changed = self.changed.write().unwrap();
+                for c in users {
+                    changed.insert(c.name, (c.changed_ms, c.disabled));
+                }
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "user changes refresh");
@@ -384,8 +401,8 @@ impl Auth {
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
                 let (user, secret) = decode_basic(value.trim()).ok_or_else(|| unauthorized("malformed Basic credentials"))?;
-                let (user, _) = self.login(&user, &secret, source).await?;
-                Ok(Identity { principal: Principal::User(user), credential: Credential::Basic })
+                let (user, credential) = self.login(&user, &secret, source).await?;
+                Ok(Identity { principal: Principal::User(user), credential })
             }
             "bearer" => {
                 let claims =
@@ -403,7 +420,16 @@ impl Auth {
                 let principal = if claims.sub.is_empty() {
                     Principal::Anonymous
                 } else {
-                    Principal::User(claims.sub.parse().map_err(|_| unauthorized("invalid bearer token subject"))?)
+                    let user: AccountName = claims.sub.parse().map_err(|_| unauthorized("invalid bearer token subject"))?;
+                    let (epoch, disabled) = self.user_state(&user);
+                    if disabled {
+                        return Err(unauthorized("the user is disabled"));
+                    }
+                    // Minted from a password that has changed since.
+                    if claims.pe.is_some_and(|pe| pe != epoch) {
+                        return Err(unauthorized("the password this bearer token was issued for has changed"));
+                    }
+                    Principal::User(user)
                 };
                 Ok(Identity { principal, credential: Credential::Bearer(claims.access) })
             }
@@ -415,7 +441,7 @@ impl Auth {
     /// password logins slow further attempts from their source ([`limiter`]);
     /// a valid access token is never held back by them (its 256 random bits
     /// cannot be guessed, so throttling protects nothing there).
-    pub async fn login(&self, user: &str, secret: &str, source: &str) -> Result<(AccountName, Option<String>), Refusal> {
+    pub async fn login(&self, user: &str, secret: &str, source: &str) -> Result<(AccountName, Credential), Refusal> {
         let source = limiter::Source::parse(source);
         let name = user.parse::<AccountName>().ok();
         let throttled = |wait: u64| Refusal::Throttled {
@@ -431,9 +457,13 @@ impl Auth {
         if tokens::split(secret).is_some() {
             if let Some(name) = &name {
                 if let Some(row) = tokens::validate(&self.tokens, secret, TokenKind::Access, tokens::now_ms()).filter(|r| r.user == *name) {
+                    if self.user_state(name).1 {
+                        return Err(unauthorized("the user is disabled"));
+                    }
                     self.token_actor.do_send(tokens::Touch(row.id.clone()));
                     self.limiter.succeed(name, &source);
-                    return Ok((name.clone(), Some(row.id)));
+                    let scopes = row.scopes.clone().unwrap_or_else(|| TOKEN_SCOPES.map(String::from).to_vec());
+                    return Ok((name.clone(), Credential::AccessToken { id: row.id, scopes, expires_ms: row.expires_ms }));
                 }
             }
             self.limiter.check(name.as_ref(), &source).map_err(throttled)?;
@@ -441,14 +471,17 @@ impl Auth {
         }
         self.limiter.check(name.as_ref(), &source).map_err(throttled)?;
         let Some(name) = name.clone() else { return Err(fail()) };
+        if self.user_state(&name).1 {
+            return Err(unauthorized("the user is disabled"));
+        }
         let key = secret::sha256_hex(format!("{user}\0{secret}").as_bytes());
         if let Some(u) = self.recently_verified(&key) {
-            return Ok((u, None));
+            return Ok((u, Credential::Password));
         }
         let _permit = self.hashing.acquire().await.map_err(|e| Refusal::Error(internal("login", e)))?;
         // Another request may have verified the same credential while this one waited.
         if let Some(u) = self.recently_verified(&key) {
-            return Ok((u, None));
+            return Ok((u, Credential::Password));
         }
         let now = tokens::now_ms();
         let row = self.meta.user(&name).await.map_err(|e| Refusal::Error(internal("loading user", e)))?;
@@ -466,7 +499,13 @@ impl Auth {
             v.retain(|_, (_, until)| *until > now);
         }
         v.insert(key, (name.clone(), now + VERIFIED_TTL_MS));
-        Ok((name, None))
+        Ok((name, Credential::Password))
+    }
+
+    /// A user's password epoch (when their credentials last changed; 0 if
+    /// never) and whether they are disabled, as this node last heard.
+    fn user_state(&self, user: &AccountName) -> (i64, bool) {
+        self.changed.read().unwrap().get(user).copied().unwrap_or((0, false))
     }
 
     fn recently_verified(&self, key: &str) -> Option<AccountName> {
@@ -557,68 +596,94 @@ impl Auth {
     /// policy allows the caller (docker's token flow and OAuth2's password and
     /// refresh_token grants).
     pub async fn token(&self, login: Login<'_>, scopes: &[Scope], offline: bool, source: &str) -> Result<BearerToken, Refusal> {
-        let (principal, tid) = match login {
-            Login::Anonymous => (Principal::Anonymous, None),
-            Login::Password { user, secret } => {
-                let (u, tid) = self.login(user, secret, source).await?;
-                (Principal::User(u), tid)
-            }
-            Login::Refresh { token } => match tokens::validate(&self.tokens, token, TokenKind::Refresh, tokens::now_ms()) {
-                Some(row) => {
-                    self.token_actor.do_send(tokens::Touch(row.id.clone()));
-                    (Principal::User(row.user), None)
+        let all = || TOKEN_SCOPES.map(String::from).to_vec();
+        // What the bearer token may carry at most: the scopes and lifetime of the
+        // credential behind it, the token it dies with (`tid`), or the password
+        // epoch it dies with (`pe`).
+        let (principal, allowed, cap_ms, tid, pe, parent) = match login {
+            Login::Anonymous => (Principal::Anonymous, all(), None, None, None, None),
+            Login::Password { user, secret } => match self.login(user, secret, source).await? {
+                (u, Credential::AccessToken { id, scopes, expires_ms }) => {
+                    (Principal::User(u), scopes, Some(expires_ms), Some(id.clone()), None, Some(id))
                 }
-                None => return Err(unauthorized("invalid or expired refresh token")),
+                (u, _) => {
+                    let epoch = self.user_state(&u).0;
+                    (Principal::User(u), all(), None, None, Some(epoch), None)
+                }
+            },
+            Login::Refresh { token } => match tokens::validate(&self.tokens, token, TokenKind::Refresh, tokens::now_ms()) {
+                Some(row) if !self.user_state(&row.user).1 => {
+                    self.token_actor.do_send(tokens::Touch(row.id.clone()));
+                    let pe = row.parent.is_none().then(|| self.user_state(&row.user).0);
+                    (Principal::User(row.user), row.scopes.unwrap_or_else(all), Some(row.expires_ms), Some(row.id), pe, row.parent)
+                }
+                _ => return Err(unauthorized("invalid or expired refresh token")),
             },
         };
         let mut access = Vec::new();
         for s in scopes {
             match s {
                 Scope::Repository(repo, actions) => {
-                    let granted: Vec<String> =
-                        actions.iter().filter(|a| self.decide(&principal, repo, **a).allowed).map(|a| a.as_str().to_owned()).collect();
+                    let granted: Vec<String> = actions
+                        .iter()
+                        .filter(|a| allowed.iter().any(|s| s == identity::scope_for(**a)))
+                        .filter(|a| self.decide(&principal, repo, **a).allowed)
+                        .map(|a| a.as_str().to_owned())
+                        .collect();
                     access.push(Grant { kind: "repository".into(), name: repo.to_string(), actions: granted });
                 }
-                Scope::Catalog if principal != Principal::Anonymous => {
+                Scope::Catalog if principal != Principal::Anonymous && allowed.iter().any(|s| s == "pull") => {
                     access.push(Grant { kind: "registry".into(), name: "catalog".into(), actions: vec!["*".into()] });
                 }
                 Scope::Catalog => {}
             }
         }
         let now = now_secs();
-        let ttl = self.config.bearer_ttl_secs.max(1);
+        // Never outliving the credential it was minted from.
+        let exp = (now + self.config.bearer_ttl_secs.max(1) as i64).min(cap_ms.map_or(i64::MAX, |ms| ms / 1000));
         let claims = Claims {
             iss: "berth".into(),
             sub: principal.user().map(|u| u.to_string()).unwrap_or_default(),
             aud: self.config.service.clone(),
-            exp: now + ttl as i64,
+            exp,
             nbf: now,
             iat: now,
             jti: secret::random_token(12),
             access,
             tid,
+            pe,
         };
         let refresh_token = match (&principal, offline) {
             (Principal::User(u), true) => {
-                let ttl = Duration::from_secs(self.config.refresh_token_secs);
-                let issued = self.issue(u.clone(), TokenKind::Refresh, ttl, "refresh token".into()).await?;
+                let life = (Duration::from_secs(self.config.refresh_token_secs), cap_ms);
+                let issued =
+                    self.issue(u.clone(), TokenKind::Refresh, life, "refresh token".into(), allowed.clone(), parent.clone()).await?;
+                let origin = parent.as_deref().map_or("a password".to_owned(), |p| format!("access token {p}"));
                 self.audit.record(
                     "token-issued",
                     Some(u.as_str()),
                     Some(source),
                     Some(issued.row.id.clone()),
-                    Some("refresh token".into()),
+                    Some(format!("refresh token from {origin}")),
                 );
                 Some(issued.token)
             }
             _ => None,
         };
-        Ok(BearerToken { token: self.keys.sign(&claims), expires_in: ttl, issued_at: now, refresh_token })
+        Ok(BearerToken { token: self.keys.sign(&claims), expires_in: (exp - now).max(0) as u64, issued_at: now, refresh_token })
     }
 
-    async fn issue(&self, user: AccountName, kind: TokenKind, ttl: Duration, description: String) -> Result<tokens::Issued, RegistryError> {
+    async fn issue(
+        &self,
+        user: AccountName,
+        kind: TokenKind,
+        (ttl, not_after): (Duration, Option<i64>),
+        description: String,
+        scopes: Vec<String>,
+        parent: Option<String>,
+    ) -> Result<tokens::Issued, RegistryError> {
         self.token_actor
-            .send(tokens::Issue { user, kind, ttl, description })
+            .send(tokens::Issue { user, kind, ttl, not_after, description, scopes, parent })
             .await
             .map_err(|e| internal("token actor", e))?
             .map_err(|e| internal("issuing token", e))
@@ -629,29 +694,57 @@ impl Auth {
     /// Issue a registry access token for the caller (default 12 h, capped).
     pub async fn issue_access_token(
         &self,
-        who: &Principal,
+        identity: &Identity,
         ttl_secs: Option<u64>,
         description: String,
+        scopes: Option<Vec<String>>,
     ) -> Result<tokens::Issued, RegistryError> {
+        let who = &identity.principal;
         let user = who.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized).with_detail("log in to issue tokens"))?;
+        let invalid = |m: String| RegistryError::new(ErrorCode::InvalidRequest).with_detail(m);
         let ttl = ttl_secs.unwrap_or(self.config.access_token_default_secs);
         if ttl == 0 || ttl > self.config.access_token_max_secs {
-            return Err(RegistryError::new(ErrorCode::InvalidRequest)
-                .with_detail(format!("token lifetime must be 1 to {} seconds", self.config.access_token_max_secs)));
+            return Err(invalid(format!("token lifetime must be 1 to {} seconds", self.config.access_token_max_secs)));
         }
         if description.len() > 256 {
-            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("description longer than 256 characters"));
+            return Err(invalid("description longer than 256 characters".into()));
         }
-        let issued = self.issue(user.clone(), TokenKind::Access, Duration::from_secs(ttl), description).await?;
-        self.audit.record("token-issued", Some(user.as_str()), None, Some(issued.row.id.clone()), Some(format!("access token, {ttl} s")));
+        let scopes = match scopes {
+            Some(s) if s.is_empty() => return Err(invalid("scopes: at least one of pull, push, manage".into())),
+            Some(s) => {
+                if let Some(bad) = s.iter().find(|x| !TOKEN_SCOPES.contains(&x.as_str())) {
+                    return Err(invalid(format!("unknown scope {bad:?} (pull, push, manage)")));
+                }
+                TOKEN_SCOPES.iter().filter(|t| s.iter().any(|x| x == *t)).map(|t| t.to_string()).collect()
+            }
+            None => match &identity.credential {
+                Credential::AccessToken { scopes, .. } => scopes.clone(),
+                _ => TOKEN_SCOPES.map(String::from).to_vec(),
+            },
+        };
+        let expires_ms = tokens::now_ms() + ttl as i64 * 1000;
+        let (mut parent, mut not_after) = (None, None);
+        // A token mints only what it has, for no longer than it lives.
+        if let Credential::AccessToken { id, scopes: mine, expires_ms: until } = &identity.credential {
+            if let Some(extra) = scopes.iter().find(|s| !mine.contains(s)) {
+                return Err(denied(format!("this access token cannot grant the scope {extra:?} it does not have")));
+            }
+            if expires_ms > *until && ttl_secs.is_some() {
+                return Err(invalid("a token cannot mint a token that outlives it".into()));
+            }
+            (parent, not_after) = (Some(id.clone()), Some(*until));
+        }
+        let detail = format!("access token [{}], {ttl} s", scopes.join(" "));
+        let life = (Duration::from_secs(ttl), not_after);
+        let issued = self.issue(user.clone(), TokenKind::Access, life, description, scopes, parent).await?;
+        self.audit.record("token-issued", Some(user.as_str()), None, Some(issued.row.id.clone()), Some(detail));
         Ok(issued)
     }
 
     /// The caller's access tokens (never their secrets).
     pub fn list_tokens(&self, who: &Principal) -> Vec<TokenRow> {
         let Some(user) = who.user() else { return Vec::new() };
-        let mut rows: Vec<TokenRow> =
-            self.tokens.read().unwrap().values().filter(|t| &t.user == user && t.kind == TokenKind::Access).cloned().collect();
+        let mut rows: Vec<TokenRow> = self.tokens.read().unwrap().values().filter(|t| &t.user == user).cloned().collect();
         rows.sort_by_key(|t| t.created_ms);
         rows
     }
@@ -882,14 +975,108 @@ impl Auth {
     }
 
     /// Change the caller's own password.
-    pub async fn change_password(&self, who: &Principal, password: &str) -> Result<(), RegistryError> {
-        let user = who.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized))?;
+    pub async fn change_password(&self, identity: &Identity, current: &str, password: &str, source: &str) -> Result<(), RegistryError> {
+        let user = identity.principal.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized))?;
+        if identity.credential != Credential::Password {
+            return Err(denied("changing the password needs a password login, not a token".into()));
+        }
         check_password(password)?;
+        // The current password, again: a session someone else left open does not do.
+        let row = self
+            .meta
+            .user(user)
+            .await
+            .map_err(|e| internal("loading user", e))?
+            .ok_or_else(|| RegistryError::new(ErrorCode::NotFound).with_detail("no such user"))?;
+        let (pw, phc) = (current.to_owned(), row.password_hash);
+        if !tokio::task::spawn_blocking(move || secret::verify_password(&pw, &phc)).await.unwrap_or(false) {
+            self.limiter.fail(Some(user), &limiter::Source::parse(source));
+            self.audit.record("login-failed", Some(user.as_str()), Some(source), None, Some("wrong current password".into()));
+            return Err(denied("the current password is wrong".into()));
+        }
         let pw = password.to_owned();
         let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| internal("hashing", e))?;
         self.meta.set_password(user, &hash).await.map_err(|e| internal("setting password", e))?;
-        self.verified.lock().unwrap().retain(|_, (u, _)| u != user);
+        self.credentials_changed(user, false);
+        // Refresh tokens die with the password; bearer tokens minted from it
+        // carry the old epoch and are refused.
+        let refresh: Vec<String> = self
+            .tokens
+            .read()
+            .unwrap()
+            .values()
+            .filter(|t| &t.user == user && t.kind == TokenKind::Refresh)
+            .map(|t| t.id.clone())
+            .collect();
+        self.revoke_ids(refresh).await?;
         self.audit.record("password-changed", Some(user.as_str()), None, Some(user.to_string()), None);
+        Ok(())
+    }
+
+    /// This node learns at once what other nodes learn at their next refresh.
+    fn credentials_changed(&self, user: &AccountName, disabled: bool) {
+        self.verified.lock().unwrap().retain(|_, (u, _)| u != user);
+        self.changed.write().unwrap().insert(user.clone(), (tokens::now_ms(), disabled));
+    }
+
+    async fn revoke_ids(&self, ids: Vec<String>) -> Result<usize, RegistryError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.token_actor
+            .send(tokens::Revoke(ids))
+            .await
+            .map_err(|e| internal("token actor", e))?
+            .map_err(|e| internal("revoking tokens", e))
+    }
+
+    /// The user whose tokens or state `who` administers: themselves, their
+    /// tenant's admin, or the platform admin; others see no such user.
+    async fn administered_user(&self, who: &Principal, user: &AccountName) -> Result<UserRow, RegistryError> {
+        let not_found = || RegistryError::new(ErrorCode::NotFound).with_detail(format!("no user {user}"));
+        let row = self.meta.user(user).await.map_err(|e| internal("loading user", e))?.ok_or_else(not_found)?;
+        let ok = who.user() == Some(user)
+            || self.require_platform_admin(who).is_ok()
+            || row.tenant.as_ref().is_some_and(|t| self.require_tenant_admin(who, t).is_ok());
+        if !ok {
+            return Err(not_found());
+        }
+        Ok(row)
+    }
+
+    /// A user's tokens, access and refresh (their tenant's admin, the platform admin).
+    pub async fn user_tokens(&self, who: &Principal, user: &AccountName) -> Result<Vec<TokenRow>, RegistryError> {
+        self.administered_user(who, user).await?;
+        let mut rows: Vec<TokenRow> = self.tokens.read().unwrap().values().filter(|t| &t.user == user).cloned().collect();
+        rows.sort_by_key(|t| t.created_ms);
+        Ok(rows)
+    }
+
+    /// Revoke every token of a user (their tenant's admin, the platform admin).
+    pub async fn revoke_user_tokens(&self, who: &Principal, user: &AccountName) -> Result<Vec<String>, RegistryError> {
+        let ids: Vec<String> = self.user_tokens(who, user).await?.into_iter().map(|t| t.id).collect();
+        self.revoke_ids(ids.clone()).await?;
+        self.audit.record(
+            "token-revoked",
+            who.user().map(|u| u.as_str()),
+            None,
+            Some(user.to_string()),
+            Some(format!("all {} tokens", ids.len())),
+        );
+        Ok(ids)
+    }
+
+    /// Disable a user (every credential of theirs stops working: here at once,
+    /// on other replicas at their next refresh), or enable them again.
+    pub async fn set_user_disabled(&self, who: &Principal, user: &AccountName, disabled: bool) -> Result<(), RegistryError> {
+        self.administered_user(who, user).await?;
+        if who.user() == Some(user) {
+            return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("you cannot disable yourself"));
+        }
+        self.meta.set_user_disabled(user, disabled).await.map_err(|e| internal("disabling user", e))?;
+        self.credentials_changed(user, disabled);
+        let what = if disabled { "user-disabled" } else { "user-enabled" };
+        self.audit.record(what, who.user().map(|u| u.as_str()), None, Some(user.to_string()), None);
         Ok(())
     }
 

@@ -146,6 +146,10 @@ pub struct Claims {
     /// revoking it revokes the bearer token too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tid: Option<String>,
+    /// The password epoch of the user when minted from their password: a
+    /// password change (a new epoch) makes the token invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pe: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -277,6 +281,7 @@ mod tests {
             jti: "j".into(),
             access: vec![Grant { kind: "repository".into(), name: "a/b".into(), actions: vec!["pull".into()] }],
             tid: None,
+            pe: None,
         }
     }
 

@@ -79,7 +79,12 @@ pub struct Issue {
     pub user: AccountName,
     pub kind: TokenKind,
     pub ttl: Duration,
+    /// A time it may not outlive (the credential minting it).
+    pub not_after: Option<i64>,
     pub description: String,
+    pub scopes: Vec<String>,
+    /// The access token minting this one (revoked with it).
+    pub parent: Option<String>,
 }
 
 impl Handler<Issue> for TokenActor {
@@ -103,8 +108,10 @@ impl Handler<Issue> for TokenActor {
                     secret_sha256: sha256_hex(secret.as_bytes()),
                     description: m.description,
                     created_ms: now,
-                    expires_ms: now + m.ttl.as_millis() as i64,
+                    expires_ms: (now + m.ttl.as_millis() as i64).min(m.not_after.unwrap_or(i64::MAX)),
                     last_used_ms: None,
+                    scopes: Some(m.scopes),
+                    parent: m.parent,
                 };
                 // Persist first: a token the store does not know cannot survive a restart.
                 meta.put_token(&row).await.map_err(|e| e.to_string())?;
@@ -125,14 +132,32 @@ impl Handler<Revoke> for TokenActor {
     type Result = AtomicResponse<Self, Result<usize, String>>;
 
     fn handle(&mut self, m: Revoke, _: &mut Self::Context) -> Self::Result {
+        // With every token minted from them, and from those, and so on.
+        let ids = {
+            let v = self.view.read().unwrap();
+            let mut ids = m.0.clone();
+            let mut i = 0;
+            while i < ids.len() {
+                let children: Vec<String> =
+                    v.values().filter(|t| t.parent.as_deref() == Some(ids[i].as_str())).map(|t| t.id.clone()).collect();
+                for c in children {
+                    if !ids.contains(&c) {
+                        ids.push(c);
+                    }
+                }
+                i += 1;
+            }
+            ids
+        };
         // Out of the view first: from this moment the token no longer validates here.
         let n = {
             let mut v = self.view.write().unwrap();
-            m.0.iter().filter(|id| v.remove(id.as_str()).is_some()).count()
+            ids.iter().filter(|id| v.remove(id.as_str()).is_some()).count()
         };
-        for id in &m.0 {
+        for id in &ids {
             self.touched.remove(id);
         }
+        let m = Revoke(ids);
         let meta = self.meta.clone();
         AtomicResponse::new(Box::pin(
             async move {
@@ -237,6 +262,8 @@ mod tests {
             created_ms: 0,
             expires_ms: 100,
             last_used_ms: None,
+            scopes: None,
+            parent: None,
         };
         view.write().unwrap().insert(row.id.clone(), row);
         assert!(validate(&view, "bt_0123456789abcdef_s3cret", TokenKind::Access, 50).is_some());

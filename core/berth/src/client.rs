@@ -65,13 +65,23 @@ pub enum TokenCmd {
         expires_in: Option<u64>,
         #[arg(long, default_value = "")]
         description: String,
+        /// What it may do: pull, push, manage (repeat; default all, or the
+        /// scopes of the token you are logged in with).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
     },
-    /// List your tokens (never their secrets).
-    List,
-    /// Revoke a token by id.
+    /// List your tokens, or a user's you administer (never their secrets).
+    List {
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke a token by id (and every token minted from it).
     Revoke { id: String },
-    /// Revoke every token of yours.
-    RevokeAll,
+    /// Revoke every token of yours, or of a user you administer.
+    RevokeAll {
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -291,6 +301,14 @@ pub enum UserCmd {
         new_password: Option<String>,
     },
     List,
+    /// Disable a user: every password, token and bearer token of theirs stops working.
+    Disable {
+        name: String,
+    },
+    /// Enable a disabled user again.
+    Enable {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1296,18 +1314,22 @@ pub async fn token(conn: &Conn, cmd: TokenCmd) -> Result<bool> {
     use reqwest::Method as M;
     let c = Client::new(conn)?;
     match cmd {
-        TokenCmd::Issue { expires_in, description } => {
-            let v = c.json(M::POST, "tokens", Some(json!({"expires_in": expires_in, "description": description}))).await?;
+        TokenCmd::Issue { expires_in, description, scopes } => {
+            let scopes = (!scopes.is_empty()).then_some(scopes);
+            let v =
+                c.json(M::POST, "tokens", Some(json!({"expires_in": expires_in, "description": description, "scopes": scopes}))).await?;
             print(&v);
             eprintln!("log in with: docker login -u {} --password-stdin <host>   (paste the token)", v["user"].as_str().unwrap_or(""));
         }
-        TokenCmd::List => print(&c.json(M::GET, "tokens", None).await?),
+        TokenCmd::List { user: None } => print(&c.json(M::GET, "tokens", None).await?),
+        TokenCmd::List { user: Some(u) } => print(&c.json(M::GET, &format!("users/{}/tokens", encode(&u)), None).await?),
         TokenCmd::Revoke { id } => {
             c.json(M::DELETE, &format!("tokens/{id}"), None).await?;
             println!("revoked {id}");
         }
-        TokenCmd::RevokeAll => {
-            let v = c.json(M::DELETE, "tokens", None).await?;
+        TokenCmd::RevokeAll { user } => {
+            let path = user.map_or("tokens".to_owned(), |u| format!("users/{}/tokens", encode(&u)));
+            let v = c.json(M::DELETE, &path, None).await?;
             println!("revoked {} tokens", v["revoked"].as_array().map_or(0, |a| a.len()));
         }
     }
@@ -1343,6 +1365,14 @@ pub async fn user(conn: &Conn, cmd: UserCmd) -> Result<bool> {
             print(&c.json(M::POST, &format!("tenants/{tenant}/users"), Some(json!({"name": name, "password": pw, "role": role}))).await?)
         }
         UserCmd::List => print(&c.json(M::GET, "users", None).await?),
+        UserCmd::Disable { name } => {
+            c.json(M::PUT, &format!("users/{}/disabled", encode(&name)), Some(json!({"disabled": true}))).await?;
+            println!("disabled {name}");
+        }
+        UserCmd::Enable { name } => {
+            c.json(M::PUT, &format!("users/{}/disabled", encode(&name)), Some(json!({"disabled": false}))).await?;
+            println!("enabled {name}");
+        }
     }
     Ok(true)
 }

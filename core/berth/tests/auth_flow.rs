@@ -491,7 +491,12 @@ async fn security_events_are_in_the_audit_log() {
     push_image(&mia, &s, "acme/app", "v1", 1, json!({})).await;
     let r = mia.put(s.url("/api/v1/repositories/acme/app/visibility")).json(&json!({"public": true})).send().await.unwrap();
     assert!(r.status().is_success(), "{}", r.status());
-    let r = mia.put(s.url("/api/v1/me/password")).json(&json!({"password": "mia-new-password"})).send().await.unwrap();
+    let r = client_as("mia", "mia-password")
+        .put(s.url("/api/v1/me/password"))
+        .json(&json!({"current_password": "mia-password", "password": "mia-new-password"}))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let tokens: serde_json::Value = mia.get(s.url("/api/v1/tokens")).send().await.unwrap().json().await.unwrap();
     let id = tokens["tokens"][0]["id"].as_str().unwrap().to_owned();
@@ -559,4 +564,111 @@ async fn a_lost_master_key_costs_only_bearer_tokens() {
     assert_eq!(client_as("mia", &token).get(s.url("/v2/")).send().await.unwrap().status(), 200);
     let (_, v) = token_for(&s, Some(&basic("mia", &token)), "repository:acme/app:pull").await;
     assert_eq!(with(v["token"].as_str().unwrap()).send().await.unwrap().status(), 200);
+}
+
+/// Credentials carry their kind and scopes: a token cannot change the password
+/// or mint more than it has or for longer than it lives; what a token minted
+/// dies with it; a password change kills what was minted from the password;
+/// admins list, revoke and disable.
+#[tokio::test]
+async fn credentials_carry_their_kind_and_scopes() {
+    let dir = TempDir::new("credentials");
+    let s = Server::start_in(dir.path(), &[]);
+    let t = tenant_user_token(&s, "acme", "mia", "developer").await;
+    let pw = client_as("mia", "mia-password");
+    let tok = client_as("mia", &t);
+    let digest = push_image(&tok, &s, "acme/app", "v1", 1, json!({})).await;
+    let api = |p: &str| s.url(&format!("/api/v1/{p}"));
+    let change = |current: &str| json!({"current_password": current, "password": "mia-second-password"});
+
+    // A token is not the password.
+    let r = tok.put(api("me/password")).json(&change("mia-password")).send().await.unwrap();
+    expect_error(r, 403, "DENIED", "a token changes no password").await;
+    // It mints only what it has, never outliving itself.
+    let r = tok.post(api("tokens")).json(&json!({"expires_in": 2_000_000})).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "outliving its parent").await;
+    let r = tok.post(api("tokens")).json(&json!({"scopes": ["pull"], "description": "ci"})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let child: serde_json::Value = r.json().await.unwrap();
+    let parent_id = child["parent"].as_str().unwrap().to_owned();
+    let mine: serde_json::Value = pw.get(api("tokens")).send().await.unwrap().json().await.unwrap();
+    let parent = mine["tokens"].as_array().unwrap().iter().find(|x| x["id"] == parent_id.as_str()).unwrap().clone();
+    assert!(child["expires_ms"].as_i64() <= parent["expires_ms"].as_i64(), "{child} {parent}");
+    assert_eq!(child["scopes"], json!(["pull"]));
+    let pull_only = client_as("mia", child["token"].as_str().unwrap());
+    let r = pull_only.get(s.url("/v2/acme/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(r.status(), 200, "pull is in its scopes");
+    let code = pull_only.post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap().status().as_u16();
+    assert!(code == 401 || code == 403, "push is not: {code}");
+    let r = pull_only.get(api("tokens")).send().await.unwrap();
+    expect_error(r, 403, "DENIED", "manage is not").await;
+    let (_, v) = token_for(&s, Some(&basic("mia", child["token"].as_str().unwrap())), "repository:acme/app:pull,push").await;
+    let bearer_from_child = v["token"].as_str().unwrap().to_owned();
+    let with = |b: &str| reqwest::Client::new().get(s.url("/v2/acme/app/tags/list")).bearer_auth(b.to_owned());
+    assert_eq!(with(&bearer_from_child).send().await.unwrap().status(), 200);
+    // A refresh token minted through the token: listed, bound to it.
+    let r = anon_client()
+        .post(s.url("/auth/token"))
+        .form(&[
+            ("grant_type", "password"),
+            ("username", "mia"),
+            ("password", t.as_str()),
+            ("service", "berth"),
+            ("access_type", "offline"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let refresh = r.json::<serde_json::Value>().await.unwrap()["refresh_token"].as_str().unwrap().to_owned();
+    let mine: serde_json::Value = pw.get(api("tokens")).send().await.unwrap().json().await.unwrap();
+    assert!(mine["tokens"].as_array().unwrap().iter().any(|x| x["kind"] == "refresh" && x["parent"] == parent_id.as_str()), "{mine}");
+    let refresh_grant = || {
+        anon_client().post(s.url("/auth/token")).form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh.as_str()),
+            ("service", "berth"),
+        ])
+    };
+    assert_eq!(refresh_grant().send().await.unwrap().status(), 200);
+
+    // Revoked: everything it minted dies with it.
+    assert_eq!(pw.delete(api(&format!("tokens/{parent_id}"))).send().await.unwrap().status(), 204);
+    assert_eq!(pull_only.get(s.url("/v2/")).send().await.unwrap().status(), 401, "the child token");
+    assert_eq!(with(&bearer_from_child).send().await.unwrap().status(), 401, "the bearer token minted by the child");
+    assert_eq!(refresh_grant().send().await.unwrap().status(), 401, "the refresh token");
+    let left: serde_json::Value = pw.get(api("tokens")).send().await.unwrap().json().await.unwrap();
+    assert!(left["tokens"].as_array().unwrap().is_empty(), "{left}");
+
+    // A password change needs the current password, and kills what the old one minted.
+    let (_, v) = token_for(&s, Some(&basic("mia", "mia-password")), "repository:acme/app:pull").await;
+    let from_password = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(with(&from_password).send().await.unwrap().status(), 200);
+    let r = pw.put(api("me/password")).json(&change("not-the-password")).send().await.unwrap();
+    expect_error(r, 403, "DENIED", "wrong current password").await;
+    assert_eq!(pw.put(api("me/password")).json(&change("mia-password")).send().await.unwrap().status(), 204);
+    assert_eq!(with(&from_password).send().await.unwrap().status(), 401, "a bearer token from the old password");
+    assert_eq!(pw.get(s.url("/v2/")).send().await.unwrap().status(), 401, "the old password");
+    let pw = client_as("mia", "mia-second-password");
+    assert_eq!(pw.get(s.url("/v2/")).send().await.unwrap().status(), 200);
+
+    // Admins: list, revoke all, disable. Another tenant's admin sees no such user.
+    let t2 = pw.post(api("tokens")).json(&json!({})).send().await.unwrap().json::<serde_json::Value>().await.unwrap();
+    let t2 = client_as("mia", t2["token"].as_str().unwrap());
+    let listed: serde_json::Value = client().get(api("users/mia/tokens")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 1, "{listed}");
+    let other = client_as("bob", &tenant_user_token(&s, "beta", "bob", "tenant-admin").await);
+    expect_error(other.get(api("users/mia/tokens")).send().await.unwrap(), 404, "NOT_FOUND", "another tenant's user").await;
+    expect_error(other.put(api("users/mia/disabled")).json(&json!({"disabled": true})).send().await.unwrap(), 404, "NOT_FOUND", "x").await;
+    let (_, v) = token_for(&s, Some(&basic("mia", "mia-second-password")), "repository:acme/app:pull").await;
+    let bearer = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(client().put(api("users/mia/disabled")).json(&json!({"disabled": true})).send().await.unwrap().status(), 204);
+    assert_eq!(pw.get(s.url("/v2/")).send().await.unwrap().status(), 401, "disabled: the password");
+    assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 401, "disabled: an access token");
+    assert_eq!(with(&bearer).send().await.unwrap().status(), 401, "disabled: a bearer token");
+    assert_eq!(client().put(api("users/mia/disabled")).json(&json!({"disabled": false})).send().await.unwrap().status(), 204);
+    assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 200, "enabled again");
+    let r = client().delete(api("users/mia/tokens")).send().await.unwrap();
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["revoked"].as_array().unwrap().len(), 1);
+    assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 401, "revoked by the admin");
+    let _ = digest;
 }

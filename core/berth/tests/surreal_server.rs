@@ -134,7 +134,12 @@ fn a_changed_password_stops_working_on_every_replica() {
         tenant_user_token(&a, "acme", "mia", "developer").await;
         let old = client_as("mia", "mia-password");
         assert_eq!(old.get(b.url("/v2/")).send().await.unwrap().status(), 200, "b verifies (and caches) the password");
-        let r = old.put(a.url("/api/v1/me/password")).json(&json!({"password": "mia-new-password"})).send().await.unwrap();
+        let r = old
+            .put(a.url("/api/v1/me/password"))
+            .json(&json!({"current_password": "mia-password", "password": "mia-new-password"}))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{}", r.status());
         let mut refused = false;
         for _ in 0..50 {

@@ -28,6 +28,12 @@ fn no_content() -> Result<Reply, RegistryError> {
 pub struct TokenView {
     pub id: String,
     pub user: String,
+    /// `access` (a password for `docker login`) or `refresh` (docker's identity token).
+    pub kind: &'static str,
+    /// What it may be used for: `pull`, `push`, `manage`.
+    pub scopes: Vec<String>,
+    /// The access token that minted it (revoked with it), if any.
+    pub parent: Option<String>,
     pub description: String,
     pub created_ms: i64,
     pub expires_ms: i64,
@@ -166,6 +172,12 @@ fn token_view(t: &TokenRow) -> TokenView {
     TokenView {
         id: t.id.clone(),
         user: t.user.to_string(),
+        kind: match t.kind {
+            berth_metadata::TokenKind::Access => "access",
+            berth_metadata::TokenKind::Refresh => "refresh",
+        },
+        scopes: t.scopes.clone().unwrap_or_else(|| berth_auth::TOKEN_SCOPES.map(String::from).to_vec()),
+        parent: t.parent.clone(),
         description: t.description.clone(),
         created_ms: t.created_ms,
         expires_ms: t.expires_ms,
@@ -195,7 +207,16 @@ pub struct UserBody {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordBody {
+    /// The password now in use (a session someone else left open does not do).
+    current_password: String,
+    /// The new password (8 to 1024 characters).
     password: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisabledBody {
+    disabled: bool,
 }
 
 #[derive(Deserialize, Default, ToSchema)]
@@ -203,8 +224,10 @@ pub struct PasswordBody {
 pub struct TokenBody {
     #[serde(default)]
     description: String,
-    /// Lifetime in seconds (default 12 h).
+    /// Lifetime in seconds (default 12 h; a token minting a token: at most its own).
     expires_in: Option<u64>,
+    /// Any of `pull`, `push`, `manage` (default: all, or the minting token's).
+    scopes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -277,7 +300,13 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
     match (segs.as_slice(), &m) {
         (["me"], &Method::GET) => me(auth, who),
         (["registry"], &Method::GET) => crate::manage::registry_info(services, req),
-        (["me", "password"], &Method::PUT) => change_password(auth, who, body(req).await?).await,
+        (["me", "password"], &Method::PUT) => {
+            let source = gate::source(auth, req);
+            change_password(auth, identity, body(req).await?, &source).await
+        }
+        (["users", u, "tokens"], &Method::GET) => user_tokens(auth, who, &u.parse()?).await,
+        (["users", u, "tokens"], &Method::DELETE) => revoke_user_tokens(auth, who, &u.parse()?).await,
+        (["users", u, "disabled"], &Method::PUT) => set_user_disabled(auth, who, &u.parse()?, body(req).await?).await,
         (["tenants"], &Method::GET) => list_tenants(auth, who).await,
         (["tenants"], &Method::POST) => create_tenant(services, who, body(req).await?).await,
         (["tenants", t, "namespaces"], &Method::POST) => add_namespace(services, who, t.parse()?, body(req).await?).await,
@@ -292,7 +321,7 @@ async fn route(services: &Services, identity: &Identity, path: &str, req: &mut R
         (["tenants", t, "users"], &Method::POST) => create_user(auth, who, t.parse()?, body(req).await?).await,
         (["users"], &Method::GET) => list_users(auth, who).await,
         (["tokens"], &Method::GET) => list_tokens(auth, who),
-        (["tokens"], &Method::POST) => issue_token(auth, who, body(req).await?).await,
+        (["tokens"], &Method::POST) => issue_token(auth, identity, body(req).await?).await,
         (["tokens"], &Method::DELETE) => revoke_my_tokens(auth, who).await,
         (["tokens", id], &Method::DELETE) => revoke_token(auth, who, id).await,
         (["policies"], &Method::GET) => list_policies(auth, who, req.param("format").as_deref() == Some("csv")),
@@ -336,6 +365,7 @@ fn known(path: &str) -> bool {
     ]
     .contains(&p)
         || p.starts_with("tokens/")
+        || p.starts_with("users/")
         || p.starts_with("tenants/")
 }
 
@@ -353,8 +383,8 @@ fn me(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
 /// Change the caller's password.
 #[utoipa::path(put, path = "/api/v1/me/password", operation_id = "changePassword", tag = "accounts", request_body = PasswordBody,
     responses((status = 204)))]
-async fn change_password(auth: &Auth, who: &Principal, b: PasswordBody) -> Result<Reply, RegistryError> {
-    auth.change_password(who, &b.password).await?;
+async fn change_password(auth: &Auth, identity: &Identity, b: PasswordBody, source: &str) -> Result<Reply, RegistryError> {
+    auth.change_password(identity, &b.current_password, &b.password, source).await?;
     no_content()
 }
 
@@ -415,8 +445,8 @@ fn list_tokens(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
 /// Issue a registry access token for `docker login` (12 h by default).
 #[utoipa::path(post, path = "/api/v1/tokens", operation_id = "issueToken", tag = "tokens", request_body = TokenBody,
     responses((status = 201, body = IssuedToken)))]
-async fn issue_token(auth: &Auth, who: &Principal, b: TokenBody) -> Result<Reply, RegistryError> {
-    let issued = auth.issue_access_token(who, b.expires_in, b.description).await?;
+async fn issue_token(auth: &Auth, identity: &Identity, b: TokenBody) -> Result<Reply, RegistryError> {
+    let issued = auth.issue_access_token(identity, b.expires_in, b.description, b.scopes).await?;
     let docker_auth = berth_auth::secret::b64(&format!("{}:{}", issued.row.user, issued.token));
     let mut r = reply(StatusCode::CREATED, &IssuedToken { token_info: token_view(&issued.row), token: issued.token, docker_auth })?;
     set(&mut r, "cache-control", "no-store");
@@ -434,11 +464,31 @@ async fn revoke_token(auth: &Auth, who: &Principal, id: &str) -> Result<Reply, R
 /// Revoke every token of the caller's own.
 #[utoipa::path(delete, path = "/api/v1/tokens", operation_id = "revokeMyTokens", tag = "tokens", responses((status = 200, body = Revoked)))]
 async fn revoke_my_tokens(auth: &Auth, who: &Principal) -> Result<Reply, RegistryError> {
-    let mine: Vec<String> = auth.list_tokens(who).into_iter().filter(|t| Some(&t.user) == who.user()).map(|t| t.id).collect();
-    for id in &mine {
-        auth.revoke_token(who, id).await?;
-    }
-    reply(StatusCode::OK, &Revoked { revoked: mine })
+    let me = who.user().ok_or_else(|| RegistryError::new(ErrorCode::Unauthorized))?;
+    reply(StatusCode::OK, &Revoked { revoked: auth.revoke_user_tokens(who, me).await? })
+}
+
+/// A user's tokens, access and refresh (the user, their tenant's admin, the platform admin).
+#[utoipa::path(get, path = "/api/v1/users/{user}/tokens", operation_id = "listUserTokens", tag = "accounts",
+    params(("user" = String, Path)), responses((status = 200, body = TokenList), (status = 404, description = "no such user you administer")))]
+async fn user_tokens(auth: &Auth, who: &Principal, user: &AccountName) -> Result<Reply, RegistryError> {
+    reply(StatusCode::OK, &TokenList { tokens: auth.user_tokens(who, user).await?.iter().map(token_view).collect() })
+}
+
+/// Revoke every token of a user, and every token minted from them.
+#[utoipa::path(delete, path = "/api/v1/users/{user}/tokens", operation_id = "revokeUserTokens", tag = "accounts",
+    params(("user" = String, Path)), responses((status = 200, body = Revoked)))]
+async fn revoke_user_tokens(auth: &Auth, who: &Principal, user: &AccountName) -> Result<Reply, RegistryError> {
+    reply(StatusCode::OK, &Revoked { revoked: auth.revoke_user_tokens(who, user).await? })
+}
+
+/// Disable a user (every credential stops working; other replicas at their next
+/// refresh, 2 s) or enable them again (their tenant's admin, the platform admin).
+#[utoipa::path(put, path = "/api/v1/users/{user}/disabled", operation_id = "setUserDisabled", tag = "accounts",
+    params(("user" = String, Path)), request_body = DisabledBody, responses((status = 204)))]
+async fn set_user_disabled(auth: &Auth, who: &Principal, user: &AccountName, b: DisabledBody) -> Result<Reply, RegistryError> {
+    auth.set_user_disabled(who, user, b.disabled).await?;
+    no_content()
 }
 
 /// The live policy rules (platform admin); `?format=csv` for casbin CSV.
@@ -671,6 +721,9 @@ async fn unshare(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountN
         issue_token,
         revoke_token,
         revoke_my_tokens,
+        user_tokens,
+        revoke_user_tokens,
+        set_user_disabled,
         list_policies,
         add_rule,
         remove_rule,
@@ -706,6 +759,7 @@ async fn unshare(auth: &Auth, who: &Principal, repo: &RepoName, tenant: AccountN
         NameBody,
         UserBody,
         PasswordBody,
+        DisabledBody,
         TokenBody,
         RuleBody,
         CheckBody,

@@ -70,6 +70,9 @@ pub(crate) fn require_basic(identity: &Identity) -> Result<(), RegistryError> {
     if identity.principal == berth_auth::Principal::Anonymous || matches!(identity.credential, berth_auth::Credential::Bearer(_)) {
         return Err(RegistryError::new(ErrorCode::Unauthorized).with_detail("use Basic credentials: a password or a registry access token"));
     }
+    if !identity.credential.has_scope("manage") {
+        return Err(RegistryError::new(ErrorCode::Denied).with_detail("this access token's scopes do not include manage"));
+    }
     Ok(())
 }
 

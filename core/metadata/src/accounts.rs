@@ -27,6 +27,14 @@ pub struct UserRow {
     pub created_ms: i64,
 }
 
+/// A user whose credentials changed: when, and whether they are disabled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UserChange {
+    pub name: AccountName,
+    pub changed_ms: i64,
+    pub disabled: bool,
+}
+
 /// A namespace (first component of repository names) and the tenant owning it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NamespaceRow {
@@ -56,6 +64,13 @@ pub struct TokenRow {
     pub created_ms: i64,
     pub expires_ms: i64,
     pub last_used_ms: Option<i64>,
+    /// What the token may be used for (`pull`, `push`, `manage`); `None`: a
+    /// token issued before tokens had scopes (all of them).
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
+    /// The access token that minted this one, if a token did: revoked with it.
+    #[serde(default)]
+    pub parent: Option<String>,
 }
 
 /// A key that signs bearer tokens (HS256). Retired keys still verify until the
@@ -214,10 +229,29 @@ impl Metadata {
     }
 
     /// Users whose credentials changed at or after `since_ms` (other replicas
-    /// drop what they cached about them).
-    pub async fn users_changed_since(&self, since_ms: i64) -> Result<Vec<AccountName>> {
-        let mut r = self.db.query("SELECT VALUE name FROM user WHERE changed_ms >= $since").bind(("since", since_ms)).await?.check()?;
+    /// drop what they cached about them); from 0, every user ever changed.
+    pub async fn users_changed_since(&self, since_ms: i64) -> Result<Vec<UserChange>> {
+        let mut r = self
+            .db
+            .query("SELECT name, changed_ms, disabled = true AS disabled FROM user WHERE changed_ms >= $since")
+            .bind(("since", since_ms))
+            .await?
+            .check()?;
         crate::rows(&mut r, 0)
+    }
+
+    /// Disable (or enable again) a user: every credential of theirs stops working.
+    pub async fn set_user_disabled(&self, user: &AccountName, disabled: bool) -> Result<bool> {
+        let mut r = self
+            .db
+            .query("UPDATE type::record('user', $name) SET disabled = $d, changed_ms = $now RETURN VALUE name")
+            .bind(("name", user.to_string()))
+            .bind(("d", disabled))
+            .bind(("now", crate::now_ms()))
+            .await?
+            .check()?;
+        let names: Vec<String> = crate::rows(&mut r, 0)?;
+        Ok(!names.is_empty())
     }
 
     pub async fn user(&self, name: &AccountName) -> Result<Option<UserRow>> {
@@ -275,7 +309,7 @@ impl Metadata {
     pub async fn tokens(&self) -> Result<Vec<TokenRow>> {
         let mut r = self
             .db
-            .query("SELECT id_str AS id, user, kind, secret_sha256, description, created_ms, expires_ms, last_used_ms FROM token")
+            .query("SELECT id_str AS id, user, kind, secret_sha256, description, created_ms, expires_ms, last_used_ms, scopes, parent FROM token")
             .await?
             .check()?;
         rows(&mut r, 0)
@@ -477,10 +511,17 @@ mod tests {
             created_ms: 1,
             expires_ms: 10,
             last_used_ms: None,
+            scopes: Some(vec!["pull".into()]),
+            parent: Some("0123456789abcdef".into()),
         };
         md.put_token(&t).await.unwrap();
         md.touch_tokens(&[("tok1".into(), 5)]).await.unwrap();
-        assert_eq!(md.tokens().await.unwrap()[0].last_used_ms, Some(5));
+        assert_eq!(md.tokens().await.unwrap()[0], TokenRow { last_used_ms: Some(5), ..t.clone() });
+        assert!(md.users_changed_since(0).await.unwrap().is_empty());
+        assert!(md.set_user_disabled(&alice.name, true).await.unwrap());
+        assert!(!md.set_user_disabled(&"nobody".parse().unwrap(), true).await.unwrap());
+        let changed = md.users_changed_since(0).await.unwrap();
+        assert_eq!((changed.len(), &changed[0].name, changed[0].disabled), (1, &alice.name, true));
         md.delete_tokens(&["tok1".into()]).await.unwrap();
         assert!(md.tokens().await.unwrap().is_empty());
 

@@ -22,7 +22,7 @@ pub mod retention;
 pub mod usage;
 
 pub use accounts::{
-    NamespaceRow, NsShareRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserRow,
+    NamespaceRow, NsShareRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserChange, UserRow,
 };
 pub use audit::AuditRow;
 use berth_oci::{Digest, RepoName, Tag, UploadId};
