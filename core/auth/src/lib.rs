@@ -996,8 +996,8 @@ impl Auth {
         }
         let pw = password.to_owned();
         let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| internal("hashing", e))?;
-        self.meta.set_password(user, &hash).await.map_err(|e| internal("setting password", e))?;
-        self.credentials_changed(user, false);
+        let when = self.meta.set_password(user, &hash).await.map_err(|e| internal("setting password", e))?;
+        self.credentials_changed(user, when, false);
         // Refresh tokens die with the password; bearer tokens minted from it
         // carry the old epoch and are refused.
         let refresh: Vec<String> = self
@@ -1013,10 +1013,11 @@ impl Auth {
         Ok(())
     }
 
-    /// This node learns at once what other nodes learn at their next refresh.
-    fn credentials_changed(&self, user: &AccountName, disabled: bool) {
+    /// This node learns at once what other nodes learn at their next refresh
+    /// (the same stored time: it is the password epoch tokens carry).
+    fn credentials_changed(&self, user: &AccountName, when: i64, disabled: bool) {
         self.verified.lock().unwrap().retain(|_, (u, _)| u != user);
-        self.changed.write().unwrap().insert(user.clone(), (tokens::now_ms(), disabled));
+        self.changed.write().unwrap().insert(user.clone(), (when, disabled));
     }
 
     async fn revoke_ids(&self, ids: Vec<String>) -> Result<usize, RegistryError> {
@@ -1073,8 +1074,13 @@ impl Auth {
         if who.user() == Some(user) {
             return Err(RegistryError::new(ErrorCode::InvalidRequest).with_detail("you cannot disable yourself"));
         }
-        self.meta.set_user_disabled(user, disabled).await.map_err(|e| internal("disabling user", e))?;
-        self.credentials_changed(user, disabled);
+        let when = self
+            .meta
+            .set_user_disabled(user, disabled)
+            .await
+            .map_err(|e| internal("disabling user", e))?
+            .ok_or_else(|| RegistryError::new(ErrorCode::NotFound).with_detail(format!("no user {user}")))?;
+        self.credentials_changed(user, when, disabled);
         let what = if disabled { "user-disabled" } else { "user-enabled" };
         self.audit.record(what, who.user().map(|u| u.as_str()), None, Some(user.to_string()), None);
         Ok(())

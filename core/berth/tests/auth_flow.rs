@@ -650,6 +650,12 @@ async fn credentials_carry_their_kind_and_scopes() {
     assert_eq!(pw.get(s.url("/v2/")).send().await.unwrap().status(), 401, "the old password");
     let pw = client_as("mia", "mia-second-password");
     assert_eq!(pw.get(s.url("/v2/")).send().await.unwrap().status(), 200);
+    // One from the new password carries the stored epoch: it survives the
+    // refresh (every 2 s) that reads the change back from the store.
+    let (_, v) = token_for(&s, Some(&basic("mia", "mia-second-password")), "repository:acme/app:pull").await;
+    let from_new = v["token"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(with(&from_new).send().await.unwrap().status(), 200, "a bearer token from the new password");
 
     // Admins: list, revoke all, disable. Another tenant's admin sees no such user.
     let t2 = pw.post(api("tokens")).json(&json!({})).send().await.unwrap().json::<serde_json::Value>().await.unwrap();

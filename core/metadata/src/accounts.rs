@@ -217,15 +217,17 @@ impl Metadata {
         self.create_if_absent("user", u.name.as_str(), crate::to_value(u)?).await
     }
 
-    pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<()> {
+    /// Set a password; answers the time recorded as the credentials' change.
+    pub async fn set_password(&self, user: &AccountName, password_hash: &str) -> Result<i64> {
+        let now = crate::now_ms();
         self.db
             .query("UPDATE type::record('user', $name) SET password_hash = $h, changed_ms = $now RETURN NONE")
             .bind(("name", user.to_string()))
             .bind(("h", password_hash.to_owned()))
-            .bind(("now", crate::now_ms()))
+            .bind(("now", now))
             .await?
             .check()?;
-        Ok(())
+        Ok(now)
     }
 
     /// Users whose credentials changed at or after `since_ms` (other replicas
@@ -240,18 +242,20 @@ impl Metadata {
         crate::rows(&mut r, 0)
     }
 
-    /// Disable (or enable again) a user: every credential of theirs stops working.
-    pub async fn set_user_disabled(&self, user: &AccountName, disabled: bool) -> Result<bool> {
+    /// Disable (or enable again) a user: every credential of theirs stops
+    /// working. Answers the time recorded as the change (`None`: no such user).
+    pub async fn set_user_disabled(&self, user: &AccountName, disabled: bool) -> Result<Option<i64>> {
+        let now = crate::now_ms();
         let mut r = self
             .db
             .query("UPDATE type::record('user', $name) SET disabled = $d, changed_ms = $now RETURN VALUE name")
             .bind(("name", user.to_string()))
             .bind(("d", disabled))
-            .bind(("now", crate::now_ms()))
+            .bind(("now", now))
             .await?
             .check()?;
         let names: Vec<String> = crate::rows(&mut r, 0)?;
-        Ok(!names.is_empty())
+        Ok((!names.is_empty()).then_some(now))
     }
 
     pub async fn user(&self, name: &AccountName) -> Result<Option<UserRow>> {
@@ -518,10 +522,10 @@ mod tests {
         md.touch_tokens(&[("tok1".into(), 5)]).await.unwrap();
         assert_eq!(md.tokens().await.unwrap()[0], TokenRow { last_used_ms: Some(5), ..t.clone() });
         assert!(md.users_changed_since(0).await.unwrap().is_empty());
-        assert!(md.set_user_disabled(&alice.name, true).await.unwrap());
-        assert!(!md.set_user_disabled(&"nobody".parse().unwrap(), true).await.unwrap());
+        let when = md.set_user_disabled(&alice.name, true).await.unwrap().unwrap();
+        assert_eq!(md.set_user_disabled(&"nobody".parse().unwrap(), true).await.unwrap(), None);
         let changed = md.users_changed_since(0).await.unwrap();
-        assert_eq!((changed.len(), &changed[0].name, changed[0].disabled), (1, &alice.name, true));
+        assert_eq!(changed, [UserChange { name: alice.name.clone(), changed_ms: when, disabled: true }]);
         md.delete_tokens(&["tok1".into()]).await.unwrap();
         assert!(md.tokens().await.unwrap().is_empty());
 
