@@ -101,6 +101,9 @@ pub struct AuthConfig {
     /// same. Unset with the embedded store: `<data_dir>/master.key`, generated
     /// on first start.
     pub master_key_file: Option<PathBuf>,
+    /// Live access tokens one user may hold (a further one is refused), and
+    /// refresh tokens (a further one retires their oldest).
+    pub max_tokens_per_user: usize,
     /// Generate the master key file when it is missing (the embedded default).
     #[serde(skip)]
     pub generate_master_key: bool,
@@ -125,6 +128,7 @@ impl Default for AuthConfig {
             audit_keep_days: 90,
             clock_skew_secs: 30,
             master_key_file: None,
+            max_tokens_per_user: 100,
             generate_master_key: false,
         }
     }
@@ -655,6 +659,18 @@ impl Auth {
         };
         let refresh_token = match (&principal, offline) {
             (Principal::User(u), true) => {
+                // Each `docker login` makes one: past the cap the oldest retire.
+                let mut refresh: Vec<(i64, String)> = self
+                    .tokens
+                    .read()
+                    .unwrap()
+                    .values()
+                    .filter(|t| &t.user == u && t.kind == TokenKind::Refresh)
+                    .map(|t| (t.created_ms, t.id.clone()))
+                    .collect();
+                refresh.sort();
+                let excess = (refresh.len() + 1).saturating_sub(self.config.max_tokens_per_user.max(1));
+                self.revoke_ids(refresh.into_iter().take(excess).map(|(_, id)| id).collect()).await?;
                 let life = (Duration::from_secs(self.config.refresh_token_secs), cap_ms);
                 let issued =
                     self.issue(u.clone(), TokenKind::Refresh, life, "refresh token".into(), allowed.clone(), parent.clone()).await?;
@@ -733,6 +749,12 @@ impl Auth {
                 return Err(invalid("a token cannot mint a token that outlives it".into()));
             }
             (parent, not_after) = (Some(id.clone()), Some(*until));
+        }
+        let live = self.tokens.read().unwrap().values().filter(|t| &t.user == user && t.kind == TokenKind::Access).count();
+        if live >= self.config.max_tokens_per_user {
+            return Err(RegistryError::new(ErrorCode::TooManyRequests).with_detail(format!(
+                "{live} live access tokens (auth.max_tokens_per_user); revoke some first (berth token list, berth token revoke ID)"
+            )));
         }
         let detail = format!("access token [{}], {ttl} s", scopes.join(" "));
         let life = (Duration::from_secs(ttl), not_after);

@@ -678,3 +678,44 @@ async fn credentials_carry_their_kind_and_scopes() {
     assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 401, "revoked by the admin");
     let _ = digest;
 }
+
+/// One user cannot hold unbounded tokens: past `auth.max_tokens_per_user` a new
+/// access token is refused (429), and a new refresh token (each `docker login`)
+/// retires the oldest.
+#[tokio::test]
+async fn live_tokens_per_user_are_capped() {
+    let dir = TempDir::new("token-cap");
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "[auth]\nmax_tokens_per_user = 2\n").unwrap();
+    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    tenant_user_token(&s, "acme", "mia", "developer").await;
+    let pw = client_as("mia", "mia-password");
+    assert_eq!(pw.post(s.url("/api/v1/tokens")).json(&json!({})).send().await.unwrap().status(), 201);
+    let r = pw.post(s.url("/api/v1/tokens")).json(&json!({})).send().await.unwrap();
+    expect_error(r, 429, "TOOMANYREQUESTS", "a third access token").await;
+    let url = s.url("/auth/token");
+    let login = || {
+        let url = url.clone();
+        async move {
+            let form = [
+                ("grant_type", "password"),
+                ("username", "mia"),
+                ("password", "mia-password"),
+                ("service", "berth"),
+                ("access_type", "offline"),
+            ];
+            let r = anon_client().post(url).form(&form).send().await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["refresh_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let grant = |t: String| {
+        let url = url.clone();
+        async move {
+            let form = [("grant_type", "refresh_token"), ("refresh_token", t.as_str()), ("service", "berth")];
+            anon_client().post(url).form(&form).send().await.unwrap().status().as_u16()
+        }
+    };
+    let (first, second, third) = (login().await, login().await, login().await);
+    assert_eq!(grant(first).await, 401, "the oldest refresh token retired");
+    assert_eq!((grant(second).await, grant(third).await), (200, 200));
+}

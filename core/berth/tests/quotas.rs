@@ -324,3 +324,31 @@ fn repository_and_namespace_limits_defaults_cli_and_bad_input() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("not a size"), "{out}");
 }
+
+/// One user cannot hold unbounded upload sessions: past
+/// `registry.max_uploads_per_user` a new one is a 429; other users are not
+/// affected, and a finished or cancelled session frees its place.
+#[tokio::test]
+async fn one_user_cannot_hold_unbounded_upload_sessions() {
+    let dir = TempDir::new("upload-cap");
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(&cfg, "[registry]\nmax_uploads_per_user = 3\n").unwrap();
+    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    let mia = client_as("mia", &tenant_user_token(&s, "acme", "mia", "developer").await);
+    let open = |c: &reqwest::Client| {
+        let (c, url) = (c.clone(), s.url("/v2/acme/app/blobs/uploads/"));
+        async move { c.post(url).send().await.unwrap() }
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        let r = open(&mia).await;
+        assert_eq!(r.status(), 202);
+        sessions.push(location(&s, &r));
+    }
+    let r = refused(open(&mia).await).await;
+    assert_eq!((r.0, r.1.as_str()), (429, "TOOMANYREQUESTS"), "{r:?}");
+    assert!(r.2.contains("max_uploads_per_user"), "{r:?}");
+    assert_eq!(open(&client()).await.status(), 202, "another user opens sessions");
+    assert_eq!(mia.delete(&sessions[0]).send().await.unwrap().status(), 204);
+    assert_eq!(open(&mia).await.status(), 202, "a cancelled session frees its place");
+}

@@ -628,7 +628,7 @@ async fn start_upload(
         registry.upload_monolithic(repo, &digest, body, by).await?;
         return Ok(blob_created(repo, &digest));
     }
-    let id = registry.start_upload(repo).await?;
+    let id = registry.start_upload(repo, by).await?;
     Ok(upload_accepted(StatusCode::ACCEPTED, repo, &id, 0))
 }
 

@@ -236,6 +236,10 @@ pub struct UploadRow {
     pub staging: serde_json::Value,
     pub started_ms: i64,
     pub updated_ms: i64,
+    /// Who opened it (sessions count against their user's cap); `None` for
+    /// sessions opened before sessions had owners.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// Everything the read index needs, loaded once at start.
@@ -579,7 +583,7 @@ impl Metadata {
     pub async fn get_upload(&self, id: &UploadId) -> Result<Option<UploadRow>> {
         let mut r = self
             .db
-            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM ONLY type::record('upload', $id)")
+            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms, owner FROM ONLY type::record('upload', $id)")
             .bind(("id", id.to_string()))
             .await?
             .check()?;
@@ -596,7 +600,7 @@ impl Metadata {
     pub async fn stale_uploads(&self, before_ms: i64) -> Result<Vec<UploadRow>> {
         let mut r = self
             .db
-            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms FROM upload WHERE updated_ms < $before")
+            .query("SELECT id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms, owner FROM upload WHERE updated_ms < $before")
             .bind(("before", before_ms))
             .await?
             .check()?;
@@ -869,6 +873,7 @@ mod tests {
             staging: serde_json::json!({"generation": 0, "parts": [0, 5]}),
             started_ms: 5,
             updated_ms: 6,
+            owner: Some("mia".into()),
         };
         md.put_upload(&u).await.unwrap();
         assert_eq!(md.get_upload(&u.id).await.unwrap(), Some(u.clone()));

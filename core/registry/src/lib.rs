@@ -58,6 +58,9 @@ pub struct RegistryConfig {
     pub upload_sweep_secs: u64,
     /// Largest blob accepted, in bytes.
     pub max_blob_bytes: u64,
+    /// Upload sessions one user may have open at once (a further one is a
+    /// `429 TOOMANYREQUESTS`).
+    pub max_uploads_per_user: usize,
     /// Memory budget for cached manifest bytes.
     pub manifest_cache_bytes: usize,
     /// Pull counters are written in batches this often (a crash loses at most one
@@ -88,6 +91,7 @@ impl Default for RegistryConfig {
             upload_ttl_secs: 24 * 3600,
             upload_sweep_secs: 600,
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
+            max_uploads_per_user: 1000,
             manifest_cache_bytes: 256 * 1024 * 1024,
             counter_flush_secs: 5,
             count_pulls: true,
@@ -372,9 +376,20 @@ impl Registry {
     // ----- uploads -----
 
     /// Begin a chunked upload session.
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId, RegistryError> {
+    pub async fn start_upload(&self, repo: &RepoName, by: &str) -> Result<UploadId, RegistryError> {
         self.quotas.admit_repo(repo).await?;
-        Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(DigestAlgorithm::Sha256) }).await?
+        self.create_session(repo, DigestAlgorithm::Sha256, by).await
+    }
+
+    /// A session `by` opens (counted against their cap of open sessions).
+    async fn create_session(&self, repo: &RepoName, algorithm: DigestAlgorithm, by: &str) -> Result<UploadId, RegistryError> {
+        let create = uploads::Create {
+            repo: repo.clone(),
+            digester: Digester::new(algorithm),
+            owner: by.to_owned(),
+            max_per_owner: self.config.max_uploads_per_user.max(1),
+        };
+        Self::ask(&self.uploads, create).await?
     }
 
     /// Cross-repository mount: link `digest` from `from` into `repo` if `from` has it.
@@ -411,7 +426,7 @@ impl Registry {
         E: std::fmt::Display,
     {
         self.quotas.admit_repo(repo).await?;
-        let id = Self::ask(&self.uploads, uploads::Create { repo: repo.clone(), digester: Digester::new(digest.algorithm()) }).await??;
+        let id = self.create_session(repo, digest.algorithm(), by).await?;
         self.finish_upload(repo, &id, digest, None, Some(body), by).await
     }
 

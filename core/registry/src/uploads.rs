@@ -26,6 +26,7 @@ pub struct Session {
     pub digester: Digester,
     pub staging: Staging,
     pub started_ms: i64,
+    pub owner: Option<String>,
 }
 
 impl Session {
@@ -38,6 +39,7 @@ impl Session {
             staging: serde_json::to_value(&self.staging).expect("staging serializes"),
             started_ms: self.started_ms,
             updated_ms: now_ms(),
+            owner: self.owner.clone(),
         }
     }
 
@@ -49,6 +51,7 @@ impl Session {
             digester: Digester::restore(&hex_decode(&row.hash_state)?)?,
             staging: serde_json::from_value(row.staging).ok()?,
             started_ms: row.started_ms,
+            owner: row.owner,
         })
     }
 }
@@ -104,6 +107,9 @@ fn unknown(id: &UploadId) -> RegistryError {
 pub struct Create {
     pub repo: RepoName,
     pub digester: Digester,
+    /// The user opening it, and how many sessions a user may have open.
+    pub owner: String,
+    pub max_per_owner: usize,
 }
 impl Message for Create {
     type Result = Result<UploadId, RegistryError>;
@@ -113,6 +119,14 @@ impl Handler<Create> for UploadSessions {
     type Result = ResponseActFuture<Self, Result<UploadId, RegistryError>>;
 
     fn handle(&mut self, msg: Create, _: &mut Context<Self>) -> Self::Result {
+        // One user cannot hold the store's staging space and session records.
+        let open = self.sessions.values().filter(|e| e.session.owner.as_deref() == Some(msg.owner.as_str())).count();
+        if open >= msg.max_per_owner {
+            let e = RegistryError::new(ErrorCode::TooManyRequests).with_detail(format!(
+                "{open} upload sessions open (registry.max_uploads_per_user); finish or cancel some, or wait for idle ones to expire"
+            ));
+            return Box::pin(fut::ready(Err(e)));
+        }
         let session = Session {
             id: UploadId::random(),
             repo: msg.repo,
@@ -120,6 +134,7 @@ impl Handler<Create> for UploadSessions {
             digester: msg.digester,
             staging: Staging::default(),
             started_ms: now_ms(),
+            owner: Some(msg.owner),
         };
         let id = session.id;
         let row = session.to_row();
