@@ -179,8 +179,12 @@ async fn manifests_by_tag_and_digest() {
     // Unknown blobs and unknown children.
     let missing = sha256(b"missing");
     let bad = image_manifest((&cd, config.len()), &[(&missing, 7)], json!({}));
+    let bad_digest = sha256(&bad);
     let r = c.put(s.url(&format!("/v2/{repo}/manifests/bad"))).header("content-type", OCI_MANIFEST).body(bad).send().await.unwrap();
     expect_error(r, 400, "MANIFEST_BLOB_UNKNOWN", "missing layer").await;
+    // Refused before anything was stored: its bytes are nowhere on disk.
+    let hex = bad_digest.trim_start_matches("sha256:");
+    assert!(!s.data.join("blobs/blobs/sha256").join(&hex[..2]).join(hex).exists(), "a refused manifest's bytes stay unwritten");
     // A blob of another repository does not count.
     let other = push_blob(&c, &s, "other/repo", b"other layer").await;
     let bad = image_manifest((&cd, config.len()), &[(&other, 11)], json!({}));

@@ -701,6 +701,15 @@ impl Registry {
         // Plugin gates judge the push before anything of it is stored or
         // reserved, outside the repository actor: a slow gate delays only this push.
         let findings = self.gate(repo, &digest, tag.as_ref(), &parsed, &bytes, pusher).await?;
+        // Its references are checked before anything is stored or reserved (the
+        // repository actor checks again when it commits): a manifest naming
+        // blobs the repository lacks leaves no bytes behind.
+        let blobs: Vec<Digest> = parsed.required_blobs().cloned().collect();
+        let children: Vec<Digest> = parsed.required_manifests().cloned().collect();
+        match self.index.repo(repo) {
+            Some(state) => repo::check_references(repo, &state.read().unwrap(), &blobs, &children, |_| false)?,
+            None => repo::check_references(repo, &index::RepoState::default(), &blobs, &children, |_| false)?,
+        }
         self.quotas.admit_repo(repo).await?;
         // A manifest the repository already holds (a re-tag) costs nothing more.
         let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
@@ -737,8 +746,8 @@ impl Registry {
         let msg = repo::CommitManifest {
             row,
             tag: tag.clone(),
-            required_blobs: parsed.required_blobs().cloned().collect(),
-            required_manifests: parsed.required_manifests().cloned().collect(),
+            required_blobs: blobs,
+            required_manifests: children,
             quota,
             pinned,
             platforms: plugins::platforms(&parsed),

@@ -113,15 +113,9 @@ impl Handler<Flush> for RepoActor {
             // Manifests committed earlier in this group count as present for later ones.
             let mut earlier: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
             for Queued { msg, reply } in queue {
-                let missing_blob = msg.required_blobs.iter().find(|d| !s.blobs.contains_key(d));
-                let missing_manifest = msg.required_manifests.iter().find(|d| !s.manifests.contains_key(d) && !earlier.contains_key(d));
-                let refused = match (missing_blob, missing_manifest) {
-                    (Some(d), _) => Some(format!("blob {d} is not in repository {}", self.name)),
-                    (_, Some(d)) => Some(format!("manifest {d} is not in repository {}", self.name)),
-                    _ => None,
-                };
-                if let Some(detail) = refused {
-                    let _ = reply.send(Err(RegistryError::new(ErrorCode::ManifestBlobUnknown).with_detail(detail)));
+                if let Err(e) = check_references(&self.name, &s, &msg.required_blobs, &msg.required_manifests, |d| earlier.contains_key(d))
+                {
+                    let _ = reply.send(Err(e));
                     continue;
                 }
                 // What the image takes: its blobs (each once) and its children's content.
@@ -479,4 +473,24 @@ impl Handler<Collect> for RepoActor {
             ),
         ))
     }
+}
+
+/// Every blob and child manifest a manifest names is in the repository (or,
+/// for a child, `committing` with it): otherwise `MANIFEST_BLOB_UNKNOWN`.
+/// Checked before the manifest's bytes are stored, and again at commit.
+pub(crate) fn check_references(
+    repo: &RepoName,
+    s: &crate::index::RepoState,
+    blobs: &[Digest],
+    manifests: &[Digest],
+    committing: impl Fn(&Digest) -> bool,
+) -> Result<(), RegistryError> {
+    let detail = if let Some(d) = blobs.iter().find(|d| !s.blobs.contains_key(d)) {
+        format!("blob {d} is not in repository {repo}")
+    } else if let Some(d) = manifests.iter().find(|d| !s.manifests.contains_key(d) && !committing(d)) {
+        format!("manifest {d} is not in repository {repo}")
+    } else {
+        return Ok(());
+    };
+    Err(RegistryError::new(ErrorCode::ManifestBlobUnknown).with_detail(detail))
 }
