@@ -275,13 +275,7 @@ pub struct PluginHost {
     http: reqwest::Client,
     kv: Option<Arc<dyn KvStore>>,
     ticking: Arc<AtomicBool>,
-    /// One permit per instance slot of the pool.
-    slots: tokio::sync::Semaphore,
 }
-
-/// Calls in flight at once across all plugins (the pool's instance slots; each
-/// reserves its address space up front: 4 GiB of it per memory, never touched).
-const CALL_SLOTS: u32 = 128;
 
 impl Drop for PluginHost {
     fn drop(&mut self) {
@@ -294,21 +288,6 @@ impl PluginHost {
     pub fn new(cache_dir: &Path, kv: Option<Arc<dyn KvStore>>) -> Result<PluginHost, String> {
         let mut cfg = wasmtime::Config::new();
         cfg.wasm_component_model(true).epoch_interruption(true).consume_fuel(true);
-        // Every call instantiates afresh (no state carries from one call to the
-        // next), from slots reserved once: no memory or fiber stack is mapped or
-        // unmapped per call (each unmap interrupted every core to flush its TLB),
-        // and the first MiB of a memory is reset by memset rather than released.
-        let mut pool = wasmtime::PoolingAllocationConfig::new();
-        pool.total_component_instances(CALL_SLOTS)
-            .total_core_instances(CALL_SLOTS * 8)
-            .total_memories(CALL_SLOTS * 2)
-            .total_tables(CALL_SLOTS * 8)
-            .total_stacks(CALL_SLOTS)
-            .max_memories_per_module(2)
-            .linear_memory_keep_resident(1 << 20)
-            .table_keep_resident(64 << 10)
-            .async_stack_keep_resident(64 << 10);
-        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| format!("plugin engine: {e}"))?;
         let linker = sandbox::linker(&engine).map_err(|e| format!("plugin linker: {e}"))?;
         std::fs::create_dir_all(cache_dir).map_err(|e| format!("plugin cache {}: {e}", cache_dir.display()))?;
@@ -338,7 +317,6 @@ impl PluginHost {
             http,
             kv,
             ticking,
-            slots: tokio::sync::Semaphore::new(CALL_SLOTS as usize),
         })
     }
 
@@ -612,8 +590,6 @@ impl PluginHost {
         let timeout = Duration::from_millis(limits.timeout_ms);
         let started = Instant::now();
         let run = async {
-            // A slot of the pool; waiting for one counts towards the call's time.
-            let _slot = self.slots.acquire().await.map_err(|_| CallError::Unavailable("the plugin host is closing".into()))?;
             let mut store = sandbox::store(&self.engine, ctx, limits.memory_mib, limits.fuel, timeout).map_err(sandbox::classify)?;
             let plugin = inst.module.pre.instantiate_async(&mut store).await.map_err(|e| CallError::Instantiate(format!("{e:#}")))?;
             let r = f(&plugin, &mut store).await.map_err(sandbox::classify);
