@@ -452,10 +452,9 @@ impl Auth {
             error: RegistryError::new(ErrorCode::TooManyRequests).with_detail("too many failed logins; try again later"),
             retry_after_secs: wait,
         };
-        let source_text = source.to_string();
         let fail = || {
             self.limiter.fail(name.as_ref(), &source);
-            self.audit.record("login-failed", Some(user), Some(&source_text), None, None);
+            self.audit.record("login-failed", Some(user), Some(&source.to_string()), None, None);
             unauthorized("invalid username or password")
         };
         if tokens::split(secret).is_some() {
@@ -497,7 +496,7 @@ impl Auth {
             return Err(fail());
         }
         self.limiter.succeed(&name, &source);
-        self.audit.record("login", Some(name.as_str()), Some(&source_text), None, Some("password".into()));
+        self.audit.record("login", Some(name.as_str()), Some(&source.to_string()), None, Some("password".into()));
         let mut v = self.verified.lock().unwrap();
         if v.len() > 10_000 {
             v.retain(|_, (_, until)| *until > now);

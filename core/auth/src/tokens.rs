@@ -135,15 +135,18 @@ impl Handler<Revoke> for TokenActor {
         // With every token minted from them, and from those, and so on.
         let ids = {
             let v = self.view.read().unwrap();
+            // Who minted what, in one pass over the view.
+            let mut minted: HashMap<&str, Vec<&str>> = HashMap::new();
+            for t in v.values() {
+                if let Some(p) = &t.parent {
+                    minted.entry(p.as_str()).or_default().push(t.id.as_str());
+                }
+            }
             let mut ids = m.0.clone();
             let mut i = 0;
             while i < ids.len() {
-                let children: Vec<String> =
-                    v.values().filter(|t| t.parent.as_deref() == Some(ids[i].as_str())).map(|t| t.id.clone()).collect();
-                for c in children {
-                    if !ids.contains(&c) {
-                        ids.push(c);
-                    }
+                if let Some(children) = minted.remove(ids[i].as_str()) {
+                    ids.extend(children.into_iter().map(str::to_owned));
                 }
                 i += 1;
             }

@@ -87,8 +87,8 @@ pub(crate) fn authorize_api(auth: &Auth, identity: &Identity, repo: &RepoName, a
 /// The caller's address for throttling (behind trusted proxies, the right-most
 /// `X-Forwarded-For` hop that is not one of them: [`berth_auth::AuthConfig::client_address`]).
 pub fn source(auth: &Auth, req: &Request) -> String {
-    let hops = req.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
-    auth.config().client_address(req.remote.map(|a| a.ip()), hops.into_iter()).map(|ip| ip.to_string()).unwrap_or_default()
+    let hops = req.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    auth.config().client_address(req.remote.map(|a| a.ip()), hops).map(|ip| ip.to_string()).unwrap_or_default()
 }
 
 /// Render a refusal.
