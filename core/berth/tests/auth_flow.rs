@@ -381,9 +381,7 @@ async fn failed_logins_slow_their_source_never_the_user_elsewhere() {
 #[tokio::test]
 async fn a_spoofed_forwarded_for_is_ignored() {
     let dir = TempDir::new("auth-proxy");
-    let cfg = dir.path().join("berth.toml");
-    std::fs::write(&cfg, "[auth]\ntrust_proxy = true\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n").unwrap();
-    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    let s = Server::start_configured(&dir, "[auth]\ntrust_proxy = true\ntrusted_proxies = [\"127.0.0.0/8\", \"10.0.0.0/8\"]\n");
     tenant_user_token(&s, "acme", "dev", "developer").await;
     // The client 203.0.113.9 (through the proxies 10.1.1.1 and the peer) makes up
     // a new first hop on each try.
@@ -685,9 +683,7 @@ async fn credentials_carry_their_kind_and_scopes() {
 #[tokio::test]
 async fn live_tokens_per_user_are_capped() {
     let dir = TempDir::new("token-cap");
-    let cfg = dir.path().join("berth.toml");
-    std::fs::write(&cfg, "[auth]\nmax_tokens_per_user = 2\n").unwrap();
-    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    let s = Server::start_configured(&dir, "[auth]\nmax_tokens_per_user = 2\n");
     tenant_user_token(&s, "acme", "mia", "developer").await;
     let pw = client_as("mia", "mia-password");
     assert_eq!(pw.post(s.url("/api/v1/tokens")).json(&json!({})).send().await.unwrap().status(), 201);

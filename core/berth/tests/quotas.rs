@@ -331,9 +331,7 @@ fn repository_and_namespace_limits_defaults_cli_and_bad_input() {
 #[tokio::test]
 async fn one_user_cannot_hold_unbounded_upload_sessions() {
     let dir = TempDir::new("upload-cap");
-    let cfg = dir.path().join("berth.toml");
-    std::fs::write(&cfg, "[registry]\nmax_uploads_per_user = 3\n").unwrap();
-    let s = Server::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())]);
+    let s = Server::start_configured(&dir, "[registry]\nmax_uploads_per_user = 3\n");
     let mia = client_as("mia", &tenant_user_token(&s, "acme", "mia", "developer").await);
     let open = |c: &reqwest::Client| {
         let (c, url) = (c.clone(), s.url("/v2/acme/app/blobs/uploads/"));

@@ -84,6 +84,13 @@ impl Server {
         Server { child: Some(child), base, addr, data: data.to_path_buf() }
     }
 
+    /// Start with `toml` as its configuration file (`<dir>/berth.toml`), data in `<dir>/data`.
+    pub fn start_configured(dir: &TempDir, toml: &str) -> Server {
+        let cfg = dir.path().join("berth.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        Self::start_in(&dir.path().join("data"), &[("BERTH_CONFIG", cfg.to_str().unwrap())])
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
