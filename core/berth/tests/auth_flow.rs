@@ -671,6 +671,17 @@ async fn credentials_carry_their_kind_and_scopes() {
     assert_eq!(with(&bearer).send().await.unwrap().status(), 401, "disabled: a bearer token");
     assert_eq!(client().put(api("users/mia/disabled")).json(&json!({"disabled": false})).send().await.unwrap().status(), 204);
     assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 200, "enabled again");
+    // Bad input: clear 4xx.
+    expect_error(client().get(api("users/Not!A!Name/tokens")).send().await.unwrap(), 400, "NAME_INVALID", "bad user name").await;
+    expect_error(client().get(api("users/nobody/tokens")).send().await.unwrap(), 404, "NOT_FOUND", "unknown user").await;
+    let r = client().put(api("users/mia/disabled")).json(&json!({"disabled": "yes"})).send().await.unwrap();
+    assert_eq!(r.status(), 400, "wrong type");
+    let r = client().put(api("users/admin/disabled")).json(&json!({"disabled": true})).send().await.unwrap();
+    expect_error(r, 400, "INVALID_REQUEST", "disabling yourself").await;
+    for scopes in [json!([]), json!(["bogus"]), json!("pull")] {
+        let r = pw.post(api("tokens")).json(&json!({ "scopes": scopes })).send().await.unwrap();
+        assert_eq!(r.status(), 400, "scopes {scopes}");
+    }
     let r = client().delete(api("users/mia/tokens")).send().await.unwrap();
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["revoked"].as_array().unwrap().len(), 1);
     assert_eq!(t2.get(s.url("/v2/")).send().await.unwrap().status(), 401, "revoked by the admin");

@@ -6,8 +6,8 @@
 //! listing, namespace visibility, the namespace's shares, the owning tenant's
 //! quotas, the repository's and the namespace's retention policy, retention
 //! runs, the namespace's plugin instance, its delivery log and the plugin listing, the
-//! security audit log, the `/registry/v1` and `/api/console` adapters}. Every
-//! cell is asserted.
+//! security audit log, the owning tenant's maintainer's tokens and disabling
+//! them, the `/registry/v1` and `/api/console` adapters}. Every cell is asserted.
 
 mod common;
 
@@ -19,7 +19,7 @@ use serde_json::json;
 
 const TENANTS: [&str; 3] = ["acme", "beta", "gamma"];
 const ROLES: [(&str, &str); 4] = [("admin", "tenant-admin"), ("maint", "maintainer"), ("dev", "developer"), ("reader", "reader")];
-const OPS: [&str; 23] = [
+const OPS: [&str; 25] = [
     "pull",
     "push",
     "delete",
@@ -43,6 +43,8 @@ const OPS: [&str; 23] = [
     "api-plugin-list",
     "api-plugin-log",
     "api-audit",
+    "api-user-tokens",
+    "api-user-disable",
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -74,6 +76,14 @@ fn expected(who: Who, repo_kind: &str, op: &str) -> bool {
     // The security audit log is the platform admin's alone.
     if op == "api-audit" {
         return false;
+    }
+    // A user's tokens: the user's own and their tenant admin's to see; disabling
+    // the user is the tenant admin's (not their own).
+    if op == "api-user-tokens" {
+        return matches!(who, Who::Role(0) | Who::Role(1));
+    }
+    if op == "api-user-disable" {
+        return who == Who::Role(0);
     }
     // A namespace's shares and plugin instances are its administrator's to see.
     if op == "api-ns-shares" || op == "api-plugin" || op == "api-plugin-list" || op == "api-plugin-log" {
@@ -391,6 +401,20 @@ async fn attempt(s: &Server, c: &reqwest::Client, repo: &str, op: &str, seed: u6
             }
             let v: serde_json::Value = r.json().await.unwrap();
             v["events"].as_array().unwrap().iter().any(|e| e["target"] == repo)
+        }
+        "api-user-tokens" | "api-user-disable" => {
+            let tenant = repo.split('/').next().unwrap().trim_end_matches("-ns");
+            let base = format!("/api/v1/users/{tenant}-maint");
+            let r = if op == "api-user-tokens" {
+                c.get(s.url(&format!("{base}/tokens"))).send().await.unwrap()
+            } else {
+                // Enabling again: changes nothing, and tells who may.
+                c.put(s.url(&format!("{base}/disabled"))).json(&json!({"disabled": false})).send().await.unwrap()
+            };
+            let code = r.status().as_u16();
+            // Another tenant's user answers like an unknown one; disabling yourself is a 400.
+            assert!(matches!(code, 200 | 204 | 400 | 404) || denied(code), "{op} {tenant}: {code}");
+            code == 200 || code == 204
         }
         "api-update" => {
             let r = c
