@@ -28,6 +28,8 @@ const BUFFER: usize = 10_000;
 pub struct Audit {
     tx: tokio::sync::mpsc::Sender<AuditRow>,
     dropped: Arc<AtomicU64>,
+    closing: Arc<tokio::sync::Notify>,
+    writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Audit {
@@ -36,14 +38,38 @@ impl Audit {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditRow>(BUFFER);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost = dropped.clone();
-        tokio::spawn(async move {
+        let closing = Arc::new(tokio::sync::Notify::new());
+        let close = closing.clone();
+        let writer = tokio::spawn(async move {
             let mut batch = Vec::new();
             let mut pruned_ms = 0;
-            while rx.recv_many(&mut batch, 1_000).await > 0 {
-                if let Err(e) = meta.append_audit(&batch).await {
-                    tracing::warn!(error = %e, events = batch.len(), "audit log not written (the events were logged)");
+            let mut closed = false;
+            loop {
+                if !closed {
+                    tokio::select! {
+                        n = rx.recv_many(&mut batch, 1_000) => if n == 0 { break },
+                        () = close.notified() => closed = true,
+                    }
                 }
-                batch.clear();
+                if closed {
+                    // Closing: what is queued is written, then the writer ends.
+                    while let Ok(row) = rx.try_recv() {
+                        batch.push(row);
+                    }
+                }
+                if !batch.is_empty() {
+                    if let Err(e) = meta.append_audit(&batch).await {
+                        tracing::warn!(error = %e, events = batch.len(), "audit log not written (the events were logged)");
+                    }
+                    batch.clear();
+                }
+                let n = lost.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    tracing::warn!(events = n, "audit events beyond the buffer were logged but not stored");
+                }
+                if closed {
+                    break;
+                }
                 let now = crate::tokens::now_ms();
                 if now - pruned_ms > 3_600_000 {
                     pruned_ms = now;
@@ -51,14 +77,22 @@ impl Audit {
                         tracing::warn!(error = %e, "audit log pruning");
                     }
                 }
-                let n = lost.swap(0, Ordering::Relaxed);
-                if n > 0 {
-                    tracing::warn!(events = n, "audit events beyond the buffer were logged but not stored");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = close.notified() => closed = true,
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        Audit { tx, dropped }
+        Audit { tx, dropped, closing, writer: std::sync::Mutex::new(Some(writer)) }
+    }
+
+    /// Write what is queued and stop the writer (before the metadata store closes).
+    pub async fn close(&self) {
+        let writer = self.writer.lock().unwrap().take();
+        if let Some(writer) = writer {
+            self.closing.notify_one();
+            let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+        }
     }
 
     /// Record an event; `source` defaults to the current request's.

@@ -307,6 +307,11 @@ impl Auth {
         &self.config
     }
 
+    /// Store the audit events still queued (at shutdown, before the metadata store closes).
+    pub async fn close(&self) {
+        self.audit.close().await;
+    }
+
     pub fn policy(&self) -> &policy::Policy {
         &self.policy
     }

@@ -305,7 +305,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         // Shown once, on the first start of a new data directory.
         println!("berth created the platform admin: user 'admin', password '{pw}' (shown once; set BERTH_ADMIN_PASSWORD to choose it)");
     }
-    let services = berth_http::Services { registry: registry.clone(), auth };
+    let services = berth_http::Services { registry: registry.clone(), auth: auth.clone() };
     let watchdog = cfg.metadata.watchdog_secs.unwrap_or(berth_metadata::DEFAULT_WATCHDOG_SECS);
     if watchdog > 0 {
         watch_metadata(meta_close.clone(), std::time::Duration::from_secs(watchdog))?;
@@ -326,6 +326,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     berth_http::serve(services, listener, shutdown).await;
     tracing::info!("shutting down");
     registry.flush_counters().await;
+    auth.close().await;
     registry.shutdown();
     meta_close.shutdown().await;
     Ok(())

@@ -62,3 +62,41 @@ fn a_bad_drain_setting_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("drain_secs 100000: at most 600"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A clean stop loses nothing queued and logs no error: the audit events of the
+/// last moment are stored before the metadata store closes, and no query
+/// reaches the store once it is closing (the store logs such a query as an
+/// error; the fuzz run reads the log for errors).
+#[test]
+fn a_clean_stop_stores_the_last_audit_events_and_logs_no_error() {
+    let dir = TempDir::new("health-stop");
+    let data = dir.path().join("data");
+    let log = dir.path().join("stderr.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut s = Server::start_with(&data, "127.0.0.1:0", &[], |cmd| {
+        cmd.stderr(file);
+    });
+    block_on(async {
+        // The first failed login is written at once; the writer then waits a
+        // second before its next batch, and the second one arrives in it.
+        for user in ["first-intruder", "second-intruder"] {
+            let r = client_as(user, "wrong").get(s.url("/v2/")).send().await.unwrap();
+            assert_eq!(r.status(), 401);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    s.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines() {
+        assert!(!line.contains(" ERROR ") && !line.contains("panicked"), "the stop logged an error: {line}");
+    }
+
+    let s = Server::start_in(&data, &[]);
+    block_on(async {
+        let events: Value = client().get(s.url("/api/v1/audit?action=login-failed")).send().await.unwrap().json().await.unwrap();
+        let actors: Vec<&str> = events["events"].as_array().unwrap().iter().filter_map(|e| e["actor"].as_str()).collect();
+        for user in ["first-intruder", "second-intruder"] {
+            assert!(actors.contains(&user), "{user}'s failed login was not stored before the stop: {events}");
+        }
+    });
+}

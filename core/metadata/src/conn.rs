@@ -9,6 +9,9 @@
 use std::borrow::Cow;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use surrealdb::engine::any::{self, Any};
 use surrealdb::engine::local::Db;
@@ -32,21 +35,60 @@ pub(crate) enum Target {
 }
 
 #[derive(Clone)]
-pub(crate) enum Conn {
+pub(crate) struct Conn {
+    kind: Kind,
+    gate: Arc<Gate>,
+}
+
+#[derive(Clone)]
+enum Kind {
     /// The SDK handle, and the datastore under it (to shut it down).
-    Embedded(Surreal<Db>, std::sync::Arc<Datastore>),
+    Embedded(Surreal<Db>, Arc<Datastore>),
     Url(Surreal<Any>),
 }
 
+/// Closing in order: once [`Conn::shutdown`] starts, queries are refused before
+/// they reach the engine, and the engine closes only when the queries already
+/// running have finished (a query arriving at a closing engine is an error the
+/// engine logs as such, and one cut off mid-commit is lost work).
+#[derive(Default)]
+struct Gate {
+    closing: AtomicBool,
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// How long closing waits for running queries.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// What a query sent after closing began answers.
+pub(crate) const CLOSED: &str = "the metadata store is closed (Berth is shutting down)";
+
 /// A query on either connection: `bind` it, then await it.
-pub(crate) enum Q<'a> {
+pub(crate) struct Q<'a> {
+    kind: QKind<'a>,
+    gate: &'a Gate,
+}
+
+enum QKind<'a> {
     Embedded(Query<'a, Db>),
     Url(Query<'a, Any>),
 }
 
+/// One running query, counted until dropped.
+struct Running<'a>(&'a Gate);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.closing.load(Ordering::SeqCst) {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 impl Conn {
     pub(crate) async fn open(target: Target, config: &MetadataConfig) -> Result<Conn> {
-        let conn = match target {
+        let kind = match target {
             Target::Embedded { dir, sync, cache_bytes, memtable_bytes } => {
                 let settings = ConfigMap::empty()
                     .with_key_value("datastore_sync", sync)
@@ -65,7 +107,7 @@ impl Conn {
                 ds.bootstrap().await.map_err(|e| failed(&e))?;
                 ds.start_maintenance_tasks();
                 // No notification channel: Berth runs no live queries.
-                Conn::Embedded(Surreal::<Db>::unstable_from_datastore(ds.clone(), None).await?, ds)
+                Kind::Embedded(Surreal::<Db>::unstable_from_datastore(ds.clone(), None).await?, ds)
             }
             Target::Url(url) => {
                 // Berth runs no live queries: without their notification channel the
@@ -75,20 +117,38 @@ impl Conn {
                 if let (Some(username), Some(password)) = (&config.username, &config.password) {
                     db.signin(Root { username: username.clone(), password: password.clone() }).await?;
                 }
-                Conn::Url(db)
+                Kind::Url(db)
             }
         };
-        match &conn {
-            Conn::Embedded(db, _) => db.use_ns(&config.namespace).use_db(&config.database).await?,
-            Conn::Url(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
+        match &kind {
+            Kind::Embedded(db, _) => db.use_ns(&config.namespace).use_db(&config.database).await?,
+            Kind::Url(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
         };
-        Ok(conn)
+        Ok(Conn { kind, gate: Arc::default() })
     }
 
-    /// Stop the embedded store's maintenance tasks and close its engine (every
-    /// commit is already durable; this leaves no flush or compaction cut off).
+    /// Refuse further queries, wait (up to [`CLOSE_WAIT`]) for the running ones,
+    /// then stop the embedded store's maintenance tasks and close its engine
+    /// (every commit is already durable; this leaves no flush or compaction cut off).
     pub(crate) async fn shutdown(&self) {
-        if let Conn::Embedded(_, ds) = self {
+        let gate = &self.gate;
+        gate.closing.store(true, Ordering::SeqCst);
+        let waited = tokio::time::timeout(CLOSE_WAIT, async {
+            loop {
+                let idle = gate.idle.notified();
+                tokio::pin!(idle);
+                idle.as_mut().enable();
+                if gate.running.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(queries = gate.running.load(Ordering::SeqCst), "closing the metadata store with queries still running");
+        }
+        if let Kind::Embedded(_, ds) = &self.kind {
             if let Err(e) = ds.shutdown().await {
                 tracing::warn!(error = %e, "closing the embedded metadata store");
             }
@@ -96,27 +156,30 @@ impl Conn {
     }
 
     pub(crate) fn query<'a>(&'a self, sql: impl Into<Cow<'a, str>>) -> Q<'a> {
-        match self {
-            Conn::Embedded(db, _) => Q::Embedded(db.query(sql)),
-            Conn::Url(db) => Q::Url(db.query(sql)),
-        }
+        let kind = match &self.kind {
+            Kind::Embedded(db, _) => QKind::Embedded(db.query(sql)),
+            Kind::Url(db) => QKind::Url(db.query(sql)),
+        };
+        Q { kind, gate: &self.gate }
     }
 }
 
 impl<'a> Q<'a> {
     /// Another statement in the same request.
     pub(crate) fn query(self, sql: impl Into<Cow<'a, str>>) -> Self {
-        match self {
-            Q::Embedded(q) => Q::Embedded(q.query(sql)),
-            Q::Url(q) => Q::Url(q.query(sql)),
-        }
+        let kind = match self.kind {
+            QKind::Embedded(q) => QKind::Embedded(q.query(sql)),
+            QKind::Url(q) => QKind::Url(q.query(sql)),
+        };
+        Q { kind, gate: self.gate }
     }
 
     pub(crate) fn bind(self, vars: impl IntoVariables) -> Self {
-        match self {
-            Q::Embedded(q) => Q::Embedded(q.bind(vars)),
-            Q::Url(q) => Q::Url(q.bind(vars)),
-        }
+        let kind = match self.kind {
+            QKind::Embedded(q) => QKind::Embedded(q.bind(vars)),
+            QKind::Url(q) => QKind::Url(q.bind(vars)),
+        };
+        Q { kind, gate: self.gate }
     }
 }
 
@@ -125,9 +188,22 @@ impl<'a> IntoFuture for Q<'a> {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        match self {
-            Q::Embedded(q) => q.into_future(),
-            Q::Url(q) => q.into_future(),
+        let gate = self.gate;
+        // Counted before the closing flag is read: closing sets the flag, then
+        // reads the count, so a query either sees the flag or is waited for.
+        gate.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(gate);
+        if gate.closing.load(Ordering::SeqCst) {
+            drop(running);
+            return Box::pin(std::future::ready(Err(surrealdb::Error::connection(CLOSED.to_owned(), None))));
         }
+        let query = match self.kind {
+            QKind::Embedded(q) => q.into_future(),
+            QKind::Url(q) => q.into_future(),
+        };
+        Box::pin(async move {
+            let _running = running;
+            query.await
+        })
     }
 }
