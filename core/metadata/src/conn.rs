@@ -58,6 +58,9 @@ struct Gate {
     idle: tokio::sync::Notify,
 }
 
+/// A handle of each embedded store closed by [`Conn::shutdown`] (see there).
+static KEPT: std::sync::Mutex<Vec<Surreal<Db>>> = std::sync::Mutex::new(Vec::new());
+
 /// How long closing waits for running queries.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
@@ -148,10 +151,15 @@ impl Conn {
         if waited.is_err() {
             tracing::warn!(queries = gate.running.load(Ordering::SeqCst), "closing the metadata store with queries still running");
         }
-        if let Kind::Embedded(_, ds) = &self.kind {
+        if let Kind::Embedded(db, ds) = &self.kind {
             if let Err(e) = ds.shutdown().await {
                 tracing::warn!(error = %e, "closing the embedded metadata store");
             }
+            // The SDK's engine shuts its datastore down again when the last
+            // handle goes; a second pass finds the engine closed and logs its
+            // refused node update as an error. One handle is kept until the
+            // process ends, so the closing here is the only one.
+            KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(db.clone());
         }
     }
 
