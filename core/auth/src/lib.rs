@@ -22,6 +22,7 @@ pub mod audit;
 pub mod identity;
 pub mod limiter;
 pub mod policy;
+pub mod rules;
 pub mod secret;
 pub mod tokens;
 
@@ -231,7 +232,12 @@ pub struct Auth {
     hashing: tokio::sync::Semaphore,
     /// The bootstrap admin password, when it was generated on this start.
     pub generated_admin_password: Option<String>,
+    /// Whether a repository exists (decisions about others are not cached).
+    repo_exists: RepoProbe,
 }
+
+/// Answers whether a repository exists (the registry's index).
+pub type RepoProbe = Box<dyn Fn(&RepoName) -> bool + Send + Sync>;
 
 const VERIFIED_TTL_MS: i64 = 60_000;
 /// How far replicas' clocks may disagree on when a credential changed.
@@ -240,7 +246,7 @@ const CLOCK_SKEW_MS: i64 = 10_000;
 impl Auth {
     /// Load keys, policy, namespaces and tokens; create the bootstrap admin on
     /// first start; start the token actor on `arbiter` and the refresh loop.
-    pub async fn open(meta: Metadata, config: AuthConfig, arbiter: &ArbiterHandle) -> Result<Arc<Auth>, String> {
+    pub async fn open(meta: Metadata, config: AuthConfig, arbiter: &ArbiterHandle, repo_exists: RepoProbe) -> Result<Arc<Auth>, String> {
         let policy = policy::Policy::open(meta.clone(), config.policy_dir.clone()).await?;
         policy.upgrade_push_shares().await?;
         let master = match &config.master_key_file {
@@ -287,6 +293,7 @@ impl Auth {
             changed: RwLock::new(changed),
             hashing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
             generated_admin_password,
+            repo_exists,
         });
         auth.refresh_namespaces().await.map_err(|e| e.to_string())?;
         let weak = Arc::downgrade(&auth);
@@ -525,7 +532,7 @@ impl Auth {
 
     /// The policy decision for a principal, action and repository.
     pub fn decide(&self, principal: &Principal, repo: &RepoName, action: Action) -> Decision {
-        self.policy.check(principal.subject(), &self.domain_of(repo), repo.as_str(), action.as_str())
+        self.policy.check_object(principal.subject(), &self.domain_of(repo), repo.as_str(), action.as_str(), || (self.repo_exists)(repo))
     }
 
     /// Whether `identity` may do `action` on `repo` (policy and token scope).
@@ -1198,7 +1205,7 @@ impl Auth {
     }
 
     pub fn is_public(&self, repo: &RepoName) -> bool {
-        self.tenant_of(repo).is_some_and(|t| self.policy.rules().contains(&Self::public_rule(&t, repo)))
+        self.tenant_of(repo).is_some_and(|t| self.policy.has_rule(&Self::public_rule(&t, repo)))
     }
 
     /// Share a repository with another tenant for pull or pull+push, optionally until a time.

@@ -8,10 +8,15 @@
 //! database; each node rebuilds its enforcer when it sees a new version, so a
 //! change made on one replica reaches all of them without a restart.
 //!
-//! Decisions are cached per (subject, domain, object, action) until the next
-//! rebuild, so the hot path costs one hash lookup.
+//! With the standard model a decision is a few hash lookups through
+//! [`crate::rules::RuleIndex`], whatever the number of rules, and is not cached.
+//! A directory with a model of its own is evaluated by casbin, which scans every
+//! rule: those decisions are cached per (subject, domain, object, action) in a
+//! bounded cache that evicts the least used entries (never all at once), emptied
+//! by a rebuild; decisions about repositories that do not exist are not cached,
+//! so probing random names cannot push the useful ones out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -21,11 +26,13 @@ use berth_oci::{ErrorCode, RegistryError};
 use casbin::{Adapter, Filter};
 use casbin::{CoreApi, DefaultModel, Enforcer, MgmtApi, Model};
 
+use crate::rules::{self, RuleIndex};
+
 /// The default model and policy, used when no `policies/` directory is configured.
 pub const DEFAULT_MODEL: &str = include_str!("../../../policies/model.conf");
 pub const DEFAULT_POLICY: &str = include_str!("../../../policies/policy.csv");
 
-const MAX_CACHED_DECISIONS: usize = 200_000;
+const MAX_CACHED_DECISIONS: usize = 100_000;
 
 /// An authorization decision, with the rule that decided it when one matched.
 #[derive(Clone, Debug, PartialEq)]
@@ -306,7 +313,10 @@ pub fn decide(e: &Enforcer, sub: &str, dom: &str, obj: &str, act: &str) -> Decis
 
 struct Loaded {
     enforcer: Enforcer,
+    /// The indexed evaluator, for the standard model.
+    index: Option<RuleIndex>,
     version: u64,
+    /// Sorted.
     rules: Vec<PolicyRuleRow>,
 }
 
@@ -320,7 +330,8 @@ pub struct Policy {
     seed_path: Option<PathBuf>,
     seed_text: tokio::sync::Mutex<String>,
     loaded: RwLock<Arc<Loaded>>,
-    cache: RwLock<HashMap<Key, Decision>>,
+    /// casbin's decisions, for a model other than the standard one.
+    cache: quick_cache::sync::Cache<Key, Decision>,
     rebuild_lock: tokio::sync::Mutex<()>,
 }
 
@@ -346,8 +357,8 @@ impl Policy {
             model,
             seed_path,
             seed_text: tokio::sync::Mutex::new(seed_text),
-            loaded: RwLock::new(Arc::new(Loaded { enforcer, version: 0, rules: Vec::new() })),
-            cache: RwLock::new(HashMap::new()),
+            loaded: RwLock::new(Arc::new(Loaded { enforcer, index: None, version: 0, rules: Vec::new() })),
+            cache: quick_cache::sync::Cache::new(MAX_CACHED_DECISIONS),
             rebuild_lock: tokio::sync::Mutex::new(()),
         };
         policy.apply_seed(&seed).await?;
@@ -382,8 +393,15 @@ impl Policy {
         // Listed (and exported) are the rules as stored, not what loading derived.
         rules.retain(|r| !is_derived(r));
         rules.sort();
-        *self.loaded.write().unwrap() = Arc::new(Loaded { enforcer, version: state.version, rules });
-        self.cache.write().unwrap().clear();
+        let index = rules::is_standard_model(&self.model).then(|| {
+            RuleIndex::new(
+                enforcer.get_named_policy("p"),
+                enforcer.get_named_grouping_policy("g"),
+                enforcer.get_named_grouping_policy("g2"),
+            )
+        });
+        *self.loaded.write().unwrap() = Arc::new(Loaded { enforcer, index, version: state.version, rules });
+        self.cache.clear();
         tracing::debug!(version = state.version, "policy loaded");
         Ok(())
     }
@@ -416,27 +434,37 @@ impl Policy {
         self.loaded.read().unwrap().version
     }
 
-    /// Decide a request (cached until the policy changes).
+    /// Decide a request about an object that exists (or is not a repository).
     pub fn check(&self, sub: &str, dom: &str, obj: &str, act: &'static str) -> Decision {
-        let key: Key = (sub.to_owned(), dom.to_owned(), obj.to_owned(), act);
-        if let Some(d) = self.cache.read().unwrap().get(&key) {
-            return d.clone();
-        }
+        self.check_object(sub, dom, obj, act, || true)
+    }
+
+    /// Decide a request; `known`: whether the object exists, so that casbin's
+    /// decision about it may be cached (see the module's notes; asked only then).
+    pub fn check_object(&self, sub: &str, dom: &str, obj: &str, act: &'static str, known: impl FnOnce() -> bool) -> Decision {
         let loaded = self.loaded.read().unwrap().clone();
-        let d = decide(&loaded.enforcer, sub, dom, obj, act);
-        let mut cache = self.cache.write().unwrap();
-        if cache.len() >= MAX_CACHED_DECISIONS {
-            cache.clear();
+        if let Some(index) = &loaded.index {
+            return index.decide(sub, dom, obj, act);
         }
+        let key: Key = (sub.to_owned(), dom.to_owned(), obj.to_owned(), act);
+        if let Some(d) = self.cache.get(&key) {
+            return d;
+        }
+        let d = decide(&loaded.enforcer, sub, dom, obj, act);
         // Only cache if no rebuild happened meanwhile.
-        if Arc::ptr_eq(&loaded, &self.loaded.read().unwrap()) {
-            cache.insert(key, d.clone());
+        if known() && Arc::ptr_eq(&loaded, &self.loaded.read().unwrap()) {
+            self.cache.insert(key, d.clone());
         }
         d
     }
 
     pub fn rules(&self) -> Vec<PolicyRuleRow> {
         self.loaded.read().unwrap().rules.clone()
+    }
+
+    /// Whether exactly this rule is stored (without copying the rules).
+    pub fn has_rule(&self, rule: &PolicyRuleRow) -> bool {
+        self.loaded.read().unwrap().rules.binary_search(rule).is_ok()
     }
 
     /// Push shares written before pushing through a share needed a pushing role
@@ -513,10 +541,20 @@ pub async fn run_table(model: &str, rules: Vec<PolicyRuleRow>, table: &str) -> R
     let mut all = rules;
     all.extend(fixtures);
     let e = build_enforcer(model, MetadataAdapter::fixed(all)).await?;
+    // A running registry decides the standard model through the index: the
+    // table holds for both evaluators.
+    let index = rules::is_standard_model(model)
+        .then(|| RuleIndex::new(e.get_named_policy("p"), e.get_named_grouping_policy("g"), e.get_named_grouping_policy("g2")));
     let mut failures = Vec::new();
     for x in &expectations {
         let [s, d, o, a] = &x.request;
         let got = decide(&e, s, d, o, a);
+        if let Some(indexed) = index.as_ref().map(|i| i.decide(s, d, o, a)).filter(|i| i.allowed != got.allowed) {
+            failures.push(format!(
+                "line {}: {s}, {d}, {o}, {a}: casbin and the index disagree ({} vs {})",
+                x.line, got.allowed, indexed.allowed
+            ));
+        }
         if got.allowed != x.allow {
             failures.push(format!(
                 "line {}: {s}, {d}, {o}, {a}: expected {}, got {} (rule: {})",
@@ -548,6 +586,43 @@ mod tests {
         let rules = parse_rules(DEFAULT_POLICY).unwrap();
         let (_, failures) = run_table(DEFAULT_MODEL, rules, "anonymous, acme, acme/app, push, allow\n").await.unwrap();
         assert_eq!(failures.len(), 1);
+    }
+
+    /// A policy directory with a model of its own is decided by casbin, with a
+    /// cache: decisions about objects that exist are kept, those about names
+    /// that do not exist are not (probing random names fills nothing); the
+    /// standard model is decided through the index and caches nothing.
+    #[tokio::test]
+    async fn only_decisions_about_existing_objects_are_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        // The same rules in another order: not the standard text, so casbin decides.
+        let model = DEFAULT_MODEL.replace(
+            "(p.dom == \"*\" || p.dom == r.dom) && (p.act == \"*\" || p.act == r.act)",
+            "(p.act == \"*\" || p.act == r.act) && (p.dom == \"*\" || p.dom == r.dom)",
+        );
+        assert_ne!(model, DEFAULT_MODEL);
+        std::fs::write(dir.path().join("model.conf"), &model).unwrap();
+        std::fs::write(dir.path().join("policy.csv"), DEFAULT_POLICY).unwrap();
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let custom = Policy::open(meta, Some(dir.path().to_owned())).await.unwrap();
+        assert!(custom.loaded.read().unwrap().index.is_none());
+        for i in 0..50 {
+            let d = custom.check_object("anonymous", "", &format!("nobody/guess{i}"), "pull", || false);
+            assert!(!d.allowed);
+        }
+        assert_eq!(custom.cache.len(), 0, "decisions about names that do not exist were cached");
+        assert!(custom.check_object("anonymous", "library", "library/nginx", "pull", || true).allowed);
+        assert!(!custom.check_object("anonymous", "library", "library/nginx", "push", || true).allowed);
+        assert_eq!(custom.cache.len(), 2);
+        assert!(custom.check_object("anonymous", "library", "library/nginx", "pull", || unreachable!("asked again")).allowed);
+
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let standard = Policy::open(meta, None).await.unwrap();
+        assert!(standard.loaded.read().unwrap().index.is_some());
+        assert!(
+            standard.check_object("anonymous", "library", "library/nginx", "pull", || unreachable!("the index needs no cache")).allowed
+        );
+        assert_eq!(standard.cache.len(), 0);
     }
 
     #[test]
