@@ -572,3 +572,61 @@ async fn bad_input_gets_spec_errors() {
     // The server is still healthy after all of that.
     assert_eq!(c.get(s.url("/v2/ok/repo/manifests/v1")).send().await.unwrap().status(), 200);
 }
+
+/// One pusher cannot keep memory: annotations (up to a manifest's size each,
+/// at the pusher's choice) are not held by the read index. 100 manifests with
+/// 1 MiB of annotations each leave the resident memory where it was (held in the
+/// index they took 100 MiB and more), while the referrers listing still gives
+/// every referrer's annotations, before and after a restart.
+#[test]
+fn annotations_do_not_stay_resident() {
+    let dir = TempDir::new("annotations");
+    // The metadata engine's own memory (its write buffers and block cache, which
+    // hold what was just written) is bounded by configuration: small here, so
+    // that what is measured is what Berth keeps.
+    let config = format!("[metadata]\nurl = \"surrealkv://{}/data/meta\"\ncache_mib = 4\nmemtable_mib = 4\n", dir.path().display());
+    let mut s = Server::start_configured(&dir, &config);
+    let c = client();
+    let subject = block_on(async {
+        let subject = push_image(&c, &s, "library/big", "v1", 1, json!({})).await;
+        let config = b"{}".to_vec();
+        let cd = push_blob(&c, &s, "library/big", &config).await;
+        let layer = bytes(7, 512);
+        let ld = push_blob(&c, &s, "library/big", &layer).await;
+        // Settle the allocator first: memory is read after it has been quiet.
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        let before = metric(&s, "berth_process_resident_memory_bytes").await;
+        for i in 0..100u64 {
+            // Distinct text each time (no sharing), 1 MiB per manifest.
+            let note: String = bytes(1000 + i, 768 * 1024).iter().map(|b| char::from(b'a' + b % 26)).collect();
+            let mut extra = json!({"annotations": {"note": note, "n": i.to_string()}});
+            if i < 3 {
+                extra["subject"] = json!({"mediaType": OCI_MANIFEST, "digest": subject, "size": 1});
+            }
+            let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], extra);
+            assert!(m.len() > 700 * 1024);
+            put_manifest(&c, &s, "library/big", &format!("a{i}"), OCI_MANIFEST, &m).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        let after = metric(&s, "berth_process_resident_memory_bytes").await;
+        let grown = (after - before) / (1024.0 * 1024.0);
+        assert!(grown < 48.0, "resident memory grew by {grown:.0} MiB after 100 manifests of 1 MiB annotations");
+        subject
+    });
+    let check = |s: &Server| {
+        block_on(async {
+            let r: serde_json::Value =
+                c.get(s.url(&format!("/v2/library/big/referrers/{subject}"))).send().await.unwrap().json().await.unwrap();
+            let list = r["manifests"].as_array().unwrap();
+            assert_eq!(list.len(), 3, "{r}");
+            let mut ns: Vec<&str> = list.iter().map(|m| m["annotations"]["n"].as_str().unwrap()).collect();
+            ns.sort();
+            assert_eq!(ns, ["0", "1", "2"]);
+            assert!(list.iter().all(|m| m["annotations"]["note"].as_str().unwrap().len() == 768 * 1024));
+        })
+    };
+    check(&s);
+    s.stop();
+    let s = Server::start_configured(&dir, &config);
+    check(&s);
+}

@@ -355,7 +355,7 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
             registry.cancel_upload(&repo, &id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        (Route::Referrers(repo, d), Method::GET) => referrers(registry, &repo, &d, &req),
+        (Route::Referrers(repo, d), Method::GET) => referrers(registry, &repo, &d, req.param("artifactType")).await,
         (_, m) => Err(method_not_allowed(&m)),
     }
 }
@@ -445,9 +445,9 @@ fn tags(registry: &Registry, repo: &RepoName, req: &Request) -> Result<Reply, Re
     Ok(r)
 }
 
-fn referrers(registry: &Registry, repo: &RepoName, digest: &Digest, req: &Request) -> Result<Reply, RegistryError> {
-    let filter = req.param("artifactType").filter(|s| !s.is_empty());
-    let manifests = registry.referrers(repo, digest, filter.as_deref());
+async fn referrers(registry: &Registry, repo: &RepoName, digest: &Digest, filter: Option<String>) -> Result<Reply, RegistryError> {
+    let filter = filter.filter(|s| !s.is_empty());
+    let manifests = registry.referrers(repo, digest, filter.as_deref()).await?;
     let body = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
     let mut r = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
     set(&mut r, "content-type", OCI_INDEX);

@@ -188,7 +188,9 @@ pub struct ManifestRow {
     pub size: u64,
     pub artifact_type: Option<String>,
     pub subject: Option<Digest>,
-    /// Annotations, kept for the referrers index.
+    /// Annotations (for the referrers listing). Not loaded into the read index,
+    /// where one pusher's large annotations would stay resident: read with
+    /// [`Metadata::referrer_annotations`].
     pub annotations: Option<std::collections::BTreeMap<String, String>>,
     pub created_ms: i64,
     /// Bytes the image takes: the manifest, its config and layers (each once),
@@ -346,12 +348,33 @@ impl Metadata {
         Ok(())
     }
 
+    /// The annotations of the manifests in `repo` whose subject is `subject`, by digest.
+    pub async fn referrer_annotations(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<std::collections::HashMap<Digest, std::collections::BTreeMap<String, String>>> {
+        #[derive(Deserialize)]
+        struct Row {
+            digest: Digest,
+            annotations: Option<std::collections::BTreeMap<String, String>>,
+        }
+        let mut r = self
+            .db
+            .query("SELECT digest, annotations FROM manifest WHERE repo = $repo AND subject = $subject AND annotations != NONE")
+            .bind(("repo", repo.to_string()))
+            .bind(("subject", subject.to_string()))
+            .await?
+            .check()?;
+        Ok(rows::<Row>(&mut r, 0)?.into_iter().filter_map(|row| Some((row.digest, row.annotations?))).collect())
+    }
+
     /// Load every repository, manifest, tag and blob link.
     pub async fn snapshot(&self) -> Result<Snapshot> {
         let mut r = self
             .db
             .query("SELECT VALUE name FROM repo")
-            .query("SELECT repo, digest, media_type, size, artifact_type, subject, annotations, created_ms, content_size OR size AS content_size, refs FROM manifest")
+            .query("SELECT repo, digest, media_type, size, artifact_type, subject, created_ms, content_size OR size AS content_size, refs FROM manifest")
             .query("SELECT repo, name, digest, updated_ms FROM tag")
             .query("SELECT repo, digest, size FROM blob_link")
             .await?

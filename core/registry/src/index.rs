@@ -21,6 +21,15 @@ pub struct ManifestEntry {
     pub bytes: Option<Bytes>,
 }
 
+/// The part of a stored manifest row that reads need, as the index keeps it:
+/// annotations (unbounded, at one pusher's choice) and plugin findings stay in
+/// metadata and are read when asked for.
+pub fn resident(mut row: ManifestRow) -> ManifestRow {
+    row.annotations = None;
+    row.findings = Vec::new();
+    row
+}
+
 /// One repository's state.
 #[derive(Default, Debug)]
 pub struct RepoState {
@@ -56,7 +65,7 @@ impl Index {
             }
             for m in s.manifests {
                 let r = get(&m.repo);
-                r.write().unwrap().manifests.insert(m.digest.clone(), ManifestEntry { row: m, bytes: None });
+                r.write().unwrap().manifests.insert(m.digest.clone(), ManifestEntry { row: resident(m), bytes: None });
             }
             for t in s.tags {
                 let r = get(&t.repo);

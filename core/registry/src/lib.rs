@@ -105,6 +105,9 @@ impl Default for RegistryConfig {
     }
 }
 
+/// The actor count below which no pruning happens (half of it).
+const MIN_ACTORS_PRUNED: usize = 512;
+
 /// Log an internal failure and turn it into an opaque 500.
 pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
     tracing::error!(error = %e, "{what} failed");
@@ -153,7 +156,9 @@ pub struct Registry {
     arbiter: ArbiterHandle,
     system: actix_rt::System,
     uploads: Addr<UploadSessions>,
-    repos: Mutex<HashMap<RepoName, Addr<RepoActor>>>,
+    repos: Mutex<HashMap<RepoName, Arc<Addr<RepoActor>>>>,
+    /// Half the actor count at which names without a repository are pruned next.
+    actors_pruned_at: std::sync::atomic::AtomicUsize,
     pulls: Arc<counters::PullTally>,
     quotas: Arc<quota::Quotas>,
     /// One collection pass at a time.
@@ -208,6 +213,7 @@ impl Registry {
             system,
             uploads,
             repos: Mutex::new(HashMap::new()),
+            actors_pruned_at: std::sync::atomic::AtomicUsize::new(MIN_ACTORS_PRUNED),
             pulls,
             quotas,
             gc_lock: tokio::sync::Mutex::new(()),
@@ -262,7 +268,7 @@ impl Registry {
                 .collect();
             self.metrics.plugin_figures(&figures);
         }
-        self.metrics.render(self.index.repo_count())
+        self.metrics.render(self.index.repo_count(), self.repo_actor_count())
     }
 
     /// The per-tenant quotas.
@@ -303,15 +309,28 @@ impl Registry {
         }
     }
 
-    fn repo_actor(&self, name: &RepoName) -> Addr<RepoActor> {
+    /// The actor of a repository, started on first use. Callers hold the handle
+    /// while they use it: an actor whose repository never came to exist (every
+    /// push to it refused) is retired once nobody holds its handle, so names
+    /// that were only tried do not pile up actors.
+    fn repo_actor(&self, name: &RepoName) -> Arc<Addr<RepoActor>> {
         let mut repos = self.repos.lock().unwrap();
-        repos
-            .entry(name.clone())
-            .or_insert_with(|| {
-                let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone());
-                RepoActor::start_in_arbiter(&self.arbiter, move |_| actor)
-            })
-            .clone()
+        if let Some(addr) = repos.get(name) {
+            return addr.clone();
+        }
+        if repos.len() >= self.actors_pruned_at.load(std::sync::atomic::Ordering::Relaxed) * 2 {
+            repos.retain(|n, addr| Arc::strong_count(addr) > 1 || self.index.repo(n).is_some());
+            self.actors_pruned_at.store(repos.len().max(MIN_ACTORS_PRUNED), std::sync::atomic::Ordering::Relaxed);
+        }
+        let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone());
+        let addr = Arc::new(RepoActor::start_in_arbiter(&self.arbiter, move |_| actor));
+        repos.insert(name.clone(), addr.clone());
+        addr
+    }
+
+    /// Repository actors held (those of repositories, and of names being tried).
+    pub fn repo_actor_count(&self) -> usize {
+        self.repos.lock().unwrap().len()
     }
 
     async fn ask<A, M>(addr: &Addr<A>, msg: M) -> Result<M::Result, RegistryError>
@@ -795,28 +814,37 @@ impl Registry {
     }
 
     /// Manifests in `repo` whose subject is `digest`, optionally of one artifact type.
-    pub fn referrers(&self, repo: &RepoName, digest: &Digest, artifact_type: Option<&str>) -> Vec<Descriptor> {
+    pub async fn referrers(&self, repo: &RepoName, digest: &Digest, artifact_type: Option<&str>) -> Result<Vec<Descriptor>, RegistryError> {
         let Some(state) = self.index.repo(repo) else {
-            return vec![];
+            return Ok(vec![]);
         };
-        let s = state.read().unwrap();
-        let mut out: Vec<Descriptor> = s
-            .manifests
-            .values()
-            .filter(|e| e.row.subject.as_ref() == Some(digest))
-            .filter(|e| artifact_type.is_none_or(|t| e.row.artifact_type.as_deref() == Some(t)))
-            .map(|e| Descriptor {
-                media_type: e.row.media_type.clone(),
-                digest: e.row.digest.clone(),
-                size: e.row.size,
-                artifact_type: e.row.artifact_type.clone(),
-                annotations: e.row.annotations.clone(),
-                platform: None,
-                urls: None,
-            })
-            .collect();
+        let mut out: Vec<Descriptor> = {
+            let s = state.read().unwrap();
+            s.manifests
+                .values()
+                .filter(|e| e.row.subject.as_ref() == Some(digest))
+                .filter(|e| artifact_type.is_none_or(|t| e.row.artifact_type.as_deref() == Some(t)))
+                .map(|e| Descriptor {
+                    media_type: e.row.media_type.clone(),
+                    digest: e.row.digest.clone(),
+                    size: e.row.size,
+                    artifact_type: e.row.artifact_type.clone(),
+                    annotations: None,
+                    platform: None,
+                    urls: None,
+                })
+                .collect()
+        };
+        if out.is_empty() {
+            return Ok(out);
+        }
+        // Annotations are not resident (see `index::resident`): read them now.
+        let mut annotations = self.meta.referrer_annotations(repo, digest).await.map_err(|e| internal("referrer annotations", e))?;
+        for d in &mut out {
+            d.annotations = annotations.remove(&d.digest);
+        }
         out.sort_by(|a, b| a.digest.cmp(&b.digest));
-        out
+        Ok(out)
     }
 }
 
@@ -856,4 +884,76 @@ impl Actor for Periodic {
 
 fn name_unknown(repo: &RepoName) -> RegistryError {
     RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("repository {repo} is unknown"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Actors of names that never became a repository (a push refused in its
+    /// actor, a repository deleted on another replica) are dropped once nobody
+    /// holds them; a held one and those of existing repositories stay.
+    #[tokio::test]
+    async fn actors_of_names_without_a_repository_are_pruned() {
+        let store = BlobStore::open(&berth_storage::StorageConfig::Memory).await.unwrap();
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let registry = Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap();
+        let real: RepoName = "library/real".parse().unwrap();
+        registry.index.repo_or_create(&real);
+        let real_actor = registry.repo_actor(&real);
+        drop(real_actor);
+        let held_name: RepoName = "library/held".parse().unwrap();
+        let held = registry.repo_actor(&held_name);
+        for i in 0..5_000 {
+            let name: RepoName = format!("library/tried-{i}").parse().unwrap();
+            drop(registry.repo_actor(&name));
+            assert!(registry.repo_actor_count() <= 2 * MIN_ACTORS_PRUNED + 2, "{} actors after {i} names", registry.repo_actor_count());
+        }
+        let repos = registry.repos.lock().unwrap();
+        assert!(repos.contains_key(&real), "the actor of an existing repository was dropped");
+        assert!(repos.get(&held_name).is_some_and(|a| Arc::ptr_eq(a, &held)), "a held actor was dropped");
+        drop(repos);
+        registry.shutdown();
+    }
+
+    /// A change a repository actor refuses for a name with no repository
+    /// (a manifest whose references are missing, an unlink) creates no index entry.
+    #[tokio::test]
+    async fn a_refused_change_to_a_new_name_leaves_no_index_entry() {
+        let store = BlobStore::open(&berth_storage::StorageConfig::Memory).await.unwrap();
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let registry = Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap();
+        let ghost: RepoName = "library/ghost".parse().unwrap();
+        let missing: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        let unlink = repo::Link { digest: missing.clone(), size: None, ends_upload: None, quota: None, pinned: false, announce: None };
+        assert!(Registry::ask(&registry.repo_actor(&ghost), unlink).await.unwrap().is_err());
+        let row = ManifestRow {
+            repo: ghost.clone(),
+            digest: format!("sha256:{}", "cd".repeat(32)).parse().unwrap(),
+            media_type: berth_oci::manifest::OCI_MANIFEST.into(),
+            size: 10,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 0,
+            content_size: 10,
+            refs: Some(vec![missing.clone()]),
+            findings: Vec::new(),
+        };
+        let commit = repo::CommitManifest {
+            row,
+            tag: None,
+            required_blobs: vec![missing],
+            required_manifests: vec![],
+            quota: None,
+            pinned: false,
+            platforms: vec![],
+            announce: None,
+        };
+        let refused = Registry::ask(&registry.repo_actor(&ghost), commit).await.unwrap();
+        assert_eq!(refused.unwrap_err().code(), ErrorCode::ManifestBlobUnknown);
+        assert!(registry.index.repo(&ghost).is_none(), "a refused change left an index entry");
+        assert_eq!(registry.index.repo_count(), 0);
+        registry.shutdown();
+    }
 }

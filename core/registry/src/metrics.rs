@@ -96,6 +96,7 @@ pub struct Metrics {
     retention_deleted: Family<KindLabel, Counter>,
     retention_errors: Counter,
     repositories: Gauge,
+    repo_actors: Gauge,
     resident: Gauge,
     plugins: PluginSeries,
 }
@@ -118,6 +119,7 @@ impl Default for Metrics {
             retention_deleted: Family::default(),
             retention_errors: Counter::default(),
             repositories: Gauge::default(),
+            repo_actors: Gauge::default(),
             resident: Gauge::default(),
             plugins: PluginSeries::default(),
         };
@@ -140,6 +142,11 @@ impl Default for Metrics {
         r.register("retention_deleted", "Tags and manifests retention policies deleted", m.retention_deleted.clone());
         r.register("retention_errors", "Retention deletions that failed", m.retention_errors.clone());
         r.register("repositories", "Repositories in the registry", m.repositories.clone());
+        r.register(
+            "repository_actors",
+            "Repository actors running (one per repository written to, and per name being tried)",
+            m.repo_actors.clone(),
+        );
         r.register_with_unit("process_resident_memory", "Resident memory of this process", Unit::Bytes, m.resident.clone());
         let p = &m.plugins;
         r.register("plugin_calls", "Calls into a plugin instance (gates and deliveries)", p.calls.clone());
@@ -225,8 +232,9 @@ impl Metrics {
     }
 
     /// The exposition, gauges read now.
-    pub(crate) fn render(&self, repositories: usize) -> String {
+    pub(crate) fn render(&self, repositories: usize, repo_actors: usize) -> String {
         self.repositories.set(repositories as i64);
+        self.repo_actors.set(repo_actors as i64);
         self.resident.set(resident_bytes() as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.

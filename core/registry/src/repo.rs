@@ -106,7 +106,9 @@ impl Handler<Flush> for RepoActor {
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         self.flush_due = false;
         let queue = std::mem::take(&mut self.queue);
-        let state = self.index.repo_or_create(&self.name);
+        // A repository enters the index with its first commit: a refused push
+        // to a new name leaves nothing behind.
+        let state = self.index.repo(&self.name).unwrap_or_default();
         let mut accepted: Vec<Accepted> = Vec::with_capacity(queue.len());
         {
             let s = state.read().unwrap();
@@ -155,7 +157,7 @@ impl Handler<Flush> for RepoActor {
                 accepted.push(Accepted { row, tag, pinned: msg.pinned, quota: msg.quota, outbox, announce: msg.announce, reply });
             }
         }
-        let meta = self.meta.clone();
+        let (meta, index, name) = (self.meta.clone(), self.index.clone(), self.name.clone());
         AtomicResponse::new(Box::pin(
             async move {
                 if accepted.is_empty() {
@@ -178,6 +180,7 @@ impl Handler<Flush> for RepoActor {
                     }
                     Err(e) => vec![Err(internal("commit manifest", e))],
                 };
+                let state = if outcomes.iter().any(Result::is_ok) { index.repo_or_create(&name) } else { state };
                 let mut s = state.write().unwrap();
                 for (a, outcome) in accepted.into_iter().zip(outcomes) {
                     if let Some(an) = &a.announce {
@@ -186,7 +189,9 @@ impl Handler<Flush> for RepoActor {
                     match outcome {
                         Ok(added) => {
                             settle(a.quota, added as i64);
-                            s.manifests.entry(a.row.digest.clone()).or_insert(ManifestEntry { row: a.row, bytes: None });
+                            s.manifests
+                                .entry(a.row.digest.clone())
+                                .or_insert(ManifestEntry { row: crate::index::resident(a.row), bytes: None });
                             if let Some(t) = a.tag {
                                 s.tags.insert(t.name, t.digest);
                             }
@@ -332,7 +337,7 @@ impl Handler<Link> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> Self::Result {
-        let state = self.index.repo_or_create(&self.name);
+        let state = self.index.repo(&self.name).unwrap_or_default();
         if msg.size.is_none() && !state.read().unwrap().blobs.contains_key(&msg.digest) {
             return AtomicResponse::new(Box::pin(fut::ready(Err(
                 RegistryError::new(ErrorCode::BlobUnknown).with_detail(msg.digest.to_string())
@@ -383,8 +388,10 @@ impl Handler<Link> for RepoActor {
                 })
             }
             .into_actor(self)
-            .map(move |res, _, _| {
+            .map(move |res, act: &mut RepoActor, _| {
                 settle(quota, res?);
+                // A link creates the repository (an unlink found it).
+                let state = if size.is_some() { act.index.repo_or_create(&act.name) } else { state };
                 let mut s = state.write().unwrap();
                 match size {
                     Some(size) => s.blobs.insert(digest, size),
