@@ -548,6 +548,21 @@ impl Auth {
         identity.may_list_catalog() && self.decide(&identity.principal, repo, Action::Pull).allowed
     }
 
+    /// The catalog filter ([`Auth::in_catalog`] for many repositories): the
+    /// caller's roles are resolved once for the whole listing, which `list` makes.
+    pub fn catalog<T>(&self, identity: &Identity, list: impl FnOnce(&mut dyn FnMut(&RepoName) -> bool) -> T) -> T {
+        if !identity.may_list_catalog() {
+            return list(&mut |_| false);
+        }
+        let namespaces = self.namespaces.read().unwrap();
+        self.policy.for_subject(identity.principal.subject(), |check| {
+            list(&mut |repo: &RepoName| {
+                let domain = namespaces.get(repo.namespace()).map_or("", |t| t.as_str());
+                check(domain, repo.as_str(), Action::Pull.as_str())
+            })
+        })
+    }
+
     /// Allow, or say how to refuse: anonymous callers and bearer tokens lacking
     /// the scope get a challenge (so clients fetch a token), authenticated users
     /// whom policy refuses get 403.

@@ -421,7 +421,7 @@ fn link_next(path: &str, n: usize, last: Option<&str>) -> Option<String> {
 fn catalog(ctx: &Ctx<'_>, req: &Request) -> Result<Reply, RegistryError> {
     let (n, last) = page_params(req, CATALOG_DEFAULT_N)?;
     // Only what the caller may pull is listed.
-    let (repos, more) = ctx.registry.catalog(n, last.as_deref(), |r| ctx.auth.in_catalog(ctx.identity, r));
+    let (repos, more) = ctx.auth.catalog(ctx.identity, |visible| ctx.registry.catalog(n, last.as_deref(), visible));
     let body = serde_json::json!({ "repositories": repos });
     let mut r = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
     if more {

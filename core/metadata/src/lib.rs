@@ -283,6 +283,7 @@ DEFINE INDEX IF NOT EXISTS tag_repo ON tag FIELDS repo, name UNIQUE;
 DEFINE INDEX IF NOT EXISTS tag_digest ON tag FIELDS repo, digest;
 DEFINE TABLE IF NOT EXISTS blob_link SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS blob_link_digest ON blob_link FIELDS digest;
+DEFINE INDEX IF NOT EXISTS blob_link_repo ON blob_link FIELDS repo;
 DEFINE TABLE IF NOT EXISTS upload SCHEMALESS;
 "#;
 

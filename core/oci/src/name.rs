@@ -19,6 +19,13 @@ pub const MAX_TAG_LEN: usize = 128;
 #[serde(try_from = "String", into = "String")]
 pub struct RepoName(String);
 
+/// Names order and hash as their text, so maps keyed by name are searched by `&str`.
+impl std::borrow::Borrow<str> for RepoName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 fn valid_path_component(c: &str) -> bool {
     // [a-z0-9]+ ( ( '.' | '_' | '__' | '-'+ ) [a-z0-9]+ )*
     let b = c.as_bytes();

@@ -132,9 +132,16 @@ impl Index {
 
     /// Up to `n` repository names after `last`, and whether more follow.
     /// Up to `n` repositories after `last` that `visible` admits, and whether more follow.
-    pub fn catalog(&self, n: usize, last: Option<&str>, visible: impl Fn(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
+    /// Up to `n` repositories after `last` that are `visible`, and whether more
+    /// follow: the scan starts after `last` (no repository before it is looked at).
+    pub fn catalog(&self, n: usize, last: Option<&str>, mut visible: impl FnMut(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
+        use std::ops::Bound;
         let repos = self.repos.read().unwrap();
-        page(repos.keys().filter(|r| visible(r)), |k| k.as_str(), n, last)
+        let from = last.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = repos.range::<str, _>((from, Bound::Unbounded)).map(|(k, _)| k).filter(|r| visible(r));
+        let out: Vec<RepoName> = it.by_ref().take(n).cloned().collect();
+        let more = it.next().is_some();
+        (out, more)
     }
 
     /// Up to `n` tags of `repo` after `last`, and whether more follow.
@@ -196,5 +203,14 @@ mod tests {
         assert!(!more);
         let (p, more) = idx.catalog(10, Some("zzz"), |_| true);
         assert!(p.is_empty() && !more);
+        // A page after `last` looks at nothing before it (the filter is a policy
+        // decision per repository): a deep page costs what it lists.
+        let mut asked = Vec::new();
+        let (p, _) = idx.catalog(1, Some("b/c"), |r| {
+            asked.push(r.to_string());
+            true
+        });
+        assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["b/d"]);
+        assert_eq!(asked, ["b/d", "e"]);
     }
 }

@@ -804,7 +804,7 @@ impl Registry {
     }
 
     /// A page of the repositories `visible` admits (the caller's readable ones).
-    pub fn catalog(&self, n: usize, last: Option<&str>, visible: impl Fn(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
+    pub fn catalog(&self, n: usize, last: Option<&str>, visible: impl FnMut(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
         self.index.catalog(n, last, visible)
     }
 
