@@ -7,6 +7,9 @@
 # the webhook delivered meanwhile (and what overflowed its queue).
 #
 #   tests/bench/webhook.sh        # ROUNDS=5 WRK_SECS=10 CONNS=64
+#   RECEIVER=stall tests/bench/webhook.sh
+#     the receiver takes each POST and never answers: the queue stays full and
+#     the worker waits, so what is left is the cost of announcing pulls alone.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
@@ -26,7 +29,8 @@ trap cleanup EXIT
 
 # The receiver: HTTP/1.1 keep-alive, counts what it is sent.
 cat >"$work/rx.py" <<'EOF'
-import http.server, sys, threading
+import http.server, sys, threading, time
+stall = len(sys.argv) > 2 and sys.argv[2] == "stall"
 n = 0
 lock = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
@@ -36,6 +40,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         with lock:
             n += 1
+        if stall:
+            time.sleep(3600)
         self.send_response(204)
         self.end_headers()
     def do_GET(self):
@@ -50,7 +56,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_foreve
 EOF
 # It stands in for a service on another machine: scheduled SCHED_IDLE, it takes
 # only CPU the registry leaves (its own cost is not the registry's).
-chrt --idle 0 python3 "$work/rx.py" "$RX" & pids+=($!)
+chrt --idle 0 python3 "$work/rx.py" "$RX" "${RECEIVER:-answer}" & pids+=($!)
 
 printf '[registry]\ncounter_flush_secs = 1\n' >"$work/berth.toml"
 BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve --config "$work/berth.toml" \
