@@ -540,16 +540,11 @@ impl Auth {
         identity.credential_allows(repo, action) && self.decide(&identity.principal, repo, action).allowed
     }
 
-    /// Whether `repo` belongs in the caller's catalog: what policy lets them pull,
-    /// once the credential may list the catalog at all (a bearer token's
-    /// catalog grant lists every repository its user may pull, not only those
-    /// its repository grants name).
-    pub fn in_catalog(&self, identity: &Identity, repo: &RepoName) -> bool {
-        identity.may_list_catalog() && self.decide(&identity.principal, repo, Action::Pull).allowed
-    }
-
-    /// The catalog filter ([`Auth::in_catalog`] for many repositories): the
-    /// caller's roles are resolved once for the whole listing, which `list` makes.
+    /// The catalog filter: a repository belongs in the caller's catalog when
+    /// policy lets them pull it, once the credential may list the catalog at all
+    /// (a bearer token's catalog grant lists every repository its user may pull,
+    /// not only those its repository grants name). The caller's roles are
+    /// resolved once for the whole listing, which `list` makes.
     pub fn catalog<T>(&self, identity: &Identity, list: impl FnOnce(&mut dyn FnMut(&RepoName) -> bool) -> T) -> T {
         if !identity.may_list_catalog() {
             return list(&mut |_| false);

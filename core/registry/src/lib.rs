@@ -890,14 +890,19 @@ fn name_unknown(repo: &RepoName) -> RegistryError {
 mod tests {
     use super::*;
 
+    /// A registry over memory storage and an in-memory metadata store.
+    async fn in_memory() -> Arc<Registry> {
+        let store = BlobStore::open(&berth_storage::StorageConfig::Memory).await.unwrap();
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap()
+    }
+
     /// Actors of names that never became a repository (a push refused in its
     /// actor, a repository deleted on another replica) are dropped once nobody
     /// holds them; a held one and those of existing repositories stay.
     #[tokio::test]
     async fn actors_of_names_without_a_repository_are_pruned() {
-        let store = BlobStore::open(&berth_storage::StorageConfig::Memory).await.unwrap();
-        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
-        let registry = Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap();
+        let registry = in_memory().await;
         let real: RepoName = "library/real".parse().unwrap();
         registry.index.repo_or_create(&real);
         let real_actor = registry.repo_actor(&real);
@@ -920,9 +925,7 @@ mod tests {
     /// (a manifest whose references are missing, an unlink) creates no index entry.
     #[tokio::test]
     async fn a_refused_change_to_a_new_name_leaves_no_index_entry() {
-        let store = BlobStore::open(&berth_storage::StorageConfig::Memory).await.unwrap();
-        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
-        let registry = Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap();
+        let registry = in_memory().await;
         let ghost: RepoName = "library/ghost".parse().unwrap();
         let missing: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
         let unlink = repo::Link { digest: missing.clone(), size: None, ends_upload: None, quota: None, pinned: false, announce: None };
