@@ -70,6 +70,9 @@ CASES = [
     ("tags, anonymous, private repository", None, "/v2/t3/r500/tags/list", 401),
     ("public repositories, anonymous (compat API)", None, "/registry/v1/repositories/public", 200),
     ("repositories, tenant user (API)", DEV, "/api/v1/repositories?limit=50", 200),
+    ("repositories, tenant user, keyword (API)", DEV, "/api/v1/repositories?limit=50&keyword=r99", 200),
+    ("repositories, admin, a deep page (API)", ADMIN, "/api/v1/repositories?limit=50&offset=9000", 200),
+    ("repositories, admin, by pulls (API)", ADMIN, "/api/v1/repositories?limit=50&sort=pulls&order=desc", 200),
 ]
 
 

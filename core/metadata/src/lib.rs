@@ -26,7 +26,7 @@ pub use accounts::{
 };
 pub use audit::AuditRow;
 use berth_oci::{Digest, RepoName, Tag, UploadId};
-pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, RepoStats, TagInfo};
+pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, TagInfo};
 pub use outbox::{DeliveryRow, OutboxRow, Settle};
 pub use plugins::{FindingRow, PluginInstanceRow};
 pub use retention::{RetentionItem, RetentionPolicy, RetentionRules, RetentionRun};

@@ -43,17 +43,6 @@ pub struct RepoPatch {
     pub labels: Option<BTreeMap<String, String>>,
 }
 
-/// A repository's computed figures.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RepoStats {
-    pub tag_count: u64,
-    pub manifest_count: u64,
-    /// Bytes the repository references: its linked blobs and its manifests.
-    pub size: u64,
-    /// The most recently pushed tag.
-    pub latest_tag: Option<Tag>,
-}
-
 /// A tag with its manifest's facts and its counters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TagInfo {
@@ -162,16 +151,18 @@ impl Metadata {
         one(&mut r, 0)
     }
 
-    /// Profiles of every repository, or of those in the given namespaces.
-    pub async fn repo_profiles(&self, namespaces: Option<&[AccountName]>) -> Result<Vec<RepoProfile>> {
-        let mut r = match namespaces {
-            None => self.db.query(format!("SELECT {PROFILE} FROM repo")).await?,
-            Some(ns) => {
-                let ns: Vec<String> = ns.iter().map(|n| n.to_string()).collect();
-                self.db.query(format!("SELECT {PROFILE} FROM repo WHERE namespace IN $ns")).bind(("ns", ns)).await?
-            }
+    /// Profiles of the named repositories that exist, in no particular order.
+    pub async fn repo_profiles(&self, names: &[RepoName]) -> Result<Vec<RepoProfile>> {
+        if names.is_empty() {
+            return Ok(vec![]);
         }
-        .check()?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut r = self
+            .db
+            .query(format!("SELECT {PROFILE} FROM $names.map(|$n| type::record('repo', $n)) WHERE name != NONE"))
+            .bind(("names", names))
+            .await?
+            .check()?;
         rows(&mut r, 0)
     }
 
@@ -191,28 +182,6 @@ impl Metadata {
             return Ok(None);
         }
         self.repo_profile(name).await
-    }
-
-    /// Figures of the given repositories, in the same order.
-    pub async fn repo_stats(&self, names: &[RepoName]) -> Result<Vec<RepoStats>> {
-        if names.is_empty() {
-            return Ok(vec![]);
-        }
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let r = self
-            .db
-            .query(
-                "SELECT
-                    count((SELECT VALUE name FROM tag WHERE repo = $parent.name)) AS tag_count,
-                    count((SELECT VALUE digest FROM manifest WHERE repo = $parent.name)) AS manifest_count,
-                    math::sum((SELECT VALUE size FROM blob_link WHERE repo = $parent.name))
-                      + math::sum((SELECT VALUE size FROM manifest WHERE repo = $parent.name)) AS size,
-                    (SELECT VALUE name FROM tag WHERE repo = $parent.name ORDER BY updated_ms DESC, name LIMIT 1)[0] AS latest_tag
-                 FROM $names.map(|$n| { name: $n }) ORDER BY NONE",
-            )
-            .bind(("names", names))
-            .await?;
-        rows(&mut r.check()?, 0)
     }
 
     /// Every tag of a repository with its manifest's facts and counters, by name.
@@ -481,15 +450,14 @@ mod tests {
         assert_eq!((tags[0].pushes, tags[0].pulls, tags[0].last_pulled_ms), (2, 3, Some(50)));
         assert_eq!((tags[0].digest.clone(), tags[0].manifest_size), (m2.digest.clone(), 4));
 
-        let stats = md.repo_stats(&[app.clone(), empty.clone()]).await.unwrap();
-        assert_eq!(stats[0], RepoStats { tag_count: 1, manifest_count: 2, size: 100 + 3 + 4, latest_tag: Some("v1".parse().unwrap()) });
-        assert_eq!(stats[1], RepoStats::default());
-
-        let acme: AccountName = "acme".parse().unwrap();
-        let mut names: Vec<String> = md.repo_profiles(Some(&[acme])).await.unwrap().into_iter().map(|p| p.name.to_string()).collect();
+        // Profiles by name: one that does not exist is left out.
+        let none: RepoName = "acme/none".parse().unwrap();
+        let mut names: Vec<String> =
+            md.repo_profiles(&[empty.clone(), none, app.clone()]).await.unwrap().into_iter().map(|p| p.name.to_string()).collect();
         names.sort();
         assert_eq!(names, ["acme/app", "acme/empty"]);
-        assert_eq!(md.repo_profiles(None).await.unwrap().len(), 3);
+        assert_eq!(md.repo_profiles(&[empty.clone()]).await.unwrap(), [p.clone()]);
+        assert!(md.repo_profiles(&[]).await.unwrap().is_empty());
 
         let patch = RepoPatch { description: Some("new".into()), ..Default::default() };
         let updated = md.update_repo(&empty, &patch, 99).await.unwrap().unwrap();

@@ -116,7 +116,8 @@ impl Registry {
                     rep.missing_manifests.add(format!("{repo}@{d}"));
                 }
             }
-            for (t, d) in &s.tags {
+            for (t, e) in &s.tags {
+                let d = &e.digest;
                 rep.tags += 1;
                 if !s.manifests.contains_key(d) {
                     rep.dangling_tags.add(format!("{repo}:{t} → {d}"));

@@ -30,12 +30,54 @@ pub fn resident(mut row: ManifestRow) -> ManifestRow {
     row
 }
 
+/// Where a tag points, and when it was last pushed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagEntry {
+    pub digest: Digest,
+    pub updated_ms: i64,
+}
+
 /// One repository's state.
 #[derive(Default, Debug)]
 pub struct RepoState {
-    pub tags: BTreeMap<Tag, Digest>,
+    pub tags: BTreeMap<Tag, TagEntry>,
     pub manifests: HashMap<Digest, ManifestEntry>,
     pub blobs: HashMap<Digest, u64>,
+}
+
+/// A repository's figures, computed from its state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RepoStats {
+    pub tag_count: u64,
+    pub manifest_count: u64,
+    /// Bytes the repository references: its linked blobs and its manifests.
+    pub size: u64,
+    /// The most recently pushed tag (the first by name among equals).
+    pub latest_tag: Option<Tag>,
+}
+
+impl RepoState {
+    /// The digest `tag` points at.
+    pub fn tag(&self, tag: &Tag) -> Option<&Digest> {
+        self.tags.get(tag).map(|e| &e.digest)
+    }
+
+    pub fn stats(&self) -> RepoStats {
+        RepoStats {
+            tag_count: self.tags.len() as u64,
+            manifest_count: self.manifests.len() as u64,
+            size: self.blobs.values().sum::<u64>() + self.manifests.values().map(|m| m.row.size).sum::<u64>(),
+            // Tags iterate by name, so among equal times the first by name stays.
+            latest_tag: self
+                .tags
+                .iter()
+                .fold(None, |best: Option<(&Tag, i64)>, (t, e)| match best {
+                    Some((_, ms)) if ms >= e.updated_ms => best,
+                    _ => Some((t, e.updated_ms)),
+                })
+                .map(|(t, _)| t.clone()),
+        }
+    }
 }
 
 /// The whole index. Repositories are kept sorted for the catalog.
@@ -69,7 +111,7 @@ impl Index {
             }
             for t in s.tags {
                 let r = get(&t.repo);
-                r.write().unwrap().tags.insert(t.name, t.digest);
+                r.write().unwrap().tags.insert(t.name, TagEntry { digest: t.digest, updated_ms: t.updated_ms });
             }
             for l in s.links {
                 let r = get(&l.repo);
@@ -130,8 +172,16 @@ impl Index {
         self.repo(repo)?.read().unwrap().blobs.get(digest).copied()
     }
 
-    /// Up to `n` repository names after `last`, and whether more follow.
-    /// Up to `n` repositories after `last` that `visible` admits, and whether more follow.
+    /// The repositories `keep` admits, by name.
+    pub fn names_where(&self, mut keep: impl FnMut(&RepoName) -> bool) -> Vec<RepoName> {
+        self.repos.read().unwrap().keys().filter(|r| keep(r)).cloned().collect()
+    }
+
+    /// Figures of each repository that exists, in the order given (`None` for one that does not).
+    pub fn stats(&self, names: &[RepoName]) -> Vec<Option<RepoStats>> {
+        names.iter().map(|n| self.repo(n).map(|r| r.read().unwrap().stats())).collect()
+    }
+
     /// Up to `n` repositories after `last` that are `visible`, and whether more
     /// follow: the scan starts after `last` (no repository before it is looked at).
     pub fn catalog(&self, n: usize, last: Option<&str>, mut visible: impl FnMut(&RepoName) -> bool) -> (Vec<RepoName>, bool) {
@@ -190,6 +240,7 @@ fn page<'a, K: Clone + 'a>(keys: impl Iterator<Item = &'a K>, as_str: impl Fn(&K
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_metadata::{LinkRow, TagRow};
 
     #[test]
     fn pagination() {
@@ -212,5 +263,50 @@ mod tests {
         });
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["b/d"]);
         assert_eq!(asked, ["b/d", "e"]);
+    }
+
+    #[test]
+    fn figures_follow_the_state() {
+        let app: RepoName = "acme/app".parse().unwrap();
+        let empty: RepoName = "acme/empty".parse().unwrap();
+        let manifest = |body: &[u8]| ManifestRow {
+            repo: app.clone(),
+            digest: Digest::sha256(body),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: body.len() as u64,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+            content_size: 1000,
+            refs: None,
+            findings: vec![],
+        };
+        let (m1, m2) = (manifest(b"one"), manifest(b"two!"));
+        let tag = |name: &str, m: &ManifestRow, ms| TagRow {
+            repo: app.clone(),
+            name: name.parse().unwrap(),
+            digest: m.digest.clone(),
+            updated_ms: ms,
+        };
+        let s = Snapshot {
+            repos: vec![app.clone(), empty.clone()],
+            tags: vec![tag("v1", &m1, 10), tag("v2", &m2, 30), tag("b", &m2, 30), tag("old", &m1, 5)],
+            manifests: vec![m1.clone(), m2.clone()],
+            links: vec![LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }],
+        };
+        let idx = Index::from_snapshot(s, 1 << 20);
+        let none: RepoName = "acme/none".parse().unwrap();
+        let stats = idx.stats(&[app.clone(), empty, none]);
+        // Size: links and manifests' own bytes; the latest tag is the first by
+        // name among the most recently pushed.
+        let want = RepoStats { tag_count: 4, manifest_count: 2, size: 100 + 3 + 4, latest_tag: Some("b".parse().unwrap()) };
+        assert_eq!(stats, [Some(want), Some(RepoStats::default()), None]);
+
+        let state = idx.repo(&app).unwrap();
+        state.write().unwrap().tags.insert("v1".parse().unwrap(), TagEntry { digest: m1.digest.clone(), updated_ms: 31 });
+        assert_eq!(state.read().unwrap().stats().latest_tag, Some("v1".parse().unwrap()));
+        assert_eq!(state.read().unwrap().tag(&"v2".parse().unwrap()), Some(&m2.digest));
+        assert_eq!(idx.names_where(|r| r.as_str().ends_with("app")), [app]);
     }
 }

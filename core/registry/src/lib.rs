@@ -638,7 +638,7 @@ impl Registry {
         let digest = match reference {
             Reference::Digest(d) => d,
             Reference::Tag(t) => {
-                s.tags.get(t).ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown")))?
+                s.tag(t).ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown")))?
             }
         };
         let e = s

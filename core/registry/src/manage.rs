@@ -7,11 +7,12 @@
 //! public), and single-repository calls are made only after the HTTP layer
 //! authorized them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use berth_metadata::{RepoPatch, RepoProfile, RepoStats, TagInfo};
+use berth_metadata::{RepoPatch, RepoProfile, TagInfo};
 use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoName};
 
+use crate::index::RepoStats;
 use crate::{internal, name_unknown, now_ms, repo, Registry};
 
 /// How repository listings are ordered.
@@ -138,8 +139,8 @@ impl Registry {
     /// One repository with its figures.
     pub async fn repo_summary(&self, name: &RepoName) -> Result<RepoSummary, RegistryError> {
         let profile = self.meta.repo_profile(name).await.map_err(meta_err("read repository"))?.ok_or_else(|| name_unknown(name))?;
-        let stats = self.meta.repo_stats(std::slice::from_ref(name)).await.map_err(meta_err("repository figures"))?;
-        Ok(RepoSummary { profile, stats: stats.into_iter().next().unwrap_or_default() })
+        let stats = self.index.repo(name).ok_or_else(|| name_unknown(name))?.read().unwrap().stats();
+        Ok(RepoSummary { profile, stats })
     }
 
     pub async fn update_repo(&self, name: &RepoName, patch: &RepoPatch) -> Result<RepoSummary, RegistryError> {
@@ -148,34 +149,54 @@ impl Registry {
     }
 
     /// A filtered, ordered page of the repositories `visible` admits.
+    ///
+    /// Names come from the read index, figures too; profiles are read from
+    /// metadata for the page only, unless the query filters or sorts on them
+    /// (a keyword, labels, a sort by time or pulls), when they are read for
+    /// the repositories the caller may see, and for no other.
     pub async fn list_repos(&self, q: &RepoQuery, visible: impl Fn(&RepoName) -> bool) -> Result<Page<RepoSummary>, RegistryError> {
-        let mut profiles = self.meta.repo_profiles(q.namespaces.as_deref()).await.map_err(meta_err("list repositories"))?;
+        let in_scope = |r: &RepoName| q.namespaces.as_ref().is_none_or(|ns| ns.iter().any(|n| n.as_str() == r.namespace()));
+        let mut names = self.index.names_where(|r| in_scope(r) && visible(r));
         let keyword = q.keyword.as_ref().map(|k| k.to_lowercase());
-        profiles.retain(|p| {
-            visible(&p.name)
-                && keyword
-                    .as_ref()
-                    .is_none_or(|k| p.name.as_str().contains(k.as_str()) || p.description.to_lowercase().contains(k.as_str()))
-                && q.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-        });
-        match q.sort {
-            RepoSort::Name => profiles.sort_by(|a, b| a.name.cmp(&b.name)),
-            RepoSort::Updated => profiles.sort_by(|a, b| a.updated_ms.cmp(&b.updated_ms).then_with(|| a.name.cmp(&b.name))),
-            RepoSort::Pulls => profiles.sort_by(|a, b| a.pulls.cmp(&b.pulls).then_with(|| a.name.cmp(&b.name))),
-        }
-        if q.descending {
-            profiles.reverse();
-        }
-        let total = profiles.len();
-        let page: Vec<RepoProfile> = profiles.into_iter().skip(q.offset).take(q.limit).collect();
+        let by_profile = keyword.is_some() || !q.labels.is_empty() || q.sort != RepoSort::Name;
+        let (page, total) = if by_profile {
+            let mut profiles = self.profiles(&names).await?;
+            profiles.retain(|p| {
+                keyword.as_ref().is_none_or(|k| p.name.as_str().contains(k.as_str()) || p.description.to_lowercase().contains(k.as_str()))
+                    && q.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            });
+            match q.sort {
+                RepoSort::Name => profiles.sort_by(|a, b| a.name.cmp(&b.name)),
+                RepoSort::Updated => profiles.sort_by(|a, b| a.updated_ms.cmp(&b.updated_ms).then_with(|| a.name.cmp(&b.name))),
+                RepoSort::Pulls => profiles.sort_by(|a, b| a.pulls.cmp(&b.pulls).then_with(|| a.name.cmp(&b.name))),
+            }
+            if q.descending {
+                profiles.reverse();
+            }
+            let total = profiles.len();
+            (profiles.into_iter().skip(q.offset).take(q.limit).collect(), total)
+        } else {
+            if q.descending {
+                names.reverse();
+            }
+            let total = names.len();
+            let page: Vec<RepoName> = names.into_iter().skip(q.offset).take(q.limit).collect();
+            (self.profiles(&page).await?, total)
+        };
         let names: Vec<RepoName> = page.iter().map(|p| p.name.clone()).collect();
-        let stats = self.meta.repo_stats(&names).await.map_err(meta_err("repository figures"))?;
         let items = page
             .into_iter()
-            .zip(stats.into_iter().chain(std::iter::repeat(RepoStats::default())))
-            .map(|(profile, stats)| RepoSummary { profile, stats })
+            .zip(self.index.stats(&names))
+            .map(|(profile, stats)| RepoSummary { profile, stats: stats.unwrap_or_default() })
             .collect();
         Ok(Page { items, total })
+    }
+
+    /// Profiles of `names` in their order; one deleted meanwhile is left out.
+    async fn profiles(&self, names: &[RepoName]) -> Result<Vec<RepoProfile>, RegistryError> {
+        let mut found: HashMap<RepoName, RepoProfile> =
+            self.meta.repo_profiles(names).await.map_err(meta_err("list repositories"))?.into_iter().map(|p| (p.name.clone(), p)).collect();
+        Ok(names.iter().filter_map(|n| found.remove(n)).collect())
     }
 
     /// A page of a repository's tags (by name), filtered by a keyword.
@@ -216,7 +237,7 @@ impl Registry {
         let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
         let candidates: Vec<Digest> = {
             let s = state.read().unwrap();
-            let tagged: HashSet<&Digest> = s.tags.values().collect();
+            let tagged: HashSet<&Digest> = s.tags.values().map(|e| &e.digest).collect();
             let mut going: HashSet<&Digest> = s.manifests.keys().filter(|d| tagged.contains(d) == (status == TagStatus::Tagged)).collect();
             if status == TagStatus::Untagged {
                 // Referrers (signatures, SBOMs) of a manifest that stays stay with it,

@@ -193,7 +193,7 @@ impl Handler<Flush> for RepoActor {
                                 .entry(a.row.digest.clone())
                                 .or_insert(ManifestEntry { row: crate::index::resident(a.row), bytes: None });
                             if let Some(t) = a.tag {
-                                s.tags.insert(t.name, t.digest);
+                                s.tags.insert(t.name, crate::index::TagEntry { digest: t.digest, updated_ms: t.updated_ms });
                             }
                             let _ = a.reply.send(Ok(()));
                         }
@@ -228,7 +228,7 @@ impl Handler<DeleteManifest> for RepoActor {
         }
         let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
             let mut tags: Vec<String> =
-                state.read().unwrap().tags.iter().filter(|(_, d)| **d == digest).map(|(t, _)| t.to_string()).collect();
+                state.read().unwrap().tags.iter().filter(|(_, e)| e.digest == digest).map(|(t, _)| t.to_string()).collect();
             tags.sort();
             let kind = EventKind::ManifestDeleted {
                 tenant: a.tenant(),
@@ -258,7 +258,7 @@ impl Handler<DeleteManifest> for RepoActor {
                         index.forget_cached(b.len());
                     }
                 }
-                s.tags.retain(|_, v| v != &digest);
+                s.tags.retain(|_, e| e.digest != digest);
                 Ok(())
             }),
         ))
@@ -281,7 +281,7 @@ impl Handler<DeleteTag> for RepoActor {
     fn handle(&mut self, msg: DeleteTag, _: &mut Context<Self>) -> Self::Result {
         let (tag, announce) = (msg.0, msg.1);
         let state = self.index.repo(&self.name);
-        let pointed = state.as_ref().and_then(|s| s.read().unwrap().tags.get(&tag).cloned());
+        let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
         let Some(pointed) = pointed else {
             return AtomicResponse::new(Box::pin(fut::ready(Err(
                 RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown"))
