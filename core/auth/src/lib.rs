@@ -44,6 +44,13 @@ use serde::Deserialize;
 
 pub use identity::{Action, Credential, Grant, Identity, Principal, Scope, TOKEN_SCOPES};
 pub use policy::Decision;
+
+/// What a listing learns of one repository ([`Auth::listing`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Listed {
+    pub allowed: bool,
+    pub public: bool,
+}
 use secret::{Claims, KeyRing};
 use tokens::{TokenActor, TokenView};
 
@@ -554,6 +561,24 @@ impl Auth {
             list(&mut |repo: &RepoName| {
                 let domain = namespaces.get(repo.namespace()).map_or("", |t| t.as_str());
                 check(domain, repo.as_str(), Action::Pull.as_str())
+            })
+        })
+    }
+
+    /// A listing's filter: for each repository, whether `identity` may do
+    /// `action` on it (policy and credential, as [`Auth::can`]) and whether it
+    /// is public (as [`Auth::is_public`]). The caller's roles are resolved and
+    /// the public rules gathered once for the whole listing, which `list` makes.
+    pub fn listing<T>(&self, identity: &Identity, action: Action, list: impl FnOnce(&mut dyn FnMut(&RepoName) -> Listed) -> T) -> T {
+        let namespaces = self.namespaces.read().unwrap();
+        let public = self.policy.public_objects();
+        self.policy.for_subject(identity.principal.subject(), |check| {
+            list(&mut |repo: &RepoName| {
+                let domain = namespaces.get(repo.namespace()).map_or("", |t| t.as_str());
+                Listed {
+                    allowed: identity.credential_allows(repo, action) && check(domain, repo.as_str(), action.as_str()),
+                    public: !domain.is_empty() && public.get(repo.as_str()).is_some_and(|ds| ds.iter().any(|d| d == domain)),
+                }
             })
         })
     }

@@ -16,7 +16,7 @@
 //! by a rebuild; decisions about repositories that do not exist are not cached,
 //! so probing random names cannot push the useful ones out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -474,6 +474,19 @@ impl Policy {
 
     pub fn rules(&self) -> Vec<PolicyRuleRow> {
         self.loaded.read().unwrap().rules.clone()
+    }
+
+    /// The objects a public rule (`p, *, <domain>, <object>, pull, allow`, what
+    /// [`crate::Auth::is_public`] looks for) names, each with its domains.
+    pub fn public_objects(&self) -> HashMap<String, Vec<String>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for r in &self.loaded.read().unwrap().rules {
+            let f = &r.fields;
+            if r.ptype == "p" && f.len() == 5 && f[0] == "*" && f[3] == "pull" && f[4] == "allow" {
+                out.entry(f[2].clone()).or_default().push(f[1].clone());
+            }
+        }
+        out
     }
 
     /// Whether exactly this rule is stored (without copying the rules).

@@ -13,7 +13,7 @@
 //!
 //! so the rules that can match are found by hash lookups: by domain (`*` and
 //! the request's), then by object (the exact name, and each prefix of it that a
-//! `prefix*` pattern names), at most one lookup per byte of the object. The
+//! `prefix*` pattern names), at most one lookup per distinct pattern length. The
 //! subject's roles are the reachable set of `g` in the request's domain and of
 //! `g2`, as casbin's role manager walks them (a name reaches itself; at most 10
 //! levels). Among the candidates, in the rules' order, the first matching deny
@@ -68,6 +68,8 @@ struct Domain {
     exact: HashMap<String, Vec<u32>>,
     /// By the part before the first `*` (casbin's `keyMatch` ignores the rest).
     prefix: HashMap<String, Vec<u32>>,
+    /// The lengths of those parts, ascending: the only prefixes worth a lookup.
+    prefix_lens: Vec<usize>,
 }
 
 /// The loaded rules, indexed.
@@ -97,7 +99,12 @@ impl RuleIndex {
             let at = index.rules.len() as u32;
             let domain = index.domains.entry(fields[1].clone()).or_default();
             match fields[2].find('*') {
-                Some(i) => domain.prefix.entry(fields[2][..i].to_owned()).or_default().push(at),
+                Some(i) => {
+                    domain.prefix.entry(fields[2][..i].to_owned()).or_default().push(at);
+                    if let Err(p) = domain.prefix_lens.binary_search(&i) {
+                        domain.prefix_lens.insert(p, i);
+                    }
+                }
                 None => domain.exact.entry(fields[2].clone()).or_default().push(at),
             }
             index.rules.push(Rule { fields, effect });
@@ -136,7 +143,7 @@ impl RuleIndex {
                 out.extend_from_slice(v);
             }
             if !d.prefix.is_empty() {
-                for end in (0..=obj.len()).filter(|&i| obj.is_char_boundary(i)) {
+                for &end in d.prefix_lens.iter().take_while(|&&l| l <= obj.len()).filter(|&&l| obj.is_char_boundary(l)) {
                     if let Some(v) = d.prefix.get(&obj[..end]) {
                         out.extend_from_slice(v);
                     }

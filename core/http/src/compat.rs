@@ -14,7 +14,7 @@
 //! `ID` is a stable number derived from the repository (and tag) name, the same
 //! on every replica and across restarts.
 
-use berth_auth::{Action, Identity};
+use berth_auth::{Action, Identity, Listed};
 use berth_oci::{Reference, RegistryError, RepoName};
 use berth_registry::manage::{RepoQuery, RepoSummary};
 use serde::{Deserialize, Serialize};
@@ -215,8 +215,17 @@ async fn serve(services: &Services, identity: &Identity, segs: &[&str], req: &mu
             let public_only = *scope == "public";
             let q = RepoQuery { limit: usize::MAX, ..Default::default() };
             let auth = &services.auth;
-            let found =
-                registry.list_repos(&q, |r| (!public_only || auth.is_public(r)) && (public_only || auth.can(identity, r, action))).await?;
+            let names = auth.listing(identity, action, |seen| {
+                registry.repo_names(&q, |r| {
+                    let Listed { allowed, public } = seen(r);
+                    if public_only {
+                        public
+                    } else {
+                        allowed
+                    }
+                })
+            });
+            let found = registry.list_repos(&q, names).await?;
             Ok(ok(found.items.iter().map(|s| record(services, s)).collect::<Vec<_>>()))
         }
         ([ns, image, "publicity"], &Method::PATCH) => {

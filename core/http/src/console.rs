@@ -239,7 +239,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
             let ns = namespace(&p)?;
             auth.require_namespace_admin(who, &ns)?;
             let q = RepoQuery { namespaces: Some(vec![ns.clone()]), limit: usize::MAX, ..Default::default() };
-            let repos = services.registry.list_repos(&q, |_| true).await?.items;
+            let repos = services.registry.list_repos(&q, services.registry.repo_names(&q, |_| true)).await?.items;
             if !repos.is_empty() && !p.delete_all_images.unwrap_or(false) {
                 return Err(RegistryError::new(ErrorCode::Conflict)
                     .with_detail(format!("{ns} holds {} images; pass DeleteAllImages to delete them", repos.len())));
@@ -270,7 +270,14 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
             for n in all.into_iter().skip(offset).take(limit) {
                 let st = auth.namespace_stats(&n.name).await?;
                 let q = RepoQuery { namespaces: Some(vec![n.name.clone()]), limit: usize::MAX, ..Default::default() };
-                let pulls: u64 = services.registry.list_repos(&q, |_| true).await?.items.iter().map(|r| r.profile.pulls).sum();
+                let pulls: u64 = services
+                    .registry
+                    .list_repos(&q, services.registry.repo_names(&q, |_| true))
+                    .await?
+                    .items
+                    .iter()
+                    .map(|r| r.profile.pulls)
+                    .sum();
                 let info = RepositoryInfo {
                     id: n.name.to_string(),
                     name: n.name.to_string(),
@@ -298,7 +305,8 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
                 return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no namespace {ns}")));
             }
             let q = RepoQuery { namespaces: Some(vec![ns]), keyword: p.keyword.clone(), limit, offset, ..Default::default() };
-            let found = services.registry.list_repos(&q, |r| auth.can(identity, r, Action::Pull)).await?;
+            let names = auth.listing(identity, Action::Pull, |seen| services.registry.repo_names(&q, |r| seen(r).allowed));
+            let found = services.registry.list_repos(&q, names).await?;
             let infos = found
                 .items
                 .into_iter()

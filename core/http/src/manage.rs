@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_auth::{Action, Auth, Identity};
+use berth_auth::{Action, Auth, Identity, Listed};
 use berth_metadata::{RepoPatch, TagInfo};
 use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use berth_registry::manage::{Page as ServicePage, RepoQuery, RepoSort, RepoSummary, TagStatus};
@@ -442,14 +442,16 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
         limit,
         offset,
     };
-    let visible = |r: &RepoName| {
-        let public = auth.is_public(r);
-        (scope != "public" || public)
-            && (scope != "shared" || shared.contains(r) || shared_ns.contains(r.namespace()))
-            && p.public.is_none_or(|want| want == public)
-            && auth.can(identity, r, action)
-    };
-    let found = services.registry.list_repos(&q, visible).await?;
+    let names = auth.listing(identity, action, |seen| {
+        services.registry.repo_names(&q, |r| {
+            let Listed { allowed, public } = seen(r);
+            allowed
+                && (scope != "public" || public)
+                && (scope != "shared" || shared.contains(r) || shared_ns.contains(r.namespace()))
+                && p.public.is_none_or(|want| want == public)
+        })
+    });
+    let found = services.registry.list_repos(&q, names).await?;
     reply(StatusCode::OK, &page(found, limit, offset, |s| repository(services, host, s)))
 }
 
@@ -667,7 +669,8 @@ pub(crate) async fn official(services: &Services, identity: &Identity, rest: &st
 async fn official_list(services: &Services, identity: &Identity, ns: &str, p: TagListParams, host: &str) -> Result<Reply, RegistryError> {
     let (limit, offset) = paging(p.limit, p.offset)?;
     let q = RepoQuery { namespaces: Some(vec![ns.parse()?]), keyword: p.keyword, limit, offset, ..Default::default() };
-    let found = services.registry.list_repos(&q, |r| services.auth.can(identity, r, Action::Pull)).await?;
+    let names = services.auth.listing(identity, Action::Pull, |seen| services.registry.repo_names(&q, |r| seen(r).allowed));
+    let found = services.registry.list_repos(&q, names).await?;
     reply(StatusCode::OK, &page(found, limit, offset, |s| repository(services, host, s)))
 }
 

@@ -15,6 +15,10 @@ use berth_oci::{AccountName, Digest, ErrorCode, Reference, RegistryError, RepoNa
 use crate::index::RepoStats;
 use crate::{internal, name_unknown, now_ms, repo, Registry};
 
+/// A listing that needs the profiles of at least 1/`SCAN_FRACTION` of all
+/// repositories reads them in one scan instead of by name.
+const SCAN_FRACTION: usize = 8;
+
 /// How repository listings are ordered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RepoSort {
@@ -148,19 +152,32 @@ impl Registry {
         self.repo_summary(name).await
     }
 
-    /// A filtered, ordered page of the repositories `visible` admits.
-    ///
-    /// Names come from the read index, figures too; profiles are read from
-    /// metadata for the page only, unless the query filters or sorts on them
-    /// (a keyword, labels, a sort by time or pulls), when they are read for
-    /// the repositories the caller may see, and for no other.
-    pub async fn list_repos(&self, q: &RepoQuery, visible: impl Fn(&RepoName) -> bool) -> Result<Page<RepoSummary>, RegistryError> {
+    /// The repositories a listing covers: those of the query's namespaces that
+    /// `visible` admits, by name, from the read index. Synchronous, so the
+    /// caller's filter may hold what it resolved once for the whole listing.
+    pub fn repo_names(&self, q: &RepoQuery, mut visible: impl FnMut(&RepoName) -> bool) -> Vec<RepoName> {
         let in_scope = |r: &RepoName| q.namespaces.as_ref().is_none_or(|ns| ns.iter().any(|n| n.as_str() == r.namespace()));
-        let mut names = self.index.names_where(|r| in_scope(r) && visible(r));
+        self.index.names_where(|r| in_scope(r) && visible(r))
+    }
+
+    /// A filtered, ordered page of `names` (from [`Registry::repo_names`]).
+    ///
+    /// Figures come from the read index; profiles are read from metadata for
+    /// the page only, unless the query filters or sorts on them (a keyword,
+    /// labels, a sort by time or pulls), when they are read for `names`, and
+    /// for no other repository.
+    pub async fn list_repos(&self, q: &RepoQuery, mut names: Vec<RepoName>) -> Result<Page<RepoSummary>, RegistryError> {
         let keyword = q.keyword.as_ref().map(|k| k.to_lowercase());
         let by_profile = keyword.is_some() || !q.labels.is_empty() || q.sort != RepoSort::Name;
         let (page, total) = if by_profile {
-            let mut profiles = self.profiles(&names).await?;
+            let mut profiles = if names.len() * SCAN_FRACTION < self.index.repo_count() {
+                self.profiles(&names).await?
+            } else {
+                // Most of the registry: one scan, then keep the listed ones.
+                let listed: HashSet<&RepoName> = names.iter().collect();
+                let all = self.meta.repo_profiles_in(q.namespaces.as_deref()).await.map_err(meta_err("list repositories"))?;
+                all.into_iter().filter(|p| listed.contains(&p.name)).collect()
+            };
             profiles.retain(|p| {
                 keyword.as_ref().is_none_or(|k| p.name.as_str().contains(k.as_str()) || p.description.to_lowercase().contains(k.as_str()))
                     && q.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v))
