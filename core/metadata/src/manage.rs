@@ -471,7 +471,7 @@ mod tests {
             md.repo_profiles(&[empty.clone(), none, app.clone()]).await.unwrap().into_iter().map(|p| p.name.to_string()).collect();
         names.sort();
         assert_eq!(names, ["acme/app", "acme/empty"]);
-        assert_eq!(md.repo_profiles(&[empty.clone()]).await.unwrap(), [p.clone()]);
+        assert_eq!(md.repo_profiles(std::slice::from_ref(&empty)).await.unwrap(), std::slice::from_ref(&p));
         assert!(md.repo_profiles(&[]).await.unwrap().is_empty());
         let acme: AccountName = "acme".parse().unwrap();
         let mut names: Vec<String> = md.repo_profiles_in(Some(&[acme])).await.unwrap().into_iter().map(|p| p.name.to_string()).collect();
