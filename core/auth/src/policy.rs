@@ -466,7 +466,7 @@ impl Policy {
         match &loaded.index {
             Some(index) => {
                 let mut subject = index.subject(sub);
-                list(&mut |dom, obj, act| subject.allows(dom, obj, act))
+                list(&mut |dom, obj, act| subject.decide(dom, obj, act).allowed)
             }
             None => list(&mut |dom, obj, act| self.check(sub, dom, obj, act).allowed),
         }

@@ -126,7 +126,7 @@ impl RuleIndex {
 
     /// The subject's roles and groups, for deciding many requests of one subject.
     pub fn subject<'a>(&'a self, sub: &'a str) -> Subject<'a> {
-        Subject { index: self, sub, groups: reach(sub, |n| self.g2.get(n)), roles: HashMap::new(), candidates: Vec::new() }
+        Subject { index: self, sub, groups: reach(sub, |n| self.g2.get(n)), roles: HashMap::new() }
     }
 
     /// Decide one request.
@@ -135,8 +135,8 @@ impl RuleIndex {
     }
 
     /// The rules that can match `dom` and `obj`, in evaluation order.
-    fn candidates(&self, dom: &str, obj: &str, out: &mut Vec<u32>) {
-        out.clear();
+    fn candidates(&self, dom: &str, obj: &str) -> Vec<u32> {
+        let mut out = Vec::new();
         for key in ["*", dom] {
             let Some(d) = self.domains.get(key) else { continue };
             if let Some(v) = d.exact.get(obj) {
@@ -155,6 +155,7 @@ impl RuleIndex {
         }
         out.sort_unstable();
         out.dedup();
+        out
     }
 }
 
@@ -186,35 +187,14 @@ pub struct Subject<'a> {
     sub: &'a str,
     groups: HashSet<&'a str>,
     roles: HashMap<String, HashSet<&'a str>>,
-    /// The candidates of the decision being made (kept, so deciding allocates nothing).
-    candidates: Vec<u32>,
 }
 
 impl Subject<'_> {
     pub fn decide(&mut self, dom: &str, obj: &str, act: &str) -> Decision {
-        let (allowed, rule) = self.deciding(dom, obj, act);
-        Decision { allowed, rule: rule.map(|at| self.index.rules[at as usize].fields.clone()) }
-    }
-
-    /// Whether the request is allowed (what a listing asks, many times).
-    pub fn allows(&mut self, dom: &str, obj: &str, act: &str) -> bool {
-        self.deciding(dom, obj, act).0
-    }
-
-    /// The decision and the rule that made it.
-    fn deciding(&mut self, dom: &str, obj: &str, act: &str) -> (bool, Option<u32>) {
         let index = self.index;
-        let mut candidates = std::mem::take(&mut self.candidates);
-        index.candidates(dom, obj, &mut candidates);
-        let decision = self.among(&candidates, dom, act);
-        self.candidates = candidates;
-        decision
-    }
-
-    fn among(&mut self, candidates: &[u32], dom: &str, act: &str) -> (bool, Option<u32>) {
-        let index = self.index;
+        let candidates = index.candidates(dom, obj);
         if candidates.is_empty() {
-            return (false, None);
+            return Decision { allowed: false, rule: None };
         }
         if !self.roles.contains_key(dom) {
             let by_name = index.g.get(dom);
@@ -223,7 +203,7 @@ impl Subject<'_> {
         }
         let roles = &self.roles[dom];
         let mut allow = None;
-        for &at in candidates {
+        for at in candidates {
             let rule = &index.rules[at as usize];
             let f = &rule.fields;
             let matches =
@@ -232,12 +212,15 @@ impl Subject<'_> {
                 continue;
             }
             match rule.effect {
-                Effect::Deny => return (false, Some(at)),
+                Effect::Deny => return Decision { allowed: false, rule: Some(f.clone()) },
                 Effect::Allow if allow.is_none() => allow = Some(at),
                 _ => {}
             }
         }
-        (allow.is_some(), allow)
+        match allow {
+            Some(at) => Decision { allowed: true, rule: Some(index.rules[at as usize].fields.clone()) },
+            None => Decision { allowed: false, rule: None },
+        }
     }
 }
 

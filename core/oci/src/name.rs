@@ -73,8 +73,7 @@ impl RepoName {
 
     /// The first path component (the namespace a tenant owns).
     pub fn namespace(&self) -> &str {
-        // A byte search: '/' is ASCII, so it never splits a character.
-        self.0.as_bytes().iter().position(|&b| b == b'/').map_or(&self.0, |i| &self.0[..i])
+        self.0.split('/').next().unwrap_or(&self.0)
     }
 }
 
