@@ -7,6 +7,10 @@
 # the webhook delivered meanwhile (and what overflowed its queue).
 #
 #   tests/bench/webhook.sh        # ROUNDS=5 WRK_SECS=10 CONNS=64
+#   SETTLE=15 tests/bench/webhook.sh
+#     seconds idle after each warm-up burst (default 2): subscribing admits a
+#     queue's worth of pull events at once, and writing them takes seconds of
+#     one core (about 1 ms per outbox row on the embedded store)
 #   RECEIVER=stall tests/bench/webhook.sh
 #     the receiver takes each POST and never answers: the queue stays full and
 #     the worker waits, so what is left is the cost of announcing pulls alone.
@@ -83,7 +87,7 @@ unsubscribe() { curl -s -o /dev/null -H "$auth" -X DELETE "$api"; }
 rps() { wrk -t2 -c"$CONNS" -d"${WRK_SECS}s" -H "$auth" "http://127.0.0.1:$PORT/v2/bench/app/manifests/latest" | awk '/Requests\/sec/ {print $2}'; }
 # Steady state: a backlog fills the queue (10,000 outbox rows written at once)
 # within a second of subscribing; a warm-up burst pays that before measuring.
-warm() { wrk -t2 -c"$CONNS" -d3s -H "$auth" "http://127.0.0.1:$PORT/v2/bench/app/manifests/latest" >/dev/null; sleep 2; }
+warm() { wrk -t2 -c"$CONNS" -d3s -H "$auth" "http://127.0.0.1:$PORT/v2/bench/app/manifests/latest" >/dev/null; sleep "${SETTLE:-2}"; }
 queue() {
   curl -s -H "$auth" "$api" | python3 -c '
 import json, sys
