@@ -9,17 +9,24 @@
 //! bounded by the number of distinct (repository, tag, manifest) keys pulled in
 //! the meantime, not by the number of pulls.
 //!
-//! Pull events for plugins ride on the same batches ([`PullTally::announce`]),
-//! written in the counts' transaction.
+//! Pull events for plugins ([`PullTally::announce`]) wait in the tally too, but
+//! are written apart from the counts: on the delivery runtime (idle priority),
+//! at most [`EVENTS_PER_TX`] outbox rows per transaction. A row costs about a
+//! millisecond of CPU, and a queue with room can admit thousands in a second,
+//! so on the actors thread (as before) a burst held every repository and upload
+//! actor for seconds and took that CPU from requests.
 //!
-//! What a crash costs: the pulls (and pull events) of at most one flush
-//! interval (the tally is written on graceful shutdown). Pushes are counted in the manifest commit itself.
+//! What a crash costs: the pulls of at most one flush interval, and the pull
+//! events not yet written (at most a queue's worth per instance; under
+//! saturation they wait for idle CPU). The tally is written on graceful
+//! shutdown. Pushes are counted in the manifest commit itself.
 //!
 //! A pull is a manifest `GET` (as Docker Hub counts them): a `HEAD` is not, and a
 //! multi-platform pull that fetches the index and then one platform's manifest
 //! counts two repository pulls. A pull by tag also counts for that tag.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,13 +39,19 @@ use crate::now_ms;
 
 type Key = (RepoName, Option<Tag>, Digest);
 
+/// Pull events written per transaction (each holds the metadata store and its
+/// thread for about a millisecond).
+pub const EVENTS_PER_TX: usize = 128;
+
 /// Pulls counted since the last flush.
 #[derive(Default)]
 pub struct PullTally {
     pending: Mutex<HashMap<Key, (u64, i64)>>,
-    /// Pull events for plugins, written with the next batch of counts (bounded
-    /// by the instances' queues: each row holds a place in one).
+    /// Pull events for plugins, written at the next flush (bounded by the
+    /// instances' queues: each row holds a place in one).
     events: Mutex<Vec<OutboxRow>>,
+    /// A writer of `events` is running.
+    writing: AtomicBool,
     deliveries: Option<Arc<Deliveries>>,
 }
 
@@ -78,30 +91,70 @@ impl PullTally {
         }
     }
 
-    /// Write what was counted; on failure the batch goes back for the next try.
+    /// Write what was counted and the pull events waiting; what fails is kept
+    /// for the next try.
+    /// (A writer of events already running is waited for, up to 10 s, so a
+    /// graceful stop leaves none behind.)
     pub async fn flush(&self, meta: &Metadata) -> bool {
-        let batch = self.take();
-        let mut events = std::mem::take(&mut *self.events.lock().unwrap());
-        if let Some(d) = &self.deliveries {
-            events.retain(|r| d.has_queue(&r.instance));
+        let counted = self.flush_counts(meta).await;
+        for _ in 0..1000 {
+            if !self.writing.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if batch.is_empty() && events.is_empty() {
+        self.flush_events(meta).await && counted
+    }
+
+    /// Write the counts (one transaction); on failure the batch goes back.
+    async fn flush_counts(&self, meta: &Metadata) -> bool {
+        let batch = self.take();
+        if batch.is_empty() {
             return true;
         }
-        match meta.record_pulls(&batch, &events).await {
-            Ok(()) => {
-                if let Some(d) = &self.deliveries {
-                    d.committed(&events, true);
-                }
-                true
-            }
+        match meta.record_pulls(&batch, &[]).await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, keys = batch.len(), events = events.len(), "writing pull counters failed; kept for the next flush");
+                tracing::warn!(error = %e, keys = batch.len(), "writing pull counters failed; kept for the next flush");
                 self.put_back(batch);
-                self.events.lock().unwrap().splice(0..0, events);
                 false
             }
         }
+    }
+
+    /// Write the waiting pull events, [`EVENTS_PER_TX`] per transaction, one
+    /// writer at a time; on failure the rest waits for the next flush.
+    async fn flush_events(&self, meta: &Metadata) -> bool {
+        if self.writing.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let ok = loop {
+            let mut chunk: Vec<OutboxRow> = {
+                let mut events = self.events.lock().unwrap();
+                let n = events.len().min(EVENTS_PER_TX);
+                events.drain(..n).collect()
+            };
+            if chunk.is_empty() {
+                break true;
+            }
+            if let Some(d) = &self.deliveries {
+                chunk.retain(|r| d.has_queue(&r.instance));
+            }
+            match meta.record_pulls(&[], &chunk).await {
+                Ok(()) => {
+                    if let Some(d) = &self.deliveries {
+                        d.committed(&chunk, true);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, events = chunk.len(), "writing pull events failed; kept for the next flush");
+                    self.events.lock().unwrap().splice(0..0, chunk);
+                    break false;
+                }
+            }
+        };
+        self.writing.store(false, Ordering::Release);
+        ok
     }
 }
 
@@ -123,7 +176,10 @@ impl Actor for CounterActor {
             }
             act.busy = true;
             let (tally, meta) = (act.tally.clone(), act.meta.clone());
-            ctx.spawn(async move { tally.flush(&meta).await }.into_actor(act).map(|_, act, _| act.busy = false));
+            // Events on the delivery runtime, off this thread; at most one writer.
+            let (events, events_meta) = (tally.clone(), meta.clone());
+            crate::delivery::background().spawn(async move { events.flush_events(&events_meta).await });
+            ctx.spawn(async move { tally.flush_counts(&meta).await }.into_actor(act).map(|_, act, _| act.busy = false));
         });
     }
 }
@@ -131,6 +187,46 @@ impl Actor for CounterActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(i: usize) -> OutboxRow {
+        OutboxRow {
+            instance: "hook".into(),
+            event_id: format!("e{i:05}"),
+            at_ms: i as i64,
+            hook: "manifest-pulled".into(),
+            event: "{}".into(),
+            if_new_repo: false,
+            attempts: 0,
+            next_ms: i as i64,
+        }
+    }
+
+    #[tokio::test]
+    async fn pull_events_are_written_in_bounded_transactions_apart_from_the_counts() {
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let t = PullTally::default();
+        let n = EVENTS_PER_TX * 2 + 5;
+        t.announce((0..n).map(event).collect());
+        // Counts alone leave the events waiting.
+        assert!(t.flush_counts(&meta).await);
+        assert_eq!(meta.outbox_depth("hook").await.unwrap().rows, 0);
+        assert_eq!(t.events.lock().unwrap().len(), n);
+        // A second writer while one runs writes nothing and waits for none.
+        t.writing.store(true, Ordering::Release);
+        assert!(t.flush_events(&meta).await);
+        assert_eq!(t.events.lock().unwrap().len(), n);
+        t.writing.store(false, Ordering::Release);
+        assert!(t.flush(&meta).await);
+        assert_eq!(meta.outbox_depth("hook").await.unwrap().rows, n as u64, "every chunk written");
+        assert!(t.events.lock().unwrap().is_empty());
+        assert!(!t.writing.load(Ordering::Acquire));
+        // A chunk that fails goes back to the front, in order, with what follows it.
+        t.announce(vec![event(0), event(n + 1)]);
+        assert!(!t.flush_events(&meta).await, "event e00000 is already in the outbox");
+        let left: Vec<String> = t.events.lock().unwrap().iter().map(|r| r.event_id.clone()).collect();
+        assert_eq!(left, ["e00000".to_string(), format!("e{:05}", n + 1)]);
+        assert!(!t.writing.load(Ordering::Acquire), "a failed writer lets the next one run");
+    }
 
     #[test]
     fn tally_aggregates_by_key_and_puts_back() {

@@ -268,7 +268,7 @@ impl Deliveries {
 /// the registry is idle, next to none when requests keep every core busy (then
 /// queues fill and overflow, visibly, rather than pulls slowing down). Gates
 /// stay on the request's own runtime: a push waits for them.
-fn background() -> &'static tokio::runtime::Runtime {
+pub(crate) fn background() -> &'static tokio::runtime::Runtime {
     static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()

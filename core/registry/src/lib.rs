@@ -650,7 +650,7 @@ impl Registry {
 
     /// Fetch a manifest by tag or digest (HEAD passes `body = false`).
     /// A pull by `puller` is counted, and announced to plugins that take pulls
-    /// (with the next batch of counts: nothing is written now).
+    /// (at the next flush of the counts: nothing is written now).
     pub async fn get_manifest(
         &self,
         repo: &RepoName,
