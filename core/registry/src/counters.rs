@@ -177,8 +177,10 @@ impl Actor for CounterActor {
             act.busy = true;
             let (tally, meta) = (act.tally.clone(), act.meta.clone());
             // Events on the delivery runtime, off this thread; at most one writer.
-            let (events, events_meta) = (tally.clone(), meta.clone());
-            crate::delivery::background().spawn(async move { events.flush_events(&events_meta).await });
+            if !tally.events.lock().unwrap().is_empty() {
+                let (events, events_meta) = (tally.clone(), meta.clone());
+                crate::delivery::background().spawn(async move { events.flush_events(&events_meta).await });
+            }
             ctx.spawn(async move { tally.flush_counts(&meta).await }.into_actor(act).map(|_, act, _| act.busy = false));
         });
     }
