@@ -92,9 +92,8 @@ impl PullTally {
     }
 
     /// Write what was counted and the pull events waiting; what fails is kept
-    /// for the next try.
-    /// (A writer of events already running is waited for, up to 10 s, so a
-    /// graceful stop leaves none behind.)
+    /// for the next try. A writer of events already running is waited for (up
+    /// to 10 s), so a graceful stop leaves no event behind.
     pub async fn flush(&self, meta: &Metadata) -> bool {
         let counted = self.flush_counts(meta).await;
         for _ in 0..1000 {
