@@ -114,9 +114,7 @@ async fn chunked_upload_range_reads_and_cancel() {
     c.patch(s.url(&loc)).body(vec![1u8; 10]).send().await.unwrap();
     assert_eq!(c.delete(s.url(&loc)).send().await.unwrap().status(), 204);
     expect_error(c.get(s.url(&loc)).send().await.unwrap(), 404, "BLOB_UPLOAD_UNKNOWN", "cancelled").await;
-    let uploads = dir.path().join("blobs/uploads");
-    let left: Vec<_> = std::fs::read_dir(&uploads).map(|d| d.collect()).unwrap_or_default();
-    assert!(left.is_empty(), "staging left behind: {left:?}");
+    assert_eq!(s.staged_uploads().await, 0, "staging left behind");
 }
 
 #[tokio::test]
@@ -183,8 +181,7 @@ async fn manifests_by_tag_and_digest() {
     let r = c.put(s.url(&format!("/v2/{repo}/manifests/bad"))).header("content-type", OCI_MANIFEST).body(bad).send().await.unwrap();
     expect_error(r, 400, "MANIFEST_BLOB_UNKNOWN", "missing layer").await;
     // Refused before anything was stored: its bytes are nowhere on disk.
-    let hex = bad_digest.trim_start_matches("sha256:");
-    assert!(!s.data.join("blobs/blobs/sha256").join(&hex[..2]).join(hex).exists(), "a refused manifest's bytes stay unwritten");
+    assert!(!s.has_blob(&bad_digest).await, "a refused manifest's bytes stay unwritten");
     // A blob of another repository does not count.
     let other = push_blob(&c, &s, "other/repo", b"other layer").await;
     let bad = image_manifest((&cd, config.len()), &[(&other, 11)], json!({}));
@@ -475,12 +472,11 @@ async fn abandoned_uploads_expire() {
     let r = c.post(s.url("/v2/e/blobs/uploads/")).send().await.unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
     assert_eq!(c.patch(s.url(&loc)).body(vec![7u8; 1000]).send().await.unwrap().status(), 202);
-    let staged = dir.path().join("blobs/uploads");
-    assert_eq!(std::fs::read_dir(&staged).unwrap().count(), 1);
+    assert_eq!(s.staged_uploads().await, 1);
     let mut gone = false;
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        if c.get(s.url(&loc)).send().await.unwrap().status() == 404 && std::fs::read_dir(&staged).unwrap().count() == 0 {
+        if c.get(s.url(&loc)).send().await.unwrap().status() == 404 && s.staged_uploads().await == 0 {
             gone = true;
             break;
         }

@@ -42,6 +42,39 @@ pub struct Server {
     pub base: String,
     pub addr: String,
     pub data: PathBuf,
+    /// Where its blobs are: the filesystem under `data`, or S3 on the test
+    /// process's Garage when `BERTH_TEST_STORAGE=s3` (see [`s3_config`]).
+    pub storage: berth_storage::StorageConfig,
+}
+
+/// Under `BERTH_TEST_STORAGE=s3`, the configuration a server on `data` runs
+/// with: `env`'s `BERTH_CONFIG` file (if any) with a `[storage]` section on the
+/// test process's Garage, under a prefix derived from `data` (so a restart on
+/// the same folder finds its blobs), written beside Garage's own files. `None`
+/// when the suite runs on the filesystem, or the file chooses its storage itself.
+fn s3_config(data: &Path, env: &[(&str, &str)]) -> Option<(PathBuf, berth_storage::StorageConfig)> {
+    if !berth_testkit::s3_wanted() {
+        return None;
+    }
+    let g = berth_testkit::Garage::shared().expect("a Garage for BERTH_TEST_STORAGE=s3");
+    let mut text = match env.iter().find(|(k, _)| *k == "BERTH_CONFIG") {
+        Some((_, path)) => std::fs::read_to_string(path).unwrap(),
+        None => String::new(),
+    };
+    if text.contains("[storage]") {
+        return None;
+    }
+    let prefix = berth_testkit::prefix_for(&data.to_string_lossy());
+    let section = g.storage_toml(&prefix);
+    #[derive(serde::Deserialize)]
+    struct File {
+        storage: berth_storage::StorageConfig,
+    }
+    let storage = toml::from_str::<File>(&section).unwrap().storage;
+    text = format!("{section}\n{text}");
+    let path = g.dir().join(format!("{prefix}.toml"));
+    std::fs::write(&path, text).unwrap();
+    Some((path, storage))
 }
 
 impl Server {
@@ -74,6 +107,13 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let storage = match s3_config(data, env) {
+            Some((file, storage)) => {
+                cmd.env("BERTH_CONFIG", file);
+                storage
+            }
+            None => berth_storage::StorageConfig::fs(data.join("blobs").to_string_lossy()),
+        };
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn berth");
         let stdout = child.stdout.take().unwrap();
@@ -81,7 +121,22 @@ impl Server {
         BufReader::new(stdout).read_line(&mut line).expect("read banner");
         let base = line.trim().strip_prefix("berth listening on ").unwrap_or_else(|| panic!("unexpected banner {line:?}")).to_string();
         let addr = base.trim_start_matches("http://").to_string();
-        Server { child: Some(child), base, addr, data: data.to_path_buf() }
+        Server { child: Some(child), base, addr, data: data.to_path_buf(), storage }
+    }
+
+    /// The server's blob store, opened beside it (to look at what it stored).
+    pub async fn blob_store(&self) -> berth_storage::BlobStore {
+        berth_storage::BlobStore::open(&self.storage).await.unwrap()
+    }
+
+    /// How many uploads have staging data in its store.
+    pub async fn staged_uploads(&self) -> usize {
+        self.blob_store().await.staged_uploads().await.unwrap().len()
+    }
+
+    /// Whether its store holds the blob `digest`.
+    pub async fn has_blob(&self, digest: &str) -> bool {
+        self.blob_store().await.stat_blob(&digest.parse().unwrap()).await.unwrap().is_some()
     }
 
     /// Start with `toml` as its configuration file (`<dir>/berth.toml`), data in `<dir>/data`.
