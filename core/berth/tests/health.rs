@@ -100,3 +100,52 @@ fn a_clean_stop_stores_the_last_audit_events_and_logs_no_error() {
         }
     });
 }
+
+/// The operations series of `/metrics`: bytes in and out, upload sessions,
+/// messages waiting on actors, backend failures, per-tenant storage.
+#[test]
+fn metrics_count_bytes_sessions_actors_failures_and_tenant_storage() {
+    let dir = TempDir::new("metrics");
+    let s = Server::start_in(&dir.path().join("data"), &[]);
+    block_on(async {
+        let token = tenant_user_token(&s, "acme", "mia", "maintainer").await;
+        let mia = client_as("mia", &token);
+        let (received, sent) = (metric(&s, "berth_received_bytes_total").await, metric(&s, "berth_sent_bytes_total").await);
+        let layer = bytes(3, 70_000);
+        let digest = push_blob(&mia, &s, "acme/app", &layer).await;
+        assert_eq!(metric(&s, "berth_received_bytes_total").await - received, layer.len() as f64, "an upload's bytes, received");
+        let r = mia.get(s.url(&format!("/v2/acme/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), layer.len());
+        let r = mia.get(s.url(&format!("/v2/acme/app/blobs/{digest}"))).header("range", "bytes=0-99").send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 100);
+        assert_eq!(metric(&s, "berth_sent_bytes_total").await - sent, (layer.len() + 100) as f64, "a pull's bytes and a range's, sent");
+        let manifest = push_image(&mia, &s, "acme/app", "v1", 9, serde_json::json!({})).await;
+        let before = metric(&s, "berth_sent_bytes_total").await;
+        let r = mia.get(s.url("/v2/acme/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(r.headers()["docker-content-digest"], manifest.as_str());
+        let len = r.bytes().await.unwrap().len();
+        assert_eq!(metric(&s, "berth_sent_bytes_total").await - before, len as f64, "a manifest's bytes, sent");
+
+        // An open upload session, then none.
+        assert_eq!(metric(&s, "berth_upload_sessions").await, 0.0);
+        let r = mia.post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        assert_eq!(metric(&s, "berth_upload_sessions").await, 1.0);
+        assert_eq!(mia.delete(s.url(&loc)).send().await.unwrap().status(), 204);
+        assert_eq!(metric(&s, "berth_upload_sessions").await, 0.0);
+
+        // The tenant's storage is what its quota counts.
+        let q: Value = client().get(s.url("/api/v1/tenants/acme/quota")).send().await.unwrap().json().await.unwrap();
+        let used = q["quotas"].as_array().unwrap().iter().find(|i| i["resource"] == "storage_bytes").unwrap()["used"].as_u64().unwrap();
+        assert!(used > layer.len() as u64, "{q}");
+        assert_eq!(metric(&s, "berth_tenant_storage_bytes{tenant=\"acme\"}").await, used as f64);
+
+        // Nothing waits on an idle registry's actors, and nothing failed.
+        for actor in ["repository", "uploads", "quota", "other"] {
+            assert_eq!(metric(&s, &format!("berth_actor_messages_waiting{{actor=\"{actor}\"}}")).await, 0.0, "{actor}");
+        }
+        for backend in ["metadata", "storage"] {
+            assert_eq!(metric(&s, &format!("berth_backend_errors_total{{backend=\"{backend}\"}}")).await, 0.0, "{backend}");
+        }
+    });
+}

@@ -299,7 +299,7 @@ async fn metrics(services: &Services, req: Request) -> Reply {
         }
         return r;
     }
-    let mut r = json_response(StatusCode::OK, services.registry.metrics_text().into_bytes());
+    let mut r = json_response(StatusCode::OK, services.registry.metrics_text().await.into_bytes());
     set(&mut r, "content-type", berth_registry::metrics::CONTENT_TYPE);
     r
 }

@@ -109,6 +109,20 @@ impl Metadata {
         Ok(returned(&mut r)?.unwrap_or_default())
     }
 
+    /// Every tenant's storage usage (the bytes of the digests its repositories
+    /// reference, each once), tenants that reference nothing left out.
+    pub async fn storage_by_tenant(&self) -> Result<Vec<(AccountName, u64)>> {
+        #[derive(Deserialize)]
+        struct Row {
+            tenant: AccountName,
+            bytes: u64,
+        }
+        let mut r =
+            self.db.query("SELECT tenant, math::sum(size) AS bytes FROM tenant_blob WHERE tenant != '' GROUP BY tenant").await?.check()?;
+        let rows: Vec<Row> = crate::rows(&mut r, 0)?;
+        Ok(rows.into_iter().map(|r| (r.tenant, r.bytes)).collect())
+    }
+
     /// The repositories of a tenant's namespaces.
     pub async fn tenant_repos(&self, tenant: &AccountName) -> Result<Vec<berth_oci::RepoName>> {
         let mut r = self

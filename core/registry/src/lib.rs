@@ -109,7 +109,8 @@ impl Default for RegistryConfig {
 const MIN_ACTORS_PRUNED: usize = 512;
 
 /// Log an internal failure and turn it into an opaque 500.
-pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
+pub(crate) fn internal<E: std::fmt::Display>(what: &str, e: E) -> RegistryError {
+    metrics::failure::<E>();
     tracing::error!(error = %e, "{what} failed");
     RegistryError::internal().with_detail(format!("{what} failed"))
 }
@@ -247,7 +248,7 @@ impl Registry {
     }
 
     /// The metrics exposition (OpenMetrics text), gauges read now.
-    pub fn metrics_text(&self) -> String {
+    pub async fn metrics_text(&self) -> String {
         if let Some(p) = &self.plugins {
             let figures: Vec<metrics::PluginFigures> = p
                 .host()
@@ -268,7 +269,20 @@ impl Registry {
                 .collect();
             self.metrics.plugin_figures(&figures);
         }
-        self.metrics.render(self.index.repo_count(), self.repo_actor_count())
+        let uploads = Self::ask(&self.uploads, uploads::Open).await.unwrap_or(0);
+        let tenant_storage = match self.meta.storage_by_tenant().await {
+            Ok(t) => t.into_iter().map(|(t, b)| (t.to_string(), b)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading per-tenant storage for metrics failed");
+                Vec::new()
+            }
+        };
+        self.metrics.render(metrics::Readings {
+            repositories: self.index.repo_count(),
+            repo_actors: self.repo_actor_count(),
+            uploads,
+            tenant_storage,
+        })
     }
 
     /// The per-tenant quotas.
@@ -340,6 +354,7 @@ impl Registry {
         M: actix::Message + Send + 'static,
         M::Result: Send,
     {
+        let _waiting = metrics::Waiting::on::<A>();
         addr.send(msg).await.map_err(|e| internal("actor mailbox", e))
     }
 
@@ -369,7 +384,11 @@ impl Registry {
         };
         let stream = if body {
             match self.store.read_blob(digest, range).await {
-                Ok(s) => Some(s),
+                Ok(s) => Some(Box::pin(s.inspect(|r| {
+                    if let Ok(b) = r {
+                        metrics::sent(b.len() as u64)
+                    }
+                })) as ByteStream),
                 Err(StorageError::NotFound) => {
                     tracing::error!(%repo, %digest, "linked blob missing from storage");
                     return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
@@ -509,6 +528,7 @@ impl Registry {
                 .with_detail(format!("storage quota of tenant {tenant} exceeded while the chunk arrived; send it again")));
         }
         let written = written.map_err(|e| storage_err("write upload chunk", e))?;
+        metrics::received(written);
         if let Some(r) = content_range {
             if written != r.len() {
                 return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
@@ -659,6 +679,7 @@ impl Registry {
         puller: &str,
     ) -> Result<(ManifestBody, u64), RegistryError> {
         let (m, size) = self.read_manifest(repo, reference, body).await?;
+        metrics::sent(m.bytes.len() as u64);
         if body && self.config.count_pulls {
             let tag = match reference {
                 Reference::Tag(t) => Some(t),
@@ -706,6 +727,7 @@ impl Registry {
         bytes: Bytes,
         pusher: &str,
     ) -> Result<PutManifest, RegistryError> {
+        metrics::received(bytes.len() as u64);
         let parsed = ParsedManifest::parse(&bytes, content_type)?;
         let (digest, tag) = match reference {
             Reference::Digest(d) => {

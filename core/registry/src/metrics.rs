@@ -4,6 +4,7 @@
 //! gauges are read when scraped. Tenant names appear only as labels of what
 //! was reclaimed for them, which is why the endpoint is the platform admin's.
 
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,6 +35,74 @@ struct TenantLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActorLabel {
+    actor: &'static str,
+}
+
+/// Process-wide tallies, bumped where no [`Metrics`] is at hand (the error
+/// mapping, the actor mailboxes) and copied into the exposition when scraped.
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+static SENT: AtomicU64 = AtomicU64::new(0);
+static METADATA_FAILURES: AtomicU64 = AtomicU64::new(0);
+static STORAGE_FAILURES: AtomicU64 = AtomicU64::new(0);
+/// Messages sent to actors of each kind and not yet answered (waiting in a
+/// mailbox or being handled), in [`ACTOR_KINDS`] order.
+static WAITING: [AtomicI64; 4] = [AtomicI64::new(0), AtomicI64::new(0), AtomicI64::new(0), AtomicI64::new(0)];
+const ACTOR_KINDS: [&str; 4] = ["repository", "uploads", "quota", "other"];
+
+/// Bytes received from a client (an upload chunk, a manifest).
+pub(crate) fn received(bytes: u64) {
+    RECEIVED.fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// Bytes sent to a client (a blob or a range of one, as they stream; a manifest).
+pub(crate) fn sent(bytes: u64) {
+    SENT.fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// A request that failed on the metadata store or the blob store (answered 500):
+/// counted by the one function that maps such failures, from the error's type.
+pub(crate) fn failure<E>() {
+    let name = std::any::type_name::<E>();
+    if name.contains("MetadataError") || name.contains("surrealdb") {
+        METADATA_FAILURES.fetch_add(1, Ordering::Relaxed);
+    } else if name.contains("StorageError") || name.contains("opendal") {
+        STORAGE_FAILURES.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one message to an actor of type `A` as waiting until dropped.
+pub(crate) struct Waiting(&'static AtomicI64);
+
+impl Waiting {
+    pub(crate) fn on<A>() -> Waiting {
+        let name = std::any::type_name::<A>();
+        let kind = if name.ends_with("RepoActor") {
+            0
+        } else if name.ends_with("UploadSessions") {
+            1
+        } else if name.ends_with("QuotaActor") {
+            2
+        } else {
+            3
+        };
+        WAITING[kind].fetch_add(1, Ordering::Relaxed);
+        Waiting(&WAITING[kind])
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, Ord, PartialOrd, EncodeLabelSet)]
@@ -98,7 +167,23 @@ pub struct Metrics {
     repositories: Gauge,
     repo_actors: Gauge,
     resident: Gauge,
+    received: Counter,
+    sent: Counter,
+    failures: Family<BackendLabel, Counter>,
+    waiting: Family<ActorLabel, Gauge>,
+    uploads: Gauge,
+    tenant_storage: Family<TenantLabel, Gauge>,
     plugins: PluginSeries,
+}
+
+/// What a scrape reads from elsewhere in the registry.
+pub(crate) struct Readings {
+    pub repositories: usize,
+    pub repo_actors: usize,
+    /// Upload sessions open in this process.
+    pub uploads: usize,
+    /// Per tenant, the bytes its repositories reference (as quotas count them).
+    pub tenant_storage: Vec<(String, u64)>,
 }
 
 impl Default for Metrics {
@@ -121,6 +206,12 @@ impl Default for Metrics {
             repositories: Gauge::default(),
             repo_actors: Gauge::default(),
             resident: Gauge::default(),
+            received: Counter::default(),
+            sent: Counter::default(),
+            failures: Family::default(),
+            waiting: Family::default(),
+            uploads: Gauge::default(),
+            tenant_storage: Family::default(),
             plugins: PluginSeries::default(),
         };
         let r = &mut m.exposition;
@@ -148,6 +239,21 @@ impl Default for Metrics {
             m.repo_actors.clone(),
         );
         r.register_with_unit("process_resident_memory", "Resident memory of this process", Unit::Bytes, m.resident.clone());
+        r.register_with_unit("received", "Blob and manifest bytes received from clients", Unit::Bytes, m.received.clone());
+        r.register_with_unit("sent", "Blob and manifest bytes sent to clients", Unit::Bytes, m.sent.clone());
+        r.register("backend_errors", "Requests failed by the metadata store or the blob store", m.failures.clone());
+        r.register(
+            "actor_messages_waiting",
+            "Messages sent to actors and not yet answered (in a mailbox or being handled), by kind of actor",
+            m.waiting.clone(),
+        );
+        r.register("upload_sessions", "Upload sessions open in this process", m.uploads.clone());
+        r.register_with_unit(
+            "tenant_storage",
+            "Per tenant, the bytes its repositories reference (each digest once, as quotas count)",
+            Unit::Bytes,
+            m.tenant_storage.clone(),
+        );
         let p = &m.plugins;
         r.register("plugin_calls", "Calls into a plugin instance (gates and deliveries)", p.calls.clone());
         r.register("plugin_failures", "Calls that failed (trap, timeout, memory, fuel, or an error answer)", p.failures.clone());
@@ -232,10 +338,22 @@ impl Metrics {
     }
 
     /// The exposition, gauges read now.
-    pub(crate) fn render(&self, repositories: usize, repo_actors: usize) -> String {
-        self.repositories.set(repositories as i64);
-        self.repo_actors.set(repo_actors as i64);
+    pub(crate) fn render(&self, now: Readings) -> String {
+        self.repositories.set(now.repositories as i64);
+        self.repo_actors.set(now.repo_actors as i64);
         self.resident.set(resident_bytes() as i64);
+        self.uploads.set(now.uploads as i64);
+        catch_up(&self.received, RECEIVED.load(Ordering::Relaxed));
+        catch_up(&self.sent, SENT.load(Ordering::Relaxed));
+        catch_up(&self.failures.get_or_create(&BackendLabel { backend: "metadata" }), METADATA_FAILURES.load(Ordering::Relaxed));
+        catch_up(&self.failures.get_or_create(&BackendLabel { backend: "storage" }), STORAGE_FAILURES.load(Ordering::Relaxed));
+        for (kind, n) in ACTOR_KINDS.iter().zip(&WAITING) {
+            self.waiting.get_or_create(&ActorLabel { actor: kind }).set(n.load(Ordering::Relaxed));
+        }
+        self.tenant_storage.clear();
+        for (tenant, bytes) in now.tenant_storage {
+            self.tenant_storage.get_or_create(&TenantLabel { tenant }).set(bytes as i64);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.exposition);

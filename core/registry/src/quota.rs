@@ -158,6 +158,7 @@ impl Quotas {
         M::Result: Send,
         QuotaActor: Handler<M>,
     {
+        let _waiting = crate::metrics::Waiting::on::<QuotaActor>();
         addr.send(msg).await.map_err(|e| internal("quota actor", e))
     }
 

@@ -239,6 +239,20 @@ impl Handler<Release> for UploadSessions {
     }
 }
 
+/// How many sessions this process holds (for metrics).
+pub struct Open;
+impl Message for Open {
+    type Result = usize;
+}
+
+impl Handler<Open> for UploadSessions {
+    type Result = usize;
+
+    fn handle(&mut self, _: Open, _: &mut Context<Self>) -> usize {
+        self.sessions.len()
+    }
+}
+
 /// The committed offset of a session (for the status endpoint).
 pub struct Status {
     pub id: UploadId,
