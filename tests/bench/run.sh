@@ -6,6 +6,10 @@
 #   BENCH_QUICK=1 tests/bench/run.sh   # a smaller smoke run
 #   BENCH_BERTH_CONFIG=berth.toml tests/bench/run.sh   # Berth with a config file
 #   (for example `[storage]` with `backend = "fs"`, `root = …`, `direct_io = false`)
+#   BENCH_STORAGE=s3 tests/bench/run.sh   # both registries' blobs on one Garage
+#   (S3, started here; a release build of Garage 2.5.0 is cached in
+#   ~/.cache/berth/garage), each under a prefix of the same bucket; Distribution
+#   with redirects off, so both stream blobs through themselves
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
@@ -29,6 +33,45 @@ trap cleanup EXIT
 BERTH_PORT=${BERTH_PORT:-5101}
 DIST_PORT=${DIST_PORT:-5102}
 
+dist_storage="  filesystem:
+    rootdirectory: $work/dist"
+if [ "${BENCH_STORAGE:-fs}" = s3 ]; then
+  garage_root="$HOME/.cache/berth/garage"
+  if [ ! -x "$garage_root/bin/garage" ]; then
+    CARGO_TARGET_DIR="$HOME/.cache/berth/garage-target" cargo install --locked garage --version 2.5.0 \
+      --no-default-features --features bundled-libs,sqlite --root "$garage_root"
+  fi
+  cargo build --release -p berth-testkit --bin garage-up
+  "$CARGO_TARGET_DIR/release/garage-up" "$garage_root/bin/garage" "$work/garage" >"$work/garage.env" &
+  pids+=($!)
+  for _ in $(seq 300); do grep -q '^GARAGE_SECRET=' "$work/garage.env" && break; sleep 0.1; done
+  # shellcheck disable=SC1091
+  . "$work/garage.env"
+  echo "storage: S3 on Garage at $GARAGE_ENDPOINT"
+  BENCH_BERTH_CONFIG="$work/berth.toml"
+  cat >"$BENCH_BERTH_CONFIG" <<TOML
+[storage]
+backend = "s3"
+bucket = "$GARAGE_BUCKET"
+endpoint = "$GARAGE_ENDPOINT"
+region = "$GARAGE_REGION"
+root = "/berth/"
+access_key_id = "$GARAGE_KEY_ID"
+secret_access_key = "$GARAGE_SECRET"
+TOML
+  dist_storage="  s3:
+    accesskey: $GARAGE_KEY_ID
+    secretkey: $GARAGE_SECRET
+    region: $GARAGE_REGION
+    regionendpoint: $GARAGE_ENDPOINT
+    bucket: $GARAGE_BUCKET
+    rootdirectory: /distribution
+    secure: false
+    v4auth: true
+  redirect:
+    disable: true"
+fi
+
 BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve ${BENCH_BERTH_CONFIG:+--config "$BENCH_BERTH_CONFIG"} --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
 pids+=($!); berth_pid=$!
 
@@ -41,14 +84,14 @@ log:
 storage:
   cache:
     blobdescriptor: inmemory
-  filesystem:
-    rootdirectory: $work/dist
+$dist_storage
   delete:
     enabled: true
 http:
   addr: 127.0.0.1:$DIST_PORT
 YML
-docker-registry serve "$work/dist.yml" >"$work/dist.out" 2>&1 &
+# AWS_CA_BUNDLE (set on some machines) makes Distribution's S3 client refuse to start.
+env -u AWS_CA_BUNDLE docker-registry serve "$work/dist.yml" >"$work/dist.out" 2>&1 &
 pids+=($!); dist_pid=$!
 
 for url in "http://127.0.0.1:$BERTH_PORT/v2/" "http://127.0.0.1:$DIST_PORT/v2/"; do

@@ -157,7 +157,7 @@ impl Garage {
 
     /// Kill the node and remove its folder once this process is gone (a static
     /// is never dropped): a shell, detached, waits on this process's pid.
-    fn reap_with_this_process(&self) {
+    pub fn reap_with_this_process(&self) {
         let script = format!(
             "(while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {node} 2>/dev/null; sleep 0.2; rm -rf '{dir}') >/dev/null 2>&1 &",
             me = std::process::id(),
