@@ -270,13 +270,16 @@ impl Registry {
             self.metrics.plugin_figures(&figures);
         }
         let uploads = Self::ask(&self.uploads, uploads::Open).await.unwrap_or(0);
-        let tenant_storage = match self.meta.storage_by_tenant().await {
-            Ok(t) => t.into_iter().map(|(t, b)| (t.to_string(), b)).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading per-tenant storage for metrics failed");
-                Vec::new()
+        let scan = async {
+            match self.meta.storage_by_tenant().await {
+                Ok(t) => Some(t.into_iter().map(|(t, b)| (t.to_string(), b)).collect()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading per-tenant storage for metrics failed");
+                    None
+                }
             }
         };
+        let tenant_storage = self.metrics.tenant_storage(scan).await;
         self.metrics.render(metrics::Readings {
             repositories: self.index.repo_count(),
             repo_actors: self.repo_actor_count(),

@@ -5,7 +5,7 @@
 //! was reclaimed for them, which is why the endpoint is the platform admin's.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -173,8 +173,22 @@ pub struct Metrics {
     waiting: Family<ActorLabel, Gauge>,
     uploads: Gauge,
     tenant_storage: Family<TenantLabel, Gauge>,
+    tenant_scan: tokio::sync::Mutex<Option<TenantScan>>,
     plugins: PluginSeries,
 }
+
+/// The last per-tenant storage scan: when it finished, how long it took, what
+/// it found.
+struct TenantScan {
+    at: Instant,
+    took: Duration,
+    figures: Vec<(String, u64)>,
+}
+
+/// A per-tenant scan is reused while younger than this many times its own
+/// duration: scrapes spend at most about a twentieth of the time scanning,
+/// however often they come and however many blobs there are.
+const SCAN_SHARE: u32 = 20;
 
 /// What a scrape reads from elsewhere in the registry.
 pub(crate) struct Readings {
@@ -212,6 +226,7 @@ impl Default for Metrics {
             waiting: Family::default(),
             uploads: Gauge::default(),
             tenant_storage: Family::default(),
+            tenant_scan: tokio::sync::Mutex::new(None),
             plugins: PluginSeries::default(),
         };
         let r = &mut m.exposition;
@@ -275,6 +290,27 @@ impl Metrics {
     pub fn request(&self, route: &'static str, status: u16, took: Duration) {
         self.requests.get_or_create(&RequestLabels { route, status }).inc();
         self.latency.get_or_create(&RouteLabel { route }).observe(took.as_secs_f64());
+    }
+
+    /// Per-tenant storage: from `scan` (one pass over the reference counts),
+    /// or the last scan's figures while it is recent for its cost (see
+    /// [`SCAN_SHARE`]) or when `scan` fails. One scan at a time.
+    pub(crate) async fn tenant_storage<F>(&self, scan: F) -> Vec<(String, u64)>
+    where
+        F: std::future::Future<Output = Option<Vec<(String, u64)>>>,
+    {
+        let mut last = self.tenant_scan.lock().await;
+        if let Some(l) = last.as_ref().filter(|l| l.at.elapsed() < l.took * SCAN_SHARE) {
+            return l.figures.clone();
+        }
+        let started = Instant::now();
+        match scan.await {
+            Some(figures) => {
+                *last = Some(TenantScan { at: Instant::now(), took: started.elapsed(), figures: figures.clone() });
+                figures
+            }
+            None => last.as_ref().map(|l| l.figures.clone()).unwrap_or_default(),
+        }
     }
 
     pub(crate) fn gc_pass(&self, r: &GcReport) {
