@@ -84,13 +84,6 @@ impl Drop for Answered {
     }
 }
 
-/// This process's id, read once (`std::process::id` is a system call each time,
-/// and every request's id carries it).
-fn pid() -> u32 {
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *PID.get_or_init(std::process::id)
-}
-
 /// The whole HTTP application as one warp filter.
 pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     warp::method()
@@ -114,7 +107,7 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
                 async move {
                     let _answered = answered;
                     let started = Instant::now();
-                    let request_id = format!("{:x}-{id:x}", pid());
+                    let request_id = format!("{:x}-{id:x}", std::process::id());
                     let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
                     let req = Request { method, query, headers, remote, body: Some(body) };
                     let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
