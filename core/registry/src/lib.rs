@@ -109,7 +109,7 @@ impl Default for RegistryConfig {
 const MIN_ACTORS_PRUNED: usize = 512;
 
 /// Log an internal failure and turn it into an opaque 500.
-pub(crate) fn internal<E: std::fmt::Display>(what: &str, e: E) -> RegistryError {
+pub(crate) fn internal<E: std::fmt::Display + 'static>(what: &str, e: E) -> RegistryError {
     metrics::failure::<E>();
     tracing::error!(error = %e, "{what} failed");
     RegistryError::internal().with_detail(format!("{what} failed"))

@@ -69,12 +69,14 @@ pub(crate) fn sent(bytes: u64) {
 }
 
 /// A request that failed on the metadata store or the blob store (answered 500):
-/// counted by the one function that maps such failures, from the error's type.
-pub(crate) fn failure<E>() {
-    let name = std::any::type_name::<E>();
-    if name.contains("MetadataError") || name.contains("surrealdb") {
+/// counted by the one function that maps such failures, from the error's type
+/// (a stream of stored bytes fails with `std::io::Error`).
+pub(crate) fn failure<E: 'static>() {
+    use std::any::TypeId;
+    let t = TypeId::of::<E>();
+    if t == TypeId::of::<berth_metadata::MetadataError>() {
         METADATA_FAILURES.fetch_add(1, Ordering::Relaxed);
-    } else if name.contains("StorageError") || name.contains("opendal") {
+    } else if t == TypeId::of::<berth_storage::StorageError>() || t == TypeId::of::<std::io::Error>() {
         STORAGE_FAILURES.fetch_add(1, Ordering::Relaxed);
     }
 }
