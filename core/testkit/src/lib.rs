@@ -140,16 +140,6 @@ impl Garage {
         g
     }
 
-    /// The `[storage]` section of a Berth configuration file for a store under
-    /// `prefix` of the bucket.
-    pub fn storage_toml(&self, prefix: &str) -> String {
-        format!(
-            "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\nroot = \"/{prefix}/\"\n\
-             access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
-            self.bucket, self.endpoint, self.region, self.access_key_id, self.secret_access_key
-        )
-    }
-
     /// The folder holding the node's data, metadata, configuration and log.
     pub fn dir(&self) -> &Path {
         &self.dir

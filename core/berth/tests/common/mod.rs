@@ -65,13 +65,19 @@ fn s3_config(data: &Path, env: &[(&str, &str)]) -> Option<(PathBuf, berth_storag
         return None;
     }
     let prefix = berth_testkit::prefix_for(&data.to_string_lossy());
-    let section = g.storage_toml(&prefix);
-    #[derive(serde::Deserialize)]
-    struct File {
-        storage: berth_storage::StorageConfig,
+    let storage = berth_storage::StorageConfig::S3 {
+        bucket: g.bucket.clone(),
+        endpoint: Some(g.endpoint.clone()),
+        region: Some(g.region.clone()),
+        root: Some(format!("/{prefix}/")),
+        access_key_id: Some(g.access_key_id.clone()),
+        secret_access_key: Some(g.secret_access_key.clone()),
+    };
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        storage: &'a berth_storage::StorageConfig,
     }
-    let storage = toml::from_str::<File>(&section).unwrap().storage;
-    text = format!("{section}\n{text}");
+    text = format!("{}\n{text}", toml::to_string(&File { storage: &storage }).unwrap());
     let path = g.dir().join(format!("{prefix}.toml"));
     std::fs::write(&path, text).unwrap();
     Some((path, storage))
