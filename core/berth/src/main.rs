@@ -293,7 +293,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let meta_close = meta.clone();
     let registry = Registry::open(store, meta.clone(), cfg.registry.clone(), plugins).await.map_err(|e| anyhow::anyhow!(e))?;
     let index = registry.clone();
-    let repo_exists: berth_auth::RepoProbe = Box::new(move |repo| index.repo_exists(repo));
+    let repo_exists: berth_auth::RepoProbe = Box::new(move |repo| index.repo_held(repo));
     let auth =
         berth_auth::Auth::open(meta, cfg.auth.clone(), registry.arbiter(), repo_exists).await.map_err(|e| anyhow::anyhow!("auth: {e}"))?;
     if let Some(dir) = &cfg.auth.policy_dir {

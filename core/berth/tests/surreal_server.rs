@@ -53,13 +53,18 @@ fn berth(dir: &TempDir, port: u16) -> Server {
 
 /// With more `[auth]` settings.
 fn berth_with(dir: &TempDir, port: u16, auth: &str) -> Server {
+    berth_on(dir, port, auth, "")
+}
+
+/// With more `[auth]` settings and other sections (`more`).
+fn berth_on(dir: &TempDir, port: u16, auth: &str, more: &str) -> Server {
     let cfg = dir.path().join("berth.toml");
     let key = dir.path().join("master.key");
     std::fs::write(&key, format!("{MASTER_KEY}00\n")).unwrap();
     std::fs::write(
         &cfg,
         format!(
-            "[metadata]\nurl = \"ws://127.0.0.1:{port}\"\nusername = \"root\"\npassword = \"root\"\nnamespace = \"berth\"\ndatabase = \"it\"\n\
+            "{more}\n[metadata]\nurl = \"ws://127.0.0.1:{port}\"\nusername = \"root\"\npassword = \"root\"\nnamespace = \"berth\"\ndatabase = \"it\"\n\
              [registry]\ncounter_flush_secs = 1\n[auth]\nmaster_key_file = \"{}\"\n{auth}",
             key.display()
         ),
@@ -151,6 +156,140 @@ fn a_changed_password_stops_working_on_every_replica() {
         }
         assert!(refused, "the old password still works on the other replica after 10 s");
         assert_eq!(client_as("mia", "mia-new-password").get(b.url("/v2/")).send().await.unwrap().status(), 200);
+    });
+}
+
+/// Two replicas over one SurrealDB server and one blob store (a folder both
+/// use): each serves what the other wrote on the very next request (tags
+/// pushed, moved and deleted; repositories made and deleted), a manifest goes
+/// through one replica over blobs uploaded through the other, and concurrent
+/// pushes of one tag through both lose no update.
+#[test]
+fn replicas_serve_each_others_writes_at_once() {
+    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
+        eprintln!("replicas_serve_each_others_writes_at_once: set BERTH_TEST_SURREAL");
+        return;
+    };
+    let (one, two, blobs) = (TempDir::new("coherent-a"), TempDir::new("coherent-b"), TempDir::new("coherent-blobs"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let storage = format!("[storage]\nbackend = \"fs\"\nroot = \"{}\"\n", blobs.path().display());
+    let a = berth_on(&one, db.port, "", &storage);
+    let b = berth_on(&two, db.port, "", &storage);
+    block_on(async {
+        let c = client();
+        let manifest = |s: &Server, reference: &str| {
+            let url = s.url(&format!("/v2/library/app/manifests/{reference}"));
+            let c = c.clone();
+            async move {
+                let r = c.get(url).header("accept", OCI_MANIFEST).send().await.unwrap();
+                (r.status().as_u16(), r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_owned()))
+            }
+        };
+        let tags = |s: &Server| {
+            let url = s.url("/v2/library/app/tags/list");
+            let c = c.clone();
+            async move { c.get(url).send().await.unwrap().json::<Value>().await.unwrap()["tags"].clone() }
+        };
+        let catalog = |s: &Server| {
+            let url = s.url("/v2/_catalog");
+            let c = c.clone();
+            async move { c.get(url).send().await.unwrap().json::<Value>().await.unwrap()["repositories"].clone() }
+        };
+
+        // Pushed through A, served by B at once: manifest, blob, tags, catalog.
+        let v1 = push_image(&c, &a, "library/app", "v1", 1, json!({})).await;
+        assert_eq!(manifest(&b, "v1").await, (200, Some(v1.clone())));
+        let layer = sha256(&bytes(1, 1001));
+        let r = c.get(b.url(&format!("/v2/library/app/blobs/{layer}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), layer);
+        assert_eq!(tags(&b).await, json!(["v1"]));
+        assert_eq!(catalog(&b).await, json!(["library/app"]));
+
+        // Moved through B, served by A at once (read-your-writes across replicas).
+        let v1b = push_image(&c, &b, "library/app", "v1", 2, json!({})).await;
+        assert_eq!(manifest(&a, "v1").await, (200, Some(v1b.clone())));
+        // Deleted through A: gone from B at once.
+        assert_eq!(c.delete(a.url("/v2/library/app/manifests/v1")).send().await.unwrap().status(), 202);
+        assert_eq!(manifest(&b, "v1").await.0, 404);
+        assert_eq!(tags(&b).await, json!([]));
+
+        // Blobs uploaded through A, their manifest through B.
+        let config = b"{\"cross\":true}".to_vec();
+        let cd = push_blob(&c, &a, "library/app", &config).await;
+        let layer = bytes(7, 3000);
+        let ld = push_blob(&c, &a, "library/app", &layer).await;
+        let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], json!({}));
+        let cross = put_manifest(&c, &b, "library/app", "cross", OCI_MANIFEST, &m).await;
+        assert_eq!(manifest(&a, "cross").await, (200, Some(cross)));
+
+        // An upload begun through A, continued through B and A in turn (each
+        // replica seeing where the other left it), finished through B.
+        let data = bytes(11, 300_000);
+        let r = c.post(a.url("/v2/library/app/blobs/uploads/")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let mut off = 0;
+        for (i, chunk) in data.chunks(100_000).enumerate() {
+            let s = if i % 2 == 0 { &b } else { &a };
+            let st = c.get(s.url(&loc)).send().await.unwrap();
+            assert_eq!(st.status(), 204);
+            let want = if off == 0 { "0-0".to_owned() } else { format!("0-{}", off - 1) };
+            assert_eq!(st.headers()["range"], want.as_str(), "the status on the other replica");
+            let r = c
+                .patch(s.url(&loc))
+                .header("content-type", "application/octet-stream")
+                .header("content-range", format!("{}-{}", off, off + chunk.len() - 1))
+                .body(chunk.to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "chunk {i}");
+            off += chunk.len();
+        }
+        // A chunk at the offset where A last left the upload (B has moved it
+        // on since) is refused: A reads the session's state from the database.
+        let r = c.patch(a.url(&loc)).header("content-range", "200000-200009").body(vec![0u8; 10]).send().await.unwrap();
+        assert_eq!(r.status(), 416);
+        let digest = sha256(&data);
+        let r = c.put(b.url(&format!("{loc}?digest={digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let r = c.get(a.url(&format!("/v2/library/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+
+        // Concurrent pushes through both replicas: every tag lands, and both
+        // replicas agree on where the shared one points.
+        let mut pushes = Vec::new();
+        for i in 0..12u64 {
+            let (c, s) = (c.clone(), if i % 2 == 0 { &a } else { &b });
+            let m = image_manifest((&cd, config.len()), &[(&ld, layer.len())], json!({"annotations": {"n": i.to_string()}}));
+            pushes.push(async move {
+                let own = put_manifest(&c, s, "library/app", &format!("t{i}"), OCI_MANIFEST, &m).await;
+                let shared = put_manifest(&c, s, "library/app", "shared", OCI_MANIFEST, &m).await;
+                assert_eq!(own, shared);
+                own
+            });
+        }
+        let pushed = futures::future::join_all(pushes).await;
+        let mut want: Vec<String> = (0..12).map(|i| format!("t{i}")).chain(["cross".into(), "shared".into()]).collect();
+        want.sort();
+        for s in [&a, &b] {
+            let mut got: Vec<String> = serde_json::from_value(tags(s).await).unwrap();
+            got.sort();
+            assert_eq!(got, want, "a tag pushed through one replica was lost");
+        }
+        let (sa, sb) = (manifest(&a, "shared").await, manifest(&b, "shared").await);
+        assert_eq!(sa, sb);
+        assert!(pushed.contains(sa.1.as_ref().unwrap()));
+
+        // A repository made through B and deleted through A, seen by the other each time.
+        push_image(&c, &b, "library/other", "v1", 9, json!({})).await;
+        assert_eq!(catalog(&a).await, json!(["library/app", "library/other"]));
+        assert_eq!(c.delete(a.url("/api/v1/repositories/library/other")).send().await.unwrap().status(), 200);
+        assert_eq!(catalog(&b).await, json!(["library/app"]));
+        let r = c.get(b.url("/v2/library/other/manifests/v1")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
     });
 }
 

@@ -215,6 +215,7 @@ async fn serve(services: &Services, identity: &Identity, segs: &[&str], req: &mu
             let public_only = *scope == "public";
             let q = RepoQuery { limit: usize::MAX, ..Default::default() };
             let auth = &services.auth;
+            registry.fresh_catalog().await?;
             let names = auth.listing(identity, action, |seen| {
                 registry.repo_names(&q, |r| {
                     let Listed { allowed, public } = seen(r);
@@ -235,7 +236,7 @@ async fn serve(services: &Services, identity: &Identity, segs: &[&str], req: &mu
             if p.publicity > 1 {
                 return Err(bad("Publicity must be 0 or 1"));
             }
-            if !registry.repo_exists(&repo) {
+            if !registry.repo_exists(&repo).await? {
                 authorize(services, identity, &repo, Action::Pull)?;
                 return Err(RegistryError::new(berth_oci::ErrorCode::NameUnknown).with_detail(format!("repository {repo} is unknown")));
             }

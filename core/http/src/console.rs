@@ -239,6 +239,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
             let ns = namespace(&p)?;
             auth.require_namespace_admin(who, &ns)?;
             let q = RepoQuery { namespaces: Some(vec![ns.clone()]), limit: usize::MAX, ..Default::default() };
+            services.registry.fresh_catalog().await?;
             let repos = services.registry.list_repos(&q, services.registry.repo_names(&q, |_| true)).await?.items;
             if !repos.is_empty() && !p.delete_all_images.unwrap_or(false) {
                 return Err(RegistryError::new(ErrorCode::Conflict)
@@ -270,6 +271,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
             for n in all.into_iter().skip(offset).take(limit) {
                 let st = auth.namespace_stats(&n.name).await?;
                 let q = RepoQuery { namespaces: Some(vec![n.name.clone()]), limit: usize::MAX, ..Default::default() };
+                services.registry.fresh_catalog().await?;
                 let pulls: u64 = services
                     .registry
                     .list_repos(&q, services.registry.repo_names(&q, |_| true))
@@ -305,6 +307,7 @@ async fn run(services: &Services, identity: &Identity, p: Params, host: &str) ->
                 return Err(RegistryError::new(ErrorCode::NotFound).with_detail(format!("no namespace {ns}")));
             }
             let q = RepoQuery { namespaces: Some(vec![ns]), keyword: p.keyword.clone(), limit, offset, ..Default::default() };
+            services.registry.fresh_catalog().await?;
             let names = auth.listing(identity, Action::Pull, |seen| services.registry.repo_names(&q, |r| seen(r).allowed));
             let found = services.registry.list_repos(&q, names).await?;
             let infos = found

@@ -321,8 +321,8 @@ async fn dispatch(ctx: &Ctx<'_>, route: Route, mut req: Request) -> Result<Reply
     let m = req.method.clone();
     match (route, m) {
         (Route::Base, Method::GET | Method::HEAD) => Ok(json_response(StatusCode::OK, b"{}".to_vec())),
-        (Route::Catalog, Method::GET) => catalog(ctx, &req),
-        (Route::Tags(repo), Method::GET) => tags(registry, &repo, &req),
+        (Route::Catalog, Method::GET) => catalog(ctx, page_params(&req, CATALOG_DEFAULT_N)?).await,
+        (Route::Tags(repo), Method::GET) => tags(registry, &repo, page_params(&req, MAX_N)?).await,
         (Route::BadReference(_, e), Method::GET | Method::HEAD | Method::DELETE) => {
             Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(e.detail_or_message()))
         }
@@ -418,8 +418,9 @@ fn link_next(path: &str, n: usize, last: Option<&str>) -> Option<String> {
     Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""))
 }
 
-fn catalog(ctx: &Ctx<'_>, req: &Request) -> Result<Reply, RegistryError> {
-    let (n, last) = page_params(req, CATALOG_DEFAULT_N)?;
+/// `(n, last)`: the page asked for ([`page_params`]).
+async fn catalog(ctx: &Ctx<'_>, (n, last): (usize, Option<String>)) -> Result<Reply, RegistryError> {
+    ctx.registry.fresh_catalog().await?;
     // Only what the caller may pull is listed.
     let (repos, more) = ctx.auth.catalog(ctx.identity, |visible| ctx.registry.catalog(n, last.as_deref(), visible));
     let body = serde_json::json!({ "repositories": repos });
@@ -432,9 +433,8 @@ fn catalog(ctx: &Ctx<'_>, req: &Request) -> Result<Reply, RegistryError> {
     Ok(r)
 }
 
-fn tags(registry: &Registry, repo: &RepoName, req: &Request) -> Result<Reply, RegistryError> {
-    let (n, last) = page_params(req, MAX_N)?;
-    let (tags, more) = registry.tags(repo, n, last.as_deref())?;
+async fn tags(registry: &Registry, repo: &RepoName, (n, last): (usize, Option<String>)) -> Result<Reply, RegistryError> {
+    let (tags, more) = registry.tags(repo, n, last.as_deref()).await?;
     let body = serde_json::json!({ "name": repo, "tags": tags });
     let mut r = json_response(StatusCode::OK, serde_json::to_vec(&body).expect("json"));
     if more {

@@ -358,7 +358,7 @@ pub(crate) async fn handle(services: &Services, identity: &Identity, rest: &str,
     }
     if rest == "-/check" {
         return match m {
-            Method::GET => check_name(services, identity, query(req)?),
+            Method::GET => check_name(services, identity, query(req)?).await,
             m => Err(method_not_allowed(&m)),
         };
     }
@@ -442,6 +442,7 @@ async fn list(services: &Services, identity: &Identity, p: RepoListParams, host:
         limit,
         offset,
     };
+    services.registry.fresh_catalog().await?;
     let names = auth.listing(identity, action, |seen| {
         services.registry.repo_names(&q, |r| {
             let Listed { allowed, public } = seen(r);
@@ -504,7 +505,7 @@ async fn update(services: &Services, identity: &Identity, repo: &RepoName, req: 
     if let Some(l) = &b.labels {
         check_labels(l)?;
     }
-    if !services.registry.repo_exists(repo) {
+    if !services.registry.repo_exists(repo).await? {
         return Err(RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("repository {repo} is unknown")));
     }
     if let Some(public) = b.public {
@@ -624,13 +625,13 @@ pub struct RepoNameCheck {
 /// Check a repository name: grammar, ownership of its namespace, existence.
 #[utoipa::path(get, path = "/api/v1/repositories/-/check", params(NameParam), operation_id = "checkRepositoryName", tag = "repositories",
     responses((status = 200, body = RepoNameCheck)))]
-fn check_name(services: &Services, identity: &Identity, p: NameParam) -> Result<Reply, RegistryError> {
+async fn check_name(services: &Services, identity: &Identity, p: NameParam) -> Result<Reply, RegistryError> {
     let c = match p.name.parse::<RepoName>() {
         Err(e) => RepoNameCheck { name: p.name, valid: false, pushable: false, exists: false, reason: Some(e.detail_or_message()) },
         Ok(repo) => {
             let owned = services.auth.tenant_of(&repo).is_some();
             let pushable = owned && services.auth.can(identity, &repo, Action::Push);
-            let exists = services.registry.repo_exists(&repo) && services.auth.can(identity, &repo, Action::Pull);
+            let exists = services.registry.repo_exists(&repo).await? && services.auth.can(identity, &repo, Action::Pull);
             let reason = if !owned {
                 Some(format!("no tenant owns the namespace {}", repo.namespace()))
             } else if !pushable {
@@ -669,6 +670,7 @@ pub(crate) async fn official(services: &Services, identity: &Identity, rest: &st
 async fn official_list(services: &Services, identity: &Identity, ns: &str, p: TagListParams, host: &str) -> Result<Reply, RegistryError> {
     let (limit, offset) = paging(p.limit, p.offset)?;
     let q = RepoQuery { namespaces: Some(vec![ns.parse()?]), keyword: p.keyword, limit, offset, ..Default::default() };
+    services.registry.fresh_catalog().await?;
     let names = services.auth.listing(identity, Action::Pull, |seen| services.registry.repo_names(&q, |r| seen(r).allowed));
     let found = services.registry.list_repos(&q, names).await?;
     reply(StatusCode::OK, &page(found, limit, offset, |s| repository(services, host, s)))

@@ -273,6 +273,7 @@ async fn delete(services: &Services, identity: &Identity, name: &AccountName, p:
         return Err(bad(format!("{name} is its tenant's own namespace; it goes with the tenant")));
     }
     let q = RepoQuery { namespaces: Some(vec![name.clone()]), limit: usize::MAX, ..Default::default() };
+    services.registry.fresh_catalog().await?;
     let repos = services.registry.list_repos(&q, services.registry.repo_names(&q, |_| true)).await?.items;
     if !repos.is_empty() && !p.force.unwrap_or(false) {
         return Err(RegistryError::new(ErrorCode::Conflict)

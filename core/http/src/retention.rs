@@ -207,7 +207,7 @@ async fn set(services: &Services, identity: &Identity, scope: &Scope, b: Retenti
     };
     check_rules(&rules)?;
     if let Scope::Repository(r) = scope {
-        if !services.registry.repo_exists(r) {
+        if !services.registry.repo_exists(r).await? {
             return Err(RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("repository {r} is unknown")));
         }
     }

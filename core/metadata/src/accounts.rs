@@ -177,22 +177,25 @@ impl Metadata {
 
     /// Create `table:name` with `row` unless it exists; `false` if it did.
     pub(crate) async fn create_if_absent(&self, table: &'static str, name: &str, row: serde_json::Value) -> Result<bool> {
-        self.create_announcing(table, name, row, &[]).await
+        self.create_announcing(table, name, row, &[], "").await
     }
 
     /// [`Metadata::create_if_absent`], writing `outbox` (the events announcing
-    /// the creation) only if it created the record.
+    /// the creation) and running `also` (which may use `$next`, a fresh
+    /// version) only if it created the record.
     pub(crate) async fn create_announcing(
         &self,
         table: &'static str,
         name: &str,
         row: serde_json::Value,
         outbox: &[crate::OutboxRow],
+        also: &str,
     ) -> Result<bool> {
         let sql = format!(
             "BEGIN TRANSACTION;
              IF (SELECT VALUE name FROM ONLY type::record($table, $name)) {{ RETURN false; }};
              CREATE type::record($table, $name) CONTENT $row RETURN NONE;
+             {also}
              {}
              RETURN true;
              COMMIT TRANSACTION;",
@@ -201,8 +204,8 @@ impl Metadata {
         let outbox = crate::outbox::bind(outbox)?;
         let mut r = self
             .run(|| {
-                self.db
-                    .query(sql.as_str())
+                crate::Guard::any()
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("table", table))
                     .bind(("name", name.to_string()))
                     .bind(("row", row.clone()))

@@ -270,12 +270,12 @@ mod tests {
         // Pinned: not collectable; linked: not collectable.
         assert!(md.pin_blob(&d).await.unwrap());
         assert!(!md.mark_collecting(&d, later).await.unwrap(), "a pinned blob is not marked");
-        md.link_blob(&link, None, true, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &link, None, true, &[]).await.unwrap();
         assert_eq!(md.blob_refs(&d).await.unwrap(), Some(1));
         assert!(!md.mark_collecting(&d, later).await.unwrap(), "a referenced blob is not marked");
 
         // Unreferenced: collectable once the grace has passed, not before.
-        md.unlink_blob(&repo, &d).await.unwrap();
+        md.unlink_blob(&crate::Guard::any(), &repo, &d).await.unwrap();
         assert_eq!(md.blob_refs(&d).await.unwrap(), Some(0));
         assert!(!md.mark_collecting(&d, now_ms() - 60_000).await.unwrap(), "within the grace period");
         assert_eq!(md.unreferenced_blobs(later, 10).await.unwrap(), vec![Unreferenced { digest: d.clone(), size: 5 }]);
@@ -283,10 +283,10 @@ mod tests {
 
         // Marked: pins and references are refused until it is forgotten.
         assert!(!md.pin_blob(&d).await.unwrap());
-        assert!(matches!(md.link_blob(&link, None, false, &[]).await, Err(crate::MetadataError::Collecting)));
+        assert!(matches!(md.link_blob(&crate::Guard::any(), &link, None, false, &[]).await, Err(crate::MetadataError::Collecting)));
         md.forget_blob(&d).await.unwrap();
         assert!(md.pin_blob(&d).await.unwrap());
-        md.link_blob(&link, None, true, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &link, None, true, &[]).await.unwrap();
         assert_eq!(md.blob_refs(&d).await.unwrap(), Some(1));
     }
 
@@ -311,7 +311,9 @@ mod tests {
         let md = mem().await;
         let d = Digest::sha256(b"counted");
         for repo in ["acme/a", "acme/b"] {
-            md.link_blob(&LinkRow { repo: repo.parse().unwrap(), digest: d.clone(), size: 7 }, None, false, &[]).await.unwrap();
+            md.link_blob(&crate::Guard::any(), &LinkRow { repo: repo.parse().unwrap(), digest: d.clone(), size: 7 }, None, false, &[])
+                .await
+                .unwrap();
         }
         let ok = |c: &Vec<Census>| c.iter().all(|c| c.recorded == Some(c.counted));
         assert!(ok(&md.reference_census().await.unwrap()));

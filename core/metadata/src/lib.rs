@@ -164,6 +164,10 @@ pub enum MetadataError {
     /// added now (the caller stores the bytes again, or retries).
     #[error("the blob is being collected")]
     Collecting,
+    /// The repository changed since its writer last read it (another replica
+    /// wrote it): the change was not made; read the repository again and retry.
+    #[error("the repository changed meanwhile")]
+    Stale,
     #[error("configuration: {0}")]
     Config(String),
     #[error("{0}")]
@@ -244,20 +248,80 @@ pub struct UploadRow {
     pub owner: Option<String>,
 }
 
-/// Everything the read index needs, loaded once at start.
+/// A repository's name and version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoHead {
+    pub name: RepoName,
+    /// Changed by every transaction that changes the repository's tags,
+    /// manifests or blob links (a fresh random value each time, so a repository
+    /// deleted and made again never repeats one); `""` before its first change.
+    pub version: String,
+}
+
+/// The condition and the effect of a change to one repository: it is made only
+/// if the repository is still at the version its writer last read (`""` for one
+/// that does not exist), and it moves the repository to a new version. A change
+/// whose repository moved meanwhile fails with [`MetadataError::Stale`] and
+/// changes nothing. Several replicas writing one repository are serialized this
+/// way, by the database.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    expect: Option<String>,
+    next: String,
+}
+
+impl Guard {
+    /// A change made only if the repository is at `version`.
+    pub fn at(version: &str) -> Guard {
+        Guard { expect: Some(version.to_owned()), next: uuid::Uuid::new_v4().simple().to_string() }
+    }
+
+    /// A change made whatever the repository's version (the only writer, or a
+    /// change that does not depend on what the repository holds).
+    pub fn any() -> Guard {
+        Guard { expect: None, next: uuid::Uuid::new_v4().simple().to_string() }
+    }
+
+    /// The version the repository has after the change.
+    pub fn next(&self) -> &str {
+        &self.next
+    }
+
+    /// Binds `$check`, `$expect` and `$next` for [`REPO_GUARD`] and the version updates.
+    pub(crate) fn bind<'a>(&self, q: conn::Q<'a>) -> conn::Q<'a> {
+        q.bind(("check", self.expect.is_some())).bind(("expect", self.expect.clone().unwrap_or_default())).bind(("next", self.next.clone()))
+    }
+}
+
+/// Refuses the transaction when `$repo` is not at `$expect` (see [`Guard`]).
+pub(crate) const REPO_GUARD: &str =
+    "IF $check AND ((SELECT VALUE version FROM ONLY type::record('repo', $repo)) OR '') != $expect { THROW 'berth:stale'; };";
+
+/// Moves `$repo` (which exists) to the version `$next`.
+pub(crate) const REPO_BUMP: &str = "UPDATE type::record('repo', $repo) SET version = $next RETURN NONE;";
+
+/// Moves the set of repositories to a new version (`$next`): written when a
+/// repository record is made or deleted, so replicas see a catalog change with
+/// one read.
+pub(crate) const CATALOG_BUMP: &str = "UPSERT meta:catalog SET version = $next RETURN NONE;";
+
+/// Everything the read index needs, loaded once at start (or one repository's,
+/// loaded again when another replica changed it).
 #[derive(Default, Debug)]
 pub struct Snapshot {
-    pub repos: Vec<RepoName>,
+    pub repos: Vec<RepoHead>,
     pub manifests: Vec<ManifestRow>,
     pub tags: Vec<TagRow>,
     pub links: Vec<LinkRow>,
 }
 
-/// Creates the repository record on first use (implicit creation by a push) and
-/// marks it updated; binds `$repo`, `$namespace`, `$now`.
+/// Creates the repository record on first use (implicit creation by a push),
+/// marks it updated and moves it to the guard's version; binds `$repo`,
+/// `$namespace`, `$now`, and the guard's (see [`Guard::bind`]).
 const REPO_TOUCH: &str = "LET $repo_new = !(SELECT VALUE name FROM ONLY type::record('repo', $repo)); \
      UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
-     created_ms = created_ms OR $now, updated_ms = $now RETURN NONE;";
+     created_ms = created_ms OR $now, updated_ms = $now, version = $next RETURN NONE; \
+     IF $repo_new { UPSERT meta:catalog SET version = $next RETURN NONE; };";
 
 /// What a transaction answers about usage: bytes added to or freed from a tenant's.
 #[derive(Deserialize)]
@@ -297,6 +361,8 @@ pub struct Metadata {
     /// each other's optimistic transactions (other replicas' still conflict, and
     /// are retried).
     stripes: std::sync::Arc<[tokio::sync::Mutex<()>]>,
+    /// A server that other processes (replicas) may write too.
+    shared: bool,
 }
 
 const STRIPES: usize = 64;
@@ -318,7 +384,7 @@ impl Metadata {
                 r => break r?,
             }
         };
-        let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() };
+        let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(), shared: config.is_server() };
         for schema in [
             SCHEMA,
             accounts::SCHEMA,
@@ -336,6 +402,12 @@ impl Metadata {
             tracing::info!("per-tenant storage usage counted from the existing links and manifests");
         }
         Ok(md)
+    }
+
+    /// Whether other processes (replicas) may write this store: a SurrealDB
+    /// server. An embedded store belongs to one process (it holds the lock).
+    pub fn is_shared(&self) -> bool {
+        self.shared
     }
 
     /// Close the embedded store cleanly (graceful shutdown, after the last request).
@@ -374,13 +446,67 @@ impl Metadata {
     pub async fn snapshot(&self) -> Result<Snapshot> {
         let mut r = self
             .db
-            .query("SELECT VALUE name FROM repo")
+            .query("SELECT name, version OR '' AS version FROM repo")
             .query("SELECT repo, digest, media_type, size, artifact_type, subject, created_ms, content_size OR size AS content_size, refs FROM manifest")
             .query("SELECT repo, name, digest, updated_ms FROM tag")
             .query("SELECT repo, digest, size FROM blob_link")
             .await?
             .check()?;
         Ok(Snapshot { repos: rows(&mut r, 0)?, manifests: rows(&mut r, 1)?, tags: rows(&mut r, 2)?, links: rows(&mut r, 3)? })
+    }
+
+    /// One repository's version, manifests, tags and blob links, read in one
+    /// transaction (so they agree with the version); `repos` is empty when it
+    /// does not exist.
+    pub async fn repo_snapshot(&self, repo: &RepoName) -> Result<Snapshot> {
+        #[derive(Deserialize)]
+        struct Read {
+            head: Option<RepoHead>,
+            manifests: Vec<ManifestRow>,
+            tags: Vec<TagRow>,
+            links: Vec<LinkRow>,
+        }
+        let sql = "BEGIN TRANSACTION;
+             RETURN {
+                head: (SELECT name, version OR '' AS version FROM ONLY type::record('repo', $repo)),
+                manifests: (SELECT repo, digest, media_type, size, artifact_type, subject, created_ms, content_size OR size AS content_size, refs
+                    FROM manifest WHERE repo = $repo),
+                tags: (SELECT repo, name, digest, updated_ms FROM tag WHERE repo = $repo),
+                links: (SELECT repo, digest, size FROM blob_link WHERE repo = $repo)
+             };
+             COMMIT TRANSACTION;";
+        let mut r = self.run(|| self.db.query(sql).bind(("repo", repo.to_string()))).await?;
+        let read = returned::<Read>(&mut r)?.ok_or_else(|| MetadataError::Corrupt("repository read answered nothing".into()))?;
+        Ok(Snapshot { repos: read.head.into_iter().collect(), manifests: read.manifests, tags: read.tags, links: read.links })
+    }
+
+    /// The versions of those of `names` that exist, and the version of the set
+    /// of repositories (changed whenever one is made or deleted), in one read.
+    pub async fn repo_heads(&self, names: &[RepoName]) -> Result<(Vec<RepoHead>, String)> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut r = self
+            .db
+            .query("SELECT name, version OR '' AS version FROM $names.map(|$n| type::record('repo', $n)) WHERE name != NONE")
+            .query("SELECT VALUE version FROM ONLY meta:catalog")
+            .bind(("names", names))
+            .await?
+            .check()?;
+        let heads = rows(&mut r, 0)?;
+        Ok((heads, one::<String>(&mut r, 1)?.unwrap_or_default()))
+    }
+
+    /// Every repository's name and version, and the version of the set.
+    pub async fn all_repo_heads(&self) -> Result<(Vec<RepoHead>, String)> {
+        let mut r = self
+            .db
+            .query("BEGIN TRANSACTION")
+            .query("SELECT name, version OR '' AS version FROM repo")
+            .query("SELECT VALUE version FROM ONLY meta:catalog")
+            .query("COMMIT TRANSACTION")
+            .await?
+            .check()?;
+        let heads = rows(&mut r, 1)?;
+        Ok((heads, one::<String>(&mut r, 2)?.unwrap_or_default()))
     }
 
     /// Link a verified blob into a repository (creating the repository record); when
@@ -391,12 +517,20 @@ impl Metadata {
     /// `pinned`: the bytes were pinned ([`Metadata::pin_blob`]) before they were
     /// stored, and this link releases the pin. `outbox`: the events announcing it
     /// ([`outbox`]), written with it.
-    pub async fn link_blob(&self, link: &LinkRow, ends_upload: Option<&UploadId>, pinned: bool, outbox: &[OutboxRow]) -> Result<u64> {
+    pub async fn link_blob(
+        &self,
+        guard: &Guard,
+        link: &LinkRow,
+        ends_upload: Option<&UploadId>,
+        pinned: bool,
+        outbox: &[OutboxRow],
+    ) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
         let announce = outbox::add("$outbox", outbox);
         let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
+             {REPO_GUARD}
              {REPO_TOUCH}
              {announce}
              {TENANT_OF}
@@ -411,8 +545,8 @@ impl Metadata {
         let _turn = self.digest_turn(&link.digest).await;
         let mut r = self
             .run(|| {
-                self.db
-                    .query(sql.as_str())
+                guard
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
                     .bind(("repo", link.repo.to_string()))
                     .bind(("namespace", link.repo.namespace().to_string()))
@@ -428,18 +562,20 @@ impl Metadata {
 
     /// Remove a blob link; answers the bytes the owning tenant's usage shrank by
     /// (the blob's size when no other of its repositories references it).
-    pub async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        Ok(self.unlink_blob_if_idle(repo, digest, i64::MAX).await?.unwrap_or(0))
+    pub async fn unlink_blob(&self, guard: &Guard, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        Ok(self.unlink_blob_if_idle(guard, repo, digest, i64::MAX).await?.unwrap_or(0))
     }
 
     /// Remove a blob link only if it was made, and last released by a manifest,
     /// before `cutoff_ms` (the collector's grace). `None`: it was not removed.
-    pub async fn unlink_blob_if_idle(&self, repo: &RepoName, digest: &Digest, cutoff_ms: i64) -> Result<Option<u64>> {
+    pub async fn unlink_blob_if_idle(&self, guard: &Guard, repo: &RepoName, digest: &Digest, cutoff_ms: i64) -> Result<Option<u64>> {
         let sql = format!(
             "BEGIN TRANSACTION;
+             {REPO_GUARD}
              {TENANT_OF}
              LET $had = (DELETE type::record('blob_link', [$repo, $digest])
                 WHERE (linked_ms OR 0) < $cutoff AND (released_ms OR 0) < $cutoff RETURN BEFORE);
+             IF count($had) > 0 {{ {REPO_BUMP} }};
              {}
              RETURN {{ bytes: $freed, removed: count($had) > 0 }};
              COMMIT TRANSACTION;",
@@ -448,8 +584,8 @@ impl Metadata {
         let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
-                self.db
-                    .query(sql.as_str())
+                guard
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("digest", digest.to_string()))
@@ -465,18 +601,30 @@ impl Metadata {
     /// when none of its repositories held it yet).
     /// `pinned`: its bytes were pinned before they were stored, and the commit
     /// releases the pin.
-    pub async fn commit_manifest(&self, m: &ManifestRow, tag: Option<&TagRow>, pinned: bool, outbox: &[OutboxRow]) -> Result<u64> {
-        Ok(self.commit_manifests(&[(m.clone(), tag.cloned(), pinned)], &[outbox.to_vec()]).await?.first().copied().unwrap_or(0))
+    pub async fn commit_manifest(
+        &self,
+        guard: &Guard,
+        m: &ManifestRow,
+        tag: Option<&TagRow>,
+        pinned: bool,
+        outbox: &[OutboxRow],
+    ) -> Result<u64> {
+        Ok(self.commit_manifests(guard, &[(m.clone(), tag.cloned(), pinned)], &[outbox.to_vec()]).await?.first().copied().unwrap_or(0))
     }
 
     /// Several manifest commits of one repository, in order, as one transaction
     /// (group commit: what queued while the previous commit ran). Answers, per
     /// commit, the bytes the tenant's usage grew by. `outboxes[i]`: the events
     /// announcing commit `i` (missing: none).
-    pub async fn commit_manifests(&self, batch: &[(ManifestRow, Option<TagRow>, bool)], outboxes: &[Vec<OutboxRow>]) -> Result<Vec<u64>> {
+    pub async fn commit_manifests(
+        &self,
+        guard: &Guard,
+        batch: &[(ManifestRow, Option<TagRow>, bool)],
+        outboxes: &[Vec<OutboxRow>],
+    ) -> Result<Vec<u64>> {
         let Some((first, _, _)) = batch.first() else { return Ok(vec![]) };
         let repo = first.repo.clone();
-        let mut sql = format!("BEGIN TRANSACTION; {TENANT_OF}");
+        let mut sql = format!("BEGIN TRANSACTION; {REPO_GUARD} {TENANT_OF}");
         for (i, (_, tag, _)) in batch.iter().enumerate() {
             // Each commit rebinds the fragments' variables to its own values.
             sql.push_str(&format!(
@@ -516,9 +664,8 @@ impl Metadata {
         }
         let mut r = self
             .run(|| {
-                let mut q = self
-                    .db
-                    .query(sql.as_str())
+                let mut q = guard
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("now", now));
@@ -545,11 +692,13 @@ impl Metadata {
 
     /// Delete a manifest and every tag that points at it: one transaction.
     /// Answers the bytes the owning tenant's usage shrank by.
-    pub async fn delete_manifest(&self, repo: &RepoName, digest: &Digest, outbox: &[OutboxRow]) -> Result<u64> {
+    pub async fn delete_manifest(&self, guard: &Guard, repo: &RepoName, digest: &Digest, outbox: &[OutboxRow]) -> Result<u64> {
         let announce = outbox::add("$outbox", outbox);
         let outbox = outbox::bind(outbox)?;
         let sql = format!(
             "BEGIN TRANSACTION;
+             {REPO_GUARD}
+             {REPO_BUMP}
              {announce}
              {TENANT_OF}
              DELETE tag WHERE repo = $repo AND digest = $digest RETURN NONE;
@@ -566,8 +715,8 @@ impl Metadata {
         let _turn = self.digest_turn(digest).await;
         let mut r = self
             .run(|| {
-                self.db
-                    .query(sql.as_str())
+                guard
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("repo", repo.to_string()))
                     .bind(("namespace", repo.namespace().to_string()))
                     .bind(("digest", digest.to_string()))
@@ -579,14 +728,18 @@ impl Metadata {
     }
 
     /// Delete one tag (and write the events announcing it).
-    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag, outbox: &[OutboxRow]) -> Result<()> {
+    pub async fn delete_tag(&self, guard: &Guard, repo: &RepoName, tag: &Tag, outbox: &[OutboxRow]) -> Result<()> {
         let sql = format!(
-            "BEGIN TRANSACTION; DELETE type::record('tag', [$repo, $tag]) RETURN NONE; {} COMMIT TRANSACTION;",
+            "BEGIN TRANSACTION; {REPO_GUARD} {REPO_BUMP} DELETE type::record('tag', [$repo, $tag]) RETURN NONE; {} COMMIT TRANSACTION;",
             outbox::add("$outbox", outbox)
         );
         let outbox = outbox::bind(outbox)?;
         self.run(|| {
-            self.db.query(sql.as_str()).bind(("repo", repo.to_string())).bind(("tag", tag.to_string())).bind(("outbox", outbox.clone()))
+            guard
+                .bind(self.db.query(sql.as_str()))
+                .bind(("repo", repo.to_string()))
+                .bind(("tag", tag.to_string()))
+                .bind(("outbox", outbox.clone()))
         })
         .await?;
         Ok(())
@@ -601,6 +754,45 @@ impl Metadata {
             .await?
             .check()?;
         Ok(())
+    }
+
+    /// Lease an upload session to one writer among replicas: answers its
+    /// state if no other writer holds it (or the other's lease ran out by
+    /// `now_ms`), marking it held by `token` until `until_ms`; `None` if it is
+    /// held, or gone.
+    pub async fn lease_upload(&self, id: &UploadId, token: &str, now_ms: i64, until_ms: i64) -> Result<Option<UploadRow>> {
+        let mut r = self
+            .db
+            .query(
+                "UPDATE type::record('upload', $id) SET lease = $token, lease_until = $until WHERE (lease_until OR 0) < $now
+                 RETURN id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms, owner",
+            )
+            .bind(("id", id.to_string()))
+            .bind(("token", token.to_owned()))
+            .bind(("now", now_ms))
+            .bind(("until", until_ms))
+            .await?
+            .check()?;
+        Ok(rows::<UploadRow>(&mut r, 0)?.into_iter().next())
+    }
+
+    /// Give back a lease taken with [`Metadata::lease_upload`]: with the
+    /// session's new state (`Some`), written only if `token` still holds it,
+    /// or as it was. `false`: the lease was lost (it ran out and another
+    /// writer took it), and nothing was written.
+    pub async fn release_upload(&self, id: &UploadId, token: &str, updated: Option<&UploadRow>) -> Result<bool> {
+        let q = match updated {
+            Some(u) => self
+                .db
+                .query("UPDATE type::record('upload', $id) CONTENT $row WHERE lease = $token RETURN VALUE offset")
+                .bind(("row", to_value(u)?)),
+            None => self
+                .db
+                .query("UPDATE type::record('upload', $id) SET lease = NONE, lease_until = NONE WHERE lease = $token RETURN VALUE offset"),
+        };
+        let mut r = q.bind(("id", id.to_string())).bind(("token", token.to_owned())).await?.check()?;
+        let done: Vec<serde_json::Value> = rows(&mut r, 0)?;
+        Ok(!done.is_empty())
     }
 
     /// Fetch an upload session.
@@ -659,6 +851,9 @@ impl Metadata {
             }
             if errors.values().any(|e| e.to_string().contains("berth:collecting")) {
                 return Err(MetadataError::Collecting);
+            }
+            if errors.values().any(|e| e.to_string().contains("berth:stale")) {
+                return Err(MetadataError::Stale);
             }
             let retryable = errors.values().any(|e| matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)));
             if !retryable || attempt >= 16 {
@@ -854,18 +1049,75 @@ mod tests {
         let repo: RepoName = "acme/app".parse().unwrap();
         let m = row(&repo, b"m1");
         let tag = TagRow { repo: repo.clone(), name: "v1".parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
-        md.commit_manifest(&m, Some(&tag), false, &[]).await.unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None, false, &[]).await.unwrap();
+        md.commit_manifest(&crate::Guard::any(), &m, Some(&tag), false, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 }, None, false, &[])
+            .await
+            .unwrap();
         let s = md.snapshot().await.unwrap();
-        assert_eq!(s.repos, vec![repo.clone()]);
+        assert_eq!(s.repos.iter().map(|h| &h.name).collect::<Vec<_>>(), [&repo]);
         assert_eq!(s.manifests, vec![m.clone()]);
         assert_eq!(s.tags, vec![tag.clone()]);
         assert_eq!(s.links.len(), 1);
 
         // Deleting the manifest removes its tags in the same transaction.
-        md.delete_manifest(&repo, &m.digest, &[]).await.unwrap();
+        md.delete_manifest(&crate::Guard::any(), &repo, &m.digest, &[]).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert!(s.manifests.is_empty() && s.tags.is_empty());
+    }
+
+    /// Every change to a repository is conditional on the version its writer
+    /// read and moves it to a new one; a change made on an older version is
+    /// refused whole (`Stale`), and the set of repositories has a version of
+    /// its own that moves when one is made or deleted.
+    #[tokio::test]
+    async fn changes_are_conditional_on_the_repository_version() {
+        let md = mem().await;
+        let repo: RepoName = "acme/app".parse().unwrap();
+        let heads = |md: &Metadata| {
+            let md = md.clone();
+            let repo = repo.clone();
+            async move { md.repo_heads(&[repo]).await.unwrap() }
+        };
+        let (none, catalog0) = heads(&md).await;
+        assert!(none.is_empty());
+
+        let m1 = row(&repo, b"m1");
+        let first = Guard::at("");
+        md.commit_manifest(&first, &m1, None, false, &[]).await.unwrap();
+        let (h, catalog1) = heads(&md).await;
+        assert_eq!(h, [RepoHead { name: repo.clone(), version: first.next().into() }]);
+        assert_ne!(catalog1, catalog0, "a new repository moves the catalog");
+
+        // A writer that read the repository before that commit is refused, and
+        // its change (a tag, a link, a delete) leaves nothing.
+        let m2 = row(&repo, b"m2");
+        let tag = TagRow { repo: repo.clone(), name: "v2".parse().unwrap(), digest: m2.digest.clone(), updated_ms: 2 };
+        let late = md.commit_manifest(&Guard::at(""), &m2, Some(&tag), false, &[]).await;
+        assert!(matches!(late, Err(MetadataError::Stale)), "{late:?}");
+        let link = LinkRow { repo: repo.clone(), digest: Digest::sha256(b"b"), size: 1 };
+        assert!(matches!(md.link_blob(&Guard::at("old"), &link, None, false, &[]).await, Err(MetadataError::Stale)));
+        assert!(matches!(md.delete_manifest(&Guard::at(""), &repo, &m1.digest, &[]).await, Err(MetadataError::Stale)));
+        let s = md.repo_snapshot(&repo).await.unwrap();
+        assert_eq!((s.manifests.len(), s.tags.len(), s.links.len()), (1, 0, 0));
+        assert_eq!(s.repos[0].version, first.next());
+
+        // At the version it read, the change is made; each moves the version.
+        let second = Guard::at(first.next());
+        md.commit_manifest(&second, &m2, Some(&tag), false, &[]).await.unwrap();
+        let third = Guard::at(second.next());
+        md.delete_tag(&third, &repo, &tag.name, &[]).await.unwrap();
+        let (h, catalog2) = heads(&md).await;
+        assert_eq!(h[0].version, third.next());
+        assert_eq!(catalog2, catalog1, "changes inside a repository leave the catalog");
+
+        // Deleted, the repository has no version; the catalog moves again.
+        md.delete_repo(&Guard::at(third.next()), &repo, &[]).await.unwrap();
+        let (h, catalog3) = heads(&md).await;
+        assert!(h.is_empty());
+        assert_ne!(catalog3, catalog2);
+        assert!(md.repo_snapshot(&repo).await.unwrap().repos.is_empty());
+        let (all, catalog) = md.all_repo_heads().await.unwrap();
+        assert!(all.is_empty() && catalog == catalog3);
     }
 
     #[tokio::test]
@@ -875,7 +1127,11 @@ mod tests {
         let (a, b) = (row(&repo, b"ma"), row(&repo, b"mbb"));
         let tag = |d: &Digest| Some(TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: d.clone(), updated_ms: 1 });
         let added = md
-            .commit_manifests(&[(a.clone(), tag(&a.digest), false), (b.clone(), tag(&b.digest), false), (a.clone(), None, false)], &[])
+            .commit_manifests(
+                &crate::Guard::any(),
+                &[(a.clone(), tag(&a.digest), false), (b.clone(), tag(&b.digest), false), (a.clone(), None, false)],
+                &[],
+            )
             .await
             .unwrap();
         assert_eq!(added, vec![2, 3, 0], "each digest counted once");
@@ -909,7 +1165,7 @@ mod tests {
         // The link that completes an upload removes its record in the same transaction.
         md.put_upload(&u).await.unwrap();
         let link = LinkRow { repo: u.repo.clone(), digest: Digest::sha256(b"done"), size: 4 };
-        md.link_blob(&link, Some(&u.id), false, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &link, Some(&u.id), false, &[]).await.unwrap();
         assert_eq!(md.get_upload(&u.id).await.unwrap(), None);
         assert!(md.snapshot().await.unwrap().links.iter().any(|l| l.digest == link.digest));
     }

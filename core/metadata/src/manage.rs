@@ -138,7 +138,7 @@ impl Metadata {
     /// Create an empty repository explicitly; `false` if it exists. `outbox`:
     /// the events announcing it, written only if it was created.
     pub async fn create_repo(&self, p: &RepoProfile, outbox: &[crate::OutboxRow]) -> Result<bool> {
-        self.create_announcing("repo", p.name.as_str(), profile_row(p)?, outbox).await
+        self.create_announcing("repo", p.name.as_str(), profile_row(p)?, outbox, crate::CATALOG_BUMP).await
     }
 
     pub async fn repo_profile(&self, name: &RepoName) -> Result<Option<RepoProfile>> {
@@ -251,9 +251,11 @@ impl Metadata {
     /// Delete a repository with every tag, manifest and blob link it has: one
     /// transaction, which also releases the tenant's references (`freed_bytes`:
     /// what leaves its usage). Stored bytes stay for the collector.
-    pub async fn delete_repo(&self, name: &RepoName, outbox: &[crate::OutboxRow]) -> Result<Removed> {
+    pub async fn delete_repo(&self, guard: &crate::Guard, name: &RepoName, outbox: &[crate::OutboxRow]) -> Result<Removed> {
         let sql = format!(
             "BEGIN TRANSACTION;
+             {}
+             {}
              {}
              {}
              LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
@@ -264,6 +266,8 @@ impl Metadata {
              {}
              RETURN {{ tags: $tags, manifests: count($manifests), blob_links: count($links), freed_bytes: $freed }};
              COMMIT TRANSACTION;",
+            crate::REPO_GUARD,
+            crate::CATALOG_BUMP,
             crate::outbox::add("$outbox", outbox),
             crate::usage::TENANT_OF,
             crate::usage::ref_release("array::concat($manifests, $links)")
@@ -271,9 +275,10 @@ impl Metadata {
         let outbox = crate::outbox::bind(outbox)?;
         let mut r = self
             .run(|| {
-                self.db
-                    .query(sql.as_str())
+                guard
+                    .bind(self.db.query(sql.as_str()))
                     .bind(("name", name.to_string()))
+                    .bind(("repo", name.to_string()))
                     .bind(("namespace", name.namespace().to_string()))
                     .bind(("now", crate::now_ms()))
                     .bind(("outbox", outbox.clone()))
@@ -438,10 +443,12 @@ mod tests {
         let m1 = manifest(&app, b"one");
         let m2 = manifest(&app, b"two!");
         let t = |d: &Digest, ms| TagRow { repo: app.clone(), name: "v1".parse().unwrap(), digest: d.clone(), updated_ms: ms };
-        md.commit_manifest(&m1, Some(&t(&m1.digest, 10)), false, &[]).await.unwrap();
-        md.commit_manifest(&m2, Some(&t(&m2.digest, 11)), false, &[]).await.unwrap();
-        md.link_blob(&LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None, false, &[]).await.unwrap();
-        md.commit_manifest(&manifest(&other, b"x"), None, false, &[]).await.unwrap();
+        md.commit_manifest(&crate::Guard::any(), &m1, Some(&t(&m1.digest, 10)), false, &[]).await.unwrap();
+        md.commit_manifest(&crate::Guard::any(), &m2, Some(&t(&m2.digest, 11)), false, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }, None, false, &[])
+            .await
+            .unwrap();
+        md.commit_manifest(&crate::Guard::any(), &manifest(&other, b"x"), None, false, &[]).await.unwrap();
 
         let prof = md.repo_profile(&app).await.unwrap().unwrap();
         assert_eq!((prof.pushes, prof.pulls), (2, 0));
@@ -487,7 +494,7 @@ mod tests {
         let ns = md.namespace_stats(&"acme".parse().unwrap()).await.unwrap();
         assert_eq!(ns, NamespaceStats { repository_count: 2, storage_bytes: 100 + 3 + 4 });
 
-        let removed = md.delete_repo(&app, &[]).await.unwrap();
+        let removed = md.delete_repo(&crate::Guard::any(), &app, &[]).await.unwrap();
         assert_eq!((removed.tags, removed.manifests, removed.blob_links), (1, 2, 1));
         assert_eq!(md.repo_profile(&app).await.unwrap(), None);
         assert!(md.tag_infos(&app).await.unwrap().is_empty());
@@ -565,7 +572,7 @@ mod conflict_tests {
                     findings: vec![],
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
-                md.commit_manifest(&m, Some(&t), false, &[]).await?;
+                md.commit_manifest(&crate::Guard::any(), &m, Some(&t), false, &[]).await?;
                 let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), digest: m.digest, count: 1, last_ms: i };
                 md.record_pulls(&[d], &[]).await
             })

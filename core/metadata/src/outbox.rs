@@ -293,12 +293,12 @@ mod tests {
         let mut created = ev("hook", "e0", 5);
         created.if_new_repo = true;
         let rows = vec![created.clone(), ev("hook", "e1", 10), ev("other", "e1", 10)];
-        md.commit_manifests(&[(m.clone(), None, false)], &[rows]).await.unwrap();
+        md.commit_manifests(&crate::Guard::any(), &[(m.clone(), None, false)], &[rows]).await.unwrap();
         assert_eq!(md.outbox_depth("hook").await.unwrap(), Depth { rows: 2, oldest_ms: Some(5), next_ms: Some(5) });
         // The second push of it: the repository exists, so no repository-created.
         let mut again = created.clone();
         again.event_id = "e2".into();
-        md.commit_manifests(&[(m.clone(), None, false)], &[vec![again]]).await.unwrap();
+        md.commit_manifests(&crate::Guard::any(), &[(m.clone(), None, false)], &[vec![again]]).await.unwrap();
         assert_eq!(md.outbox_depth("hook").await.unwrap().rows, 2);
 
         let due = md.outbox_due("hook", 100, 10).await.unwrap();
@@ -343,10 +343,10 @@ mod tests {
         let repo: berth_oci::RepoName = "acme/app".parse().unwrap();
         let m = row(&repo, b"m");
         let e = ev("hook", "e1", 10);
-        md.commit_manifests(&[(m.clone(), None, false)], &[vec![e.clone()]]).await.unwrap();
+        md.commit_manifests(&crate::Guard::any(), &[(m.clone(), None, false)], &[vec![e.clone()]]).await.unwrap();
         // The same event id again makes the transaction fail: nothing of it stays.
         let other = row(&repo, b"n");
-        assert!(md.commit_manifests(&[(other.clone(), None, false)], &[vec![e]]).await.is_err());
+        assert!(md.commit_manifests(&crate::Guard::any(), &[(other.clone(), None, false)], &[vec![e]]).await.is_err());
         assert_eq!(md.outbox_depth("hook").await.unwrap().rows, 1);
         assert!(md.snapshot().await.unwrap().manifests.iter().all(|r| r.digest != other.digest));
     }

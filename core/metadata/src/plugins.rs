@@ -162,7 +162,7 @@ mod tests {
         let mut m = crate::tests::row(&repo, b"m");
         assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), vec![]);
         m.findings = vec![FindingRow { plugin: "scan".into(), rule: "r".into(), severity: "low".into(), message: "x".into() }];
-        md.commit_manifest(&m, None, false, &[]).await.unwrap();
+        md.commit_manifest(&crate::Guard::any(), &m, None, false, &[]).await.unwrap();
         assert_eq!(md.manifest_findings(&repo, &m.digest).await.unwrap(), m.findings);
         md.delete_plugin_instance("hook-1").await.unwrap();
         assert!(md.plugin_instances().await.unwrap().is_empty());

@@ -233,23 +233,23 @@ mod tests {
 
         // The first reference adds the bytes; a second repository of the same
         // tenant, or the same link again, adds nothing; another tenant pays its own.
-        assert_eq!(md.link_blob(&link(&a1, 100), None, false, &[]).await.unwrap(), 100);
-        assert_eq!(md.link_blob(&link(&a1, 100), None, false, &[]).await.unwrap(), 0);
-        assert_eq!(md.link_blob(&link(&a2, 100), None, false, &[]).await.unwrap(), 0);
-        assert_eq!(md.link_blob(&link(&b1, 100), None, false, &[]).await.unwrap(), 100);
+        assert_eq!(md.link_blob(&crate::Guard::any(), &link(&a1, 100), None, false, &[]).await.unwrap(), 100);
+        assert_eq!(md.link_blob(&crate::Guard::any(), &link(&a1, 100), None, false, &[]).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&crate::Guard::any(), &link(&a2, 100), None, false, &[]).await.unwrap(), 0);
+        assert_eq!(md.link_blob(&crate::Guard::any(), &link(&b1, 100), None, false, &[]).await.unwrap(), 100);
         let m = manifest(&a1, b"manifest-1");
-        assert_eq!(md.commit_manifest(&m, None, false, &[]).await.unwrap(), 10);
-        assert_eq!(md.commit_manifest(&m, None, false, &[]).await.unwrap(), 0, "a re-push adds nothing");
+        assert_eq!(md.commit_manifest(&crate::Guard::any(), &m, None, false, &[]).await.unwrap(), 10);
+        assert_eq!(md.commit_manifest(&crate::Guard::any(), &m, None, false, &[]).await.unwrap(), 0, "a re-push adds nothing");
         let usage = md.tenant_usage(&acme).await.unwrap();
         assert_eq!(usage, TenantUsage { namespaces: 2, repositories: 2, storage_bytes: 110 });
         assert_eq!(md.recount_storage(&acme).await.unwrap(), 110);
 
         // Releasing: the bytes leave only with the last reference.
-        assert_eq!(md.unlink_blob(&a1, &layer).await.unwrap(), 0);
-        assert_eq!(md.unlink_blob(&a1, &layer).await.unwrap(), 0, "unlinking twice releases once");
-        assert_eq!(md.delete_manifest(&a1, &m.digest, &[]).await.unwrap(), 10);
+        assert_eq!(md.unlink_blob(&crate::Guard::any(), &a1, &layer).await.unwrap(), 0);
+        assert_eq!(md.unlink_blob(&crate::Guard::any(), &a1, &layer).await.unwrap(), 0, "unlinking twice releases once");
+        assert_eq!(md.delete_manifest(&crate::Guard::any(), &a1, &m.digest, &[]).await.unwrap(), 10);
         assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 100);
-        let removed = md.delete_repo(&a2, &[]).await.unwrap();
+        let removed = md.delete_repo(&crate::Guard::any(), &a2, &[]).await.unwrap();
         assert_eq!(removed.freed_bytes, 100);
         assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 0);
         assert_eq!(md.recount_storage(&acme).await.unwrap(), 0);
@@ -258,10 +258,12 @@ mod tests {
         // A repository holding the same digest as a link and as a manifest
         // releases both references when it goes.
         let both = manifest(&b1, b"as-both");
-        md.link_blob(&LinkRow { repo: b1.clone(), digest: both.digest.clone(), size: both.size }, None, false, &[]).await.unwrap();
-        md.commit_manifest(&both, None, false, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &LinkRow { repo: b1.clone(), digest: both.digest.clone(), size: both.size }, None, false, &[])
+            .await
+            .unwrap();
+        md.commit_manifest(&crate::Guard::any(), &both, None, false, &[]).await.unwrap();
         assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 107);
-        assert_eq!(md.delete_repo(&b1, &[]).await.unwrap().freed_bytes, 107);
+        assert_eq!(md.delete_repo(&crate::Guard::any(), &b1, &[]).await.unwrap().freed_bytes, 107);
         assert_eq!(md.tenant_usage(&beta).await.unwrap().storage_bytes, 0);
     }
 
@@ -271,8 +273,10 @@ mod tests {
         let acme: AccountName = "acme".parse().unwrap();
         md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: acme.clone() }).await.unwrap();
         let repo: RepoName = "acme/app".parse().unwrap();
-        md.link_blob(&LinkRow { repo: repo.clone(), digest: Digest::sha256(b"x"), size: 7 }, None, false, &[]).await.unwrap();
-        md.commit_manifest(&manifest(&repo, b"m"), None, false, &[]).await.unwrap();
+        md.link_blob(&crate::Guard::any(), &LinkRow { repo: repo.clone(), digest: Digest::sha256(b"x"), size: 7 }, None, false, &[])
+            .await
+            .unwrap();
+        md.commit_manifest(&crate::Guard::any(), &manifest(&repo, b"m"), None, false, &[]).await.unwrap();
         // As if written before the counts existed.
         md.db.query("DELETE tenant_blob; DELETE meta:usage;").await.unwrap().check().unwrap();
         assert!(md.ensure_usage_counted().await.unwrap());

@@ -43,6 +43,11 @@ pub struct RepoState {
     pub tags: BTreeMap<Tag, TagEntry>,
     pub manifests: HashMap<Digest, ManifestEntry>,
     pub blobs: HashMap<Digest, u64>,
+    /// The metadata version this state reflects (see `berth_metadata::Guard`):
+    /// a change is written on the condition that the repository is still at
+    /// it, and a replica compares it with the database's to know the state is
+    /// current (`coherence.rs`).
+    pub version: String,
 }
 
 /// A repository's figures, computed from its state.
@@ -102,8 +107,8 @@ impl Index {
         {
             let mut repos = index.repos.write().unwrap();
             let mut get = |name: &RepoName| repos.entry(name.clone()).or_default().clone();
-            for name in &s.repos {
-                get(name);
+            for head in &s.repos {
+                get(&head.name).write().unwrap().version = head.version.clone();
             }
             for m in s.manifests {
                 let r = get(&m.repo);
@@ -119,6 +124,44 @@ impl Index {
             }
         }
         index
+    }
+
+    /// The version of the repository's state held here (`None`: not held).
+    pub fn version(&self, name: &RepoName) -> Option<String> {
+        self.repo(name).map(|r| r.read().unwrap().version.clone())
+    }
+
+    /// Put a repository's state as metadata holds it (`s`: its snapshot, with
+    /// no head when it does not exist) in place of what is held: in place, so
+    /// a handle taken before sees the new state. Cached manifest bytes stay for
+    /// the manifests that remain (a digest names the same bytes).
+    pub fn install(&self, name: &RepoName, s: Snapshot) {
+        let Some(head) = s.repos.into_iter().next() else {
+            self.remove_repo(name);
+            return;
+        };
+        let mut fresh = RepoState { version: head.version, ..Default::default() };
+        for m in s.manifests {
+            fresh.manifests.insert(m.digest.clone(), ManifestEntry { row: resident(m), bytes: None });
+        }
+        for t in s.tags {
+            fresh.tags.insert(t.name, TagEntry { digest: t.digest, updated_ms: t.updated_ms });
+        }
+        for l in s.links {
+            fresh.blobs.insert(l.digest, l.size);
+        }
+        let state = self.repo_or_create(name);
+        let mut held = state.write().unwrap();
+        let mut dropped = 0;
+        for (digest, old) in held.manifests.drain() {
+            match (fresh.manifests.get_mut(&digest), old.bytes) {
+                (Some(e), Some(b)) => e.bytes = Some(b),
+                (None, Some(b)) => dropped += b.len(),
+                _ => {}
+            }
+        }
+        self.forget_cached(dropped);
+        *held = fresh;
     }
 
     /// The repository's state, if it exists.
@@ -240,11 +283,15 @@ fn page<'a, K: Clone + 'a>(keys: impl Iterator<Item = &'a K>, as_str: impl Fn(&K
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_metadata::{LinkRow, TagRow};
+    use berth_metadata::{LinkRow, RepoHead, TagRow};
+
+    fn head(name: &str) -> RepoHead {
+        RepoHead { name: name.parse().unwrap(), version: String::new() }
+    }
 
     #[test]
     fn pagination() {
-        let s = Snapshot { repos: ["a", "b/c", "b/d", "e"].iter().map(|s| s.parse().unwrap()).collect(), ..Default::default() };
+        let s = Snapshot { repos: ["a", "b/c", "b/d", "e"].iter().map(|s| head(s)).collect(), ..Default::default() };
         let idx = Index::from_snapshot(s, 1 << 20);
         let (p, more) = idx.catalog(2, None, |_| true);
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["a", "b/c"]);
@@ -263,6 +310,56 @@ mod tests {
         });
         assert_eq!(p.iter().map(|r| r.as_str()).collect::<Vec<_>>(), ["b/d"]);
         assert_eq!(asked, ["b/d", "e"]);
+    }
+
+    /// A repository loaded again replaces what was held, in place (a handle
+    /// taken before sees it), keeps the cached bytes of manifests that stay,
+    /// and gives back the budget of those that went; loaded as absent, it goes.
+    #[test]
+    fn installing_a_repository_replaces_its_state_in_place() {
+        let app: RepoName = "acme/app".parse().unwrap();
+        let row = |body: &[u8]| ManifestRow {
+            repo: app.clone(),
+            digest: Digest::sha256(body),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: body.len() as u64,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+            content_size: 0,
+            refs: None,
+            findings: vec![],
+        };
+        let (kept, gone, new) = (row(b"kept"), row(b"gone!"), row(b"new"));
+        let idx = Index::from_snapshot(
+            Snapshot { repos: vec![head("acme/app")], manifests: vec![kept.clone(), gone.clone()], ..Default::default() },
+            1 << 20,
+        );
+        idx.cache_manifest_bytes(&app, &kept.digest, &Bytes::from_static(b"kept"));
+        idx.cache_manifest_bytes(&app, &gone.digest, &Bytes::from_static(b"gone!"));
+        assert_eq!(idx.cached_bytes.load(Ordering::Relaxed), 9);
+        let held = idx.repo(&app).unwrap();
+        let tag = TagRow { repo: app.clone(), name: "v1".parse().unwrap(), digest: new.digest.clone(), updated_ms: 5 };
+        let fresh = Snapshot {
+            repos: vec![RepoHead { name: app.clone(), version: "v2".into() }],
+            manifests: vec![kept.clone(), new.clone()],
+            tags: vec![tag],
+            links: vec![],
+        };
+        idx.install(&app, fresh);
+        {
+            let s = held.read().unwrap();
+            assert_eq!(s.version, "v2");
+            assert_eq!(s.tag(&"v1".parse().unwrap()), Some(&new.digest));
+            assert_eq!(s.manifests[&kept.digest].bytes.as_deref(), Some(&b"kept"[..]));
+            assert!(s.manifests[&new.digest].bytes.is_none() && !s.manifests.contains_key(&gone.digest));
+        }
+        assert_eq!(idx.cached_bytes.load(Ordering::Relaxed), 4);
+        assert_eq!(idx.version(&app).as_deref(), Some("v2"));
+        idx.install(&app, Snapshot::default());
+        assert!(idx.repo(&app).is_none() && idx.version(&app).is_none());
+        assert_eq!(idx.cached_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -290,7 +387,7 @@ mod tests {
             updated_ms: ms,
         };
         let s = Snapshot {
-            repos: vec![app.clone(), empty.clone()],
+            repos: vec![head("acme/app"), head("acme/empty")],
             tags: vec![tag("v1", &m1, 10), tag("v2", &m2, 30), tag("b", &m2, 30), tag("old", &m1, 5)],
             manifests: vec![m1.clone(), m2.clone()],
             links: vec![LinkRow { repo: app.clone(), digest: Digest::sha256(b"layer"), size: 100 }],

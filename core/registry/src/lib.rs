@@ -13,8 +13,13 @@
 //! - A blob is linked into a repository (and so becomes servable) only after its
 //!   digest was verified and its bytes were published in storage.
 //! - Reads (GET/HEAD) are answered from the index and storage and write nothing.
+//! - With a metadata server that other replicas write too, every read of a
+//!   repository first passes the read barrier of [`coherence`] (the index then
+//!   holds the repository as the database did after the request arrived), and
+//!   every change is conditional on the repository's version.
 //! - This crate knows nothing of warp or HTTP; its errors are [`RegistryError`]s.
 
+mod coherence;
 pub mod counters;
 pub mod delivery;
 pub mod fsck;
@@ -153,6 +158,7 @@ pub struct Registry {
     store: BlobStore,
     meta: Metadata,
     index: Arc<Index>,
+    coherence: Arc<coherence::Coherence>,
     config: RegistryConfig,
     arbiter: ArbiterHandle,
     system: actix_rt::System,
@@ -179,8 +185,12 @@ impl Registry {
         config: RegistryConfig,
         plugins: Option<plugins::Plugins>,
     ) -> Result<Arc<Registry>, String> {
+        // The set's version first: a repository made or deleted while the rest
+        // loads is then seen as a change.
+        let (_, catalog) = meta.repo_heads(&[]).await.map_err(|e| format!("loading metadata: {e}"))?;
         let snapshot = meta.snapshot().await.map_err(|e| format!("loading metadata: {e}"))?;
         let index = Arc::new(Index::from_snapshot(snapshot, config.manifest_cache_bytes));
+        let coherence = Arc::new(coherence::Coherence::new(meta.clone(), index.clone(), catalog));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("berth-actors".into())
@@ -209,6 +219,7 @@ impl Registry {
             store,
             meta,
             index,
+            coherence,
             config,
             arbiter,
             system,
@@ -339,7 +350,7 @@ impl Registry {
             repos.retain(|n, addr| Arc::strong_count(addr) > 1 || self.index.repo(n).is_some());
             self.actors_pruned_at.store(repos.len().max(MIN_ACTORS_PRUNED), std::sync::atomic::Ordering::Relaxed);
         }
-        let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone());
+        let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone(), self.coherence.clone());
         let addr = Arc::new(RepoActor::start_in_arbiter(&self.arbiter, move |_| actor));
         repos.insert(name.clone(), addr.clone());
         addr
@@ -361,9 +372,22 @@ impl Registry {
         addr.send(msg).await.map_err(|e| internal("actor mailbox", e))
     }
 
+    /// Wait until the index holds `repos` as the metadata store did after this
+    /// call (at once unless other replicas share the store: see [`coherence`]).
+    /// Every read of a repository's tags, manifests or blob links comes after it.
+    pub async fn fresh(&self, repos: &[&RepoName]) -> Result<(), RegistryError> {
+        self.coherence.fresh(repos, false).await
+    }
+
+    /// [`Registry::fresh`] for the set of repositories (catalog, listings).
+    pub async fn fresh_catalog(&self) -> Result<(), RegistryError> {
+        self.coherence.fresh(&[], true).await
+    }
+
     // ----- blobs -----
 
-    /// Size of a blob readable through `repo` (its own blobs and its manifests).
+    /// Size of a blob readable through `repo` (its own blobs and its manifests),
+    /// as the index holds it (after [`Registry::fresh`]).
     pub fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
         let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
         let s = state.read().unwrap();
@@ -378,6 +402,7 @@ impl Registry {
 
     /// Open a blob for reading, honouring a `Range` header.
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<&str>, body: bool) -> Result<BlobBody, RegistryError> {
+        self.fresh(&[repo]).await?;
         let size = self.stat_blob(repo, digest)?;
         // A push that found the blob here is about to reference it: the collector waits.
         self.index.touch(repo, digest, now_ms());
@@ -406,6 +431,7 @@ impl Registry {
 
     /// Unlink a blob from a repository (its bytes stay while other repositories use them).
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+        self.fresh(&[repo]).await?;
         if self.index.repo(repo).is_none() {
             return Err(name_unknown(repo));
         }
@@ -418,6 +444,7 @@ impl Registry {
 
     /// Begin a chunked upload session.
     pub async fn start_upload(&self, repo: &RepoName, by: &str) -> Result<UploadId, RegistryError> {
+        self.fresh(&[repo]).await?;
         self.quotas.admit_repo(repo).await?;
         self.create_session(repo, DigestAlgorithm::Sha256, by).await
     }
@@ -436,6 +463,7 @@ impl Registry {
     /// Cross-repository mount: link `digest` from `from` into `repo` if `from` has it.
     /// Returns false when it cannot be mounted (the caller then opens a session).
     pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName, by: &str) -> Result<bool, RegistryError> {
+        self.fresh(&[repo, from]).await?;
         let Some(size) = self.index.linked_blob(from, digest) else {
             return Ok(false);
         };
@@ -614,6 +642,7 @@ impl Registry {
         }
         // Reserved again: after a restart the quota actor has forgotten the session.
         // (A blob the repository already has costs nothing more.)
+        self.fresh(&[&session.repo]).await?;
         let linked_here = self.index.linked_blob(&session.repo, digest).is_some();
         let cost = if linked_here { 0 } else { session.offset };
         let quota = self.quotas.reserve(&session.repo, quota::Key::Upload(session.id), cost).await?;
@@ -708,6 +737,7 @@ impl Registry {
     /// A manifest for a management view: like [`Registry::get_manifest`], but not
     /// a pull (nothing is counted).
     pub async fn read_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
+        self.fresh(&[repo]).await?;
         let (digest, media_type, size, cached) = self.resolve(repo, reference)?;
         let bytes = match (cached, body) {
             (Some(b), _) => b,
@@ -750,6 +780,7 @@ impl Registry {
         // blobs the repository lacks leaves no bytes behind.
         let blobs: Vec<Digest> = parsed.required_blobs().cloned().collect();
         let children: Vec<Digest> = parsed.required_manifests().cloned().collect();
+        self.fresh(&[repo]).await?;
         match self.index.repo(repo) {
             Some(state) => repo::check_references(repo, &state.read().unwrap(), &blobs, &children, |_| false)?,
             None => repo::check_references(repo, &index::RepoState::default(), &blobs, &children, |_| false)?,
@@ -808,6 +839,7 @@ impl Registry {
 
     /// Delete a manifest (by digest, with its tags) or just a tag; `by`: who.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference, by: &str) -> Result<(), RegistryError> {
+        self.fresh(&[repo]).await?;
         if self.index.repo(repo).is_none() {
             return Err(name_unknown(repo));
         }
@@ -824,7 +856,8 @@ impl Registry {
 
     // ----- listings -----
 
-    pub fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<(Vec<Tag>, bool), RegistryError> {
+    pub async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<(Vec<Tag>, bool), RegistryError> {
+        self.fresh(&[repo]).await?;
         self.index.tags(repo, n, last).ok_or_else(|| name_unknown(repo))
     }
 
@@ -840,6 +873,7 @@ impl Registry {
 
     /// Manifests in `repo` whose subject is `digest`, optionally of one artifact type.
     pub async fn referrers(&self, repo: &RepoName, digest: &Digest, artifact_type: Option<&str>) -> Result<Vec<Descriptor>, RegistryError> {
+        self.fresh(&[repo]).await?;
         let Some(state) = self.index.repo(repo) else {
             return Ok(vec![]);
         };

@@ -136,13 +136,22 @@ impl Registry {
         Ok(created)
     }
 
-    /// Whether the repository exists (explicitly created or pushed to).
-    pub fn repo_exists(&self, name: &RepoName) -> bool {
+    /// Whether this process holds the repository now, without asking the
+    /// database (see [`Registry::repo_exists`]): for what may be stale without
+    /// harm, such as which policy decisions are worth caching.
+    pub fn repo_held(&self, name: &RepoName) -> bool {
         self.index.repo(name).is_some()
+    }
+
+    /// Whether the repository exists (explicitly created or pushed to).
+    pub async fn repo_exists(&self, name: &RepoName) -> Result<bool, RegistryError> {
+        self.fresh(&[name]).await?;
+        Ok(self.index.repo(name).is_some())
     }
 
     /// One repository with its figures.
     pub async fn repo_summary(&self, name: &RepoName) -> Result<RepoSummary, RegistryError> {
+        self.fresh(&[name]).await?;
         let profile = self.meta.repo_profile(name).await.map_err(meta_err("read repository"))?.ok_or_else(|| name_unknown(name))?;
         let stats = self.index.repo(name).ok_or_else(|| name_unknown(name))?.read().unwrap().stats();
         Ok(RepoSummary { profile, stats })
@@ -155,7 +164,8 @@ impl Registry {
 
     /// The repositories a listing covers: those of the query's namespaces that
     /// `visible` admits, by name, from the read index. Synchronous, so the
-    /// caller's filter may hold what it resolved once for the whole listing.
+    /// caller's filter may hold what it resolved once for the whole listing
+    /// (the caller makes the set current first: [`Registry::fresh_catalog`]).
     pub fn repo_names(&self, q: &RepoQuery, mut visible: impl FnMut(&RepoName) -> bool) -> Vec<RepoName> {
         let in_scope = |r: &RepoName| q.namespaces.as_ref().is_none_or(|ns| ns.iter().any(|n| n.as_str() == r.namespace()));
         self.index.names_where(|r| in_scope(r) && visible(r))
@@ -202,6 +212,7 @@ impl Registry {
             (self.profiles(&page).await?, total)
         };
         let names: Vec<RepoName> = page.iter().map(|p| p.name.clone()).collect();
+        self.fresh(&names.iter().collect::<Vec<_>>()).await?;
         let items = page
             .into_iter()
             .zip(self.index.stats(&names))
@@ -225,7 +236,7 @@ impl Registry {
         limit: usize,
         offset: usize,
     ) -> Result<Page<TagInfo>, RegistryError> {
-        if !self.repo_exists(repo) {
+        if !self.repo_exists(repo).await? {
             return Err(name_unknown(repo));
         }
         let mut tags = self.meta.tag_infos(repo).await.map_err(meta_err("list tags"))?;
@@ -238,7 +249,7 @@ impl Registry {
 
     /// Delete a repository with all its tags, manifests and blob links.
     pub async fn delete_repo(&self, name: &RepoName, by: &str) -> Result<berth_metadata::Removed, RegistryError> {
-        if !self.repo_exists(name) {
+        if !self.repo_exists(name).await? {
             return Err(name_unknown(name));
         }
         let quota = self.quotas.reserve(name, self.quotas.op_key(), 0).await?;
@@ -252,6 +263,7 @@ impl Registry {
     /// the digests removed. An untagged manifest that an index of the repository
     /// still lists is kept (deleting it would break that index).
     pub async fn delete_by_status(&self, repo: &RepoName, status: TagStatus, by: &str) -> Result<Vec<Digest>, RegistryError> {
+        self.fresh(&[repo]).await?;
         let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
         let candidates: Vec<Digest> = {
             let s = state.read().unwrap();

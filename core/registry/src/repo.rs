@@ -7,10 +7,11 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use berth_metadata::{LinkRow, ManifestRow, Metadata, OutboxRow, Removed, TagRow};
+use berth_metadata::{Guard, LinkRow, ManifestRow, Metadata, MetadataError, OutboxRow, Removed, TagRow};
 use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 use berth_plugins::{EventKind, Platform};
 
+use crate::coherence::Coherence;
 use crate::index::{Index, ManifestEntry};
 use crate::plugins::{reported, Announce};
 use crate::quota::Ticket;
@@ -27,19 +28,45 @@ pub struct RepoActor {
     pub name: RepoName,
     pub meta: Metadata,
     pub index: Arc<Index>,
+    coherence: Arc<Coherence>,
     /// Manifest commits waiting for the next group commit.
     queue: Vec<Queued>,
     flush_due: bool,
 }
 
 impl RepoActor {
-    pub fn new(name: RepoName, meta: Metadata, index: Arc<Index>) -> RepoActor {
-        RepoActor { name, meta, index, queue: Vec::new(), flush_due: false }
+    pub(crate) fn new(name: RepoName, meta: Metadata, index: Arc<Index>, coherence: Arc<Coherence>) -> RepoActor {
+        RepoActor { name, meta, index, coherence, queue: Vec::new(), flush_due: false }
     }
 }
 
 impl Actor for RepoActor {
     type Context = Context<Self>;
+}
+
+/// How many times a change is tried when other replicas keep moving the
+/// repository between its read and its write.
+const TRIES: usize = 8;
+
+/// Before a change is checked against the index: with a shared store, the
+/// repository as the database holds it now; after a refused try (`attempt` >
+/// 0), read again whatever the store.
+async fn current(co: &Arc<Coherence>, name: &RepoName, attempt: usize) -> Result<(), RegistryError> {
+    if attempt > 0 {
+        co.reload(name).await
+    } else {
+        co.fresh(&[name], false).await
+    }
+}
+
+/// What a change answers when its tries ran out.
+fn busy(name: &RepoName) -> RegistryError {
+    RegistryError::new(ErrorCode::Unavailable).with_detail(format!("repository {name} kept changing through other replicas; try again"))
+}
+
+/// The guard of a change to the repository as `state` holds it.
+fn guard_of(state: &std::sync::RwLock<crate::index::RepoState>) -> Guard {
+    Guard::at(&state.read().unwrap().version)
 }
 
 /// Store a manifest (already parsed, its bytes already stored) and move a tag.
@@ -88,16 +115,61 @@ impl Handler<CommitManifest> for RepoActor {
 #[rtype(result = "()")]
 struct Flush;
 
-/// One accepted commit of a group.
-struct Accepted {
+/// What one accepted commit of a group writes.
+struct Plan {
     row: ManifestRow,
     tag: Option<TagRow>,
-    pinned: bool,
-    quota: Option<Ticket>,
-    /// The events announcing it, and where to report their fate.
+    /// The events announcing it.
     outbox: Vec<OutboxRow>,
-    announce: Option<Announce>,
-    reply: tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
+}
+
+/// Check each queued commit against the repository's state: refused ones are
+/// answered; the others come back with what they write.
+fn plan(name: &RepoName, s: &crate::index::RepoState, queue: Vec<Queued>) -> Vec<(Queued, Plan)> {
+    // Manifests committed earlier in this group count as present for later ones.
+    let mut earlier: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
+    let mut accepted = Vec::with_capacity(queue.len());
+    for q in queue {
+        let msg = &q.msg;
+        if let Err(e) = check_references(name, s, &msg.required_blobs, &msg.required_manifests, |d| earlier.contains_key(d)) {
+            let _ = q.reply.send(Err(e));
+            continue;
+        }
+        // What the image takes: its blobs (each once) and its children's content.
+        let mut row = msg.row.clone();
+        let blobs: std::collections::HashSet<&Digest> = msg.required_blobs.iter().collect();
+        let children: std::collections::HashSet<&Digest> = msg.required_manifests.iter().collect();
+        row.content_size = row.size
+            + blobs.iter().filter_map(|d| s.blobs.get(*d)).sum::<u64>()
+            + children
+                .iter()
+                .filter_map(|d| s.manifests.get(*d).map(|m| m.row.content_size.max(m.row.size)).or_else(|| earlier.get(*d).copied()))
+                .sum::<u64>();
+        earlier.insert(row.digest.clone(), row.content_size);
+        let tag = msg.tag.clone().map(|t| TagRow { repo: name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
+        let outbox = msg.announce.as_ref().map_or_else(Vec::new, |a| {
+            let mut rows = a.rows(a.repository_created(name), true);
+            rows.extend(a.rows(
+                EventKind::ManifestPushed {
+                    tenant: a.tenant(),
+                    repository: name.to_string(),
+                    tag: tag.as_ref().map(|t| t.name.to_string()),
+                    digest: row.digest.to_string(),
+                    media_type: row.media_type.clone(),
+                    size: row.size,
+                    content_size: row.content_size,
+                    platforms: msg.platforms.clone(),
+                    subject: row.subject.as_ref().map(|d| d.to_string()),
+                    artifact_type: row.artifact_type.clone(),
+                    pusher: a.by.clone(),
+                },
+                false,
+            ));
+            rows
+        });
+        accepted.push((q, Plan { row, tag, outbox }));
+    }
+    accepted
 }
 
 impl Handler<Flush> for RepoActor {
@@ -105,106 +177,104 @@ impl Handler<Flush> for RepoActor {
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         self.flush_due = false;
-        let queue = std::mem::take(&mut self.queue);
-        // A repository enters the index with its first commit: a refused push
-        // to a new name leaves nothing behind.
-        let state = self.index.repo(&self.name).unwrap_or_default();
-        let mut accepted: Vec<Accepted> = Vec::with_capacity(queue.len());
-        {
-            let s = state.read().unwrap();
-            // Manifests committed earlier in this group count as present for later ones.
-            let mut earlier: std::collections::HashMap<Digest, u64> = std::collections::HashMap::new();
-            for Queued { msg, reply } in queue {
-                if let Err(e) = check_references(&self.name, &s, &msg.required_blobs, &msg.required_manifests, |d| earlier.contains_key(d))
-                {
-                    let _ = reply.send(Err(e));
-                    continue;
-                }
-                // What the image takes: its blobs (each once) and its children's content.
-                let mut row = msg.row;
-                let blobs: std::collections::HashSet<&Digest> = msg.required_blobs.iter().collect();
-                let children: std::collections::HashSet<&Digest> = msg.required_manifests.iter().collect();
-                row.content_size = row.size
-                    + blobs.iter().filter_map(|d| s.blobs.get(*d)).sum::<u64>()
-                    + children
-                        .iter()
-                        .filter_map(|d| {
-                            s.manifests.get(*d).map(|m| m.row.content_size.max(m.row.size)).or_else(|| earlier.get(*d).copied())
-                        })
-                        .sum::<u64>();
-                earlier.insert(row.digest.clone(), row.content_size);
-                let tag = msg.tag.map(|t| TagRow { repo: self.name.clone(), name: t, digest: row.digest.clone(), updated_ms: now_ms() });
-                let outbox = msg.announce.as_ref().map_or_else(Vec::new, |a| {
-                    let mut rows = a.rows(a.repository_created(&self.name), true);
-                    rows.extend(a.rows(
-                        EventKind::ManifestPushed {
-                            tenant: a.tenant(),
-                            repository: self.name.to_string(),
-                            tag: tag.as_ref().map(|t| t.name.to_string()),
-                            digest: row.digest.to_string(),
-                            media_type: row.media_type.clone(),
-                            size: row.size,
-                            content_size: row.content_size,
-                            platforms: msg.platforms,
-                            subject: row.subject.as_ref().map(|d| d.to_string()),
-                            artifact_type: row.artifact_type.clone(),
-                            pusher: a.by.clone(),
-                        },
-                        false,
-                    ));
-                    rows
-                });
-                accepted.push(Accepted { row, tag, pinned: msg.pinned, quota: msg.quota, outbox, announce: msg.announce, reply });
-            }
-        }
-        let (meta, index, name) = (self.meta.clone(), self.index.clone(), self.name.clone());
+        let mut queue = std::mem::take(&mut self.queue);
+        let (meta, index, name, co) = (self.meta.clone(), self.index.clone(), self.name.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                if accepted.is_empty() {
+                for attempt in 0..TRIES {
+                    if let Err(e) = current(&co, &name, attempt).await {
+                        for q in queue {
+                            let _ = q.reply.send(Err(e.clone()));
+                        }
+                        return;
+                    }
+                    // A repository enters the index with its first commit: a
+                    // refused push to a new name leaves nothing behind.
+                    let state = index.repo(&name).unwrap_or_default();
+                    let accepted = plan(&name, &state.read().unwrap(), queue);
+                    if accepted.is_empty() {
+                        return;
+                    }
+                    let mut guard = guard_of(&state);
+                    let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
+                        accepted.iter().map(|(q, p)| (p.row.clone(), p.tag.clone(), q.msg.pinned)).collect();
+                    let outboxes: Vec<Vec<OutboxRow>> = accepted.iter().map(|(_, p)| p.outbox.clone()).collect();
+                    let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&guard, &batch, &outboxes).await {
+                        Ok(added) => added.into_iter().map(Ok).collect(),
+                        Err(MetadataError::Stale) => {
+                            // Another replica moved the repository: check again on what it holds now.
+                            for (q, p) in &accepted {
+                                if let Some(a) = &q.msg.announce {
+                                    a.committed(&p.outbox, false);
+                                }
+                            }
+                            queue = accepted.into_iter().map(|(q, _)| q).collect();
+                            continue;
+                        }
+                        // One commit's failure must not fail the others: each alone.
+                        Err(_) if batch.len() > 1 => {
+                            let mut out = Vec::with_capacity(batch.len());
+                            for ((row, tag, pinned), outbox) in batch.iter().zip(&outboxes) {
+                                let next = Guard::at(guard.next());
+                                let res = meta.commit_manifest(&guard, row, tag.as_ref(), *pinned, outbox).await;
+                                if res.is_ok() {
+                                    guard = next;
+                                }
+                                out.push(res.map_err(|e| match e {
+                                    MetadataError::Stale => busy(&name),
+                                    e => internal("commit manifest", e),
+                                }));
+                            }
+                            out
+                        }
+                        Err(e) => vec![Err(internal("commit manifest", e))],
+                    };
+                    apply_commits(&index, &name, state, accepted, outcomes, &guard);
                     return;
                 }
-                let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
-                    accepted.iter().map(|a| (a.row.clone(), a.tag.clone(), a.pinned)).collect();
-                let outboxes: Vec<Vec<OutboxRow>> = accepted.iter().map(|a| a.outbox.clone()).collect();
-                let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&batch, &outboxes).await {
-                    Ok(added) => added.into_iter().map(Ok).collect(),
-                    // One commit's failure must not fail the others: each alone.
-                    Err(_) if batch.len() > 1 => {
-                        let mut out = Vec::with_capacity(batch.len());
-                        for ((row, tag, pinned), outbox) in batch.iter().zip(&outboxes) {
-                            out.push(
-                                meta.commit_manifest(row, tag.as_ref(), *pinned, outbox).await.map_err(|e| internal("commit manifest", e)),
-                            );
-                        }
-                        out
-                    }
-                    Err(e) => vec![Err(internal("commit manifest", e))],
-                };
-                let state = if outcomes.iter().any(Result::is_ok) { index.repo_or_create(&name) } else { state };
-                let mut s = state.write().unwrap();
-                for (a, outcome) in accepted.into_iter().zip(outcomes) {
-                    if let Some(an) = &a.announce {
-                        an.committed(&a.outbox, outcome.is_ok());
-                    }
-                    match outcome {
-                        Ok(added) => {
-                            settle(a.quota, added as i64);
-                            s.manifests
-                                .entry(a.row.digest.clone())
-                                .or_insert(ManifestEntry { row: crate::index::resident(a.row), bytes: None });
-                            if let Some(t) = a.tag {
-                                s.tags.insert(t.name, crate::index::TagEntry { digest: t.digest, updated_ms: t.updated_ms });
-                            }
-                            let _ = a.reply.send(Ok(()));
-                        }
-                        Err(e) => {
-                            let _ = a.reply.send(Err(e));
-                        }
-                    }
+                for q in queue {
+                    let _ = q.reply.send(Err(busy(&name)));
                 }
             }
             .into_actor(self),
         ))
+    }
+}
+
+/// Put what a group commit wrote into the index (its version: the one
+/// `guard` was to leave, or for commits made one by one, the last one's)
+/// and answer each commit.
+fn apply_commits(
+    index: &Index,
+    name: &RepoName,
+    state: Arc<std::sync::RwLock<crate::index::RepoState>>,
+    accepted: Vec<(Queued, Plan)>,
+    outcomes: Vec<Result<u64, RegistryError>>,
+    guard: &Guard,
+) {
+    let any = outcomes.iter().any(Result::is_ok);
+    let state = if any { index.repo_or_create(name) } else { state };
+    let mut s = state.write().unwrap();
+    if any {
+        s.version = guard.next().to_owned();
+    }
+    for ((q, p), outcome) in accepted.into_iter().zip(outcomes) {
+        if let Some(an) = &q.msg.announce {
+            an.committed(&p.outbox, outcome.is_ok());
+        }
+        match outcome {
+            Ok(added) => {
+                settle(q.msg.quota, added as i64);
+                s.manifests.entry(p.row.digest.clone()).or_insert(ManifestEntry { row: crate::index::resident(p.row), bytes: None });
+                if let Some(t) = p.tag {
+                    s.tags.insert(t.name, crate::index::TagEntry { digest: t.digest, updated_ms: t.updated_ms });
+                }
+                let _ = q.reply.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = q.reply.send(Err(e));
+            }
+        }
     }
 }
 
@@ -215,52 +285,62 @@ impl Message for DeleteManifest {
     type Result = Result<(), RegistryError>;
 }
 
+/// A stale write's events go back to their queues; the change is tried again.
+fn retry<T>(announce: Option<&Announce>, outbox: &[OutboxRow], res: &Result<T, MetadataError>) -> bool {
+    let stale = matches!(res, Err(MetadataError::Stale));
+    if stale {
+        if let Some(a) = announce {
+            a.committed(outbox, false);
+        }
+    }
+    stale
+}
+
 impl Handler<DeleteManifest> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: DeleteManifest, _: &mut Context<Self>) -> Self::Result {
         let (digest, quota, announce) = (msg.0, msg.1, msg.2);
-        let Some(state) = self.index.repo(&self.name) else {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
-        };
-        if !state.read().unwrap().manifests.contains_key(&digest) {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(manifest_unknown(&digest)))));
-        }
-        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-            let mut tags: Vec<String> =
-                state.read().unwrap().tags.iter().filter(|(_, e)| e.digest == digest).map(|(t, _)| t.to_string()).collect();
-            tags.sort();
-            let kind = EventKind::ManifestDeleted {
-                tenant: a.tenant(),
-                repository: self.name.to_string(),
-                digest: digest.to_string(),
-                tags,
-                by: a.by.clone(),
-            };
-            a.rows(kind, false)
-        });
-        let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
-        let d = digest.clone();
+        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                reported(
-                    announce.as_ref(),
-                    &outbox,
-                    meta.delete_manifest(&repo, &d, &outbox).await.map_err(|e| internal("delete manifest", e)),
-                )
-            }
-            .into_actor(self)
-            .map(move |res, _, _| {
-                settle(quota, -(res? as i64));
-                let mut s = state.write().unwrap();
-                if let Some(e) = s.manifests.remove(&digest) {
-                    if let Some(b) = e.bytes {
-                        index.forget_cached(b.len());
+                for attempt in 0..TRIES {
+                    current(&co, &name, attempt).await?;
+                    let state = index.repo(&name).filter(|s| s.read().unwrap().manifests.contains_key(&digest));
+                    let Some(state) = state else { return Err(manifest_unknown(&digest)) };
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        let mut tags: Vec<String> =
+                            state.read().unwrap().tags.iter().filter(|(_, e)| e.digest == digest).map(|(t, _)| t.to_string()).collect();
+                        tags.sort();
+                        let kind = EventKind::ManifestDeleted {
+                            tenant: a.tenant(),
+                            repository: name.to_string(),
+                            digest: digest.to_string(),
+                            tags,
+                            by: a.by.clone(),
+                        };
+                        a.rows(kind, false)
+                    });
+                    let guard = guard_of(&state);
+                    let res = meta.delete_manifest(&guard, &name, &digest, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
                     }
+                    let freed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete manifest", e)))?;
+                    settle(quota, -(freed as i64));
+                    let mut s = state.write().unwrap();
+                    if let Some(e) = s.manifests.remove(&digest) {
+                        if let Some(b) = e.bytes {
+                            index.forget_cached(b.len());
+                        }
+                    }
+                    s.tags.retain(|_, e| e.digest != digest);
+                    s.version = guard.next().to_owned();
+                    return Ok(());
                 }
-                s.tags.retain(|_, e| e.digest != digest);
-                Ok(())
-            }),
+                Err(busy(&name))
+            }
+            .into_actor(self),
         ))
     }
 }
@@ -280,36 +360,40 @@ impl Handler<DeleteTag> for RepoActor {
 
     fn handle(&mut self, msg: DeleteTag, _: &mut Context<Self>) -> Self::Result {
         let (tag, announce) = (msg.0, msg.1);
-        let state = self.index.repo(&self.name);
-        let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
-        let Some(pointed) = pointed else {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(
-                RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown"))
-            ))));
-        };
-        let state = state.expect("a tag implies its repository");
-        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-            let kind = EventKind::TagDeleted {
-                tenant: a.tenant(),
-                repository: self.name.to_string(),
-                tag: tag.to_string(),
-                digest: pointed.to_string(),
-                by: a.by.clone(),
-            };
-            a.rows(kind, false)
-        });
-        let (meta, repo) = (self.meta.clone(), self.name.clone());
-        let t = tag.clone();
+        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                reported(announce.as_ref(), &outbox, meta.delete_tag(&repo, &t, &outbox).await.map_err(|e| internal("delete tag", e)))
+                for attempt in 0..TRIES {
+                    current(&co, &name, attempt).await?;
+                    let state = index.repo(&name);
+                    let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
+                    let (Some(state), Some(pointed)) = (state, pointed) else {
+                        return Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")));
+                    };
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        let kind = EventKind::TagDeleted {
+                            tenant: a.tenant(),
+                            repository: name.to_string(),
+                            tag: tag.to_string(),
+                            digest: pointed.to_string(),
+                            by: a.by.clone(),
+                        };
+                        a.rows(kind, false)
+                    });
+                    let guard = guard_of(&state);
+                    let res = meta.delete_tag(&guard, &name, &tag, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
+                    }
+                    reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete tag", e)))?;
+                    let mut s = state.write().unwrap();
+                    s.tags.remove(&tag);
+                    s.version = guard.next().to_owned();
+                    return Ok(());
+                }
+                Err(busy(&name))
             }
-            .into_actor(self)
-            .map(move |res, _, _| {
-                res?;
-                state.write().unwrap().tags.remove(&tag);
-                Ok(())
-            }),
+            .into_actor(self),
         ))
     }
 }
@@ -337,68 +421,78 @@ impl Handler<Link> for RepoActor {
     type Result = AtomicResponse<Self, Result<(), RegistryError>>;
 
     fn handle(&mut self, msg: Link, _: &mut Context<Self>) -> Self::Result {
-        let state = self.index.repo(&self.name).unwrap_or_default();
-        if msg.size.is_none() && !state.read().unwrap().blobs.contains_key(&msg.digest) {
-            return AtomicResponse::new(Box::pin(fut::ready(Err(
-                RegistryError::new(ErrorCode::BlobUnknown).with_detail(msg.digest.to_string())
-            ))));
-        }
-        // A mount of a blob the repository has: nothing to write. (An upload goes
-        // on to metadata even then: its session record and pin go, and the link's
-        // time is renewed for the collector.)
-        if msg.size.is_some() && msg.ends_upload.is_none() && !msg.pinned && state.read().unwrap().blobs.contains_key(&msg.digest) {
-            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
-        }
-        let pinned = msg.pinned;
-        let (ends_upload, quota, announce) = (msg.ends_upload, msg.quota, msg.announce);
-        let (meta, repo) = (self.meta.clone(), self.name.clone());
-        let (digest, size) = (msg.digest, msg.size);
-        // A link announces the repository if it creates it, and an upload's blob.
-        let outbox = match (&announce, size) {
-            (Some(a), Some(size)) => {
-                let mut rows = a.rows(a.repository_created(&self.name), true);
-                if ends_upload.is_some() {
-                    let kind = EventKind::BlobUploaded {
-                        tenant: a.tenant(),
-                        repository: self.name.to_string(),
-                        digest: digest.to_string(),
-                        size,
-                        by: a.by.clone(),
-                    };
-                    rows.extend(a.rows(kind, false));
-                }
-                rows
-            }
-            _ => vec![],
-        };
-        let d = digest.clone();
+        let Link { digest, size, ends_upload, quota, pinned, announce } = msg;
+        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                let res = match size {
-                    Some(size) => {
-                        meta.link_blob(&LinkRow { repo, digest: d, size }, ends_upload.as_ref(), pinned, &outbox).await.map(|b| b as i64)
+                for attempt in 0..TRIES {
+                    current(&co, &name, attempt).await?;
+                    let state = index.repo(&name).unwrap_or_default();
+                    let linked = state.read().unwrap().blobs.contains_key(&digest);
+                    if size.is_none() && !linked {
+                        return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
                     }
-                    None => meta.unlink_blob(&repo, &d).await.map(|b| -(b as i64)),
-                };
-                reported(announce.as_ref(), &outbox, res).map_err(|e| match e {
-                    berth_metadata::MetadataError::Collecting => {
-                        RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
+                    // A mount of a blob the repository has: nothing to write. (An
+                    // upload goes on to metadata even then: its session record and
+                    // pin go, and the link's time is renewed for the collector.)
+                    if size.is_some() && ends_upload.is_none() && !pinned && linked {
+                        return Ok(());
                     }
-                    e => internal("blob link", e),
-                })
+                    // A link announces the repository if it creates it, and an upload's blob.
+                    let outbox = match (&announce, size) {
+                        (Some(a), Some(size)) => {
+                            let mut rows = a.rows(a.repository_created(&name), true);
+                            if ends_upload.is_some() {
+                                let kind = EventKind::BlobUploaded {
+                                    tenant: a.tenant(),
+                                    repository: name.to_string(),
+                                    digest: digest.to_string(),
+                                    size,
+                                    by: a.by.clone(),
+                                };
+                                rows.extend(a.rows(kind, false));
+                            }
+                            rows
+                        }
+                        _ => vec![],
+                    };
+                    let guard = guard_of(&state);
+                    let res = match size {
+                        Some(size) => meta
+                            .link_blob(
+                                &guard,
+                                &LinkRow { repo: name.clone(), digest: digest.clone(), size },
+                                ends_upload.as_ref(),
+                                pinned,
+                                &outbox,
+                            )
+                            .await
+                            .map(|b| b as i64),
+                        None => meta.unlink_blob(&guard, &name, &digest).await.map(|b| -(b as i64)),
+                    };
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
+                    }
+                    let delta = reported(announce.as_ref(), &outbox, res).map_err(|e| match e {
+                        MetadataError::Collecting => {
+                            RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
+                        }
+                        e => internal("blob link", e),
+                    })?;
+                    settle(quota, delta);
+                    // A link creates the repository (an unlink found it).
+                    let state = if size.is_some() { index.repo_or_create(&name) } else { state };
+                    let mut s = state.write().unwrap();
+                    match size {
+                        Some(size) => s.blobs.insert(digest, size),
+                        None => s.blobs.remove(&digest),
+                    };
+                    s.version = guard.next().to_owned();
+                    return Ok(());
+                }
+                Err(busy(&name))
             }
-            .into_actor(self)
-            .map(move |res, act: &mut RepoActor, _| {
-                settle(quota, res?);
-                // A link creates the repository (an unlink found it).
-                let state = if size.is_some() { act.index.repo_or_create(&act.name) } else { state };
-                let mut s = state.write().unwrap();
-                match size {
-                    Some(size) => s.blobs.insert(digest, size),
-                    None => s.blobs.remove(&digest),
-                };
-                Ok(())
-            }),
+            .into_actor(self),
         ))
     }
 }
@@ -416,22 +510,29 @@ impl Handler<DeleteRepo> for RepoActor {
 
     fn handle(&mut self, msg: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
         let (quota, announce) = (msg.0, msg.1);
-        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-            a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: self.name.to_string(), by: a.by.clone() }, false)
-        });
-        let (meta, repo, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
-        let name = repo.clone();
+        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                reported(announce.as_ref(), &outbox, meta.delete_repo(&repo, &outbox).await.map_err(|e| internal("delete repository", e)))
+                // Whatever the repository holds goes: the guard only keeps a
+                // change made meanwhile from being deleted unseen by the index.
+                for attempt in 0..TRIES {
+                    current(&co, &name, attempt).await?;
+                    let guard = index.repo(&name).map_or_else(|| Guard::at(""), |s| guard_of(&s));
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
+                    });
+                    let res = meta.delete_repo(&guard, &name, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
+                    }
+                    let removed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete repository", e)))?;
+                    settle(quota, -(removed.freed_bytes as i64));
+                    index.remove_repo(&name);
+                    return Ok(removed);
+                }
+                Err(busy(&name))
             }
-            .into_actor(self)
-            .map(move |res, _, _| {
-                let removed = res?;
-                settle(quota, -(removed.freed_bytes as i64));
-                index.remove_repo(&name);
-                Ok(removed)
-            }),
+            .into_actor(self),
         ))
     }
 }
@@ -452,32 +553,39 @@ impl Handler<Collect> for RepoActor {
     type Result = AtomicResponse<Self, Result<Option<u64>, RegistryError>>;
 
     fn handle(&mut self, msg: Collect, _: &mut Context<Self>) -> Self::Result {
-        let Some(state) = self.index.repo(&self.name) else {
-            return AtomicResponse::new(Box::pin(fut::ready(Ok(None))));
-        };
-        // Manifest commits run in this actor too, so what the index holds now is
-        // every manifest this repository has.
-        let needed = {
-            let s = state.read().unwrap();
-            !s.blobs.contains_key(&msg.digest) || s.manifests.values().any(|m| m.row.refs.as_ref().is_none_or(|r| r.contains(&msg.digest)))
-        };
-        if needed || self.index.touched_since(&self.name, &msg.digest, msg.cutoff) {
-            return AtomicResponse::new(Box::pin(fut::ready(Ok(None))));
-        }
-        let (meta, repo, quota) = (self.meta.clone(), self.name.clone(), msg.quota);
-        let (digest, cutoff) = (msg.digest, msg.cutoff);
-        let d = digest.clone();
+        let Collect { digest, cutoff, quota } = msg;
+        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            async move { meta.unlink_blob_if_idle(&repo, &d, cutoff).await.map_err(|e| internal("collect link", e)) }.into_actor(self).map(
-                move |res, _, _| {
-                    let freed = res?;
+            async move {
+                for attempt in 0..TRIES {
+                    current(&co, &name, attempt).await?;
+                    let Some(state) = index.repo(&name) else { return Ok(None) };
+                    // Changes are checked against the database's version, so what
+                    // the index holds now is every manifest this repository has.
+                    let needed = {
+                        let s = state.read().unwrap();
+                        !s.blobs.contains_key(&digest)
+                            || s.manifests.values().any(|m| m.row.refs.as_ref().is_none_or(|r| r.contains(&digest)))
+                    };
+                    if needed || index.touched_since(&name, &digest, cutoff) {
+                        return Ok(None);
+                    }
+                    let guard = guard_of(&state);
+                    let freed = match meta.unlink_blob_if_idle(&guard, &name, &digest, cutoff).await {
+                        Err(MetadataError::Stale) => continue,
+                        res => res.map_err(|e| internal("collect link", e))?,
+                    };
                     if let Some(freed) = freed {
                         settle(quota, -(freed as i64));
-                        state.write().unwrap().blobs.remove(&digest);
+                        let mut s = state.write().unwrap();
+                        s.blobs.remove(&digest);
+                        s.version = guard.next().to_owned();
                     }
-                    Ok(freed)
-                },
-            ),
+                    return Ok(freed);
+                }
+                Err(busy(&name))
+            }
+            .into_actor(self),
         ))
     }
 }

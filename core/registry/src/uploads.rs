@@ -71,7 +71,13 @@ struct Entry {
     session: Session,
     busy: bool,
     touched_ms: i64,
+    /// With a shared store: the token of this process's lease in the database.
+    lease: Option<String>,
 }
+
+/// How long a lease in a shared store lasts: a replica that died writing a
+/// chunk holds its session no longer than this.
+const LEASE_MS: i64 = 10 * 60 * 1000;
 
 /// The actor.
 pub struct UploadSessions {
@@ -138,7 +144,7 @@ impl Handler<Create> for UploadSessions {
         };
         let id = session.id;
         let row = session.to_row();
-        self.sessions.insert(id, Entry { session, busy: true, touched_ms: now_ms() });
+        self.sessions.insert(id, Entry { session, busy: true, touched_ms: now_ms(), lease: None });
         let meta = self.meta.clone();
         Box::pin(async move { meta.put_upload(&row).await }.into_actor(self).map(move |res, act, _| match res {
             Ok(()) => {
@@ -185,6 +191,9 @@ impl Handler<Lease> for UploadSessions {
     type Result = ResponseActFuture<Self, Result<Session, RegistryError>>;
 
     fn handle(&mut self, msg: Lease, _: &mut Context<Self>) -> Self::Result {
+        if self.meta.is_shared() {
+            return self.lease_shared(msg);
+        }
         if self.sessions.contains_key(&msg.id) {
             let r = self.take(&msg.id, &msg.repo);
             return Box::pin(fut::ready(r));
@@ -196,10 +205,57 @@ impl Handler<Lease> for UploadSessions {
             let row = res.map_err(|e| internal("load upload session", e))?.ok_or_else(|| unknown(&id))?;
             if let std::collections::hash_map::Entry::Vacant(slot) = act.sessions.entry(id) {
                 let session = Session::from_row(row).ok_or_else(|| internal("decode upload session", id))?;
-                slot.insert(Entry { session, busy: false, touched_ms: now_ms() });
+                slot.insert(Entry { session, busy: false, touched_ms: now_ms(), lease: None });
             }
             act.take(&id, &msg.repo)
         }))
+    }
+}
+
+impl UploadSessions {
+    /// A lease with a shared store: taken in the database (another replica may
+    /// be writing the session, or have moved it on), with its state as stored.
+    fn lease_shared(&mut self, msg: Lease) -> ResponseActFuture<Self, Result<Session, RegistryError>> {
+        if self.sessions.get(&msg.id).is_some_and(|e| e.busy) {
+            return Box::pin(fut::ready(self.take(&msg.id, &msg.repo)));
+        }
+        let (meta, id) = (self.meta.clone(), msg.id);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let now = now_ms();
+        let t = token.clone();
+        Box::pin(
+            async move {
+                match meta.lease_upload(&id, &t, now, now + LEASE_MS).await {
+                    Ok(Some(row)) => Ok(Some(row)),
+                    // Held by another writer, or gone.
+                    Ok(None) => match meta.get_upload(&id).await {
+                        Ok(Some(_)) => Ok(None),
+                        Ok(None) => Err(unknown(&id)),
+                        Err(e) => Err(internal("load upload session", e)),
+                    },
+                    Err(e) => Err(internal("lease upload session", e)),
+                }
+            }
+            .into_actor(self)
+            .map(move |res, act, _| {
+                let Some(row) = res? else {
+                    return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
+                        .with_status(416)
+                        .with_detail("another request is writing to this upload"));
+                };
+                let session = Session::from_row(row).ok_or_else(|| internal("decode upload session", id))?;
+                if session.repo != msg.repo {
+                    // Not this repository's: the lease goes back untouched.
+                    let meta = act.meta.clone();
+                    actix::spawn(async move {
+                        let _ = meta.release_upload(&id, &token, None).await;
+                    });
+                    return Err(unknown(&id));
+                }
+                act.sessions.insert(id, Entry { session: session.clone(), busy: true, touched_ms: now_ms(), lease: Some(token) });
+                Ok(session)
+            }),
+        )
     }
 }
 
@@ -217,6 +273,34 @@ impl Handler<Release> for UploadSessions {
 
     fn handle(&mut self, msg: Release, _: &mut Context<Self>) -> Self::Result {
         let id = msg.id;
+        if let Some(token) = self.sessions.get_mut(&id).and_then(|e| e.lease.take()) {
+            // A lease in a shared store: given back there, with the new state.
+            let row = msg.updated.as_ref().map(Session::to_row);
+            if let Some(e) = self.sessions.get_mut(&id) {
+                if let Some(updated) = msg.updated {
+                    e.session = updated;
+                }
+                e.touched_ms = now_ms();
+            }
+            let meta = self.meta.clone();
+            return Box::pin(async move { meta.release_upload(&id, &token, row.as_ref()).await }.into_actor(self).map(
+                move |res, act, _| {
+                    if let Some(e) = act.sessions.get_mut(&id) {
+                        e.busy = false;
+                    }
+                    match res {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            act.sessions.remove(&id);
+                            Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
+                                .with_status(416)
+                                .with_detail("the upload's lease ran out and another request took it"))
+                        }
+                        Err(e) => Err(internal("persist upload session", e)),
+                    }
+                },
+            ));
+        }
         let Some(updated) = msg.updated else {
             if let Some(e) = self.sessions.get_mut(&id) {
                 e.busy = false;
@@ -266,7 +350,8 @@ impl Handler<Status> for UploadSessions {
     type Result = ResponseActFuture<Self, Result<u64, RegistryError>>;
 
     fn handle(&mut self, msg: Status, _: &mut Context<Self>) -> Self::Result {
-        if let Some(e) = self.sessions.get(&msg.id) {
+        // (With a shared store another replica may have moved it on: read it.)
+        if let Some(e) = self.sessions.get(&msg.id).filter(|_| !self.meta.is_shared()) {
             let r = if e.session.repo == msg.repo { Ok(e.session.offset) } else { Err(unknown(&msg.id)) };
             return Box::pin(fut::ready(r));
         }
@@ -342,10 +427,15 @@ impl Handler<Sweep> for UploadSessions {
 
     fn handle(&mut self, _: Sweep, _: &mut Context<Self>) -> Self::Result {
         let cutoff = now_ms() - self.ttl.as_millis() as i64;
-        let expired_here: Vec<(UploadId, RepoName)> =
+        let mut expired_here: Vec<(UploadId, RepoName)> =
             self.sessions.iter().filter(|(_, e)| !e.busy && e.touched_ms < cutoff).map(|(id, e)| (*id, e.session.repo.clone())).collect();
         for (id, _) in &expired_here {
             self.sessions.remove(id);
+        }
+        // With a shared store another replica may have used a session this one
+        // left idle: the database's time decides (idle here is only forgotten).
+        if self.meta.is_shared() {
+            expired_here.clear();
         }
         let live: std::collections::HashSet<UploadId> = self.sessions.keys().copied().collect();
         let (meta, store, quotas) = (self.meta.clone(), self.store.clone(), self.quotas.clone());

@@ -1,0 +1,157 @@
+//! Replicas over one metadata server: keeping this process's read index as
+//! current as the database.
+//!
+//! Every change to a repository moves its version in the same transaction
+//! (`berth_metadata::Guard`), and every change is made on the condition that
+//! the repository is still at the version its writer read, so two replicas
+//! writing one repository are serialized by the database: the loser reloads
+//! the repository and tries again (`repo.rs`).
+//!
+//! Reads are made current by a **read barrier**: a request for a repository
+//! waits for one query of the versions of the repositories asked for, sent
+//! after it arrived; a repository whose version differs from the one held is
+//! loaded again (in one transaction) before the request goes on. Requests that
+//! arrive while a query is out wait for the next one, which answers all of
+//! them, so the database sees one small query per round trip however many
+//! requests there are. A tag moved or deleted through any replica, and
+//! acknowledged, is therefore never served as it was by another one.
+//!
+//! The set of repositories (the catalog, listings) has a version of its own,
+//! moved when a repository is made or deleted; when it moved, the names are
+//! read again.
+//!
+//! With an embedded store the process is the only writer (the store is locked
+//! to it), the index is current by construction, and none of this runs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use berth_metadata::Metadata;
+use berth_oci::{ErrorCode, RegistryError, RepoName};
+use tokio::sync::oneshot;
+
+use crate::index::Index;
+
+pub(crate) struct Coherence {
+    meta: Metadata,
+    index: Arc<Index>,
+    /// Where the barrier's queries run (the request runtime).
+    runtime: tokio::runtime::Handle,
+    pending: Mutex<Pending>,
+    /// The version of the set of repositories the index holds.
+    catalog: Mutex<String>,
+}
+
+/// What waits for the next query.
+#[derive(Default)]
+struct Pending {
+    names: HashSet<RepoName>,
+    catalog: bool,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// A query is out (its task sends the next one when it is answered).
+    running: bool,
+}
+
+impl Coherence {
+    /// `catalog`: the version of the set of repositories, read before the
+    /// index was loaded (so a change made meanwhile is seen as one).
+    pub fn new(meta: Metadata, index: Arc<Index>, catalog: String) -> Coherence {
+        Coherence {
+            meta,
+            index,
+            runtime: tokio::runtime::Handle::current(),
+            pending: Mutex::new(Pending::default()),
+            catalog: Mutex::new(catalog),
+        }
+    }
+
+    /// Whether reads need the barrier (other processes write the store).
+    pub fn shared(&self) -> bool {
+        self.meta.is_shared()
+    }
+
+    /// Return once the index holds `names` (and with `catalog`, the set of
+    /// repositories) as the database held them at some moment after this was
+    /// called. At once with an embedded store.
+    pub async fn fresh(self: &Arc<Self>, names: &[&RepoName], catalog: bool) -> Result<(), RegistryError> {
+        if !self.shared() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut p = self.pending.lock().unwrap();
+            p.names.extend(names.iter().map(|n| (*n).clone()));
+            p.catalog |= catalog;
+            p.waiters.push(tx);
+            !std::mem::replace(&mut p.running, true)
+        };
+        if start {
+            let this = self.clone();
+            self.runtime.spawn(async move { this.rounds().await });
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(&e)),
+            Err(_) => Err(unavailable("the read barrier stopped")),
+        }
+    }
+
+    /// Load `name` again from metadata, whatever version is held (a write
+    /// found the repository moved).
+    pub async fn reload(&self, name: &RepoName) -> Result<(), RegistryError> {
+        let s = self.meta.repo_snapshot(name).await.map_err(|e| crate::internal("reload repository", e))?;
+        self.index.install(name, s);
+        Ok(())
+    }
+
+    /// Answer what is pending, one query per round, until nothing is.
+    async fn rounds(self: Arc<Self>) {
+        loop {
+            let (names, catalog, waiters) = {
+                let mut p = self.pending.lock().unwrap();
+                if p.waiters.is_empty() {
+                    p.running = false;
+                    return;
+                }
+                (std::mem::take(&mut p.names), std::mem::take(&mut p.catalog), std::mem::take(&mut p.waiters))
+            };
+            let outcome = self.round(names.into_iter().collect(), catalog).await.map_err(|e| e.to_string());
+            if let Err(e) = &outcome {
+                tracing::warn!(error = %e, "read barrier: metadata unreachable");
+            }
+            for w in waiters {
+                let _ = w.send(outcome.clone());
+            }
+        }
+    }
+
+    async fn round(&self, names: Vec<RepoName>, catalog: bool) -> Result<(), berth_metadata::MetadataError> {
+        let (heads, set_version) = self.meta.repo_heads(&names).await?;
+        let remote: HashMap<&RepoName, &str> = heads.iter().map(|h| (&h.name, h.version.as_str())).collect();
+        for name in &names {
+            if self.index.version(name).as_deref() != remote.get(name).copied() {
+                self.index.install(name, self.meta.repo_snapshot(name).await?);
+            }
+        }
+        if catalog && *self.catalog.lock().unwrap() != set_version {
+            // Repositories were made or deleted: add and drop names (each
+            // added one loaded whole; those held keep their state until asked for).
+            let (all, set_version) = self.meta.all_repo_heads().await?;
+            let now: HashSet<&RepoName> = all.iter().map(|h| &h.name).collect();
+            for gone in self.index.names_where(|n| !now.contains(n)) {
+                self.index.remove_repo(&gone);
+            }
+            for h in &all {
+                if self.index.version(&h.name).is_none() {
+                    self.index.install(&h.name, self.meta.repo_snapshot(&h.name).await?);
+                }
+            }
+            *self.catalog.lock().unwrap() = set_version;
+        }
+        Ok(())
+    }
+}
+
+fn unavailable(detail: &str) -> RegistryError {
+    RegistryError::new(ErrorCode::Unavailable).with_detail(format!("metadata unreachable, try again: {detail}"))
+}
