@@ -764,11 +764,11 @@ impl Metadata {
         let mut r = self
             .db
             .query(
-                "UPDATE type::record('upload', $id) SET lease = $token, lease_until = $until WHERE (lease_until OR 0) < $now
+                "UPDATE type::record('upload', $id) SET lease = $holder, lease_until = $until WHERE (lease_until OR 0) < $now
                  RETURN id_str AS id, repo, offset, hash_state, staging, started_ms, updated_ms, owner",
             )
             .bind(("id", id.to_string()))
-            .bind(("token", token.to_owned()))
+            .bind(("holder", token.to_owned()))
             .bind(("now", now_ms))
             .bind(("until", until_ms))
             .await?
@@ -784,13 +784,13 @@ impl Metadata {
         let q = match updated {
             Some(u) => self
                 .db
-                .query("UPDATE type::record('upload', $id) CONTENT $row WHERE lease = $token RETURN VALUE offset")
+                .query("UPDATE type::record('upload', $id) CONTENT $row WHERE lease = $holder RETURN VALUE offset")
                 .bind(("row", to_value(u)?)),
             None => self
                 .db
-                .query("UPDATE type::record('upload', $id) SET lease = NONE, lease_until = NONE WHERE lease = $token RETURN VALUE offset"),
+                .query("UPDATE type::record('upload', $id) SET lease = NONE, lease_until = NONE WHERE lease = $holder RETURN VALUE offset"),
         };
-        let mut r = q.bind(("id", id.to_string())).bind(("token", token.to_owned())).await?.check()?;
+        let mut r = q.bind(("id", id.to_string())).bind(("holder", token.to_owned())).await?.check()?;
         let done: Vec<serde_json::Value> = rows(&mut r, 0)?;
         Ok(!done.is_empty())
     }
