@@ -24,6 +24,7 @@ pub(crate) const SCHEMA: &str = r#"
 DEFINE TABLE IF NOT EXISTS outbox SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS outbox_due ON outbox FIELDS instance, next_ms;
 DEFINE TABLE IF NOT EXISTS outbox_lease SCHEMALESS;
+DEFINE TABLE IF NOT EXISTS job_lease SCHEMALESS;
 DEFINE TABLE IF NOT EXISTS plugin_delivery SCHEMALESS;
 DEFINE INDEX IF NOT EXISTS plugin_delivery_at ON plugin_delivery FIELDS instance, at_ms;
 "#;
@@ -195,18 +196,29 @@ impl Metadata {
     /// Take or renew the lease on `instance`'s queue for `holder` (a process)
     /// until `now_ms + ttl_ms`; `false` while another holder's lease runs.
     pub async fn outbox_lease(&self, instance: &str, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
+        self.lease_in("outbox_lease", instance, holder, now_ms, ttl_ms).await
+    }
+
+    /// Take or renew the lease on a background job (the collector, retention)
+    /// that one replica at a time runs, as [`Metadata::outbox_lease`] does for a queue.
+    pub async fn job_lease(&self, job: &str, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
+        self.lease_in("job_lease", job, holder, now_ms, ttl_ms).await
+    }
+
+    async fn lease_in(&self, table: &'static str, key: &str, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
         let mut r = self
             .run(|| {
                 self.db
                     .query(
                         "BEGIN TRANSACTION;
-                         LET $l = (SELECT holder, until FROM ONLY type::record('outbox_lease', $i));
+                         LET $l = (SELECT holder, until FROM ONLY type::record($table, $i));
                          IF $l != NONE AND $l.holder != $h AND $l.until > $now { RETURN false; };
-                         UPSERT type::record('outbox_lease', $i) CONTENT { holder: $h, until: $now + $ttl } RETURN NONE;
+                         UPSERT type::record($table, $i) CONTENT { holder: $h, until: $now + $ttl } RETURN NONE;
                          RETURN true;
                          COMMIT TRANSACTION;",
                     )
-                    .bind(("i", instance.to_owned()))
+                    .bind(("table", table))
+                    .bind(("i", key.to_owned()))
                     .bind(("h", holder.to_owned()))
                     .bind(("now", now_ms))
                     .bind(("ttl", ttl_ms))
@@ -335,6 +347,9 @@ mod tests {
         assert!(!md.outbox_lease("hook", "r2", 1150, 100).await.unwrap(), "renewed until 1190");
         assert!(md.outbox_lease("hook", "r2", 1191, 100).await.unwrap(), "taken over once it ran out");
         assert!(!md.outbox_lease("hook", "r1", 1200, 100).await.unwrap());
+        // Jobs' leases are apart from queues'.
+        assert!(md.job_lease("hook", "r3", 1200, 100).await.unwrap());
+        assert!(!md.job_lease("hook", "r1", 1250, 100).await.unwrap());
     }
 
     #[tokio::test]

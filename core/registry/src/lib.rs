@@ -175,6 +175,8 @@ pub struct Registry {
     plugins: Option<plugins::Plugins>,
     /// Set on SIGTERM: readiness goes false while requests are still served.
     draining: std::sync::atomic::AtomicBool,
+    /// This process, as the holder of database leases on background jobs.
+    holder: String,
 }
 
 impl Registry {
@@ -233,9 +235,10 @@ impl Registry {
             metrics: metrics::Metrics::default(),
             plugins,
             draining: std::sync::atomic::AtomicBool::new(false),
+            holder: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
         });
         if registry.config.gc.enabled {
-            Periodic::start(&registry, registry.config.gc.interval_secs, |r| {
+            Periodic::start(&registry, "gc", registry.config.gc.interval_secs, |r| {
                 Box::pin(async move {
                     if let Err(e) = r.collect(false).await {
                         tracing::warn!(error = %e.detail_or_message(), "garbage collection pass failed");
@@ -244,7 +247,9 @@ impl Registry {
             });
         }
         if registry.config.retention.enabled {
-            Periodic::start(&registry, registry.config.retention.interval_secs, |r| Box::pin(async move { r.run_all_retention().await }));
+            Periodic::start(&registry, "retention", registry.config.retention.interval_secs, |r| {
+                Box::pin(async move { r.run_all_retention().await })
+            });
         }
         Ok(registry)
     }
@@ -911,17 +916,36 @@ impl Registry {
 type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 /// Background work on a schedule (the collector, retention): runs `job` every
-/// `every`, one run at a time, until the registry is gone.
+/// `every`, one run at a time, until the registry is gone. With a metadata
+/// server shared by replicas, one replica at a time runs it: the one holding
+/// the job's lease in the database (`job_lease`, renewed at each run and
+/// lasting two intervals, so another replica takes over when the holder stops).
 struct Periodic {
     registry: std::sync::Weak<Registry>,
+    name: &'static str,
     every: Duration,
     job: fn(Arc<Registry>) -> Job,
 }
 
 impl Periodic {
-    fn start(registry: &Arc<Registry>, every_secs: u64, job: fn(Arc<Registry>) -> Job) {
-        let p = Periodic { registry: Arc::downgrade(registry), every: Duration::from_secs(every_secs.max(1)), job };
+    fn start(registry: &Arc<Registry>, name: &'static str, every_secs: u64, job: fn(Arc<Registry>) -> Job) {
+        let p = Periodic { registry: Arc::downgrade(registry), name, every: Duration::from_secs(every_secs.max(1)), job };
         Periodic::start_in_arbiter(&registry.arbiter, move |_| p);
+    }
+
+    /// Whether this process runs the job now (always, unless replicas share the store).
+    async fn ours(registry: &Registry, name: &str, every: Duration) -> bool {
+        if !registry.meta.is_shared() {
+            return true;
+        }
+        let ttl = 2 * every.as_millis() as i64;
+        match registry.meta.job_lease(name, &registry.holder, now_ms(), ttl).await {
+            Ok(ours) => ours,
+            Err(e) => {
+                tracing::warn!(job = name, error = %e, "job lease unavailable; skipping this run");
+                false
+            }
+        }
     }
 }
 
@@ -936,7 +960,15 @@ impl Actor for Periodic {
                 return;
             };
             // Waited for, so runs never overlap (on-demand ones queue on their own locks).
-            ctx.wait((act.job)(registry).into_actor(act));
+            let (name, every, job) = (act.name, act.every, act.job);
+            ctx.wait(
+                async move {
+                    if Periodic::ours(&registry, name, every).await {
+                        job(registry).await;
+                    }
+                }
+                .into_actor(act),
+            );
         });
     }
 }
