@@ -436,7 +436,7 @@ impl Auth {
                         unauthorized("invalid or expired bearer token")
                     })?;
                 if let Some(tid) = &claims.tid {
-                    if !self.tokens.read().unwrap().contains_key(tid) {
+                    if !self.token_known(tid).await {
                         return Err(unauthorized("the access token behind this bearer token was revoked or expired"));
                     }
                 }
@@ -478,7 +478,7 @@ impl Auth {
         };
         if tokens::split(secret).is_some() {
             if let Some(name) = &name {
-                if let Some(row) = tokens::validate(&self.tokens, secret, TokenKind::Access, tokens::now_ms()).filter(|r| r.user == *name) {
+                if let Some(row) = self.validate_token(secret, TokenKind::Access).await.filter(|r| r.user == *name) {
                     if self.user_state(name).1 {
                         return Err(unauthorized("the user is disabled"));
                     }
@@ -640,6 +640,43 @@ impl Auth {
         }
     }
 
+    /// Whether the token `id` exists: held here, or (with a metadata server
+    /// shared by replicas) issued by another replica since the last refresh.
+    async fn token_known(&self, id: &str) -> bool {
+        if self.tokens.read().unwrap().contains_key(id) {
+            return true;
+        }
+        if !self.meta.is_shared() {
+            return false;
+        }
+        match self.meta.token(id).await {
+            Ok(Some(row)) => {
+                self.tokens.write().unwrap().entry(row.id.clone()).or_insert(row);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking up a token failed");
+                false
+            }
+        }
+    }
+
+    /// A presented token checked against the tokens held here; with a
+    /// metadata server shared by replicas, one not held yet (issued by another
+    /// replica since the last refresh) is looked up there before it is refused.
+    async fn validate_token(&self, token: &str, kind: TokenKind) -> Option<TokenRow> {
+        let now = tokens::now_ms();
+        if let Some(row) = tokens::validate(&self.tokens, token, kind, now) {
+            return Some(row);
+        }
+        let (id, _) = tokens::split(token)?;
+        if self.tokens.read().unwrap().contains_key(id) || !self.token_known(id).await {
+            return None;
+        }
+        tokens::validate(&self.tokens, token, kind, now)
+    }
+
     // ----- the token endpoint -----
 
     /// Issue a bearer token for the requested scopes, each cut down to what the
@@ -661,7 +698,7 @@ impl Auth {
                     (Principal::User(u), all(), None, None, Some(epoch), None)
                 }
             },
-            Login::Refresh { token } => match tokens::validate(&self.tokens, token, TokenKind::Refresh, tokens::now_ms()) {
+            Login::Refresh { token } => match self.validate_token(token, TokenKind::Refresh).await {
                 Some(row) if !self.user_state(&row.user).1 => {
                     self.token_actor.do_send(tokens::Touch(row.id.clone()));
                     let pe = row.parent.is_none().then(|| self.user_state(&row.user).0);

@@ -322,6 +322,20 @@ impl Metadata {
         rows(&mut r, 0)
     }
 
+    /// One token by id (a replica checking a token another one issued since its last refresh).
+    pub async fn token(&self, id: &str) -> Result<Option<TokenRow>> {
+        let mut r = self
+            .db
+            .query(
+                "SELECT id_str AS id, user, kind, secret_sha256, description, created_ms, expires_ms, last_used_ms, scopes, parent
+                 FROM ONLY type::record('token', $id)",
+            )
+            .bind(("id", id.to_owned()))
+            .await?
+            .check()?;
+        crate::one(&mut r, 0)
+    }
+
     pub async fn delete_tokens(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());

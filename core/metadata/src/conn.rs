@@ -64,6 +64,10 @@ static KEPT: std::sync::Mutex<Vec<Surreal<Db>>> = std::sync::Mutex::new(Vec::new
 /// How long closing waits for running queries.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a query to a metadata server may take before it fails as a
+/// connection error (the request waiting on it then answers 503).
+const SERVER_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What a query sent after closing began answers.
 pub(crate) const CLOSED: &str = "the metadata store is closed (Berth is shutting down)";
 
@@ -205,13 +209,26 @@ impl<'a> IntoFuture for Q<'a> {
             drop(running);
             return Box::pin(std::future::ready(Err(surrealdb::Error::connection(CLOSED.to_owned(), None))));
         }
+        let remote = matches!(self.kind, QKind::Url(_));
         let query = match self.kind {
             QKind::Embedded(q) => q.into_future(),
             QKind::Url(q) => q.into_future(),
         };
         Box::pin(async move {
             let _running = running;
-            query.await
+            if !remote {
+                return query.await;
+            }
+            // A server that stopped answering (cut off, overloaded, a
+            // connection being re-established) fails the query, rather than
+            // holding the request that waits on it.
+            match tokio::time::timeout(SERVER_QUERY_TIMEOUT, query).await {
+                Ok(r) => r,
+                Err(_) => Err(surrealdb::Error::connection(
+                    format!("the metadata server did not answer within {} s", SERVER_QUERY_TIMEOUT.as_secs()),
+                    None,
+                )),
+            }
         })
     }
 }

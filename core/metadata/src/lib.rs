@@ -177,6 +177,12 @@ pub enum MetadataError {
 pub type Result<T> = std::result::Result<T, MetadataError>;
 
 impl MetadataError {
+    /// The store could not be reached (a server cut off, or not answering in
+    /// time): the request may succeed later, unlike a failed query.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, MetadataError::Db(e) if e.is_connection())
+    }
+
     /// An optimistic transaction lost to a concurrent one ("can be retried").
     pub(crate) fn is_conflict(&self) -> bool {
         matches!(self, MetadataError::Db(e) if matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)))

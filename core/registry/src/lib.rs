@@ -117,6 +117,12 @@ const MIN_ACTORS_PRUNED: usize = 512;
 pub(crate) fn internal<E: std::fmt::Display + 'static>(what: &str, e: E) -> RegistryError {
     metrics::failure::<E>();
     tracing::error!(error = %e, "{what} failed");
+    // A metadata server out of reach is a condition to retry, not a fault.
+    let any: &dyn std::any::Any = &e;
+    if any.downcast_ref::<berth_metadata::MetadataError>().is_some_and(|e| e.is_unreachable()) {
+        return RegistryError::new(ErrorCode::Unavailable)
+            .with_detail(format!("{what} failed: the metadata server is out of reach; try again"));
+    }
     RegistryError::internal().with_detail(format!("{what} failed"))
 }
 

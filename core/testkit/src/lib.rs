@@ -49,7 +49,7 @@ pub fn s3_wanted() -> bool {
 pub struct Garage {
     child: Child,
     dir: PathBuf,
-    /// The S3 endpoint, `http://127.0.0.1:<port>`.
+    /// The S3 endpoint, `http://<address>:<port>` (`127.0.0.1` unless started with [`Garage::start_on`]).
     pub endpoint: String,
     pub bucket: String,
     pub region: String,
@@ -76,6 +76,12 @@ impl Garage {
     /// Start a node in `dir` (made, and owned from now on) and give it a layout,
     /// the bucket [`BUCKET`] and a key allowed to read and write it.
     pub fn start(bin: &Path, dir: &Path) -> Garage {
+        Garage::start_on(bin, dir, "127.0.0.1")
+    }
+
+    /// [`Garage::start`], its S3 API on the address `ip` (for clients in other
+    /// network namespaces; its own RPC and admin stay on loopback).
+    pub fn start_on(bin: &Path, dir: &Path, ip: &str) -> Garage {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).expect("garage folder");
         let [s3, rpc, admin] = free_ports();
@@ -86,7 +92,7 @@ impl Garage {
                 "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
                  compression_level = \"none\"\n\
                  rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{RPC_SECRET}\"\n\
-                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
+                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"{ip}:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\
                  [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
                 d = dir.display()
             ),
@@ -105,7 +111,7 @@ impl Garage {
         let g = Garage {
             child,
             dir: dir.to_path_buf(),
-            endpoint: format!("http://127.0.0.1:{s3}"),
+            endpoint: format!("http://{ip}:{s3}"),
             bucket: BUCKET.into(),
             region: REGION.into(),
             access_key_id: KEY_ID.into(),
