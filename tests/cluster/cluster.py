@@ -457,6 +457,64 @@ def run(c, a):
     check("docker push and pull through the balancer", docker)
 
 
+def wrk(url, conns, secs):
+    """(req/s, p99 ms) of GETs of `url` as the admin."""
+    out = sh("wrk", "-t2", f"-c{conns}", f"-d{secs}s", "--latency", "-H", f"Authorization: {HTTP.auth}",
+             "-H", f"Accept: {OCI_MANIFEST}", url).stdout
+    import re
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)]
+    return rps, p99
+
+
+def bench(c, a):
+    """One replica against three behind the balancer, on the same servers:
+    manifest GET throughput and p99, and concurrent pushes; with the embedded
+    store (no read barrier) beside them for the barrier's cost."""
+    imgs = os.path.join(c.work, "images")
+    src = os.path.join(imgs, "b")
+    oci_layout(src, 1)
+    assert skopeo_push(src, f"{c.lb}/bench/app:latest").returncode == 0
+    # The embedded default, on the host, for comparison.
+    port = free_port()
+    env = dict(os.environ, BERTH_ADMIN_PASSWORD=ADMIN_PW, BERTH_LOG="warn")
+    c.spawn("embedded", [a.berth, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(c.work, "embedded")], env=env)
+    for _ in range(200):
+        if HTTP.req("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200:
+            break
+        time.sleep(0.1)
+    assert skopeo_push(src, f"127.0.0.1:{port}/bench/app:latest").returncode == 0
+    rows = []
+    path = "/v2/bench/app/manifests/latest"
+    for name, url in [("embedded store, one process (no barrier)", f"http://127.0.0.1:{port}{path}"),
+                      ("SurrealDB server, one replica (barrier)", c.url(1, path)),
+                      ("SurrealDB server, three replicas behind HAProxy", c.url(0, path))]:
+        rps, p99 = wrk(url, 64, a.secs)
+        rows.append((f"manifest GET: {name}", f"{rps:,.0f} req/s", f"p99 {p99:.2f} ms"))
+    c.kill("embedded")
+
+    def pushes(dest_of, n=20):
+        srcs = []
+        for k in range(n):
+            p = os.path.join(imgs, f"p{k}")
+            oci_layout(p, 1000 + k, layers=3, size=200_000)
+            srcs.append(p)
+        t0 = time.time()
+        ts = [threading.Thread(target=lambda k=k: skopeo_push(srcs[k], dest_of(k), retries=2)) for k in range(n)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        return time.time() - t0
+
+    one = pushes(lambda k: f"{c.replicas[0]}:5000/bench/one:{k}")
+    three = pushes(lambda k: f"{c.lb}/bench/three:{k}")
+    rows.append(("20 concurrent 3-layer pushes: one replica", f"{one:.1f} s", ""))
+    rows.append(("20 concurrent 3-layer pushes: three replicas", f"{three:.1f} s", ""))
+    print(f"cpus: {os.cpu_count()}; berth: {a.berth}")
+    for r in rows:
+        print(" | ".join(r))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--berth", required=True)
@@ -465,6 +523,8 @@ def main():
     p.add_argument("--garage-up", required=True)
     p.add_argument("--short", action="store_true", help="fewer pushes (the form .ci/run runs)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    p.add_argument("--bench", action="store_true", help="measure one replica against three instead of checking")
+    p.add_argument("--secs", type=int, default=10, help="seconds per wrk run (--bench)")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="berth-cluster.")
     c = Cluster(a, work)
@@ -481,9 +541,12 @@ def main():
         while HTTP.req("GET", c.url(0, "/v2/"))[0] != 200:
             assert time.time() < deadline, "the balancer does not answer"
             time.sleep(0.2)
-        run(c, a)
+        if a.bench:
+            bench(c, a)
+        else:
+            run(c, a)
+            print("cluster: every check held", flush=True)
         ok = True
-        print("cluster: every check held", flush=True)
     finally:
         if not ok:
             for name in ("r1", "r2", "r3"):
