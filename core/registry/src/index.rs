@@ -289,6 +289,23 @@ mod tests {
         RepoHead { name: name.parse().unwrap(), version: String::new() }
     }
 
+    /// A manifest row of `repo` over `body`, taking `content_size` bytes.
+    fn row(repo: &RepoName, body: &[u8], content_size: u64) -> ManifestRow {
+        ManifestRow {
+            repo: repo.clone(),
+            digest: Digest::sha256(body),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: body.len() as u64,
+            artifact_type: None,
+            subject: None,
+            annotations: None,
+            created_ms: 1,
+            content_size,
+            refs: None,
+            findings: vec![],
+        }
+    }
+
     #[test]
     fn pagination() {
         let s = Snapshot { repos: ["a", "b/c", "b/d", "e"].iter().map(|s| head(s)).collect(), ..Default::default() };
@@ -318,20 +335,7 @@ mod tests {
     #[test]
     fn installing_a_repository_replaces_its_state_in_place() {
         let app: RepoName = "acme/app".parse().unwrap();
-        let row = |body: &[u8]| ManifestRow {
-            repo: app.clone(),
-            digest: Digest::sha256(body),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: body.len() as u64,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            created_ms: 1,
-            content_size: 0,
-            refs: None,
-            findings: vec![],
-        };
-        let (kept, gone, new) = (row(b"kept"), row(b"gone!"), row(b"new"));
+        let (kept, gone, new) = (row(&app, b"kept", 0), row(&app, b"gone!", 0), row(&app, b"new", 0));
         let idx = Index::from_snapshot(
             Snapshot { repos: vec![head("acme/app")], manifests: vec![kept.clone(), gone.clone()], ..Default::default() },
             1 << 20,
@@ -366,20 +370,7 @@ mod tests {
     fn figures_follow_the_state() {
         let app: RepoName = "acme/app".parse().unwrap();
         let empty: RepoName = "acme/empty".parse().unwrap();
-        let manifest = |body: &[u8]| ManifestRow {
-            repo: app.clone(),
-            digest: Digest::sha256(body),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            size: body.len() as u64,
-            artifact_type: None,
-            subject: None,
-            annotations: None,
-            created_ms: 1,
-            content_size: 1000,
-            refs: None,
-            findings: vec![],
-        };
-        let (m1, m2) = (manifest(b"one"), manifest(b"two!"));
+        let (m1, m2) = (row(&app, b"one", 1000), row(&app, b"two!", 1000));
         let tag = |name: &str, m: &ManifestRow, ms| TagRow {
             repo: app.clone(),
             name: name.parse().unwrap(),
