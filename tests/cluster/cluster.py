@@ -56,6 +56,14 @@ def sh(*args, check=True, **kw):
     return r
 
 
+def berth_env(**more):
+    """The environment a Berth runs in: this one without the BERTH_*
+    variables meant for the tests (Berth refuses unknown ones), with `more`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTH_")}
+    env.update(more)
+    return env
+
+
 def free_port():
     import socket
     s = socket.socket()
@@ -173,7 +181,7 @@ external_url = "http://{self.lb}"
 """)
 
     def start_replica(self, i):
-        env = dict(os.environ, BERTH_CONFIG=os.path.join(self.work, "berth.toml"), BERTH_ADMIN_PASSWORD=ADMIN_PW, BERTH_LOG="info")
+        env = berth_env(BERTH_CONFIG=os.path.join(self.work, "berth.toml"), BERTH_ADMIN_PASSWORD=ADMIN_PW, BERTH_LOG="info")
         self.spawn(f"r{i}", [self.a.berth, "serve", "--listen", "0.0.0.0:5000", "--data-dir", os.path.join(self.work, f"r{i}")],
                    env=env, netns=f"bcl{i}")
 
@@ -478,7 +486,7 @@ def bench(c, a):
     assert skopeo_push(src, f"{c.lb}/bench/app:latest").returncode == 0
     # The embedded default, on the host, for comparison.
     port = free_port()
-    env = dict(os.environ, BERTH_ADMIN_PASSWORD=ADMIN_PW, BERTH_LOG="warn")
+    env = berth_env(BERTH_ADMIN_PASSWORD=ADMIN_PW, BERTH_LOG="warn")
     c.spawn("embedded", [a.berth, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(c.work, "embedded")], env=env)
     for _ in range(200):
         if HTTP.req("GET", f"http://127.0.0.1:{port}/readyz")[0] == 200:
