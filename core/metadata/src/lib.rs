@@ -486,20 +486,19 @@ impl Metadata {
         Ok(Snapshot { repos: read.head.into_iter().collect(), manifests: read.manifests, tags: read.tags, links: read.links })
     }
 
-    /// The versions of those of `names` that exist, and with `catalog` the
-    /// version of the set of repositories (changed whenever one is made or
-    /// deleted), in one read.
-    pub async fn repo_heads(&self, names: &[RepoName], catalog: bool) -> Result<(Vec<RepoHead>, Option<String>)> {
+    /// The versions of those of `names` that exist, and the version of the set
+    /// of repositories (changed whenever one is made or deleted), in one read.
+    pub async fn repo_heads(&self, names: &[RepoName]) -> Result<(Vec<RepoHead>, String)> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut q =
-            self.db.query("SELECT name, version OR '' AS version FROM $names.map(|$n| type::record('repo', $n)) WHERE name != NONE");
-        if catalog {
-            q = q.query("SELECT VALUE version FROM ONLY meta:catalog");
-        }
-        let mut r = q.bind(("names", names)).await?.check()?;
+        let mut r = self
+            .db
+            .query("SELECT name, version OR '' AS version FROM $names.map(|$n| type::record('repo', $n)) WHERE name != NONE")
+            .query("SELECT VALUE version FROM ONLY meta:catalog")
+            .bind(("names", names))
+            .await?
+            .check()?;
         let heads = rows(&mut r, 0)?;
-        let set = if catalog { Some(one::<String>(&mut r, 1)?.unwrap_or_default()) } else { None };
-        Ok((heads, set))
+        Ok((heads, one::<String>(&mut r, 1)?.unwrap_or_default()))
     }
 
     /// Every repository's name and version, and the version of the set.
@@ -1083,10 +1082,7 @@ mod tests {
         let heads = |md: &Metadata| {
             let md = md.clone();
             let repo = repo.clone();
-            async move {
-                let (h, set) = md.repo_heads(&[repo], true).await.unwrap();
-                (h, set.unwrap())
-            }
+            async move { md.repo_heads(&[repo]).await.unwrap() }
         };
         let (none, catalog0) = heads(&md).await;
         assert!(none.is_empty());

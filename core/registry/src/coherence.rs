@@ -126,14 +126,14 @@ impl Coherence {
     }
 
     async fn round(&self, names: Vec<RepoName>, catalog: bool) -> Result<(), berth_metadata::MetadataError> {
-        let (heads, set_version) = self.meta.repo_heads(&names, catalog).await?;
+        let (heads, set_version) = self.meta.repo_heads(&names).await?;
         let remote: HashMap<&RepoName, &str> = heads.iter().map(|h| (&h.name, h.version.as_str())).collect();
         for name in &names {
             if self.index.version(name).as_deref() != remote.get(name).copied() {
                 self.index.install(name, self.meta.repo_snapshot(name).await?);
             }
         }
-        if set_version.is_some_and(|v| *self.catalog.lock().unwrap() != v) {
+        if catalog && *self.catalog.lock().unwrap() != set_version {
             // Repositories were made or deleted: add and drop names (each
             // added one loaded whole; those held keep their state until asked for).
             let (all, set_version) = self.meta.all_repo_heads().await?;

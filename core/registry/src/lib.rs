@@ -195,8 +195,7 @@ impl Registry {
     ) -> Result<Arc<Registry>, String> {
         // The set's version first: a repository made or deleted while the rest
         // loads is then seen as a change.
-        let (_, catalog) = meta.repo_heads(&[], true).await.map_err(|e| format!("loading metadata: {e}"))?;
-        let catalog = catalog.unwrap_or_default();
+        let (_, catalog) = meta.repo_heads(&[]).await.map_err(|e| format!("loading metadata: {e}"))?;
         let snapshot = meta.snapshot().await.map_err(|e| format!("loading metadata: {e}"))?;
         let index = Arc::new(Index::from_snapshot(snapshot, config.manifest_cache_bytes));
         let coherence = Arc::new(coherence::Coherence::new(meta.clone(), index.clone(), catalog));
