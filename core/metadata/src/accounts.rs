@@ -202,6 +202,7 @@ impl Metadata {
             crate::outbox::add("$outbox", outbox)
         );
         let outbox = crate::outbox::bind(outbox)?;
+        let _catalog = self.catalog_turn(!also.is_empty()).await;
         let mut r = self
             .run(|| {
                 crate::Guard::any()

@@ -288,6 +288,11 @@ impl Guard {
         Guard { expect: None, next: uuid::Uuid::new_v4().simple().to_string() }
     }
 
+    /// Whether the change may make the repository (it is not known to exist).
+    pub(crate) fn may_create(&self) -> bool {
+        self.expect.as_deref().is_none_or(str::is_empty)
+    }
+
     /// The version the repository has after the change.
     pub fn next(&self) -> &str {
         &self.next
@@ -311,8 +316,7 @@ pub(crate) const REPO_BUMP: &str = "UPDATE type::record('repo', $repo) SET versi
 /// one read.
 pub(crate) const CATALOG_BUMP: &str = "UPSERT meta:catalog SET version = $next RETURN NONE;";
 
-/// Everything the read index needs, loaded once at start (or one repository's,
-/// loaded again when another replica changed it).
+/// What the read index holds of a repository (from [`Metadata::repo_snapshot`]).
 #[derive(Default, Debug)]
 pub struct Snapshot {
     pub repos: Vec<RepoHead>,
@@ -367,6 +371,11 @@ pub struct Metadata {
     /// each other's optimistic transactions (other replicas' still conflict, and
     /// are retried).
     stripes: std::sync::Arc<[tokio::sync::Mutex<()>]>,
+    /// Transactions that may make or delete a repository (and so move the
+    /// set's version, one record for all) take turns here in this process:
+    /// many first pushes at once would otherwise fail each other's optimistic
+    /// transactions on that record past their retries.
+    catalog: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// A server that other processes (replicas) may write too.
     shared: bool,
 }
@@ -390,7 +399,12 @@ impl Metadata {
                 r => break r?,
             }
         };
-        let md = Metadata { db, stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(), shared: config.is_server() };
+        let md = Metadata {
+            db,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            catalog: Default::default(),
+            shared: config.is_server(),
+        };
         for schema in [
             SCHEMA,
             accounts::SCHEMA,
@@ -448,8 +462,10 @@ impl Metadata {
         Ok(rows::<Row>(&mut r, 0)?.into_iter().filter_map(|row| Some((row.digest, row.annotations?))).collect())
     }
 
-    /// Load every repository, manifest, tag and blob link.
-    pub async fn snapshot(&self) -> Result<Snapshot> {
+    /// Load every repository, manifest, tag and blob link (for tests: the
+    /// registry loads one repository at a time, `repo_snapshot`).
+    #[cfg(test)]
+    pub(crate) async fn snapshot(&self) -> Result<Snapshot> {
         let mut r = self
             .db
             .query("SELECT name, version OR '' AS version FROM repo")
@@ -549,6 +565,7 @@ impl Metadata {
              COMMIT TRANSACTION;"
         );
         let _turn = self.digest_turn(&link.digest).await;
+        let _catalog = self.catalog_turn(guard.may_create()).await;
         let mut r = self
             .run(|| {
                 guard
@@ -668,6 +685,7 @@ impl Metadata {
         for i in stripes {
             _turns.push(self.stripes[i].lock().await);
         }
+        let _catalog = self.catalog_turn(guard.may_create()).await;
         let mut r = self
             .run(|| {
                 let mut q = guard
@@ -837,6 +855,16 @@ impl Metadata {
 }
 
 impl Metadata {
+    /// The turn of a transaction that makes or deletes a repository (`when`),
+    /// taken after any digest's turn.
+    pub(crate) async fn catalog_turn(&self, when: bool) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if when {
+            Some(self.catalog.lock().await)
+        } else {
+            None
+        }
+    }
+
     /// The queue for transactions that write `digest`'s records.
     pub(crate) async fn digest_turn(&self, digest: &Digest) -> tokio::sync::MutexGuard<'_, ()> {
         self.stripes[stripe_of(digest)].lock().await

@@ -273,6 +273,7 @@ impl Metadata {
             crate::usage::ref_release("array::concat($manifests, $links)")
         );
         let outbox = crate::outbox::bind(outbox)?;
+        let _catalog = self.catalog_turn(true).await;
         let mut r = self
             .run(|| {
                 guard
