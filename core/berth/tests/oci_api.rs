@@ -626,3 +626,99 @@ fn annotations_do_not_stay_resident() {
     let s = Server::start_configured(&dir, &config);
     check(&s);
 }
+
+/// The read index holds repositories' states within a budget and loads the
+/// others when asked for (`registry.index_cache_bytes`). With room for a few
+/// states only, 40 repositories pushed and read concurrently, their tags
+/// moved and deleted, listed by the catalog, the tags list and the
+/// management API, and read again after a restart: every answer is what was
+/// stored, while the states held stay few.
+#[test]
+fn a_bounded_index_serves_everything_stored() {
+    const REPOS: u64 = 40;
+    let dir = TempDir::new("bounded-index");
+    let config = "[registry]\nindex_cache_bytes = 16384\n";
+    let mut s = Server::start_configured(&dir, config);
+    let c = client();
+    let pushed: Vec<Vec<String>> = block_on(async {
+        let pushes = (0..REPOS).map(|i| {
+            let (c, s) = (&c, &s);
+            async move {
+                let repo = format!("library/r{i:02}");
+                let mut digests = vec![];
+                for t in 0..3 {
+                    digests.push(push_image(c, s, &repo, &format!("v{t}"), i * 10 + t, json!({})).await);
+                }
+                digests
+            }
+        });
+        futures::future::join_all(pushes).await
+    });
+    let check = |s: &Server, pushed: &[Vec<String>]| {
+        block_on(async {
+            let reads = (0..REPOS).map(|i| {
+                let (c, s, want) = (&c, s, &pushed[i as usize]);
+                async move {
+                    let repo = format!("library/r{i:02}");
+                    for (t, d) in want.iter().enumerate() {
+                        let r = c.get(s.url(&format!("/v2/{repo}/manifests/v{t}"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+                        assert_eq!(r.status(), 200, "{repo}:v{t}");
+                        let body = r.bytes().await.unwrap();
+                        assert_eq!(&sha256(&body), d, "{repo}:v{t}");
+                        let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let layer = m["layers"][0]["digest"].as_str().unwrap();
+                        let r = c.get(s.url(&format!("/v2/{repo}/blobs/{layer}"))).send().await.unwrap();
+                        assert_eq!(r.status(), 200, "{repo} blob");
+                        assert_eq!(sha256(&r.bytes().await.unwrap()), layer);
+                    }
+                    let tags: serde_json::Value =
+                        c.get(s.url(&format!("/v2/{repo}/tags/list"))).send().await.unwrap().json().await.unwrap();
+                    assert_eq!(tags["tags"], json!(["v0", "v1", "v2"]), "{repo}");
+                    let v: serde_json::Value =
+                        c.get(s.url(&format!("/api/v1/repositories/{repo}"))).send().await.unwrap().json().await.unwrap();
+                    assert_eq!(v["tag_count"], 3, "{repo}: {v}");
+                }
+            });
+            futures::future::join_all(reads).await;
+            let cat: serde_json::Value = c.get(s.url("/v2/_catalog?n=1000")).send().await.unwrap().json().await.unwrap();
+            assert_eq!(cat["repositories"].as_array().unwrap().len(), REPOS as usize);
+            // A few states of 40 are held (each weighs about 4 KiB here).
+            let held = metric(s, "berth_index_states").await;
+            assert!((1.0..12.0).contains(&held), "{held} states held");
+        })
+    };
+    check(&s, &pushed);
+    // Changes to repositories whose states were dropped: a tag deleted, a tag
+    // moved, a manifest deleted, a repository deleted.
+    let mut pushed = pushed;
+    block_on(async {
+        let r = c.delete(s.url("/v2/library/r00/manifests/v1")).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        let r = c.get(s.url("/v2/library/r00/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        // Pushed again as it was, for the checks below.
+        pushed[0][1] = push_image(&c, &s, "library/r00", "v1", 1, json!({})).await;
+        pushed[1][2] = push_image(&c, &s, "library/r01", "v2", 999, json!({})).await;
+        let gone = push_image(&c, &s, "library/gone", "v0", 5, json!({})).await;
+        for i in 2..REPOS {
+            // Touch every other repository so the two below are dropped.
+            let r = c.head(s.url(&format!("/v2/library/r{i:02}/manifests/v0"))).header("accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let r = c.delete(s.url(&format!("/v2/library/gone/manifests/{gone}"))).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        let r = c.get(s.url("/v2/library/gone/manifests/v0")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        let r = c.delete(s.url("/api/v1/repositories/library/gone")).send().await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let r = c.get(s.url("/v2/library/gone/tags/list")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    });
+    check(&s, &pushed);
+    s.stop();
+    let s = Server::start_configured(&dir, config);
+    block_on(async {
+        assert_eq!(metric(&s, "berth_index_states").await, 0.0, "states were loaded at start");
+    });
+    check(&s, &pushed);
+}

@@ -554,7 +554,7 @@ async fn get_blob(
         Ok(b) => b,
         Err(e) if e.code() == ErrorCode::RangeInvalid => {
             let mut r = error_response(&e);
-            if let Ok(size) = registry.stat_blob(repo, digest) {
+            if let Ok(size) = registry.stat_blob(repo, digest).await {
                 set(&mut r, "content-range", format!("bytes */{size}"));
             }
             return Ok(r);

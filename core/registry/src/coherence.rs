@@ -30,7 +30,7 @@ use berth_metadata::Metadata;
 use berth_oci::{ErrorCode, RegistryError, RepoName};
 use tokio::sync::oneshot;
 
-use crate::index::Index;
+use crate::index::{Handle, Index};
 
 pub(crate) struct Coherence {
     meta: Metadata,
@@ -97,11 +97,24 @@ impl Coherence {
     }
 
     /// Load `name` again from metadata, whatever version is held (a write
-    /// found the repository moved).
-    pub async fn reload(&self, name: &RepoName) -> Result<(), RegistryError> {
+    /// found the repository moved, or its state is not held): the state now
+    /// held, `None` if it does not exist.
+    pub async fn reload(&self, name: &RepoName) -> Result<Option<Handle>, RegistryError> {
         let s = self.meta.repo_snapshot(name).await.map_err(|e| crate::internal("reload repository", e))?;
-        self.index.install(name, s);
-        Ok(())
+        Ok(self.index.install(name, s))
+    }
+
+    /// The repository's state, loaded when not held (`None`: it does not
+    /// exist). Only the repository's actor calls this, so a load never
+    /// interleaves with its changes.
+    pub async fn resident(&self, name: &RepoName) -> Result<Option<Handle>, RegistryError> {
+        if let Some(h) = self.index.held(name) {
+            return Ok(Some(h));
+        }
+        if !self.index.exists(name) {
+            return Ok(None);
+        }
+        self.reload(name).await
     }
 
     /// Answer what is pending, one query per round, until nothing is.
@@ -129,23 +142,19 @@ impl Coherence {
         let (heads, set_version) = self.meta.repo_heads(&names).await?;
         let remote: HashMap<&RepoName, &str> = heads.iter().map(|h| (&h.name, h.version.as_str())).collect();
         for name in &names {
-            if self.index.version(name).as_deref() != remote.get(name).copied() {
+            let version = remote.get(name).copied();
+            if self.index.version(name).as_deref() != version {
                 self.index.install(name, self.meta.repo_snapshot(name).await?);
+            } else if version.is_none() && self.index.exists(name) {
+                // Deleted elsewhere, and its state not held here.
+                self.index.remove_repo(name);
             }
         }
         if catalog && *self.catalog.lock().unwrap() != set_version {
-            // Repositories were made or deleted: add and drop names (each
-            // added one loaded whole; those held keep their state until asked for).
+            // Repositories were made or deleted: take the names (a state is
+            // loaded when its repository is asked for).
             let (all, set_version) = self.meta.all_repo_heads().await?;
-            let now: HashSet<&RepoName> = all.iter().map(|h| &h.name).collect();
-            for gone in self.index.names_where(|n| !now.contains(n)) {
-                self.index.remove_repo(&gone);
-            }
-            for h in &all {
-                if self.index.version(&h.name).is_none() {
-                    self.index.install(&h.name, self.meta.repo_snapshot(&h.name).await?);
-                }
-            }
+            self.index.set_names(all.into_iter().map(|h| h.name).collect());
             *self.catalog.lock().unwrap() = set_version;
         }
         Ok(())

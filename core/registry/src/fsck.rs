@@ -93,7 +93,7 @@ impl Registry {
         // Metadata against storage, repository by repository.
         let mut dangling: Vec<(RepoName, Digest)> = vec![];
         for repo in self.index.repo_names() {
-            let Some(state) = self.index.repo(&repo) else { continue };
+            let Some(state) = self.peek(&repo).await? else { continue };
             rep.repositories += 1;
             let s = state.read().unwrap();
             for (d, size) in &s.blobs {

@@ -136,7 +136,7 @@ impl Registry {
         let refs: Vec<Digest> = parsed.required_blobs().chain(parsed.required_manifests()).cloned().collect();
         if let Err(e) = self.meta.set_manifest_refs(repo, digest, &refs).await {
             tracing::warn!(%repo, %digest, error = %e, "recording a manifest's references failed");
-        } else if let Some(state) = self.index.repo(repo) {
+        } else if let Some(state) = self.index.held(repo) {
             if let Some(m) = state.write().unwrap().manifests.get_mut(digest) {
                 m.row.refs = Some(refs.clone());
             }
@@ -146,7 +146,7 @@ impl Registry {
 
     /// The links of `repo` that none of its manifests needs.
     pub(crate) async fn unneeded_links(&self, repo: &RepoName) -> Result<Vec<Digest>, RegistryError> {
-        let Some(state) = self.index.repo(repo) else { return Ok(vec![]) };
+        let Some(state) = self.peek(repo).await? else { return Ok(vec![]) };
         let (mut needed, unknown, links): (HashSet<Digest>, Vec<Digest>, Vec<Digest>) = {
             let s = state.read().unwrap();
             let mut needed = HashSet::new();

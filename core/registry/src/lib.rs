@@ -68,6 +68,10 @@ pub struct RegistryConfig {
     pub max_uploads_per_user: usize,
     /// Memory budget for cached manifest bytes.
     pub manifest_cache_bytes: usize,
+    /// Memory budget for the repositories' states held in memory (tags,
+    /// manifest rows, blob links; see `index.rs`): beyond it, the least
+    /// recently used are dropped and loaded again from metadata when asked for.
+    pub index_cache_bytes: usize,
     /// Pull counters are written in batches this often (a crash loses at most one
     /// interval of pulls).
     pub counter_flush_secs: u64,
@@ -97,7 +101,8 @@ impl Default for RegistryConfig {
             upload_sweep_secs: 600,
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             max_uploads_per_user: 1000,
-            manifest_cache_bytes: 256 * 1024 * 1024,
+            manifest_cache_bytes: 64 * 1024 * 1024,
+            index_cache_bytes: 64 * 1024 * 1024,
             counter_flush_secs: 5,
             count_pulls: true,
             region: "local".into(),
@@ -193,11 +198,10 @@ impl Registry {
         config: RegistryConfig,
         plugins: Option<plugins::Plugins>,
     ) -> Result<Arc<Registry>, String> {
-        // The set's version first: a repository made or deleted while the rest
-        // loads is then seen as a change.
-        let (_, catalog) = meta.repo_heads(&[]).await.map_err(|e| format!("loading metadata: {e}"))?;
-        let snapshot = meta.snapshot().await.map_err(|e| format!("loading metadata: {e}"))?;
-        let index = Arc::new(Index::from_snapshot(snapshot, config.manifest_cache_bytes));
+        // The names and the set's version, read together; states are loaded when used.
+        let (heads, catalog) = meta.all_repo_heads().await.map_err(|e| format!("loading metadata: {e}"))?;
+        let names = heads.into_iter().map(|h| h.name);
+        let index = Arc::new(Index::new(names, config.index_cache_bytes, config.manifest_cache_bytes));
         let coherence = Arc::new(coherence::Coherence::new(meta.clone(), index.clone(), catalog));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -305,6 +309,7 @@ impl Registry {
         self.metrics.render(metrics::Readings {
             repositories: self.index.repo_count(),
             repo_actors: self.repo_actor_count(),
+            states_held: self.index.held_figures(),
             uploads,
             tenant_storage,
         })
@@ -349,16 +354,19 @@ impl Registry {
     }
 
     /// The actor of a repository, started on first use. Callers hold the handle
-    /// while they use it: an actor whose repository never came to exist (every
-    /// push to it refused) is retired once nobody holds its handle, so names
-    /// that were only tried do not pile up actors.
+    /// while they use it; an actor nobody holds has nothing in flight and holds
+    /// no state of its own (the index does), so idle actors are retired in
+    /// passes as their number doubles: the actors alive follow the repositories
+    /// in use, not those stored (nor names that were only tried). Every change
+    /// is conditional on the repository's version besides, so even two actors of
+    /// one name could not lose an update.
     fn repo_actor(&self, name: &RepoName) -> Arc<Addr<RepoActor>> {
         let mut repos = self.repos.lock().unwrap();
         if let Some(addr) = repos.get(name) {
             return addr.clone();
         }
         if repos.len() >= self.actors_pruned_at.load(std::sync::atomic::Ordering::Relaxed) * 2 {
-            repos.retain(|n, addr| Arc::strong_count(addr) > 1 || self.index.repo(n).is_some());
+            repos.retain(|_, addr| Arc::strong_count(addr) > 1);
             self.actors_pruned_at.store(repos.len().max(MIN_ACTORS_PRUNED), std::sync::atomic::Ordering::Relaxed);
         }
         let actor = RepoActor::new(name.clone(), self.meta.clone(), self.index.clone(), self.coherence.clone());
@@ -367,7 +375,7 @@ impl Registry {
         addr
     }
 
-    /// Repository actors held (those of repositories, and of names being tried).
+    /// Repository actors alive (those in use, and idle ones not yet retired).
     pub fn repo_actor_count(&self) -> usize {
         self.repos.lock().unwrap().len()
     }
@@ -390,6 +398,43 @@ impl Registry {
         self.coherence.fresh(repos, false).await
     }
 
+    /// The states of `repos` (`None` for one that does not exist), as current
+    /// as [`Registry::fresh`] makes them, loaded from metadata when not held.
+    /// A handle keeps its state held while it lives.
+    pub(crate) async fn states(&self, repos: &[&RepoName]) -> Result<Vec<Option<index::Handle>>, RegistryError> {
+        self.fresh(repos).await?;
+        let mut out = Vec::with_capacity(repos.len());
+        for name in repos {
+            out.push(match self.index.held(name) {
+                Some(state) => Some(state),
+                None if !self.index.exists(name) => None,
+                None => Self::ask(&self.repo_actor(name), repo::Load).await??,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A repository's state for a pass over many repositories (the collector,
+    /// retention, fsck): the one held if it is, else read from metadata without
+    /// being held, so a pass over every repository does not push the ones in
+    /// use out of the index. For reading only.
+    pub(crate) async fn peek(&self, repo: &RepoName) -> Result<Option<index::Handle>, RegistryError> {
+        self.fresh(&[repo]).await?;
+        if let Some(state) = self.index.held(repo) {
+            return Ok(Some(state));
+        }
+        if !self.index.exists(repo) {
+            return Ok(None);
+        }
+        let s = self.meta.repo_snapshot(repo).await.map_err(|e| internal("read repository", e))?;
+        Ok(index::RepoState::from_snapshot(s).map(|s| Arc::new(std::sync::RwLock::new(s))))
+    }
+
+    /// [`Registry::states`] of one repository.
+    pub(crate) async fn state(&self, repo: &RepoName) -> Result<Option<index::Handle>, RegistryError> {
+        Ok(self.states(&[repo]).await?.pop().flatten())
+    }
+
     /// [`Registry::fresh`] for the set of repositories (catalog, listings).
     pub async fn fresh_catalog(&self) -> Result<(), RegistryError> {
         self.coherence.fresh(&[], true).await
@@ -397,10 +442,9 @@ impl Registry {
 
     // ----- blobs -----
 
-    /// Size of a blob readable through `repo` (its own blobs and its manifests),
-    /// as the index holds it (after [`Registry::fresh`]).
-    pub fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
-        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+    /// Size of a blob readable through `repo` (its own blobs and its manifests).
+    pub async fn stat_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
+        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
         let s = state.read().unwrap();
         if let Some(size) = s.blobs.get(digest) {
             return Ok(*size);
@@ -413,8 +457,7 @@ impl Registry {
 
     /// Open a blob for reading, honouring a `Range` header.
     pub async fn get_blob(&self, repo: &RepoName, digest: &Digest, range: Option<&str>, body: bool) -> Result<BlobBody, RegistryError> {
-        self.fresh(&[repo]).await?;
-        let size = self.stat_blob(repo, digest)?;
+        let size = self.stat_blob(repo, digest).await?;
         // A push that found the blob here is about to reference it: the collector waits.
         self.index.touch(repo, digest, now_ms());
         let range = match range {
@@ -442,8 +485,7 @@ impl Registry {
 
     /// Unlink a blob from a repository (its bytes stay while other repositories use them).
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
-        self.fresh(&[repo]).await?;
-        if self.index.repo(repo).is_none() {
+        if !self.repo_exists(repo).await? {
             return Err(name_unknown(repo));
         }
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), 0).await?;
@@ -474,8 +516,10 @@ impl Registry {
     /// Cross-repository mount: link `digest` from `from` into `repo` if `from` has it.
     /// Returns false when it cannot be mounted (the caller then opens a session).
     pub async fn mount_blob(&self, repo: &RepoName, digest: &Digest, from: &RepoName, by: &str) -> Result<bool, RegistryError> {
-        self.fresh(&[repo, from]).await?;
-        let Some(size) = self.index.linked_blob(from, digest) else {
+        let Some(from_state) = self.states(&[repo, from]).await?.pop().flatten() else {
+            return Ok(false);
+        };
+        let Some(size) = from_state.read().unwrap().blobs.get(digest).copied() else {
             return Ok(false);
         };
         match self.store.stat_blob(digest).await {
@@ -653,8 +697,8 @@ impl Registry {
         }
         // Reserved again: after a restart the quota actor has forgotten the session.
         // (A blob the repository already has costs nothing more.)
-        self.fresh(&[&session.repo]).await?;
-        let linked_here = self.index.linked_blob(&session.repo, digest).is_some();
+        let state = self.state(&session.repo).await?;
+        let linked_here = state.is_some_and(|s| s.read().unwrap().blobs.contains_key(digest));
         let cost = if linked_here { 0 } else { session.offset };
         let quota = self.quotas.reserve(&session.repo, quota::Key::Upload(session.id), cost).await?;
         // Pinned before the bytes are published, so the collector cannot delete
@@ -695,8 +739,8 @@ impl Registry {
 
     // ----- manifests -----
 
-    fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, String, u64, Option<Bytes>), RegistryError> {
-        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+    async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, String, u64, Option<Bytes>), RegistryError> {
+        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
         let s = state.read().unwrap();
         let digest = match reference {
             Reference::Digest(d) => d,
@@ -748,8 +792,7 @@ impl Registry {
     /// A manifest for a management view: like [`Registry::get_manifest`], but not
     /// a pull (nothing is counted).
     pub async fn read_manifest(&self, repo: &RepoName, reference: &Reference, body: bool) -> Result<(ManifestBody, u64), RegistryError> {
-        self.fresh(&[repo]).await?;
-        let (digest, media_type, size, cached) = self.resolve(repo, reference)?;
+        let (digest, media_type, size, cached) = self.resolve(repo, reference).await?;
         let bytes = match (cached, body) {
             (Some(b), _) => b,
             (None, false) => Bytes::new(),
@@ -791,14 +834,12 @@ impl Registry {
         // blobs the repository lacks leaves no bytes behind.
         let blobs: Vec<Digest> = parsed.required_blobs().cloned().collect();
         let children: Vec<Digest> = parsed.required_manifests().cloned().collect();
-        self.fresh(&[repo]).await?;
-        match self.index.repo(repo) {
-            Some(state) => repo::check_references(repo, &state.read().unwrap(), &blobs, &children, |_| false)?,
-            None => repo::check_references(repo, &index::RepoState::default(), &blobs, &children, |_| false)?,
-        }
+        let state = self.state(repo).await?.unwrap_or_default();
+        repo::check_references(repo, &state.read().unwrap(), &blobs, &children, |_| false)?;
         self.quotas.admit_repo(repo).await?;
         // A manifest the repository already holds (a re-tag) costs nothing more.
-        let known = self.index.repo(repo).is_some_and(|r| r.read().unwrap().manifests.contains_key(&digest));
+        let known = state.read().unwrap().manifests.contains_key(&digest);
+        drop(state);
         let quota = self.quotas.reserve(repo, self.quotas.op_key(), if known { 0 } else { bytes.len() as u64 }).await?;
         // Pinned before the bytes are stored; the commit releases the pin. A
         // manifest this repository already holds needs no pin: while it is
@@ -850,8 +891,7 @@ impl Registry {
 
     /// Delete a manifest (by digest, with its tags) or just a tag; `by`: who.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference, by: &str) -> Result<(), RegistryError> {
-        self.fresh(&[repo]).await?;
-        if self.index.repo(repo).is_none() {
+        if !self.repo_exists(repo).await? {
             return Err(name_unknown(repo));
         }
         let actor = self.repo_actor(repo);
@@ -868,8 +908,9 @@ impl Registry {
     // ----- listings -----
 
     pub async fn tags(&self, repo: &RepoName, n: usize, last: Option<&str>) -> Result<(Vec<Tag>, bool), RegistryError> {
-        self.fresh(&[repo]).await?;
-        self.index.tags(repo, n, last).ok_or_else(|| name_unknown(repo))
+        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
+        let page = state.read().unwrap().tags_page(n, last);
+        Ok(page)
     }
 
     /// A page of the repositories `visible` admits (the caller's readable ones).
@@ -884,8 +925,7 @@ impl Registry {
 
     /// Manifests in `repo` whose subject is `digest`, optionally of one artifact type.
     pub async fn referrers(&self, repo: &RepoName, digest: &Digest, artifact_type: Option<&str>) -> Result<Vec<Descriptor>, RegistryError> {
-        self.fresh(&[repo]).await?;
-        let Some(state) = self.index.repo(repo) else {
+        let Some(state) = self.state(repo).await? else {
             return Ok(vec![]);
         };
         let mut out: Vec<Descriptor> = {
@@ -994,16 +1034,15 @@ mod tests {
         Registry::open(store, meta, RegistryConfig::default(), None).await.unwrap()
     }
 
-    /// Actors of names that never became a repository (a push refused in its
-    /// actor, a repository deleted on another replica) are dropped once nobody
-    /// holds them; a held one and those of existing repositories stay.
+    /// Idle actors (of names that never became a repository, of repositories
+    /// no longer in use) are retired once nobody holds them; a held one stays,
+    /// and the actors alive stay bounded however many names were used.
     #[tokio::test]
-    async fn actors_of_names_without_a_repository_are_pruned() {
+    async fn idle_actors_are_retired() {
         let registry = in_memory().await;
         let real: RepoName = "library/real".parse().unwrap();
         registry.index.repo_or_create(&real);
-        let real_actor = registry.repo_actor(&real);
-        drop(real_actor);
+        drop(registry.repo_actor(&real));
         let held_name: RepoName = "library/held".parse().unwrap();
         let held = registry.repo_actor(&held_name);
         for i in 0..5_000 {
@@ -1012,7 +1051,7 @@ mod tests {
             assert!(registry.repo_actor_count() <= 2 * MIN_ACTORS_PRUNED + 2, "{} actors after {i} names", registry.repo_actor_count());
         }
         let repos = registry.repos.lock().unwrap();
-        assert!(repos.contains_key(&real), "the actor of an existing repository was dropped");
+        assert!(!repos.contains_key(&real), "an idle actor was kept");
         assert!(repos.get(&held_name).is_some_and(|a| Arc::ptr_eq(a, &held)), "a held actor was dropped");
         drop(repos);
         registry.shutdown();
@@ -1052,7 +1091,7 @@ mod tests {
         };
         let refused = Registry::ask(&registry.repo_actor(&ghost), commit).await.unwrap();
         assert_eq!(refused.unwrap_err().code(), ErrorCode::ManifestBlobUnknown);
-        assert!(registry.index.repo(&ghost).is_none(), "a refused change left an index entry");
+        assert!(!registry.index.exists(&ghost) && registry.index.held(&ghost).is_none(), "a refused change left an index entry");
         assert_eq!(registry.index.repo_count(), 0);
         registry.shutdown();
     }

@@ -140,20 +140,20 @@ impl Registry {
     /// database (see [`Registry::repo_exists`]): for what may be stale without
     /// harm, such as which policy decisions are worth caching.
     pub fn repo_held(&self, name: &RepoName) -> bool {
-        self.index.repo(name).is_some()
+        self.index.exists(name)
     }
 
     /// Whether the repository exists (explicitly created or pushed to).
     pub async fn repo_exists(&self, name: &RepoName) -> Result<bool, RegistryError> {
         self.fresh(&[name]).await?;
-        Ok(self.index.repo(name).is_some())
+        Ok(self.index.exists(name))
     }
 
     /// One repository with its figures.
     pub async fn repo_summary(&self, name: &RepoName) -> Result<RepoSummary, RegistryError> {
-        self.fresh(&[name]).await?;
+        let state = self.state(name).await?.ok_or_else(|| name_unknown(name))?;
         let profile = self.meta.repo_profile(name).await.map_err(meta_err("read repository"))?.ok_or_else(|| name_unknown(name))?;
-        let stats = self.index.repo(name).ok_or_else(|| name_unknown(name))?.read().unwrap().stats();
+        let stats = state.read().unwrap().stats();
         Ok(RepoSummary { profile, stats })
     }
 
@@ -212,11 +212,11 @@ impl Registry {
             (self.profiles(&page).await?, total)
         };
         let names: Vec<RepoName> = page.iter().map(|p| p.name.clone()).collect();
-        self.fresh(&names.iter().collect::<Vec<_>>()).await?;
+        let states = self.states(&names.iter().collect::<Vec<_>>()).await?;
         let items = page
             .into_iter()
-            .zip(self.index.stats(&names))
-            .map(|(profile, stats)| RepoSummary { profile, stats: stats.unwrap_or_default() })
+            .zip(states)
+            .map(|(profile, state)| RepoSummary { profile, stats: state.map(|s| s.read().unwrap().stats()).unwrap_or_default() })
             .collect();
         Ok(Page { items, total })
     }
@@ -263,8 +263,7 @@ impl Registry {
     /// the digests removed. An untagged manifest that an index of the repository
     /// still lists is kept (deleting it would break that index).
     pub async fn delete_by_status(&self, repo: &RepoName, status: TagStatus, by: &str) -> Result<Vec<Digest>, RegistryError> {
-        self.fresh(&[repo]).await?;
-        let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
         let candidates: Vec<Digest> = {
             let s = state.read().unwrap();
             let tagged: HashSet<&Digest> = s.tags.values().map(|e| &e.digest).collect();
@@ -322,7 +321,7 @@ impl Registry {
             && !parsed.references.is_empty()
             && parsed.references.iter().all(|d| berth_oci::manifest::is_manifest_media_type(&d.media_type))
         {
-            let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
+            let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
             let s = state.read().unwrap();
             for d in &parsed.references {
                 let size = s.manifests.get(&d.digest).map(|m| m.row.content_size.max(m.row.size)).unwrap_or(d.size);
@@ -334,7 +333,7 @@ impl Registry {
                 });
             }
         } else if let Some(config) = &parsed.config {
-            let linked = self.index.linked_blob(repo, &config.digest).is_some();
+            let linked = self.state(repo).await?.is_some_and(|s| s.read().unwrap().blobs.contains_key(&config.digest));
             if linked && config.size <= MAX_CONFIG_READ && config.media_type.contains("config") {
                 if let Ok(bytes) = self.store.read_blob_bytes(&config.digest).await {
                     created = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -348,8 +347,8 @@ impl Registry {
 
     /// Digests that the index manifests of `repo` which are not in `going` list.
     pub(crate) async fn index_children(&self, repo: &RepoName, going: &[Digest]) -> Result<Vec<Digest>, RegistryError> {
+        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
         let indexes: Vec<Digest> = {
-            let state = self.index.repo(repo).ok_or_else(|| name_unknown(repo))?;
             let s = state.read().unwrap();
             s.manifests
                 .values()

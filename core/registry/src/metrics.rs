@@ -168,6 +168,8 @@ pub struct Metrics {
     retention_errors: Counter,
     repositories: Gauge,
     repo_actors: Gauge,
+    states_held: Gauge,
+    states_held_bytes: Gauge,
     resident: Gauge,
     received: Counter,
     sent: Counter,
@@ -196,6 +198,8 @@ const SCAN_SHARE: u32 = 20;
 pub(crate) struct Readings {
     pub repositories: usize,
     pub repo_actors: usize,
+    /// Repository states the read index holds, and their estimated weight.
+    pub states_held: (usize, usize),
     /// Upload sessions open in this process.
     pub uploads: usize,
     /// Per tenant, the bytes its repositories reference (as quotas count them).
@@ -221,6 +225,8 @@ impl Default for Metrics {
             retention_errors: Counter::default(),
             repositories: Gauge::default(),
             repo_actors: Gauge::default(),
+            states_held: Gauge::default(),
+            states_held_bytes: Gauge::default(),
             resident: Gauge::default(),
             received: Counter::default(),
             sent: Counter::default(),
@@ -254,6 +260,17 @@ impl Default for Metrics {
             "repository_actors",
             "Repository actors running (one per repository written to, and per name being tried)",
             m.repo_actors.clone(),
+        );
+        r.register(
+            "index_states",
+            "Repository states the read index holds in memory (the rest load when asked for)",
+            m.states_held.clone(),
+        );
+        r.register_with_unit(
+            "index_states",
+            "Estimated memory of the repository states held (bounded by registry.index_cache_bytes)",
+            Unit::Bytes,
+            m.states_held_bytes.clone(),
         );
         r.register_with_unit("process_resident_memory", "Resident memory of this process", Unit::Bytes, m.resident.clone());
         r.register_with_unit("received", "Blob and manifest bytes received from clients", Unit::Bytes, m.received.clone());
@@ -379,6 +396,8 @@ impl Metrics {
     pub(crate) fn render(&self, now: Readings) -> String {
         self.repositories.set(now.repositories as i64);
         self.repo_actors.set(now.repo_actors as i64);
+        self.states_held.set(now.states_held.0 as i64);
+        self.states_held_bytes.set(now.states_held.1 as i64);
         self.resident.set(resident_bytes() as i64);
         self.uploads.set(now.uploads as i64);
         catch_up(&self.received, RECEIVED.load(Ordering::Relaxed));

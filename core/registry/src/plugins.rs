@@ -354,9 +354,11 @@ impl Registry {
         if plugins.host.subscribed(Hook::Gate, tenant.as_deref(), repo.namespace()).is_empty() {
             return Ok(vec![]);
         }
-        if parsed.required_blobs().any(|d| self.index.linked_blob(repo, d).is_none()) {
+        let state = self.state(repo).await?.unwrap_or_default();
+        if parsed.required_blobs().any(|d| !state.read().unwrap().blobs.contains_key(d)) {
             return Ok(vec![]);
         }
+        drop(state);
         let content_size = bytes.len() as u64 + parsed.config.iter().chain(&parsed.references).map(|d| d.size).sum::<u64>();
         let push = Push {
             tenant: tenant.unwrap_or_default(),

@@ -203,7 +203,7 @@ impl Quotas {
     /// Admit a repository that a push or an explicit create is about to create;
     /// `DENIED` if the tenant has as many as its limit allows.
     pub async fn admit_repo(&self, repo: &RepoName) -> Result<(), RegistryError> {
-        if self.index.repo(repo).is_some() {
+        if self.index.exists(repo) {
             return Ok(());
         }
         let Some(tenant) = self.owner(repo).await? else { return Ok(()) };
@@ -359,7 +359,7 @@ impl QuotaActor {
         let index = self.index.clone();
         let mut created = Vec::new();
         self.admitted.retain(|r, at| {
-            if index.repo(r).is_some() {
+            if index.exists(r) {
                 created.push(r.clone());
                 false
             } else {
@@ -449,7 +449,7 @@ impl Handler<AdmitRepo> for QuotaActor {
         if self.repos.contains(&msg.repo) {
             return Ok(());
         }
-        if self.index.repo(&msg.repo).is_some() {
+        if self.index.exists(&msg.repo) {
             self.repos.insert(msg.repo);
             return Ok(());
         }

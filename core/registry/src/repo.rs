@@ -12,7 +12,7 @@ use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag, UploadId};
 use berth_plugins::{EventKind, Platform};
 
 use crate::coherence::Coherence;
-use crate::index::{Index, ManifestEntry};
+use crate::index::{Handle, Index, ManifestEntry};
 use crate::plugins::{reported, Announce};
 use crate::quota::Ticket;
 use crate::{internal, now_ms};
@@ -48,14 +48,31 @@ impl Actor for RepoActor {
 /// repository between its read and its write.
 const TRIES: usize = 8;
 
-/// Before a change is checked against the index: with a shared store, the
-/// repository as the database holds it now; after a refused try (`attempt` >
-/// 0), read again whatever the store.
-async fn current(co: &Arc<Coherence>, name: &RepoName, attempt: usize) -> Result<(), RegistryError> {
+/// The repository's state before a change is checked against it (`None`: it
+/// does not exist): with a shared store, as the database holds it now; after
+/// a refused try (`attempt` > 0), read again whatever the store; loaded if
+/// not held.
+async fn current(co: &Arc<Coherence>, name: &RepoName, attempt: usize) -> Result<Option<Handle>, RegistryError> {
     if attempt > 0 {
-        co.reload(name).await
-    } else {
-        co.fresh(&[name], false).await
+        return co.reload(name).await;
+    }
+    co.fresh(&[name], false).await?;
+    co.resident(name).await
+}
+
+/// Make the repository's state held (for a read of a repository whose state
+/// was not): answers it, `None` if the repository does not exist.
+pub struct Load;
+impl Message for Load {
+    type Result = Result<Option<Handle>, RegistryError>;
+}
+
+impl Handler<Load> for RepoActor {
+    type Result = AtomicResponse<Self, Result<Option<Handle>, RegistryError>>;
+
+    fn handle(&mut self, _: Load, _: &mut Context<Self>) -> Self::Result {
+        let (name, co) = (self.name.clone(), self.coherence.clone());
+        AtomicResponse::new(Box::pin(async move { co.resident(&name).await }.into_actor(self)))
     }
 }
 
@@ -182,15 +199,17 @@ impl Handler<Flush> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 for attempt in 0..TRIES {
-                    if let Err(e) = current(&co, &name, attempt).await {
-                        for q in queue {
-                            let _ = q.reply.send(Err(e.clone()));
-                        }
-                        return;
-                    }
                     // A repository enters the index with its first commit: a
                     // refused push to a new name leaves nothing behind.
-                    let state = index.repo(&name).unwrap_or_default();
+                    let state = match current(&co, &name, attempt).await {
+                        Ok(state) => state.unwrap_or_default(),
+                        Err(e) => {
+                            for q in queue {
+                                let _ = q.reply.send(Err(e.clone()));
+                            }
+                            return;
+                        }
+                    };
                     let accepted = plan(&name, &state.read().unwrap(), queue);
                     if accepted.is_empty() {
                         return;
@@ -276,6 +295,8 @@ fn apply_commits(
             }
         }
     }
+    drop(s);
+    index.changed(name);
 }
 
 /// Delete a manifest and the tags pointing at it (settling the tenant's ticket
@@ -305,8 +326,7 @@ impl Handler<DeleteManifest> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 for attempt in 0..TRIES {
-                    current(&co, &name, attempt).await?;
-                    let state = index.repo(&name).filter(|s| s.read().unwrap().manifests.contains_key(&digest));
+                    let state = current(&co, &name, attempt).await?.filter(|s| s.read().unwrap().manifests.contains_key(&digest));
                     let Some(state) = state else { return Err(manifest_unknown(&digest)) };
                     let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
                         let mut tags: Vec<String> =
@@ -336,6 +356,8 @@ impl Handler<DeleteManifest> for RepoActor {
                     }
                     s.tags.retain(|_, e| e.digest != digest);
                     s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
                     return Ok(());
                 }
                 Err(busy(&name))
@@ -364,8 +386,7 @@ impl Handler<DeleteTag> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 for attempt in 0..TRIES {
-                    current(&co, &name, attempt).await?;
-                    let state = index.repo(&name);
+                    let state = current(&co, &name, attempt).await?;
                     let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
                     let (Some(state), Some(pointed)) = (state, pointed) else {
                         return Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")));
@@ -389,6 +410,8 @@ impl Handler<DeleteTag> for RepoActor {
                     let mut s = state.write().unwrap();
                     s.tags.remove(&tag);
                     s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
                     return Ok(());
                 }
                 Err(busy(&name))
@@ -426,8 +449,7 @@ impl Handler<Link> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 for attempt in 0..TRIES {
-                    current(&co, &name, attempt).await?;
-                    let state = index.repo(&name).unwrap_or_default();
+                    let state = current(&co, &name, attempt).await?.unwrap_or_default();
                     let linked = state.read().unwrap().blobs.contains_key(&digest);
                     if size.is_none() && !linked {
                         return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
@@ -488,6 +510,8 @@ impl Handler<Link> for RepoActor {
                         None => s.blobs.remove(&digest),
                     };
                     s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
                     return Ok(());
                 }
                 Err(busy(&name))
@@ -516,8 +540,7 @@ impl Handler<DeleteRepo> for RepoActor {
                 // Whatever the repository holds goes: the guard only keeps a
                 // change made meanwhile from being deleted unseen by the index.
                 for attempt in 0..TRIES {
-                    current(&co, &name, attempt).await?;
-                    let guard = index.repo(&name).map_or_else(|| Guard::at(""), |s| guard_of(&s));
+                    let guard = current(&co, &name, attempt).await?.map_or_else(|| Guard::at(""), |s| guard_of(&s));
                     let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
                         a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
                     });
@@ -558,8 +581,7 @@ impl Handler<Collect> for RepoActor {
         AtomicResponse::new(Box::pin(
             async move {
                 for attempt in 0..TRIES {
-                    current(&co, &name, attempt).await?;
-                    let Some(state) = index.repo(&name) else { return Ok(None) };
+                    let Some(state) = current(&co, &name, attempt).await? else { return Ok(None) };
                     // Changes are checked against the database's version, so what
                     // the index holds now is every manifest this repository has.
                     let needed = {

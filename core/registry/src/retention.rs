@@ -209,7 +209,7 @@ impl Registry {
         let Some(d) = r.untagged_older_than_secs else { return Ok(items) };
         let cutoff = now.saturating_sub((d as i64).saturating_mul(1000));
         let still_tagged: HashSet<Digest> = infos.iter().filter(|t| !doomed_names.contains(&t.name)).map(|t| t.digest.clone()).collect();
-        let Some(state) = self.index.repo(repo) else { return Ok(items) };
+        let Some(state) = self.peek(repo).await? else { return Ok(items) };
         let mut going: HashSet<Digest> = {
             let s = state.read().unwrap();
             s.manifests
@@ -253,7 +253,7 @@ impl Registry {
         let started = now_ms();
         let repos: Vec<RepoName> = match scope {
             Scope::Repository(repo) => {
-                if self.index.repo(repo).is_none() {
+                if !self.repo_exists(repo).await? {
                     return Err(RegistryError::new(ErrorCode::NameUnknown).with_detail(format!("repository {repo} is unknown")));
                 }
                 vec![repo.clone()]

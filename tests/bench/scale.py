@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Memory and start-up against what is stored (tests/bench/scale.sh).
+
+Fills one Berth (embedded defaults) with TAGS tags over REPOS repositories,
+each tag its own manifest (so TAGS manifests), through the OCI API; then
+measures what the issue's targets name:
+- resident memory after the fill, after a restart, and after cold reads;
+- start-up: from exec to the first answer, and to `/readyz` 200;
+- manifest GET by tag on tags spread over every repository (cold: their
+  repositories' states mostly not held) and on a small hot set, with wrk;
+- tags list of one repository and a catalog walk.
+
+    scale.py --berth BIN --work DIR [--repos N] [--tags N]
+"""
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+USER, PASSWORD = "admin", "bench-admin-password"
+AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def rss_mib(pid, field="VmRSS"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def call(base, method, path, body=None, headers=None):
+    h = {"Authorization": AUTH}
+    h.update(headers or {})
+    r = urllib.request.Request(base + path, data=body, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(r, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def push_blob(base, repo, data):
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    s, _, b = call(base, "POST", f"/v2/{repo}/blobs/uploads/?digest={d}", data, {"Content-Type": "application/octet-stream"})
+    assert s == 201, (s, b)
+    return d
+
+
+class Server:
+    def __init__(self, berth, work, port):
+        self.berth, self.work, self.port = berth, work, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self):
+        """Start; answers (seconds to the first answer, seconds to ready)."""
+        env = dict(os.environ, BERTH_ADMIN_PASSWORD=PASSWORD, BERTH_LOG="warn")
+        env = {k: v for k, v in env.items() if not (k.startswith("BERTH_") and k not in ("BERTH_ADMIN_PASSWORD", "BERTH_LOG"))}
+        err = open(os.path.join(self.work, "berth.err"), "a")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [self.berth, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", os.path.join(self.work, "data")],
+            env=env, stdout=subprocess.DEVNULL, stderr=err)
+        first = None
+        while True:
+            assert self.proc.poll() is None, "berth exited; see berth.err"
+            try:
+                with urllib.request.urlopen(self.base + "/readyz", timeout=5) as r:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    if r.status == 200:
+                        return first, time.perf_counter() - t0
+            except urllib.error.HTTPError:
+                if first is None:
+                    first = time.perf_counter() - t0
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+    def rss(self, field="VmRSS"):
+        return rss_mib(self.proc.pid, field)
+
+    def metric(self, name):
+        _, _, b = call(self.base, "GET", "/metrics")
+        m = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", b.decode(), re.M)
+        return float(m.group(1)) if m else float("nan")
+
+
+def wrk(work, name, base, lua, conns, secs, threads=2):
+    path = os.path.join(work, name + ".lua")
+    with open(path, "w") as f:
+        f.write(lua)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{secs}", "--latency", "-s", path, base + "/"],
+                         capture_output=True, text=True, check=True).stdout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert not bad, out
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    return {"req/s": rps, "requests": reqs, "p50 ms": pct(50), "p99 ms": pct(99)}
+
+
+# A wrk script over a numbered sequence: thread k of T sends items k, k+T, …
+# below COUNT (`item(i)`, Lua, answers method, path, body, content type),
+# then idles on `GET /v2/`; once a thread has every item's answer (item
+# requests answer 201/202, `/v2/` 200) it stops and leaves a file in DONE.
+# wrk itself runs for its duration: the driver interrupts it (SIGINT, which
+# makes wrk print its figures) when every thread is done.
+SEQUENCE = """
+local started = 0
+function setup(thread)
+  thread:set("first", started)
+  started = started + 1
+end
+local counter, share, got = 0, 0, 0
+local h = {{ ["Authorization"] = "{auth}" }}
+function init(args)
+  counter = first
+  share = math.floor(({count} - first + {threads} - 1) / {threads})
+end
+{item}
+request = function()
+  if counter >= {count} then
+    return wrk.format("GET", "/v2/", h)
+  end
+  local method, path, body, ctype = item(counter)
+  counter = counter + {threads}
+  local hh = {{ ["Authorization"] = "{auth}" }}
+  if ctype then hh["Content-Type"] = ctype end
+  hh["Content-Length"] = tostring(#body)
+  return wrk.format(method, path, hh, body)
+end
+response = function(status, headers, body)
+  if status ~= 200 then got = got + 1 end
+  if got == share then
+    got = got + 1
+    local f = io.open("{done}/" .. first, "w")
+    f:close()
+    wrk.thread:stop()
+  end
+end
+"""
+
+
+def sequence(work, name, base, count, item, conns=32, threads=2):
+    """Send `count` items through wrk (see SEQUENCE); its figures."""
+    done = os.path.join(work, name + ".done")
+    os.makedirs(done, exist_ok=True)
+    path = os.path.join(work, name + ".lua")
+    with open(path, "w") as f:
+        f.write(SEQUENCE.format(count=count, threads=threads, item=item, auth=AUTH, done=done))
+    p = subprocess.Popen(["wrk", f"-t{threads}", f"-c{conns}", "-d36000s", "--latency", "-s", path, base + "/"],
+                         stdout=subprocess.PIPE, text=True)
+    while len(os.listdir(done)) < threads:
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert not bad, out
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def repo(i):
+    return f"fill/r{i:06d}"
+
+
+def fill(srv, work, repos, tags):
+    base = srv.base
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    layer = hashlib.sha512(b"scale").digest() * 1024
+    cd, ld = push_blob(base, "fill/seed", config), push_blob(base, "fill/seed", layer)
+    figures = {}
+    # Each repository mounts the two blobs from the seed (two links each).
+    item = f"""
+function item(i)
+  local r = string.format("fill/r%06d", math.floor(i / 2))
+  local d = (i % 2 == 0) and "{cd}" or "{ld}"
+  return "POST", "/v2/" .. r .. "/blobs/uploads/?mount=" .. d .. "&from=fill/seed", "", nil
+end"""
+    t0 = time.perf_counter()
+    figures["fill: blob mounts (req/s)"] = round(sequence(work, "mount", base, 2 * repos, item))
+    # Tag t of repository r points at its own manifest (an annotation makes each distinct).
+    head = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
+                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": len(layer)}]},
+                      separators=(",", ":"))[:-1]
+    item = f"""
+function item(i)
+  local r = string.format("fill/r%06d", i % {repos})
+  local t = string.format("t%04d", math.floor(i / {repos}))
+  local body = '{head},"annotations":{{"n":"' .. i .. '"}}}}'
+  return "PUT", "/v2/" .. r .. "/manifests/" .. t, body, "{OCI_MANIFEST}"
+end"""
+    figures["fill: manifest PUT (req/s)"] = round(sequence(work, "put", base, tags, item))
+    figures["fill: whole (s)"] = round(time.perf_counter() - t0, 1)
+    return figures
+
+
+def get_lua(repos, per_repo, spread):
+    """Manifest GETs by tag, repositories chosen at random among `spread`."""
+    return f"""
+local n = 0
+function setup(thread)
+  thread:set("id", n)
+  n = n + 1
+end
+function init(args)
+  math.randomseed(os.time() * 16 + id)
+end
+local h = {{ ["Authorization"] = "{AUTH}", ["Accept"] = "{OCI_MANIFEST}" }}
+request = function()
+  local r = math.random(0, {spread} - 1)
+  local t = math.random(0, {per_repo} - 1)
+  return wrk.format("GET", string.format("/v2/fill/r%06d/manifests/t%04d", r, t), h)
+end
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--berth", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--port", type=int, default=5141)
+    ap.add_argument("--repos", type=int, default=100_000)
+    ap.add_argument("--tags", type=int, default=1_000_000)
+    ap.add_argument("--secs", type=int, default=20)
+    a = ap.parse_args()
+    assert a.tags % a.repos == 0, "tags must be a multiple of repos"
+    per_repo = a.tags // a.repos
+    r = {"repositories": a.repos, "tags (each its own manifest)": a.tags}
+    srv = Server(a.berth, a.work, a.port)
+    first, ready = srv.start()
+    r["start, empty: first answer / ready (s)"] = f"{first:.2f} / {ready:.2f}"
+    r.update(fill(srv, a.work, a.repos, a.tags))
+    time.sleep(5)
+    r["RSS after the fill (MiB)"] = round(srv.rss())
+    r["peak RSS during the fill (MiB)"] = round(srv.rss("VmHWM"))
+    r["states held after the fill"] = int(srv.metric("berth_index_states"))
+    srv.stop()
+
+    first, ready = srv.start()
+    r["start, filled: first answer / ready (s)"] = f"{first:.2f} / {ready:.2f}"
+    r["RSS after the restart (MiB)"] = round(srv.rss())
+    cold = wrk(a.work, "cold", srv.base, get_lua(a.repos, per_repo, a.repos), 16, f"{a.secs}s")
+    r["manifest GET, any repository, 16 conns (req/s)"] = round(cold["req/s"])
+    r["manifest GET, any repository: p50 / p99 (ms)"] = f"{cold['p50 ms']:.2f} / {cold['p99 ms']:.2f}"
+    r["states held after it"] = int(srv.metric("berth_index_states"))
+    hot_set = min(100, a.repos)
+    wrk(a.work, "warm", srv.base, get_lua(a.repos, per_repo, hot_set), 64, "3s")
+    hot = wrk(a.work, "hot", srv.base, get_lua(a.repos, per_repo, hot_set), 64, f"{a.secs}s")
+    r[f"manifest GET, {hot_set} hot repositories, 64 conns (req/s)"] = round(hot["req/s"])
+    r[f"manifest GET, {hot_set} hot repositories: p50 / p99 (ms)"] = f"{hot['p50 ms']:.2f} / {hot['p99 ms']:.2f}"
+
+    t0 = time.perf_counter()
+    s, _, b = call(srv.base, "GET", f"/v2/{repo(a.repos // 2)}/tags/list")
+    assert s == 200 and len(json.loads(b)["tags"]) == per_repo, (s, b[:200])
+    r["tags list of a repository not held (ms)"] = round((time.perf_counter() - t0) * 1000, 2)
+    t0, path, seen = time.perf_counter(), "/v2/_catalog?n=1000", 0
+    while path:
+        s, h, b = call(srv.base, "GET", path)
+        assert s == 200, (s, b[:200])
+        seen += len(json.loads(b)["repositories"])
+        link = h.get("Link")
+        path = link.split(";")[0].strip("<> ").replace(srv.base, "") if link else None
+    assert seen == a.repos + 1, seen  # and fill/seed
+    r[f"catalog walk, {seen} repositories in pages of 1000 (ms)"] = round((time.perf_counter() - t0) * 1000)
+    r["RSS at the end (MiB)"] = round(srv.rss())
+    r["peak RSS since the restart (MiB)"] = round(srv.rss("VmHWM"))
+    srv.stop()
+    width = max(len(k) for k in r)
+    for k, v in r.items():
+        print(f"{k:<{width}}  {v}")
+    with open(os.path.join(a.work, "scale.json"), "w") as f:
+        json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
