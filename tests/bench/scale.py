@@ -14,6 +14,7 @@ measures what the issue's targets name:
 """
 
 import argparse
+import asyncio
 import base64
 import hashlib
 import json
@@ -117,65 +118,35 @@ def wrk(work, name, base, lua, conns, secs, threads=2):
     return {"req/s": rps, "requests": reqs, "p50 ms": pct(50), "p99 ms": pct(99)}
 
 
-# A wrk script over a numbered sequence: thread k of T sends items k, k+T, …
-# below COUNT (`item(i)`, Lua, answers method, path, body, content type),
-# then idles on `GET /v2/`; once a thread has every item's answer (item
-# requests answer 201/202, `/v2/` 200) it stops and leaves a file in DONE.
-# wrk itself runs for its duration: the driver interrupts it (SIGINT, which
-# makes wrk print its figures) when every thread is done.
-SEQUENCE = """
-local started = 0
-function setup(thread)
-  thread:set("first", started)
-  started = started + 1
-end
-local counter, share, got = 0, 0, 0
-local h = {{ ["Authorization"] = "{auth}" }}
-function init(args)
-  counter = first
-  share = math.floor(({count} - first + {threads} - 1) / {threads})
-end
-{item}
-request = function()
-  if counter >= {count} then
-    return wrk.format("GET", "/v2/", h)
-  end
-  local method, path, body, ctype = item(counter)
-  counter = counter + {threads}
-  local hh = {{ ["Authorization"] = "{auth}" }}
-  if ctype then hh["Content-Type"] = ctype end
-  hh["Content-Length"] = tostring(#body)
-  return wrk.format(method, path, hh, body)
-end
-response = function(status, headers, body)
-  if status ~= 200 then got = got + 1 end
-  if got == share then
-    got = got + 1
-    local f = io.open("{done}/" .. first, "w")
-    f:close()
-    wrk.thread:stop()
-  end
-end
-"""
+async def _drive(host, port, items, conns):
+    """Send every request `items` yields over `conns` keep-alive connections,
+    each waiting for its answer (201/202) before the next."""
+    it = iter(items)
+
+    async def worker():
+        reader, writer = await asyncio.open_connection(host, port)
+        for method, path, body, ctype in it:
+            head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH}\r\nContent-Length: {len(body)}\r\n"
+            if ctype:
+                head += f"Content-Type: {ctype}\r\n"
+            writer.write(head.encode() + b"\r\n" + body)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            answer = await reader.readexactly(length)
+            assert status in (201, 202), (method, path, status, answer[:300])
+        writer.close()
+    await asyncio.gather(*(worker() for _ in range(conns)))
 
 
-def sequence(work, name, base, count, item, conns=32, threads=2):
-    """Send `count` items through wrk (see SEQUENCE); its figures."""
-    done = os.path.join(work, name + ".done")
-    os.makedirs(done, exist_ok=True)
-    path = os.path.join(work, name + ".lua")
-    with open(path, "w") as f:
-        f.write(SEQUENCE.format(count=count, threads=threads, item=item, auth=AUTH, done=done))
-    p = subprocess.Popen(["wrk", f"-t{threads}", f"-c{conns}", "-d36000s", "--latency", "-s", path, base + "/"],
-                         stdout=subprocess.PIPE, text=True)
-    while len(os.listdir(done)) < threads:
-        assert p.poll() is None, p.stdout.read()
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=60)[0]
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    assert not bad, out
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+def drive(base, items, count, conns=32):
+    """Send `count` requests (see `_drive`); requests per second."""
+    host, port = base.removeprefix("http://").split(":")
+    t0 = time.perf_counter()
+    asyncio.run(_drive(host, int(port), items, conns))
+    return count / (time.perf_counter() - t0)
 
 
 def repo(i):
@@ -189,27 +160,18 @@ def fill(srv, work, repos, tags):
     cd, ld = push_blob(base, "fill/seed", config), push_blob(base, "fill/seed", layer)
     figures = {}
     # Each repository mounts the two blobs from the seed (two links each).
-    item = f"""
-function item(i)
-  local r = string.format("fill/r%06d", math.floor(i / 2))
-  local d = (i % 2 == 0) and "{cd}" or "{ld}"
-  return "POST", "/v2/" .. r .. "/blobs/uploads/?mount=" .. d .. "&from=fill/seed", "", nil
-end"""
+    mounts = (("POST", f"/v2/{repo(i // 2)}/blobs/uploads/?mount={cd if i % 2 == 0 else ld}&from=fill/seed", b"", None)
+              for i in range(2 * repos))
     t0 = time.perf_counter()
-    figures["fill: blob mounts (req/s)"] = round(sequence(work, "mount", base, 2 * repos, item))
+    figures["fill: blob mounts (req/s)"] = round(drive(base, mounts, 2 * repos))
     # Tag t of repository r points at its own manifest (an annotation makes each distinct).
     head = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
                        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": len(layer)}]},
                       separators=(",", ":"))[:-1]
-    item = f"""
-function item(i)
-  local r = string.format("fill/r%06d", i % {repos})
-  local t = string.format("t%04d", math.floor(i / {repos}))
-  local body = '{head},"annotations":{{"n":"' .. i .. '"}}}}'
-  return "PUT", "/v2/" .. r .. "/manifests/" .. t, body, "{OCI_MANIFEST}"
-end"""
-    figures["fill: manifest PUT (req/s)"] = round(sequence(work, "put", base, tags, item))
+    puts = (("PUT", f"/v2/{repo(i % repos)}/manifests/t{i // repos:04d}", f'{head},"annotations":{{"n":"{i}"}}}}'.encode(), OCI_MANIFEST)
+            for i in range(tags))
+    figures["fill: manifest PUT (req/s)"] = round(drive(base, puts, tags))
     figures["fill: whole (s)"] = round(time.perf_counter() - t0, 1)
     return figures
 

@@ -246,9 +246,13 @@ impl BlobStore {
     }
 
     /// Read a whole (small) blob, such as a manifest.
+    ///
+    /// The bytes are a copy of their own: the read may land in a pooled 4 MiB
+    /// I/O buffer (`direct.rs`), which a caller keeping the bytes (the manifest
+    /// cache) would otherwise keep whole; 1,000 manifests read cold held 2 GiB.
     pub async fn read_blob_bytes(&self, digest: &Digest) -> Result<Bytes, StorageError> {
         let buf = self.op.read(&layout::blob(digest)).await.map_err(StorageError::from_dal)?;
-        Ok(buf.to_bytes())
+        Ok(Bytes::from(buf.to_vec()))
     }
 
     /// Store small verified content (a manifest) under its digest. The caller has
