@@ -734,3 +734,54 @@ fn a_bounded_index_serves_everything_stored() {
     let grown = (block_on(metric(&s, "berth_process_resident_memory_bytes")) - before) / (1024.0 * 1024.0);
     assert!(grown < 64.0, "resident memory grew by {grown:.0} MiB reading 120 small manifests");
 }
+
+/// A client that goes away in the middle of a chunk leaves the session as it
+/// was before the chunk, free for the next request: the client resumes from
+/// the offset the status gives (the lease its request held is given back
+/// whether the request ended on the broken body or was dropped).
+#[tokio::test]
+async fn a_chunk_abandoned_mid_way_leaves_the_session_resumable() {
+    use tokio::io::AsyncWriteExt;
+    let dir = TempDir::new("abandoned-chunk");
+    let s = Server::start_in(dir.path(), &[]);
+    let c = client();
+    let data = bytes(11, 200_000);
+    let r = c.post(s.url("/v2/acme/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c.patch(s.url(&loc)).header("content-range", "0-99999").body(data[..100_000].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    for round in 0..3 {
+        // Half a chunk, then the connection goes away.
+        let mut tcp = tokio::net::TcpStream::connect(&s.addr).await.unwrap();
+        let head = format!(
+            "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\nContent-Range: 100000-199999\r\nContent-Length: 100000\r\n\r\n",
+            s.addr,
+            basic("admin", ADMIN_PASSWORD)
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&data[100_000..150_000]).await.unwrap();
+        tcp.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200 * round)).await;
+        drop(tcp);
+        // The session answers, at the offset before the abandoned chunk.
+        let mut answered = false;
+        for _ in 0..50 {
+            let st = c.get(s.url(&loc)).send().await.unwrap();
+            assert_eq!(st.status(), 204, "round {round}");
+            if st.headers()["range"] == "0-99999" {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(answered, "round {round}: the session moved past its last whole chunk");
+    }
+    let r = c.patch(s.url(&loc)).header("content-range", "100000-199999").body(data[100_000..].to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
+    let d = sha256(&data);
+    let r = c.put(s.url(&format!("{loc}?digest={d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let got = c.get(s.url(&format!("/v2/acme/app/blobs/{d}"))).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(sha256(&got), d);
+}

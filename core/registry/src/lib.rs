@@ -567,7 +567,9 @@ impl Registry {
         E: std::fmt::Display,
     {
         let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let lease = LeaseHeld::on(&self.uploads, *id);
         let result = self.write_chunk(&mut session, content_range, body).await;
+        lease.settled();
         let updated = result.is_ok().then(|| session.clone());
         Self::ask(&self.uploads, uploads::Release { id: *id, updated }).await??;
         result.map(|_| session.offset)
@@ -647,7 +649,9 @@ impl Registry {
         E: std::fmt::Display,
     {
         let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let lease = LeaseHeld::on(&self.uploads, *id);
         let result = self.commit(&mut session, digest, content_range, body, by).await;
+        lease.settled();
         match &result {
             // The commit removed the staging data and, with the link, the record.
             Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
@@ -958,6 +962,35 @@ impl Registry {
     }
 }
 
+/// An upload session leased to a request: if the request goes away before
+/// it settles the lease (the client disconnected and the handler's future was
+/// dropped mid-chunk), the lease is given back with the session as it was, so
+/// the client can resume instead of meeting a busy session (and, with a
+/// metadata server, a database lease held for its full term).
+struct LeaseHeld<'a> {
+    uploads: &'a Addr<UploadSessions>,
+    id: Option<UploadId>,
+}
+
+impl<'a> LeaseHeld<'a> {
+    fn on(uploads: &'a Addr<UploadSessions>, id: UploadId) -> Self {
+        LeaseHeld { uploads, id: Some(id) }
+    }
+
+    /// The request goes on to settle the lease itself.
+    fn settled(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for LeaseHeld<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.uploads.do_send(uploads::Release { id, updated: None });
+        }
+    }
+}
+
 /// The future a scheduled job runs.
 type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
@@ -1054,6 +1087,33 @@ mod tests {
         assert!(!repos.contains_key(&real), "an idle actor was kept");
         assert!(repos.get(&held_name).is_some_and(|a| Arc::ptr_eq(a, &held)), "a held actor was dropped");
         drop(repos);
+        registry.shutdown();
+    }
+
+    /// A request dropped while it holds an upload's lease (its client went
+    /// away mid-chunk and the server dropped the handler) gives the lease back:
+    /// the session stays at its last whole chunk and the next chunk is taken.
+    #[tokio::test]
+    async fn a_dropped_chunk_gives_its_lease_back() {
+        let registry = in_memory().await;
+        let repo: RepoName = "library/app".parse().unwrap();
+        let id = registry.start_upload(&repo, "admin").await.unwrap();
+        let chunk = |b: &'static [u8]| futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b))]);
+        assert_eq!(registry.upload_chunk(&repo, &id, None, chunk(b"hello ")).await.unwrap(), 6);
+        // A body that never ends: the request is dropped while it waits.
+        let stalled = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"half"))]).chain(futures::stream::pending());
+        let dropped = tokio::time::timeout(Duration::from_millis(200), registry.upload_chunk(&repo, &id, None, stalled)).await;
+        assert!(dropped.is_err(), "the stalled chunk finished");
+        let mut next = Err(RegistryError::internal());
+        for _ in 0..50 {
+            next = registry.upload_chunk(&repo, &id, None, chunk(b"world")).await;
+            if next.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(next.map_err(|e| e.detail_or_message()), Ok(11), "the lease of the dropped request was never given back");
+        assert_eq!(registry.upload_status(&repo, &id).await.unwrap(), 11);
         registry.shutdown();
     }
 
