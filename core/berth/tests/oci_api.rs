@@ -637,7 +637,7 @@ fn annotations_do_not_stay_resident() {
 fn a_bounded_index_serves_everything_stored() {
     const REPOS: u64 = 40;
     let dir = TempDir::new("bounded-index");
-    let config = "[registry]\nindex_cache_bytes = 16384\n";
+    let config = "[registry]\nindex_cache_bytes = 65536\n";
     let mut s = Server::start_configured(&dir, config);
     let c = client();
     let pushed: Vec<Vec<String>> = block_on(async {
@@ -683,8 +683,8 @@ fn a_bounded_index_serves_everything_stored() {
             let cat: serde_json::Value = c.get(s.url("/v2/_catalog?n=1000")).send().await.unwrap().json().await.unwrap();
             assert_eq!(cat["repositories"].as_array().unwrap().len(), REPOS as usize);
             // Once no request holds one, a few states of 40 are held (each
-            // weighs about 5 KiB here): read one after the other, each load
-            // drops what is beyond the budget.
+            // weighs about 12 KiB against the 64 KiB budget): read one after
+            // the other, each load drops what is beyond the budget.
             for i in 0..REPOS {
                 let r = c.head(s.url(&format!("/v2/library/r{i:02}/manifests/v0"))).header("accept", OCI_MANIFEST).send().await.unwrap();
                 assert_eq!(r.status(), 200);

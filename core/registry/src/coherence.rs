@@ -99,8 +99,14 @@ impl Coherence {
     /// Load `name` again from metadata, whatever version is held (a write
     /// found the repository moved, or its state is not held): the state now
     /// held, `None` if it does not exist.
+    ///
+    /// The read runs on the request runtime, not on the caller's: the actors
+    /// share one thread, where loads of many repositories at once would take
+    /// turns on one core.
     pub async fn reload(&self, name: &RepoName) -> Result<Option<Handle>, RegistryError> {
-        let s = self.meta.repo_snapshot(name).await.map_err(|e| crate::internal("reload repository", e))?;
+        let (meta, n) = (self.meta.clone(), name.clone());
+        let read = self.runtime.spawn(async move { meta.repo_snapshot(&n).await });
+        let s = read.await.map_err(|e| crate::internal("reload repository", e))?.map_err(|e| crate::internal("reload repository", e))?;
         Ok(self.index.install(name, s))
     }
 

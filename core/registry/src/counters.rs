@@ -163,6 +163,10 @@ pub struct CounterActor {
     pub meta: Metadata,
     pub every: Duration,
     pub busy: bool,
+    /// Where the counts' transaction runs (the request runtime): the actors
+    /// share one thread, and a flush of many counts done there held up every
+    /// repository's loads behind it (cold reads' p99 of hundreds of ms).
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl Actor for CounterActor {
@@ -180,7 +184,8 @@ impl Actor for CounterActor {
                 let (events, events_meta) = (tally.clone(), meta.clone());
                 crate::delivery::background().spawn(async move { events.flush_events(&events_meta).await });
             }
-            ctx.spawn(async move { tally.flush_counts(&meta).await }.into_actor(act).map(|_, act, _| act.busy = false));
+            let written = act.runtime.spawn(async move { tally.flush_counts(&meta).await });
+            ctx.spawn(async move { written.await.is_ok() }.into_actor(act).map(|_, act, _| act.busy = false));
         });
     }
 }

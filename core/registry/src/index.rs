@@ -122,18 +122,21 @@ impl RepoState {
         Some(state)
     }
 
-    /// What holding the state costs in memory, roughly (the budget's unit):
-    /// a tag, a manifest row with its references, a blob link, as measured
-    /// from the process's growth per item.
+    /// What holding the state costs in memory (the budget's unit), per tag,
+    /// manifest row (with its references) and blob link: calibrated on the
+    /// process's resident memory, not on the items' sizes. 4,245 states of 10
+    /// tags, 10 manifests and 2 links took 115 MiB more than 618 did (31 KiB
+    /// each, 2.4 times what the items themselves weigh: allocator pages shared
+    /// with the database's short-lived allocations stay resident with them).
     fn weight(&self) -> usize {
         BASE_WEIGHT + self.tags.len() * TAG_WEIGHT + self.manifests.len() * MANIFEST_WEIGHT + self.blobs.len() * LINK_WEIGHT
     }
 }
 
-const BASE_WEIGHT: usize = 512;
-const TAG_WEIGHT: usize = 200;
-const MANIFEST_WEIGHT: usize = 1024;
-const LINK_WEIGHT: usize = 160;
+const BASE_WEIGHT: usize = 1024;
+const TAG_WEIGHT: usize = 512;
+const MANIFEST_WEIGHT: usize = 2560;
+const LINK_WEIGHT: usize = 384;
 
 /// A state the index holds, with when it was last used and what it weighed
 /// when last weighed.

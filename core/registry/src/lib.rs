@@ -101,8 +101,8 @@ impl Default for RegistryConfig {
             upload_sweep_secs: 600,
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             max_uploads_per_user: 1000,
-            manifest_cache_bytes: 64 * 1024 * 1024,
-            index_cache_bytes: 64 * 1024 * 1024,
+            manifest_cache_bytes: 32 * 1024 * 1024,
+            index_cache_bytes: 48 * 1024 * 1024,
             counter_flush_secs: 5,
             count_pulls: true,
             region: "local".into(),
@@ -225,6 +225,7 @@ impl Registry {
             meta: meta.clone(),
             every: Duration::from_secs(config.counter_flush_secs.max(1)),
             busy: false,
+            runtime: tokio::runtime::Handle::current(),
         };
         counters::CounterActor::start_in_arbiter(&arbiter, move |_| counter);
         let registry = Arc::new(Registry {
@@ -801,7 +802,7 @@ impl Registry {
             (Some(b), _) => b,
             (None, false) => Bytes::new(),
             (None, true) => {
-                let b = self.store.read_blob_bytes(&digest).await.map_err(|e| internal("read manifest", e))?;
+                let b = self.store.read_blob_bytes(&digest, size).await.map_err(|e| internal("read manifest", e))?;
                 self.index.cache_manifest_bytes(repo, &digest, &b);
                 b
             }

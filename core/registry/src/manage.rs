@@ -333,9 +333,10 @@ impl Registry {
                 });
             }
         } else if let Some(config) = &parsed.config {
-            let linked = self.state(repo).await?.is_some_and(|s| s.read().unwrap().blobs.contains_key(&config.digest));
-            if linked && config.size <= MAX_CONFIG_READ && config.media_type.contains("config") {
-                if let Ok(bytes) = self.store.read_blob_bytes(&config.digest).await {
+            let linked = self.state(repo).await?.and_then(|s| s.read().unwrap().blobs.get(&config.digest).copied());
+            let readable = linked.filter(|size| *size <= MAX_CONFIG_READ && config.media_type.contains("config"));
+            if let Some(size) = readable {
+                if let Ok(bytes) = self.store.read_blob_bytes(&config.digest, size).await {
                     created = serde_json::from_slice::<serde_json::Value>(&bytes)
                         .ok()
                         .and_then(|v| v.get("created").and_then(|c| c.as_str()).map(str::to_owned));
@@ -348,7 +349,7 @@ impl Registry {
     /// Digests that the index manifests of `repo` which are not in `going` list.
     pub(crate) async fn index_children(&self, repo: &RepoName, going: &[Digest]) -> Result<Vec<Digest>, RegistryError> {
         let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
-        let indexes: Vec<Digest> = {
+        let indexes: Vec<(Digest, u64)> = {
             let s = state.read().unwrap();
             s.manifests
                 .values()
@@ -356,13 +357,13 @@ impl Registry {
                     berth_oci::manifest::essence(&e.row.media_type) == berth_oci::manifest::OCI_INDEX
                         || berth_oci::manifest::essence(&e.row.media_type) == berth_oci::manifest::DOCKER_MANIFEST_LIST
                 })
-                .map(|e| e.row.digest.clone())
-                .filter(|d| !going.contains(d))
+                .filter(|e| !going.contains(&e.row.digest))
+                .map(|e| (e.row.digest.clone(), e.row.size))
                 .collect()
         };
         let mut out = Vec::new();
-        for d in indexes {
-            let bytes = self.store.read_blob_bytes(&d).await.map_err(|e| internal("read index manifest", e))?;
+        for (d, size) in indexes {
+            let bytes = self.store.read_blob_bytes(&d, size).await.map_err(|e| internal("read index manifest", e))?;
             let parsed = berth_oci::ParsedManifest::parse(&bytes, None)?;
             out.extend(parsed.required_manifests().cloned());
         }
