@@ -60,8 +60,8 @@ def push_blob(base, repo, data):
 class Server:
     started = []
 
-    def __init__(self, berth, work, port):
-        self.berth, self.work, self.port = berth, work, port
+    def __init__(self, berth, work, port, config=None):
+        self.berth, self.work, self.port, self.config = berth, work, port, config
         self.base = f"http://127.0.0.1:{port}"
         self.proc = None
 
@@ -72,7 +72,8 @@ class Server:
         err = open(os.path.join(self.work, "berth.err"), "a")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [self.berth, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", os.path.join(self.work, "data")],
+            [self.berth, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", os.path.join(self.work, "data")]
+            + (["--config", self.config] if self.config else []),
             env=env, stdout=subprocess.DEVNULL, stderr=err)
         Server.started.append(self.proc)
         first = None
@@ -209,11 +210,12 @@ def main():
     ap.add_argument("--secs", type=int, default=20)
     ap.add_argument("--filled", action="store_true", help="WORK holds a filled registry already: measure only")
     ap.add_argument("--fill-only", action="store_true", help="fill WORK and stop (measure later with --filled)")
+    ap.add_argument("--config", help="a Berth configuration file")
     a = ap.parse_args()
     assert a.tags % a.repos == 0, "tags must be a multiple of repos"
     per_repo = a.tags // a.repos
     r = {"repositories": a.repos, "tags (each its own manifest)": a.tags}
-    srv = Server(a.berth, a.work, a.port)
+    srv = Server(a.berth, a.work, a.port, a.config)
     if not a.filled:
         first, ready = srv.start()
         r["start, empty: first answer / ready (s)"] = f"{first:.2f} / {ready:.2f}"
