@@ -224,7 +224,7 @@ impl Index {
             self.remove_repo(name);
             return None;
         };
-        self.names.write().unwrap().insert(name.clone());
+        self.add_name(name);
         let weight = fresh.weight();
         let handle = {
             let mut held = self.held.write().unwrap();
@@ -244,9 +244,7 @@ impl Index {
                     *state = fresh;
                     drop(state);
                     h.used.store(tick, Ordering::Relaxed);
-                    let before = h.weight.swap(weight, Ordering::Relaxed);
-                    self.held_bytes.fetch_add(weight, Ordering::Relaxed);
-                    self.held_bytes.fetch_sub(before, Ordering::Relaxed);
+                    self.reweigh(h, weight);
                     h.state.clone()
                 }
                 None => {
@@ -268,7 +266,7 @@ impl Index {
         if let Some(h) = self.held(name) {
             return h;
         }
-        self.names.write().unwrap().insert(name.clone());
+        self.add_name(name);
         let handle = {
             let mut held = self.held.write().unwrap();
             let tick = self.clock.load(Ordering::Relaxed);
@@ -291,11 +289,24 @@ impl Index {
             let held = self.held.read().unwrap();
             let Some(h) = held.get(name) else { return };
             let weight = h.state.read().unwrap().weight();
-            let before = h.weight.swap(weight, Ordering::Relaxed);
-            self.held_bytes.fetch_add(weight, Ordering::Relaxed);
-            self.held_bytes.fetch_sub(before, Ordering::Relaxed);
+            self.reweigh(h, weight);
         }
         self.trim();
+    }
+
+    /// Record what a held state weighs now.
+    fn reweigh(&self, h: &Held, weight: usize) {
+        let before = h.weight.swap(weight, Ordering::Relaxed);
+        self.held_bytes.fetch_add(weight, Ordering::Relaxed);
+        self.held_bytes.fetch_sub(before, Ordering::Relaxed);
+    }
+
+    /// Know `name` as a repository (the write lock only when it is new: every
+    /// load passes here, and every request's existence check reads the set).
+    fn add_name(&self, name: &RepoName) {
+        if !self.names.read().unwrap().contains(name) {
+            self.names.write().unwrap().insert(name.clone());
+        }
     }
 
     /// Drop the least recently used states nobody holds until what stays
