@@ -168,12 +168,15 @@ def fill(srv, work, repos, tags):
               for i in range(2 * repos))
     t0 = time.perf_counter()
     figures["fill: blob mounts (req/s)"] = round(drive(base, mounts, 2 * repos))
-    # Tag t of repository r points at its own manifest (an annotation makes each distinct).
+    # Tag t of repository r points at its own manifest (an annotation makes each
+    # distinct). A repository's tags are pushed together, as a pipeline pushes a
+    # release's tags: the clients' requests interleave over a few repositories.
     head = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
                        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": len(layer)}]},
                       separators=(",", ":"))[:-1]
-    puts = (("PUT", f"/v2/{repo(i % repos)}/manifests/t{i // repos:04d}", f'{head},"annotations":{{"n":"{i}"}}}}'.encode(), OCI_MANIFEST)
+    per_repo = tags // repos
+    puts = (("PUT", f"/v2/{repo(i // per_repo)}/manifests/t{i % per_repo:04d}", f'{head},"annotations":{{"n":"{i}"}}}}'.encode(), OCI_MANIFEST)
             for i in range(tags))
     figures["fill: manifest PUT (req/s)"] = round(drive(base, puts, tags))
     figures["fill: whole (s)"] = round(time.perf_counter() - t0, 1)

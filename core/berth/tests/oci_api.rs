@@ -725,6 +725,26 @@ fn a_bounded_index_serves_everything_stored() {
     let s = Server::start_configured(&dir, config);
     let before = block_on(async {
         assert_eq!(metric(&s, "berth_index_states").await, 0.0, "states were loaded at start");
+        // A repository read once is served by point reads and holds nothing;
+        // one read again is loaded and held.
+        let head = |i: u64, t: usize| {
+            let r = c.head(s.url(&format!("/v2/library/r{i:02}/manifests/v{t}"))).header("accept", OCI_MANIFEST);
+            async move { r.send().await.unwrap() }
+        };
+        for i in 0..REPOS {
+            if i % 2 == 0 {
+                let r = head(i, 2).await;
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.headers()["docker-content-digest"].to_str().unwrap(), pushed[i as usize][2]);
+            } else {
+                assert_eq!(head(i, 7).await.status(), 404, "an unknown tag, read cold");
+            }
+        }
+        assert_eq!(metric(&s, "berth_index_states").await, 0.0, "repositories read once were loaded");
+        for i in 0..REPOS {
+            assert_eq!(head(i, 2).await.status(), 200);
+        }
+        assert!(metric(&s, "berth_index_states").await >= 1.0, "no repository read again was loaded");
         metric(&s, "berth_process_resident_memory_bytes").await
     });
     check(&s, &pushed);

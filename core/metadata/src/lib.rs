@@ -25,7 +25,7 @@ pub use accounts::{
     NamespaceRow, NsShareRow, PolicyRuleRow, PolicyState, ShareRow, SigningKeyRow, TenantRow, TokenKind, TokenRow, UserChange, UserRow,
 };
 pub use audit::AuditRow;
-use berth_oci::{Digest, RepoName, Tag, UploadId};
+use berth_oci::{Digest, Reference, RepoName, Tag, UploadId};
 pub use manage::{NamespacePatch, NamespaceProfile, NamespaceStats, PullDelta, Removed, RepoPatch, RepoProfile, TagInfo};
 pub use outbox::{DeliveryRow, OutboxRow, Settle};
 pub use plugins::{FindingRow, PluginInstanceRow};
@@ -252,6 +252,14 @@ pub struct UploadRow {
     /// sessions opened before sessions had owners.
     #[serde(default)]
     pub owner: Option<String>,
+}
+
+/// What a manifest read needs of a manifest row ([`Metadata::manifest_head`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestHead {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
 }
 
 /// A repository's name and version.
@@ -500,6 +508,26 @@ impl Metadata {
         let mut r = self.run(|| self.db.query(sql).bind(("repo", repo.to_string()))).await?;
         let read = returned::<Read>(&mut r)?.ok_or_else(|| MetadataError::Corrupt("repository read answered nothing".into()))?;
         Ok(Snapshot { repos: read.head.into_iter().collect(), manifests: read.manifests, tags: read.tags, links: read.links })
+    }
+
+    /// Where `reference` points in `repo` (a tag's manifest, or a manifest by
+    /// digest): its digest, media type and size, by record id (a tag and a
+    /// manifest row, none of the repository's other records). `None`: no such
+    /// tag or manifest. For a read of a repository whose state is not held.
+    pub async fn manifest_head(&self, repo: &RepoName, reference: &Reference) -> Result<Option<ManifestHead>> {
+        const FIELDS: &str = "SELECT digest, media_type, size FROM ONLY type::record('manifest', [$repo, $digest])";
+        let q = match reference {
+            Reference::Tag(t) => self
+                .db
+                .query(format!(
+                    "LET $digest = (SELECT VALUE digest FROM ONLY type::record('tag', [$repo, $tag]));
+                     RETURN IF $digest = NONE {{ NONE }} ELSE {{ ({FIELDS}) }};"
+                ))
+                .bind(("tag", t.to_string())),
+            Reference::Digest(d) => self.db.query(FIELDS).bind(("digest", d.to_string())),
+        };
+        let mut r = q.bind(("repo", repo.to_string())).await?.check()?;
+        returned(&mut r)
     }
 
     /// The versions of those of `names` that exist, and the version of the set
@@ -1097,6 +1125,36 @@ mod tests {
         md.delete_manifest(&crate::Guard::any(), &repo, &m.digest, &[]).await.unwrap();
         let s = md.snapshot().await.unwrap();
         assert!(s.manifests.is_empty() && s.tags.is_empty());
+    }
+
+    /// A manifest read by record id answers what the repository holds now: a
+    /// tag's manifest, a manifest by digest, nothing for an unknown tag, an
+    /// unknown digest, a tag of another repository, or a deleted manifest.
+    #[tokio::test]
+    async fn a_manifest_is_read_by_tag_or_digest_alone() {
+        let md = mem().await;
+        let (repo, other): (RepoName, RepoName) = ("acme/app".parse().unwrap(), "acme/other".parse().unwrap());
+        let (m1, m2) = (row(&repo, b"m1"), row(&repo, b"m2-longer"));
+        let at =
+            |m: &ManifestRow, t: &str| TagRow { repo: m.repo.clone(), name: t.parse().unwrap(), digest: m.digest.clone(), updated_ms: 2 };
+        md.commit_manifest(&crate::Guard::any(), &m1, Some(&at(&m1, "v1")), false, &[]).await.unwrap();
+        md.commit_manifest(&crate::Guard::any(), &m2, Some(&at(&m2, "v2")), false, &[]).await.unwrap();
+        let head = |m: &ManifestRow| Some(ManifestHead { digest: m.digest.clone(), media_type: m.media_type.clone(), size: m.size });
+        let tag = |t: &str| Reference::Tag(t.parse().unwrap());
+        assert_eq!(md.manifest_head(&repo, &tag("v1")).await.unwrap(), head(&m1));
+        assert_eq!(md.manifest_head(&repo, &tag("v2")).await.unwrap(), head(&m2));
+        assert_eq!(md.manifest_head(&repo, &Reference::Digest(m2.digest.clone())).await.unwrap(), head(&m2));
+        assert_eq!(md.manifest_head(&repo, &tag("v3")).await.unwrap(), None);
+        assert_eq!(md.manifest_head(&repo, &Reference::Digest(Digest::sha256(b"none"))).await.unwrap(), None);
+        assert_eq!(md.manifest_head(&other, &tag("v1")).await.unwrap(), None);
+        assert_eq!(md.manifest_head(&other, &Reference::Digest(m1.digest.clone())).await.unwrap(), None);
+        // A tag moved answers its new manifest; a manifest deleted, nothing.
+        md.commit_manifest(&crate::Guard::any(), &m2, Some(&at(&m2, "v1")), false, &[]).await.unwrap();
+        assert_eq!(md.manifest_head(&repo, &tag("v1")).await.unwrap(), head(&m2));
+        md.delete_manifest(&crate::Guard::any(), &repo, &m2.digest, &[]).await.unwrap();
+        assert_eq!(md.manifest_head(&repo, &tag("v1")).await.unwrap(), None);
+        assert_eq!(md.manifest_head(&repo, &Reference::Digest(m2.digest.clone())).await.unwrap(), None);
+        assert_eq!(md.manifest_head(&repo, &Reference::Digest(m1.digest.clone())).await.unwrap(), head(&m1));
     }
 
     /// Every change to a repository is conditional on the version its writer

@@ -64,13 +64,12 @@ pub struct TagInfo {
     pub last_pulled_ms: Option<i64>,
 }
 
-/// Pulls counted since the last batch: of a repository, of the manifest served,
-/// and of the tag when the pull named one.
+/// Pulls counted since the last batch: of a repository, and of the tag when
+/// the pull named one.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PullDelta {
     pub repo: RepoName,
     pub tag: Option<Tag>,
-    pub digest: Digest,
     pub count: u64,
     pub last_ms: i64,
 }
@@ -216,8 +215,10 @@ impl Metadata {
         rows(&mut r, 0)
     }
 
-    /// Add a batch of counted pulls: one transaction. Tags or manifests deleted in
-    /// the meantime are skipped (`UPDATE` creates nothing).
+    /// Add a batch of counted pulls to their repositories and tags: one
+    /// transaction. Tags deleted in the meantime are skipped (`UPDATE` creates
+    /// nothing). Manifest rows are not written: nothing reads a pull count by
+    /// digest, and a manifest row is the largest record a pull would rewrite.
     /// `outbox`: the pull events of the batch, written with it.
     pub async fn record_pulls(&self, batch: &[PullDelta], outbox: &[crate::OutboxRow]) -> Result<()> {
         if batch.is_empty() && outbox.is_empty() {
@@ -233,8 +234,6 @@ impl Metadata {
             "BEGIN TRANSACTION;
                  FOR $d IN $batch {{
                     UPDATE type::record('repo', $d.repo) SET pulls = (pulls OR 0) + $d.count,
-                        last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
-                    UPDATE type::record('manifest', [$d.repo, $d.digest]) SET pulls = (pulls OR 0) + $d.count,
                         last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
                     IF $d.tag != NONE AND $d.tag != NULL {{
                         UPDATE type::record('tag', [$d.repo, $d.tag]) SET pulls = (pulls OR 0) + $d.count,
@@ -457,10 +456,10 @@ mod tests {
 
         md.record_pulls(
             &[
-                PullDelta { repo: app.clone(), tag: Some("v1".parse().unwrap()), digest: m2.digest.clone(), count: 3, last_ms: 50 },
-                PullDelta { repo: app.clone(), tag: None, digest: m1.digest.clone(), count: 1, last_ms: 40 },
+                PullDelta { repo: app.clone(), tag: Some("v1".parse().unwrap()), count: 3, last_ms: 50 },
+                PullDelta { repo: app.clone(), tag: None, count: 1, last_ms: 40 },
                 // A tag deleted since is skipped, not created.
-                PullDelta { repo: app.clone(), tag: Some("gone".parse().unwrap()), digest: m1.digest.clone(), count: 1, last_ms: 45 },
+                PullDelta { repo: app.clone(), tag: Some("gone".parse().unwrap()), count: 1, last_ms: 45 },
             ],
             &[],
         )
@@ -574,7 +573,7 @@ mod conflict_tests {
                 };
                 let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: i };
                 md.commit_manifest(&crate::Guard::any(), &m, Some(&t), false, &[]).await?;
-                let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), digest: m.digest, count: 1, last_ms: i };
+                let d = PullDelta { repo, tag: Some("latest".parse().unwrap()), count: 1, last_ms: i };
                 md.record_pulls(&[d], &[]).await
             })
         });

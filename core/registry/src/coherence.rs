@@ -148,12 +148,14 @@ impl Coherence {
         let (heads, set_version) = self.meta.repo_heads(&names).await?;
         let remote: HashMap<&RepoName, &str> = heads.iter().map(|h| (&h.name, h.version.as_str())).collect();
         for name in &names {
-            let version = remote.get(name).copied();
-            if self.index.version(name).as_deref() != version {
-                self.index.install(name, self.meta.repo_snapshot(name).await?);
-            } else if version.is_none() && self.index.exists(name) {
-                // Deleted elsewhere, and its state not held here.
-                self.index.remove_repo(name);
+            match (self.index.version(name), remote.get(name).copied()) {
+                (Some(held), Some(now)) if held == now => {}
+                // Changed or deleted elsewhere: load it again (or drop it).
+                (Some(_), _) => drop(self.index.install(name, self.meta.repo_snapshot(name).await?)),
+                // Not held: its state is read when the request needs it.
+                (None, Some(_)) => self.index.add_name(name),
+                (None, None) if self.index.exists(name) => self.index.remove_repo(name),
+                (None, None) => {}
             }
         }
         if catalog && *self.catalog.lock().unwrap() != set_version {

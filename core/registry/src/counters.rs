@@ -32,12 +32,12 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use berth_metadata::{Metadata, OutboxRow, PullDelta};
-use berth_oci::{Digest, RepoName, Tag};
+use berth_oci::{RepoName, Tag};
 
 use crate::delivery::Deliveries;
 use crate::now_ms;
 
-type Key = (RepoName, Option<Tag>, Digest);
+type Key = (RepoName, Option<Tag>);
 
 /// Pull events written per transaction (each holds the metadata store and its
 /// thread for about a millisecond).
@@ -69,23 +69,23 @@ impl PullTally {
     }
 
     /// Count one pull of `digest` in `repo`, by `tag` if the client named one.
-    pub fn count(&self, repo: &RepoName, tag: Option<&Tag>, digest: &Digest) {
+    pub fn count(&self, repo: &RepoName, tag: Option<&Tag>) {
         let now = now_ms();
         let mut pending = self.pending.lock().unwrap();
-        let e = pending.entry((repo.clone(), tag.cloned(), digest.clone())).or_insert((0, now));
+        let e = pending.entry((repo.clone(), tag.cloned())).or_insert((0, now));
         e.0 += 1;
         e.1 = e.1.max(now);
     }
 
     fn take(&self) -> Vec<PullDelta> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap());
-        pending.into_iter().map(|((repo, tag, digest), (count, last_ms))| PullDelta { repo, tag, digest, count, last_ms }).collect()
+        pending.into_iter().map(|((repo, tag), (count, last_ms))| PullDelta { repo, tag, count, last_ms }).collect()
     }
 
     fn put_back(&self, batch: Vec<PullDelta>) {
         let mut pending = self.pending.lock().unwrap();
         for d in batch {
-            let e = pending.entry((d.repo, d.tag, d.digest)).or_insert((0, d.last_ms));
+            let e = pending.entry((d.repo, d.tag)).or_insert((0, d.last_ms));
             e.0 += d.count;
             e.1 = e.1.max(d.last_ms);
         }
@@ -239,17 +239,16 @@ mod tests {
         let t = PullTally::default();
         let repo: RepoName = "a/b".parse().unwrap();
         let tag: Tag = "v1".parse().unwrap();
-        let d = Digest::sha256(b"m");
         for _ in 0..3 {
-            t.count(&repo, Some(&tag), &d);
+            t.count(&repo, Some(&tag));
         }
-        t.count(&repo, None, &d);
+        t.count(&repo, None);
         let mut batch = t.take();
         batch.sort_by_key(|d| d.count);
         assert_eq!(batch.iter().map(|d| (d.tag.is_some(), d.count)).collect::<Vec<_>>(), [(false, 1), (true, 3)]);
         assert!(t.take().is_empty());
         t.put_back(batch);
-        t.count(&repo, None, &d);
+        t.count(&repo, None);
         let mut again = t.take();
         again.sort_by_key(|d| d.count);
         assert_eq!(again.iter().map(|d| d.count).collect::<Vec<_>>(), [2, 3]);

@@ -165,7 +165,15 @@ pub struct Index {
     /// leaves a blob seen within its grace period alone. Memory only; bounded by
     /// the links that exist, and pruned by the collector.
     touches: std::sync::Mutex<HashMap<(RepoName, Digest), i64>>,
+    /// Hashes of repositories recently read while their state was not held,
+    /// direct-mapped (see [`Index::read_again`]).
+    missed: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
 }
+
+/// How many reads of repositories not held [`Index::read_again`] remembers
+/// (at most; two names sharing a slot forget each other): 32 KiB.
+const MISSED_SLOTS: usize = 4096;
 
 /// Manifests larger than this are not kept in memory (read from storage instead).
 const MAX_CACHED_MANIFEST: usize = 256 * 1024;
@@ -184,7 +192,22 @@ impl Index {
             cached_bytes: AtomicUsize::new(0),
             cache_budget,
             touches: Default::default(),
+            missed: (0..MISSED_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Default::default(),
         }
+    }
+
+    /// Whether a read of `name`, whose state is not held, should load it:
+    /// only if the repository was read while not held recently (among the
+    /// last few thousand such reads). A repository read once is served by
+    /// point reads and holds nothing; one read again is held. So a pass over
+    /// many repositories does not push the ones in use out, and a cold read
+    /// costs two records, not the whole repository.
+    pub fn read_again(&self, name: &RepoName) -> bool {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(name) | 1;
+        let slot = &self.missed[(h >> 1) as usize % MISSED_SLOTS];
+        slot.swap(h, Ordering::Relaxed) == h
     }
 
     /// Whether the repository exists (as far as this process knows: see `coherence.rs`).
@@ -303,7 +326,7 @@ impl Index {
 
     /// Know `name` as a repository (the write lock only when it is new: every
     /// load passes here, and every request's existence check reads the set).
-    fn add_name(&self, name: &RepoName) {
+    pub fn add_name(&self, name: &RepoName) {
         if !self.names.read().unwrap().contains(name) {
             self.names.write().unwrap().insert(name.clone());
         }
@@ -581,6 +604,24 @@ mod tests {
         pinned.write().unwrap().blobs.insert(Digest::sha256(b"layer"), 10);
         idx.changed(&pinned_name);
         assert_eq!(idx.held_figures().1, bytes + LINK_WEIGHT);
+    }
+
+    /// A repository is loaded on its second read while not held, not its
+    /// first; reads of thousands of others in between make it forget.
+    #[test]
+    fn a_state_is_loaded_on_a_repository_read_again() {
+        let idx = Index::new([], 1 << 20, 1 << 20);
+        let name = |i: usize| -> RepoName { format!("acme/r{i}").parse().unwrap() };
+        assert!(!idx.read_again(&name(0)));
+        assert!(!idx.read_again(&name(1)));
+        assert!(idx.read_again(&name(0)));
+        assert!(idx.read_again(&name(1)));
+        // A pass over many others: most of those are read once, so few load.
+        let loaded = (2..8 * MISSED_SLOTS).filter(|i| idx.read_again(&name(*i))).count();
+        assert_eq!(loaded, 0, "repositories read once were loaded");
+        // ... and the two read before are forgotten (or nearly all of such).
+        let remembered = (0..2).filter(|i| idx.read_again(&name(*i))).count();
+        assert!(remembered <= 1, "{remembered} of 2 remembered after {} other reads", 8 * MISSED_SLOTS);
     }
 
     #[test]

@@ -404,6 +404,11 @@ impl Registry {
     /// A handle keeps its state held while it lives.
     pub(crate) async fn states(&self, repos: &[&RepoName]) -> Result<Vec<Option<index::Handle>>, RegistryError> {
         self.fresh(repos).await?;
+        self.states_now(repos).await
+    }
+
+    /// [`Registry::states`] after the caller made them fresh.
+    async fn states_now(&self, repos: &[&RepoName]) -> Result<Vec<Option<index::Handle>>, RegistryError> {
         let mut out = Vec::with_capacity(repos.len());
         for name in repos {
             out.push(match self.index.held(name) {
@@ -744,19 +749,33 @@ impl Registry {
 
     // ----- manifests -----
 
+    /// Where `reference` points: digest, media type, size, and the bytes if cached.
+    /// From the state when it is held; for a repository not held, by point
+    /// reads of the tag and manifest records unless it was read recently
+    /// ([`index::Index::read_again`]), when its state is loaded and held.
     async fn resolve(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, String, u64, Option<Bytes>), RegistryError> {
-        let state = self.state(repo).await?.ok_or_else(|| name_unknown(repo))?;
+        let unknown = |d: &dyn std::fmt::Display| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("{d} is unknown"));
+        let unknown_ref = || match reference {
+            Reference::Tag(t) => unknown(&format_args!("tag {t}")),
+            Reference::Digest(d) => unknown(&format_args!("manifest {d}")),
+        };
+        self.fresh(&[repo]).await?;
+        let state = match self.index.held(repo) {
+            Some(state) => state,
+            None if !self.index.exists(repo) => return Err(name_unknown(repo)),
+            None if !self.index.read_again(repo) => {
+                let head = self.meta.manifest_head(repo, reference).await.map_err(|e| internal("read manifest", e))?;
+                let head = head.ok_or_else(unknown_ref)?;
+                return Ok((head.digest, head.media_type, head.size, None));
+            }
+            None => self.states_now(&[repo]).await?.pop().flatten().ok_or_else(|| name_unknown(repo))?,
+        };
         let s = state.read().unwrap();
         let digest = match reference {
             Reference::Digest(d) => d,
-            Reference::Tag(t) => {
-                s.tag(t).ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {t} is unknown")))?
-            }
+            Reference::Tag(t) => s.tag(t).ok_or_else(unknown_ref)?,
         };
-        let e = s
-            .manifests
-            .get(digest)
-            .ok_or_else(|| RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("manifest {digest} is unknown")))?;
+        let e = s.manifests.get(digest).ok_or_else(|| unknown(&format_args!("manifest {digest}")))?;
         Ok((digest.clone(), e.row.media_type.clone(), e.row.size, e.bytes.clone()))
     }
 
@@ -777,7 +796,7 @@ impl Registry {
                 Reference::Tag(t) => Some(t),
                 Reference::Digest(_) => None,
             };
-            self.pulls.count(repo, tag, &m.digest);
+            self.pulls.count(repo, tag);
         }
         if body && self.plugins.as_ref().is_some_and(|p| p.deliveries().wanted(berth_plugins::Hook::ManifestPulled)) {
             if let Some(a) = self.announcer(repo, puller).await? {
