@@ -65,11 +65,6 @@ impl Coherence {
         }
     }
 
-    /// The request runtime (where metadata work runs, off the actors' thread).
-    pub fn runtime(&self) -> &tokio::runtime::Handle {
-        &self.runtime
-    }
-
     /// Whether reads need the barrier (other processes write the store).
     pub fn shared(&self) -> bool {
         self.meta.is_shared()

@@ -218,8 +218,7 @@ impl Registry {
         let sweep = Duration::from_secs(config.upload_sweep_secs.max(1));
         let quotas = Arc::new(quota::Quotas::new(meta.clone(), index.clone(), config.quota, arbiter.clone(), ttl));
         let q = quotas.clone();
-        let rt = tokio::runtime::Handle::current();
-        let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, q, ttl, sweep, rt));
+        let uploads = UploadSessions::start_in_arbiter(&arbiter, move |_| UploadSessions::new(m, s, q, ttl, sweep));
         let pulls = Arc::new(counters::PullTally::new(plugins.as_ref().map(|p| p.deliveries_handle())));
         let counter = counters::CounterActor {
             tally: pulls.clone(),
@@ -1071,21 +1070,6 @@ impl Actor for Periodic {
             );
         });
     }
-}
-
-/// Run an actor's metadata work on the request runtime `rt`, the actor waiting
-/// for it (so what it serializes stays serialized). The actors share one
-/// thread: the transactions of every repository's changes (milliseconds of CPU
-/// each with the embedded store, parsing and running SurrealQL) took turns on
-/// one core there, which held pushes to about 250 manifests a second on two
-/// cores. `failed`: the answer if the work panicked.
-pub(crate) fn offload<T: Send + 'static>(
-    rt: &tokio::runtime::Handle,
-    work: impl std::future::Future<Output = T> + Send + 'static,
-    failed: impl FnOnce(tokio::task::JoinError) -> T + 'static,
-) -> impl std::future::Future<Output = T> + 'static {
-    let task = rt.spawn(work);
-    async move { task.await.unwrap_or_else(failed) }
 }
 
 fn name_unknown(repo: &RepoName) -> RegistryError {

@@ -197,68 +197,64 @@ impl Handler<Flush> for RepoActor {
         let mut queue = std::mem::take(&mut self.queue);
         let (meta, index, name, co) = (self.meta.clone(), self.index.clone(), self.name.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    for attempt in 0..TRIES {
-                        // A repository enters the index with its first commit: a
-                        // refused push to a new name leaves nothing behind.
-                        let state = match current(&co, &name, attempt).await {
-                            Ok(state) => state.unwrap_or_default(),
-                            Err(e) => {
-                                for q in queue {
-                                    let _ = q.reply.send(Err(e.clone()));
-                                }
-                                return;
+            async move {
+                for attempt in 0..TRIES {
+                    // A repository enters the index with its first commit: a
+                    // refused push to a new name leaves nothing behind.
+                    let state = match current(&co, &name, attempt).await {
+                        Ok(state) => state.unwrap_or_default(),
+                        Err(e) => {
+                            for q in queue {
+                                let _ = q.reply.send(Err(e.clone()));
                             }
-                        };
-                        let accepted = plan(&name, &state.read().unwrap(), queue);
-                        if accepted.is_empty() {
                             return;
                         }
-                        let mut guard = guard_of(&state);
-                        let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
-                            accepted.iter().map(|(q, p)| (p.row.clone(), p.tag.clone(), q.msg.pinned)).collect();
-                        let outboxes: Vec<Vec<OutboxRow>> = accepted.iter().map(|(_, p)| p.outbox.clone()).collect();
-                        let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&guard, &batch, &outboxes).await {
-                            Ok(added) => added.into_iter().map(Ok).collect(),
-                            Err(MetadataError::Stale) => {
-                                // Another replica moved the repository: check again on what it holds now.
-                                for (q, p) in &accepted {
-                                    if let Some(a) = &q.msg.announce {
-                                        a.committed(&p.outbox, false);
-                                    }
-                                }
-                                queue = accepted.into_iter().map(|(q, _)| q).collect();
-                                continue;
-                            }
-                            // One commit's failure must not fail the others: each alone.
-                            Err(_) if batch.len() > 1 => {
-                                let mut out = Vec::with_capacity(batch.len());
-                                for ((row, tag, pinned), outbox) in batch.iter().zip(&outboxes) {
-                                    let next = Guard::at(guard.next());
-                                    let res = meta.commit_manifest(&guard, row, tag.as_ref(), *pinned, outbox).await;
-                                    if res.is_ok() {
-                                        guard = next;
-                                    }
-                                    out.push(res.map_err(|e| match e {
-                                        MetadataError::Stale => busy(&name),
-                                        e => internal("commit manifest", e),
-                                    }));
-                                }
-                                out
-                            }
-                            Err(e) => vec![Err(internal("commit manifest", e))],
-                        };
-                        apply_commits(&index, &name, state, accepted, outcomes, &guard);
+                    };
+                    let accepted = plan(&name, &state.read().unwrap(), queue);
+                    if accepted.is_empty() {
                         return;
                     }
-                    for q in queue {
-                        let _ = q.reply.send(Err(busy(&name)));
-                    }
-                },
-                |_| (),
-            )
+                    let mut guard = guard_of(&state);
+                    let batch: Vec<(ManifestRow, Option<TagRow>, bool)> =
+                        accepted.iter().map(|(q, p)| (p.row.clone(), p.tag.clone(), q.msg.pinned)).collect();
+                    let outboxes: Vec<Vec<OutboxRow>> = accepted.iter().map(|(_, p)| p.outbox.clone()).collect();
+                    let outcomes: Vec<Result<u64, RegistryError>> = match meta.commit_manifests(&guard, &batch, &outboxes).await {
+                        Ok(added) => added.into_iter().map(Ok).collect(),
+                        Err(MetadataError::Stale) => {
+                            // Another replica moved the repository: check again on what it holds now.
+                            for (q, p) in &accepted {
+                                if let Some(a) = &q.msg.announce {
+                                    a.committed(&p.outbox, false);
+                                }
+                            }
+                            queue = accepted.into_iter().map(|(q, _)| q).collect();
+                            continue;
+                        }
+                        // One commit's failure must not fail the others: each alone.
+                        Err(_) if batch.len() > 1 => {
+                            let mut out = Vec::with_capacity(batch.len());
+                            for ((row, tag, pinned), outbox) in batch.iter().zip(&outboxes) {
+                                let next = Guard::at(guard.next());
+                                let res = meta.commit_manifest(&guard, row, tag.as_ref(), *pinned, outbox).await;
+                                if res.is_ok() {
+                                    guard = next;
+                                }
+                                out.push(res.map_err(|e| match e {
+                                    MetadataError::Stale => busy(&name),
+                                    e => internal("commit manifest", e),
+                                }));
+                            }
+                            out
+                        }
+                        Err(e) => vec![Err(internal("commit manifest", e))],
+                    };
+                    apply_commits(&index, &name, state, accepted, outcomes, &guard);
+                    return;
+                }
+                for q in queue {
+                    let _ = q.reply.send(Err(busy(&name)));
+                }
+            }
             .into_actor(self),
         ))
     }
@@ -328,48 +324,44 @@ impl Handler<DeleteManifest> for RepoActor {
         let (digest, quota, announce) = (msg.0, msg.1, msg.2);
         let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    for attempt in 0..TRIES {
-                        let state = current(&co, &name, attempt).await?.filter(|s| s.read().unwrap().manifests.contains_key(&digest));
-                        let Some(state) = state else { return Err(manifest_unknown(&digest)) };
-                        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-                            let mut tags: Vec<String> =
-                                state.read().unwrap().tags.iter().filter(|(_, e)| e.digest == digest).map(|(t, _)| t.to_string()).collect();
-                            tags.sort();
-                            let kind = EventKind::ManifestDeleted {
-                                tenant: a.tenant(),
-                                repository: name.to_string(),
-                                digest: digest.to_string(),
-                                tags,
-                                by: a.by.clone(),
-                            };
-                            a.rows(kind, false)
-                        });
-                        let guard = guard_of(&state);
-                        let res = meta.delete_manifest(&guard, &name, &digest, &outbox).await;
-                        if retry(announce.as_ref(), &outbox, &res) {
-                            continue;
-                        }
-                        let freed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete manifest", e)))?;
-                        settle(quota, -(freed as i64));
-                        let mut s = state.write().unwrap();
-                        if let Some(e) = s.manifests.remove(&digest) {
-                            if let Some(b) = e.bytes {
-                                index.forget_cached(b.len());
-                            }
-                        }
-                        s.tags.retain(|_, e| e.digest != digest);
-                        s.version = guard.next().to_owned();
-                        drop(s);
-                        index.changed(&name);
-                        return Ok(());
+            async move {
+                for attempt in 0..TRIES {
+                    let state = current(&co, &name, attempt).await?.filter(|s| s.read().unwrap().manifests.contains_key(&digest));
+                    let Some(state) = state else { return Err(manifest_unknown(&digest)) };
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        let mut tags: Vec<String> =
+                            state.read().unwrap().tags.iter().filter(|(_, e)| e.digest == digest).map(|(t, _)| t.to_string()).collect();
+                        tags.sort();
+                        let kind = EventKind::ManifestDeleted {
+                            tenant: a.tenant(),
+                            repository: name.to_string(),
+                            digest: digest.to_string(),
+                            tags,
+                            by: a.by.clone(),
+                        };
+                        a.rows(kind, false)
+                    });
+                    let guard = guard_of(&state);
+                    let res = meta.delete_manifest(&guard, &name, &digest, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
                     }
-                    Err(busy(&name))
-                },
-                |e| Err(internal("repository change", e)),
-            )
+                    let freed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete manifest", e)))?;
+                    settle(quota, -(freed as i64));
+                    let mut s = state.write().unwrap();
+                    if let Some(e) = s.manifests.remove(&digest) {
+                        if let Some(b) = e.bytes {
+                            index.forget_cached(b.len());
+                        }
+                    }
+                    s.tags.retain(|_, e| e.digest != digest);
+                    s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
+                    return Ok(());
+                }
+                Err(busy(&name))
+            }
             .into_actor(self),
         ))
     }
@@ -392,42 +384,38 @@ impl Handler<DeleteTag> for RepoActor {
         let (tag, announce) = (msg.0, msg.1);
         let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    for attempt in 0..TRIES {
-                        let state = current(&co, &name, attempt).await?;
-                        let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
-                        let (Some(state), Some(pointed)) = (state, pointed) else {
-                            return Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")));
+            async move {
+                for attempt in 0..TRIES {
+                    let state = current(&co, &name, attempt).await?;
+                    let pointed = state.as_ref().and_then(|s| s.read().unwrap().tag(&tag).cloned());
+                    let (Some(state), Some(pointed)) = (state, pointed) else {
+                        return Err(RegistryError::new(ErrorCode::ManifestUnknown).with_detail(format!("tag {tag} is unknown")));
+                    };
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        let kind = EventKind::TagDeleted {
+                            tenant: a.tenant(),
+                            repository: name.to_string(),
+                            tag: tag.to_string(),
+                            digest: pointed.to_string(),
+                            by: a.by.clone(),
                         };
-                        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-                            let kind = EventKind::TagDeleted {
-                                tenant: a.tenant(),
-                                repository: name.to_string(),
-                                tag: tag.to_string(),
-                                digest: pointed.to_string(),
-                                by: a.by.clone(),
-                            };
-                            a.rows(kind, false)
-                        });
-                        let guard = guard_of(&state);
-                        let res = meta.delete_tag(&guard, &name, &tag, &outbox).await;
-                        if retry(announce.as_ref(), &outbox, &res) {
-                            continue;
-                        }
-                        reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete tag", e)))?;
-                        let mut s = state.write().unwrap();
-                        s.tags.remove(&tag);
-                        s.version = guard.next().to_owned();
-                        drop(s);
-                        index.changed(&name);
-                        return Ok(());
+                        a.rows(kind, false)
+                    });
+                    let guard = guard_of(&state);
+                    let res = meta.delete_tag(&guard, &name, &tag, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
                     }
-                    Err(busy(&name))
-                },
-                |e| Err(internal("repository change", e)),
-            )
+                    reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete tag", e)))?;
+                    let mut s = state.write().unwrap();
+                    s.tags.remove(&tag);
+                    s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
+                    return Ok(());
+                }
+                Err(busy(&name))
+            }
             .into_actor(self),
         ))
     }
@@ -459,79 +447,75 @@ impl Handler<Link> for RepoActor {
         let Link { digest, size, ends_upload, quota, pinned, announce } = msg;
         let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    for attempt in 0..TRIES {
-                        let state = current(&co, &name, attempt).await?.unwrap_or_default();
-                        let linked = state.read().unwrap().blobs.contains_key(&digest);
-                        if size.is_none() && !linked {
-                            return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
-                        }
-                        // A mount of a blob the repository has: nothing to write. (An
-                        // upload goes on to metadata even then: its session record and
-                        // pin go, and the link's time is renewed for the collector.)
-                        if size.is_some() && ends_upload.is_none() && !pinned && linked {
-                            return Ok(());
-                        }
-                        // A link announces the repository if it creates it, and an upload's blob.
-                        let outbox = match (&announce, size) {
-                            (Some(a), Some(size)) => {
-                                let mut rows = a.rows(a.repository_created(&name), true);
-                                if ends_upload.is_some() {
-                                    let kind = EventKind::BlobUploaded {
-                                        tenant: a.tenant(),
-                                        repository: name.to_string(),
-                                        digest: digest.to_string(),
-                                        size,
-                                        by: a.by.clone(),
-                                    };
-                                    rows.extend(a.rows(kind, false));
-                                }
-                                rows
-                            }
-                            _ => vec![],
-                        };
-                        let guard = guard_of(&state);
-                        let res = match size {
-                            Some(size) => meta
-                                .link_blob(
-                                    &guard,
-                                    &LinkRow { repo: name.clone(), digest: digest.clone(), size },
-                                    ends_upload.as_ref(),
-                                    pinned,
-                                    &outbox,
-                                )
-                                .await
-                                .map(|b| b as i64),
-                            None => meta.unlink_blob(&guard, &name, &digest).await.map(|b| -(b as i64)),
-                        };
-                        if retry(announce.as_ref(), &outbox, &res) {
-                            continue;
-                        }
-                        let delta = reported(announce.as_ref(), &outbox, res).map_err(|e| match e {
-                            MetadataError::Collecting => {
-                                RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
-                            }
-                            e => internal("blob link", e),
-                        })?;
-                        settle(quota, delta);
-                        // A link creates the repository (an unlink found it).
-                        let state = if size.is_some() { index.repo_or_create(&name) } else { state };
-                        let mut s = state.write().unwrap();
-                        match size {
-                            Some(size) => s.blobs.insert(digest, size),
-                            None => s.blobs.remove(&digest),
-                        };
-                        s.version = guard.next().to_owned();
-                        drop(s);
-                        index.changed(&name);
+            async move {
+                for attempt in 0..TRIES {
+                    let state = current(&co, &name, attempt).await?.unwrap_or_default();
+                    let linked = state.read().unwrap().blobs.contains_key(&digest);
+                    if size.is_none() && !linked {
+                        return Err(RegistryError::new(ErrorCode::BlobUnknown).with_detail(digest.to_string()));
+                    }
+                    // A mount of a blob the repository has: nothing to write. (An
+                    // upload goes on to metadata even then: its session record and
+                    // pin go, and the link's time is renewed for the collector.)
+                    if size.is_some() && ends_upload.is_none() && !pinned && linked {
                         return Ok(());
                     }
-                    Err(busy(&name))
-                },
-                |e| Err(internal("repository change", e)),
-            )
+                    // A link announces the repository if it creates it, and an upload's blob.
+                    let outbox = match (&announce, size) {
+                        (Some(a), Some(size)) => {
+                            let mut rows = a.rows(a.repository_created(&name), true);
+                            if ends_upload.is_some() {
+                                let kind = EventKind::BlobUploaded {
+                                    tenant: a.tenant(),
+                                    repository: name.to_string(),
+                                    digest: digest.to_string(),
+                                    size,
+                                    by: a.by.clone(),
+                                };
+                                rows.extend(a.rows(kind, false));
+                            }
+                            rows
+                        }
+                        _ => vec![],
+                    };
+                    let guard = guard_of(&state);
+                    let res = match size {
+                        Some(size) => meta
+                            .link_blob(
+                                &guard,
+                                &LinkRow { repo: name.clone(), digest: digest.clone(), size },
+                                ends_upload.as_ref(),
+                                pinned,
+                                &outbox,
+                            )
+                            .await
+                            .map(|b| b as i64),
+                        None => meta.unlink_blob(&guard, &name, &digest).await.map(|b| -(b as i64)),
+                    };
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
+                    }
+                    let delta = reported(announce.as_ref(), &outbox, res).map_err(|e| match e {
+                        MetadataError::Collecting => {
+                            RegistryError::new(ErrorCode::Unavailable).with_detail("the blob is being collected; push it again")
+                        }
+                        e => internal("blob link", e),
+                    })?;
+                    settle(quota, delta);
+                    // A link creates the repository (an unlink found it).
+                    let state = if size.is_some() { index.repo_or_create(&name) } else { state };
+                    let mut s = state.write().unwrap();
+                    match size {
+                        Some(size) => s.blobs.insert(digest, size),
+                        None => s.blobs.remove(&digest),
+                    };
+                    s.version = guard.next().to_owned();
+                    drop(s);
+                    index.changed(&name);
+                    return Ok(());
+                }
+                Err(busy(&name))
+            }
             .into_actor(self),
         ))
     }
@@ -552,32 +536,25 @@ impl Handler<DeleteRepo> for RepoActor {
         let (quota, announce) = (msg.0, msg.1);
         let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    // Whatever the repository holds goes: the guard only keeps a
-                    // change made meanwhile from being deleted unseen by the index.
-                    for attempt in 0..TRIES {
-                        let guard = current(&co, &name, attempt).await?.map_or_else(|| Guard::at(""), |s| guard_of(&s));
-                        let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-                            a.rows(
-                                EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() },
-                                false,
-                            )
-                        });
-                        let res = meta.delete_repo(&guard, &name, &outbox).await;
-                        if retry(announce.as_ref(), &outbox, &res) {
-                            continue;
-                        }
-                        let removed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete repository", e)))?;
-                        settle(quota, -(removed.freed_bytes as i64));
-                        index.remove_repo(&name);
-                        return Ok(removed);
+            async move {
+                // Whatever the repository holds goes: the guard only keeps a
+                // change made meanwhile from being deleted unseen by the index.
+                for attempt in 0..TRIES {
+                    let guard = current(&co, &name, attempt).await?.map_or_else(|| Guard::at(""), |s| guard_of(&s));
+                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                        a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
+                    });
+                    let res = meta.delete_repo(&guard, &name, &outbox).await;
+                    if retry(announce.as_ref(), &outbox, &res) {
+                        continue;
                     }
-                    Err(busy(&name))
-                },
-                |e| Err(internal("repository change", e)),
-            )
+                    let removed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete repository", e)))?;
+                    settle(quota, -(removed.freed_bytes as i64));
+                    index.remove_repo(&name);
+                    return Ok(removed);
+                }
+                Err(busy(&name))
+            }
             .into_actor(self),
         ))
     }
@@ -602,38 +579,34 @@ impl Handler<Collect> for RepoActor {
         let Collect { digest, cutoff, quota } = msg;
         let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
         AtomicResponse::new(Box::pin(
-            crate::offload(
-                self.coherence.runtime(),
-                async move {
-                    for attempt in 0..TRIES {
-                        let Some(state) = current(&co, &name, attempt).await? else { return Ok(None) };
-                        // Changes are checked against the database's version, so what
-                        // the index holds now is every manifest this repository has.
-                        let needed = {
-                            let s = state.read().unwrap();
-                            !s.blobs.contains_key(&digest)
-                                || s.manifests.values().any(|m| m.row.refs.as_ref().is_none_or(|r| r.contains(&digest)))
-                        };
-                        if needed || index.touched_since(&name, &digest, cutoff) {
-                            return Ok(None);
-                        }
-                        let guard = guard_of(&state);
-                        let freed = match meta.unlink_blob_if_idle(&guard, &name, &digest, cutoff).await {
-                            Err(MetadataError::Stale) => continue,
-                            res => res.map_err(|e| internal("collect link", e))?,
-                        };
-                        if let Some(freed) = freed {
-                            settle(quota, -(freed as i64));
-                            let mut s = state.write().unwrap();
-                            s.blobs.remove(&digest);
-                            s.version = guard.next().to_owned();
-                        }
-                        return Ok(freed);
+            async move {
+                for attempt in 0..TRIES {
+                    let Some(state) = current(&co, &name, attempt).await? else { return Ok(None) };
+                    // Changes are checked against the database's version, so what
+                    // the index holds now is every manifest this repository has.
+                    let needed = {
+                        let s = state.read().unwrap();
+                        !s.blobs.contains_key(&digest)
+                            || s.manifests.values().any(|m| m.row.refs.as_ref().is_none_or(|r| r.contains(&digest)))
+                    };
+                    if needed || index.touched_since(&name, &digest, cutoff) {
+                        return Ok(None);
                     }
-                    Err(busy(&name))
-                },
-                |e| Err(internal("repository change", e)),
-            )
+                    let guard = guard_of(&state);
+                    let freed = match meta.unlink_blob_if_idle(&guard, &name, &digest, cutoff).await {
+                        Err(MetadataError::Stale) => continue,
+                        res => res.map_err(|e| internal("collect link", e))?,
+                    };
+                    if let Some(freed) = freed {
+                        settle(quota, -(freed as i64));
+                        let mut s = state.write().unwrap();
+                        s.blobs.remove(&digest);
+                        s.version = guard.next().to_owned();
+                    }
+                    return Ok(freed);
+                }
+                Err(busy(&name))
+            }
             .into_actor(self),
         ))
     }

@@ -88,27 +88,11 @@ pub struct UploadSessions {
     quotas: std::sync::Arc<Quotas>,
     ttl: Duration,
     sweep_every: Duration,
-    /// Where session writes run (the request runtime: see [`crate::offload`]).
-    runtime: tokio::runtime::Handle,
 }
 
 impl UploadSessions {
-    pub fn new(
-        meta: Metadata,
-        store: BlobStore,
-        quotas: std::sync::Arc<Quotas>,
-        ttl: Duration,
-        sweep_every: Duration,
-        runtime: tokio::runtime::Handle,
-    ) -> Self {
-        UploadSessions { sessions: HashMap::new(), meta, store, quotas, ttl, sweep_every, runtime }
-    }
-
-    /// Write a session's state, off the actors' thread.
-    fn persist(&self, row: UploadRow) -> impl std::future::Future<Output = Result<(), RegistryError>> + 'static {
-        let meta = self.meta.clone();
-        let write = async move { meta.put_upload(&row).await.map_err(|e| internal("persist upload session", e)) };
-        crate::offload(&self.runtime, write, |e| Err(internal("persist upload session", e)))
+    pub fn new(meta: Metadata, store: BlobStore, quotas: std::sync::Arc<Quotas>, ttl: Duration, sweep_every: Duration) -> Self {
+        UploadSessions { sessions: HashMap::new(), meta, store, quotas, ttl, sweep_every }
     }
 }
 
@@ -161,7 +145,8 @@ impl Handler<Create> for UploadSessions {
         let id = session.id;
         let row = session.to_row();
         self.sessions.insert(id, Entry { session, busy: true, touched_ms: now_ms(), lease: None });
-        Box::pin(self.persist(row).into_actor(self).map(move |res, act, _| match res {
+        let meta = self.meta.clone();
+        Box::pin(async move { meta.put_upload(&row).await }.into_actor(self).map(move |res, act, _| match res {
             Ok(()) => {
                 if let Some(e) = act.sessions.get_mut(&id) {
                     e.busy = false;
@@ -170,7 +155,7 @@ impl Handler<Create> for UploadSessions {
             }
             Err(e) => {
                 act.sessions.remove(&id);
-                Err(e)
+                Err(internal("persist upload session", e))
             }
         }))
     }
@@ -327,12 +312,13 @@ impl Handler<Release> for UploadSessions {
             e.session = updated;
             e.touched_ms = now_ms();
         }
+        let meta = self.meta.clone();
         // The lease is held until the new state is durable, so writes stay ordered.
-        Box::pin(self.persist(row).into_actor(self).map(move |res, act, _| {
+        Box::pin(async move { meta.put_upload(&row).await }.into_actor(self).map(move |res, act, _| {
             if let Some(e) = act.sessions.get_mut(&id) {
                 e.busy = false;
             }
-            res
+            res.map_err(|e| internal("persist upload session", e))
         }))
     }
 }
