@@ -132,8 +132,8 @@ fn main() -> std::process::ExitCode {
     // pushes ran 25 % slower with it. Error backtraces stay off unless asked
     // for by `RUST_LIB_BACKTRACE`; panics keep theirs.
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: the first statement of `main`, before any other thread exists.
-        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+        // The first statement of `main`: no other thread reads the environment yet.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let cli = Cli::parse();
     let conn = cli.conn.clone();
