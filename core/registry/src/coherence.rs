@@ -151,7 +151,9 @@ impl Coherence {
             match (self.index.version(name), remote.get(name).copied()) {
                 (Some(held), Some(now)) if held == now => {}
                 // Changed or deleted elsewhere: load it again (or drop it).
-                (Some(_), _) => drop(self.index.install(name, self.meta.repo_snapshot(name).await?)),
+                (Some(_), _) => {
+                    self.index.install(name, self.meta.repo_snapshot(name).await?);
+                }
                 // Not held: its state is read when the request needs it.
                 (None, Some(_)) => self.index.add_name(name),
                 (None, None) if self.index.exists(name) => self.index.remove_repo(name),

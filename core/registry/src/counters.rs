@@ -6,7 +6,7 @@
 //! the tally out and writes it to metadata as one transaction
 //! ([`berth_metadata::Metadata::record_pulls`]). A failed write puts the batch
 //! back, so counts wait for the database rather than being lost; memory stays
-//! bounded by the number of distinct (repository, tag, manifest) keys pulled in
+//! bounded by the number of distinct (repository, tag) keys pulled in
 //! the meantime, not by the number of pulls.
 //!
 //! Pull events for plugins ([`PullTally::announce`]) wait in the tally too, but
