@@ -798,17 +798,8 @@ impl Registry {
             };
             self.pulls.count(repo, tag);
         }
-        if body && self.plugins.as_ref().is_some_and(|p| p.deliveries().wanted(berth_plugins::Hook::ManifestPulled)) {
-            if let Some(a) = self.announcer(repo, puller).await? {
-                let kind = berth_plugins::EventKind::ManifestPulled {
-                    tenant: a.tenant(),
-                    repository: repo.to_string(),
-                    reference: reference.to_string(),
-                    digest: m.digest.to_string(),
-                    puller: puller.to_owned(),
-                };
-                self.pulls.announce(a.rows(kind, false));
-            }
+        if body {
+            self.announce_pull(repo, reference, &m.digest, puller).await;
         }
         Ok((m, size))
     }
