@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_metadata::{DeliveryRow, Metadata, OutboxRow, Settle};
 use arc_swap::ArcSwap;
+use berth_metadata::{DeliveryRow, Metadata, OutboxRow, Settle};
 use berth_plugins::{CallError, Event, EventKind, Hook, Instance, PluginHost, Scope};
 use futures::StreamExt;
 use serde::Serialize;
