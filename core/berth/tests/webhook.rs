@@ -277,12 +277,15 @@ fn the_outbox_survives_kill_9() {
 fn hostile_subscribers_do_not_hurt_pushes_or_pulls() {
     let dir = TempDir::new("hostile-events");
     let s = start(&dir);
+    // Deliveries run at idle priority and their clock counts the wait for a
+    // CPU: a second, so a loaded machine cannot turn a memory bomb or a trap
+    // into a timeout.
     let module = support::install(
         &dir.path().join("src"),
         "berth_hostile",
         "hostile",
         "hooks = [\"manifest-pushed\", \"manifest-pulled\"]\n[config.mode]\n\
-         [limits]\ntimeout_ms = 300\nmemory_mib = 16\nmax_failures = 3\nmax_attempts = 2\nlog_lines = 5\nconcurrency = 1\n",
+         [limits]\ntimeout_ms = 1000\nmemory_mib = 16\nmax_failures = 3\nmax_attempts = 2\nlog_lines = 5\nconcurrency = 1\n",
     );
     let (code, out) = admin_cli(&s, dir.path(), &["plugin", "install", module.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}");
