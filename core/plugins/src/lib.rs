@@ -457,6 +457,11 @@ impl PluginHost {
         self.instances.read().unwrap().values().cloned().collect()
     }
 
+    /// Whether any enabled instance is called for `hook`.
+    pub fn takes(&self, hook: Hook) -> bool {
+        self.instances.read().unwrap().values().any(|i| i.spec.enabled && i.spec.hooks.contains(&hook))
+    }
+
     /// The instances a change in `namespace` (owned by `tenant`) is delivered to
     /// for `hook`: switched-on ones whose scope covers it, platform first.
     pub fn subscribed(&self, hook: Hook, tenant: Option<&str>, namespace: &str) -> Vec<Arc<Instance>> {

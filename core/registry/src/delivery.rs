@@ -18,15 +18,9 @@
 //! an actix actor: plugin calls are CPU work that must not hold the actor
 //! thread.
 //!
-//! Pulls take a path of their own ([`Deliveries::admit_pull`]): the instances
-//! taking pulls and their queues are one snapshot ([`PullRoute`]), swapped
-//! whole when instances change, so a pull reads it without a lock or a write to
-//! shared memory, and builds an event only once a queue has taken a place.
-//!
 //! Invariants:
 //! - Nothing on the request path waits for a plugin: announcing is a counter
-//!   check and a row in a transaction that runs anyway (for pulls, a batch
-//!   written at the next flush of the pull counts).
+//!   check and a row in a transaction that runs anyway.
 //! - The queue is bounded: past `limits.queue` rows, new events for that
 //!   instance are not queued but counted (`overflow`), so a stuck receiver
 //!   costs a bounded amount of metadata and never slows pushes or pulls.
@@ -39,9 +33,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use berth_metadata::{DeliveryRow, Metadata, OutboxRow, Settle};
-use berth_plugins::{CallError, Event, EventKind, Hook, Instance, PluginHost, Scope};
+use berth_plugins::{CallError, Event, EventKind, Hook, Instance, PluginHost};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -144,23 +137,12 @@ pub struct Deliveries {
     /// This process, as a lease holder.
     holder: Arc<str>,
     queues: Mutex<BTreeMap<String, Arc<Queue>>>,
-    /// The instances taking pulls, as of the last [`Deliveries::sync`].
-    pulls: ArcSwap<PullRoute>,
-}
-
-/// The instances that take pulls (switched on by their spec), with their
-/// queues, in the order events are delivered (platform first).
-#[derive(Default)]
-pub struct PullRoute {
-    targets: Vec<(Arc<Instance>, Arc<Queue>)>,
-    /// Some target is scoped to a tenant: who owns a pulled repository decides.
-    by_tenant: bool,
 }
 
 impl Deliveries {
     pub fn new(host: Arc<PluginHost>, meta: Metadata) -> Deliveries {
         let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()).into();
-        Deliveries { host, meta, holder, queues: Mutex::new(BTreeMap::new()), pulls: ArcSwap::from_pointee(PullRoute::default()) }
+        Deliveries { host, meta, holder, queues: Mutex::new(BTreeMap::new()) }
     }
 
     /// Start a worker for every instance that takes events and has none, and
@@ -192,17 +174,6 @@ impl Deliveries {
             // An instance enabled again resumes at once.
             q.wake.notify_one();
         }
-        // Built under the queues' lock, so concurrent syncs store the latest.
-        let mut targets: Vec<(Arc<Instance>, Arc<Queue>)> = self
-            .host
-            .instances()
-            .into_iter()
-            .filter(|i| i.spec.enabled && i.spec.hooks.contains(&Hook::ManifestPulled))
-            .filter_map(|i| queues.get(&i.spec.id).cloned().map(|q| (i, q)))
-            .collect();
-        targets.sort_by(|(a, _), (b, _)| (&a.spec.scope, &a.spec.id).cmp(&(&b.spec.scope, &b.spec.id)));
-        let by_tenant = targets.iter().any(|(i, _)| matches!(i.spec.scope, Scope::Tenant(_)));
-        self.pulls.store(Arc::new(PullRoute { targets, by_tenant }));
     }
 
     /// Stop every worker (graceful shutdown; what is queued stays queued).
@@ -226,28 +197,9 @@ impl Deliveries {
         !self.queues.lock().unwrap().is_empty()
     }
 
-    /// Whether any instance takes pulls (`None`: none does, and a pull costs
-    /// this check alone) and, if so, whether which ones depend on the tenant
-    /// that owns the pulled repository.
-    pub fn pull_route(&self) -> Option<bool> {
-        let r = self.pulls.load();
-        (!r.targets.is_empty()).then_some(r.by_tenant)
-    }
-
-    /// Places for one pull's event in `namespace` (owned by `tenant`, when the
-    /// route needs it): the queues of the instances taking pulls that cover it
-    /// and have room. A covering queue that is full counts the event as
-    /// overflow. Nothing is allocated unless a place is taken.
-    pub fn admit_pull(&self, tenant: Option<&str>, namespace: &str) -> Vec<Arc<Queue>> {
-        let r = self.pulls.load();
-        r.targets.iter().filter(|(i, q)| i.spec.scope.covers(tenant, namespace) && q.admit()).map(|(_, q)| q.clone()).collect()
-    }
-
-    /// Give back places taken for an event that was not made after all.
-    pub fn release(&self, places: &[Arc<Queue>]) {
-        for q in places {
-            let _ = q.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| Some(p.saturating_sub(1)));
-        }
+    /// Whether any instance takes `hook` (a cheap check for the read path).
+    pub fn wanted(&self, hook: Hook) -> bool {
+        self.host.takes(hook)
     }
 
     /// The outbox rows announcing `kind`: one per instance subscribed to it
@@ -265,15 +217,9 @@ impl Deliveries {
             let queues = self.queues.lock().unwrap();
             subscribed.iter().filter_map(|inst| queues.get(&inst.spec.id)).filter(|q| q.admit()).cloned().collect()
         };
-        Deliveries::rows_for(&admitted, kind, if_new_repo)
-    }
-
-    /// The outbox rows announcing `kind` to the queues that took places for it.
-    pub fn rows_for(admitted: &[Arc<Queue>], kind: EventKind, if_new_repo: bool) -> Vec<OutboxRow> {
         if admitted.is_empty() {
             return vec![];
         }
-        let hook = kind.hook();
         let event = Event::new(kind);
         let text = serde_json::to_string(&event).expect("an event serializes");
         admitted

@@ -798,8 +798,22 @@ impl Registry {
             };
             self.pulls.count(repo, tag);
         }
-        if body {
-            self.announce_pull(repo, reference, &m.digest, puller).await;
+        if body && self.plugins.as_ref().is_some_and(|p| p.deliveries().wanted(berth_plugins::Hook::ManifestPulled)) {
+            // The manifest was read: a pull never fails for its announcement.
+            match self.announcer(repo, puller).await {
+                Ok(Some(a)) => {
+                    let kind = berth_plugins::EventKind::ManifestPulled {
+                        tenant: a.tenant(),
+                        repository: repo.to_string(),
+                        reference: reference.to_string(),
+                        digest: m.digest.to_string(),
+                        puller: puller.to_owned(),
+                    };
+                    self.pulls.announce(a.rows(kind, false));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%repo, error = %e, "a pull was not announced: its owner could not be read"),
+            }
         }
         Ok((m, size))
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use berth_metadata::{FindingRow, Metadata, OutboxRow, PluginInstanceRow};
 use berth_oci::manifest::{ManifestKind, ParsedManifest};
 use berth_oci::range::ByteRange;
-use berth_oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
+use berth_oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
 use berth_plugins::{
     BlobReader, Decision, EventKind, Hook, Image, InstanceSpec, KvStore, Module, Platform, PluginHost, PluginManifest, Push, Scope,
 };
@@ -335,50 +335,6 @@ impl Registry {
         let Some(p) = self.plugins.as_ref().filter(|p| p.deliveries.any_queue()) else { return Ok(None) };
         let tenant = self.quotas.owner(repo).await?.map(|t| t.to_string());
         Ok(Some(Announce { deliveries: p.deliveries.clone(), tenant, by: by.to_owned() }))
-    }
-
-    /// Announce a pull of `digest` (asked for as `reference`) to the instances
-    /// taking pulls: a snapshot read when none does; an event only when a queue
-    /// has room for it; written with the next flush of the pull counts. A pull
-    /// never fails for it: an owner that cannot be read leaves the event out.
-    pub(crate) async fn announce_pull(&self, repo: &RepoName, reference: &Reference, digest: &Digest, puller: &str) {
-        let Some(p) = &self.plugins else { return };
-        let Some(by_tenant) = p.deliveries.pull_route() else { return };
-        let owner = || async {
-            match self.quotas.owner(repo).await {
-                Ok(t) => Some(t.map(|t| t.to_string()).unwrap_or_default()),
-                Err(e) => {
-                    tracing::warn!(%repo, error = %e, "a pull was not announced: its owner could not be read");
-                    None
-                }
-            }
-        };
-        let mut tenant = None;
-        if by_tenant {
-            tenant = Some(match owner().await {
-                Some(t) => t,
-                None => return,
-            });
-        }
-        let places = p.deliveries.admit_pull(tenant.as_deref().filter(|t| !t.is_empty()), repo.namespace());
-        if places.is_empty() {
-            return;
-        }
-        let tenant = match tenant {
-            Some(t) => t,
-            None => match owner().await {
-                Some(t) => t,
-                None => return p.deliveries.release(&places),
-            },
-        };
-        let kind = EventKind::ManifestPulled {
-            tenant,
-            repository: repo.to_string(),
-            reference: reference.to_string(),
-            digest: digest.to_string(),
-            puller: puller.to_owned(),
-        };
-        self.pulls.announce(Deliveries::rows_for(&places, kind, false));
     }
 
     /// Ask the gates covering `repo` about a manifest push. A denial is a
