@@ -18,23 +18,62 @@ struct Surreal {
 }
 
 impl Surreal {
+    /// Start on a free port; a server that exits before it is ready (its
+    /// port taken in the meantime by another test's process) is started again
+    /// on another.
+    fn start_free(bin: &str, dir: &Path) -> Surreal {
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            match Surreal::try_start(bin, dir, port) {
+                Ok(s) => return s,
+                Err(e) => eprintln!("{e}; trying another port"),
+            }
+        }
+        panic!("the SurrealDB server did not start on three ports");
+    }
+
+    /// Start on `port` (a restart on the port of the server before).
     fn start(bin: &str, dir: &Path, port: u16) -> Surreal {
+        Surreal::try_start(bin, dir, port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Start and wait until its `/ready` answers 200 (the server binds before
+    /// its startup work is done when that is slow, and a TCP connect alone
+    /// could reach another process that took the port).
+    fn try_start(bin: &str, dir: &Path, port: u16) -> Result<Surreal, String> {
         let store = format!("surrealkv://{}", dir.display());
         let mut child = Command::new(bin)
             .args(["start", "--user", "root", "--pass", "root", "--bind", &format!("127.0.0.1:{port}"), "--log", "warn", &store])
             .stdout(Stdio::null())
             .spawn()
             .expect("starting the SurrealDB server");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Surreal { child, port };
+        for _ in 0..600 {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("the SurrealDB server on {port} exited ({status}) before it was ready"));
+            }
+            if ready(port) {
+                return Ok(Surreal { child, port });
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let _ = child.kill();
         let _ = child.wait();
-        panic!("the SurrealDB server did not listen on {port}");
+        Err(format!("the SurrealDB server was not ready on {port} within 30 s"))
     }
+}
+
+/// Whether the server on `port` answers `GET /ready` with 200.
+fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if c.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
 
 impl Drop for Surreal {
@@ -80,8 +119,7 @@ fn berth_runs_over_a_surrealdb_server() {
         return;
     };
     let dir = TempDir::new("surreal");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut db = Surreal::start(&bin, &dir.path().join("db"), port);
+    let mut db = Surreal::start_free(&bin, &dir.path().join("db"));
     let mut s = berth(&dir, db.port);
     let (kept, gone) = block_on(async {
         let admin = client();
@@ -115,10 +153,36 @@ fn berth_runs_over_a_surrealdb_server() {
     check(&s);
     // The server restarts too (its data on disk): Berth, started again, finds it all.
     s.stop();
+    let port = db.port;
     drop(db);
     db = Surreal::start(&bin, &dir.path().join("db"), port);
     let s = berth(&dir, db.port);
     check(&s);
+}
+
+/// Berth started before its SurrealDB server waits for it
+/// (`metadata.connect_wait_secs`) instead of exiting on the refused connection.
+#[test]
+fn berth_waits_for_a_server_that_starts_after_it() {
+    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
+        eprintln!("berth_waits_for_a_server_that_starts_after_it: set BERTH_TEST_SURREAL");
+        return;
+    };
+    let dir = TempDir::new("surreal-late");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let db_dir = dir.path().join("db");
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        Surreal::start(&bin, &db_dir, port)
+    });
+    let s = berth(&dir, port);
+    let _db = late.join().unwrap();
+    block_on(async {
+        let admin = client();
+        let digest = push_image(&admin, &s, "library/app", "v1", 1, json!({})).await;
+        let r = admin.get(s.url("/v2/library/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    });
 }
 
 /// Two Berths over one SurrealDB server: a password changed through one stops
@@ -131,8 +195,7 @@ fn a_changed_password_stops_working_on_every_replica() {
         return;
     };
     let (one, two) = (TempDir::new("surreal-a"), TempDir::new("surreal-b"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let db = Surreal::start_free(&bin, &one.path().join("db"));
     let a = berth(&one, db.port);
     let b = berth(&two, db.port);
     block_on(async {
@@ -171,8 +234,7 @@ fn replicas_serve_each_others_writes_at_once() {
         return;
     };
     let (one, two, blobs) = (TempDir::new("coherent-a"), TempDir::new("coherent-b"), TempDir::new("coherent-blobs"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let db = Surreal::start_free(&bin, &one.path().join("db"));
     let storage = format!("[storage]\nbackend = \"fs\"\nroot = \"{}\"\n", blobs.path().display());
     let a = berth_on(&one, db.port, "", &storage);
     let b = berth_on(&two, db.port, "", &storage);
@@ -365,13 +427,12 @@ fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
         return;
     };
     let (one, two) = (TempDir::new("keys-a"), TempDir::new("keys-b"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let db = Surreal::start(&bin, &one.path().join("db"), port);
+    let db = Surreal::start_free(&bin, &one.path().join("db"));
     let short = "bearer_ttl_secs = 2\nclock_skew_secs = 1\n";
     let a = berth_with(&one, db.port, short);
     let b = berth_with(&two, db.port, short);
     block_on(async {
-        let keys = stored_keys(port).await;
+        let keys = stored_keys(db.port).await;
         assert_eq!(keys.len(), 1, "{keys:?}");
         let (kid, sealed) = (keys[0]["kid"].as_str().unwrap().to_owned(), keys[0]["sealed"].as_str().unwrap().to_owned());
         assert!(keys[0]["secret_hex"].is_null(), "no key in the clear: {keys:?}");
@@ -387,7 +448,7 @@ fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
 
         // An emergency rotation: the replaced key stops at once where it was
         // rotated, and at the other's next refresh.
-        let keys = stored_keys(port).await;
+        let keys = stored_keys(db.port).await;
         let current = keys.iter().find(|k| k["retired_ms"].is_null()).unwrap();
         let kid = current["kid"].as_str().unwrap();
         let forged = forge(kid, &open_sealed(kid, current["sealed"].as_str().unwrap()));
@@ -395,6 +456,6 @@ fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
         assert_eq!(client().post(a.url("/api/v1/keys/rotate?now=true")).send().await.unwrap().status(), 200);
         assert_eq!(bearer_status(&a, &forged).await, 401, "dropped at once");
         assert!(until_refused(&b, &forged).await, "dropped on the other replica");
-        assert!(stored_keys(port).await.iter().all(|k| k["retired_ms"].is_null()), "only the new key is left");
+        assert!(stored_keys(db.port).await.iter().all(|k| k["retired_ms"].is_null()), "only the new key is left");
     });
 }

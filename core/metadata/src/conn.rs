@@ -120,7 +120,7 @@ impl Conn {
                 // Berth runs no live queries: without their notification channel the
                 // embedded engine does not preallocate its 15,000 slots (2 MiB, touched).
                 let engine = Config::new().capabilities(Capabilities::new().with_live_query_notifications(false));
-                let db = any::connect((url.as_str(), engine)).await?;
+                let db = connect_waiting(&url, engine, config.connect_wait()).await?;
                 if let (Some(username), Some(password)) = (&config.username, &config.password) {
                     db.signin(Root { username: username.clone(), password: password.clone() }).await?;
                 }
@@ -173,6 +173,27 @@ impl Conn {
             Kind::Url(db) => QKind::Url(db.query(sql)),
         };
         Q { kind, gate: &self.gate }
+    }
+}
+
+/// Connect to `url`; a server that refuses the connection (not up yet: a
+/// replica started with its database, or before it) is tried again every
+/// half second for up to `wait`, with a line in the log every 5 s.
+async fn connect_waiting(url: &str, engine: Config, wait: Duration) -> Result<Surreal<Any>> {
+    let started = std::time::Instant::now();
+    let mut said = None::<std::time::Instant>;
+    loop {
+        match any::connect((url, engine.clone())).await {
+            Ok(db) => return Ok(db),
+            Err(e) if started.elapsed() < wait => {
+                if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    tracing::warn!(%url, error = %e, left_secs = (wait - started.elapsed()).as_secs(), "waiting for the metadata server");
+                    said = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -74,12 +74,18 @@ pub struct MetadataConfig {
     /// orders; nothing but a restart ends that, and a restart is safe.
     #[serde(default)]
     pub watchdog_secs: Option<u64>,
+    /// How long Berth waits at startup for a metadata server (`ws://`) that
+    /// refuses connections, as one started with it does (default 30; 0: not
+    /// at all). A server that answers with an error (wrong password) fails at once.
+    #[serde(default)]
+    pub connect_wait_secs: Option<u64>,
 }
 
 /// The embedded store's cache and write buffer when the config names none.
 pub const DEFAULT_CACHE_MIB: u64 = 64;
 pub const DEFAULT_MEMTABLE_MIB: u64 = 256;
 pub const DEFAULT_WATCHDOG_SECS: u64 = 60;
+pub const DEFAULT_CONNECT_WAIT_SECS: u64 = 30;
 
 impl MetadataConfig {
     /// `url` with every other setting at its default.
@@ -94,7 +100,15 @@ impl MetadataConfig {
             cache_mib: None,
             memtable_mib: None,
             watchdog_secs: None,
+            connect_wait_secs: None,
         }
+    }
+
+    /// How long to wait for a metadata server that is not up yet (zero for a
+    /// store of this process's own).
+    pub(crate) fn connect_wait(&self) -> std::time::Duration {
+        let secs = if self.is_server() { self.connect_wait_secs.unwrap_or(DEFAULT_CONNECT_WAIT_SECS) } else { 0 };
+        std::time::Duration::from_secs(secs)
     }
 
     /// A SurrealDB server (which several replicas may share), not a store of
@@ -1055,15 +1069,31 @@ mod tests {
                     let _ = child.wait();
                 });
                 rx.recv().unwrap();
-                for _ in 0..200 {
-                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ready, not only listening: the server binds before its
+                // startup work is done when that is slow.
+                for _ in 0..600 {
+                    if ready(port) {
                         return format!("ws://127.0.0.1:{port}");
                     }
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                panic!("the SurrealDB server did not listen on {port}");
+                panic!("the SurrealDB server was not ready on {port} within 30 s");
             })
             .clone()
+        }
+
+        /// Whether the server on `port` answers `GET /ready` with 200.
+        fn ready(port: u16) -> bool {
+            use std::io::{Read, Write};
+            let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let mut head = [0u8; 12];
+            c.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
+                && c.read_exact(&mut head).is_ok()
+                && head.starts_with(b"HTTP/1.")
+                && &head[9..12] == b"200"
         }
     }
 
