@@ -234,7 +234,10 @@ fn the_outbox_survives_kill_9() {
         }
         // Committed and queued, not delivered: the receiver answers 503.
         eventually("every event tried once", 20, || rx.refused() >= TAGS as u32).await;
-        // Between tries (a call in flight is not counted as waiting) all are queued.
+        // Between tries all are queued. A call in flight is not counted as
+        // waiting, and on a loaded machine (deliveries run at idle priority)
+        // some of the webhook's 4 may be in flight throughout; that every event
+        // was queued is proven after the kill, when all of them arrive.
         let mut st = Value::Null;
         for _ in 0..100 {
             st = admin.get(s.url("/api/v1/plugins/instances/audit")).send().await.unwrap().json().await.unwrap();
@@ -243,7 +246,7 @@ fn the_outbox_survives_kill_9() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(st["queue"]["depth"].as_u64(), Some(TAGS as u64), "{st}");
+        assert!(st["queue"]["depth"].as_u64().unwrap() >= TAGS as u64 - 4, "{st}");
         assert_eq!(st["queue"]["delivered"].as_u64(), Some(0), "{st}");
         assert!(st["queue"]["lag_ms"].as_u64().unwrap() > 0, "{st}");
     });
@@ -278,22 +281,29 @@ fn hostile_subscribers_do_not_hurt_pushes_or_pulls() {
     let dir = TempDir::new("hostile-events");
     let s = start(&dir);
     // Deliveries run at idle priority and their clock counts the wait for a
-    // CPU: a second, so a loaded machine cannot turn a memory bomb or a trap
-    // into a timeout.
-    let module = support::install(
-        &dir.path().join("src"),
-        "berth_hostile",
-        "hostile",
-        "hooks = [\"manifest-pushed\", \"manifest-pulled\"]\n[config.mode]\n\
-         [limits]\ntimeout_ms = 1000\nmemory_mib = 16\nmax_failures = 3\nmax_attempts = 2\nlog_lines = 5\nconcurrency = 1\n",
-    );
-    let (code, out) = admin_cli(&s, dir.path(), &["plugin", "install", module.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{out}");
+    // CPU.
+    // The modes that must end on their own (a memory bomb, a trap) run under a
+    // copy with a clock they never meet, so only their own limit decides them.
+    for (name, timeout_ms) in [("hostile", 1000), ("hostile-patient", 60000)] {
+        let module = support::install(
+            &dir.path().join("src"),
+            "berth_hostile",
+            name,
+            &format!(
+                "hooks = [\"manifest-pushed\", \"manifest-pulled\"]\n[config.mode]\n\
+                 [limits]\ntimeout_ms = {timeout_ms}\nmemory_mib = 16\nmax_failures = 3\nmax_attempts = 2\nlog_lines = 5\nconcurrency = 1\n"
+            ),
+        );
+        let (code, out) = admin_cli(&s, dir.path(), &["plugin", "install", module.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{out}");
+    }
     let modes = [("loop", "timed out"), ("memory", "out of memory"), ("trap", "trapped"), ("log-flood", "timed out")];
     block_on(async {
         let admin = client();
-        for (mode, _) in modes {
-            let body = json!({"module": "hostile", "scope": "platform", "hooks": ["manifest-pushed", "manifest-pulled"], "config": {"mode": mode}});
+        for (mode, why) in modes {
+            let module = if why == "timed out" { "hostile" } else { "hostile-patient" };
+            let body =
+                json!({"module": module, "scope": "platform", "hooks": ["manifest-pushed", "manifest-pulled"], "config": {"mode": mode}});
             let r = admin.put(s.url(&format!("/api/v1/plugins/instances/h-{mode}"))).json(&body).send().await.unwrap();
             assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
         }
