@@ -220,31 +220,30 @@ impl Metadata {
     /// nothing). Manifest rows are not written: nothing reads a pull count by
     /// digest, and a manifest row is the largest record a pull would rewrite.
     /// `outbox`: the pull events of the batch, written with it.
-    ///
-    /// Records that move alike (the same count, last pulled within the same
-    /// second) are updated by one statement over all their ids ([`pull_groups`]):
-    /// half the CPU of a statement per record, which is what a flush of many
-    /// distinct tags (cold reads over a large registry) costs.
     pub async fn record_pulls(&self, batch: &[PullDelta], outbox: &[crate::OutboxRow]) -> Result<()> {
         if batch.is_empty() && outbox.is_empty() {
             return Ok(());
         }
         let announce = crate::outbox::add("$outbox", outbox);
         let outbox = crate::outbox::bind(outbox)?;
-        // One statement per group, each over a variable of its own (an UPDATE
-        // over `$g.ids` inside a FOR costs several times a statement per record).
-        let mut vars = surrealdb::types::Object::new();
-        let mut updates = String::new();
-        for (i, (ids, n, last)) in pull_groups(batch).into_iter().enumerate() {
-            updates.push_str(&format!(
-                "UPDATE $i{i} SET pulls = (pulls OR 0) + $n{i}, last_pulled_ms = math::max([last_pulled_ms OR 0, $l{i}]) RETURN NONE;\n"
-            ));
-            vars.insert(format!("i{i}"), ids);
-            vars.insert(format!("n{i}"), n as i64);
-            vars.insert(format!("l{i}"), last);
-        }
-        let sql = format!("BEGIN TRANSACTION;\n{updates}{announce}\nCOMMIT TRANSACTION;");
-        self.run(|| self.db.query(sql.as_str()).bind(vars.clone()).bind(("outbox", outbox.clone()))).await?;
+        let rows: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|d| serde_json::to_value(d).map_err(|e| crate::MetadataError::Corrupt(e.to_string())))
+            .collect::<Result<_>>()?;
+        let sql = format!(
+            "BEGIN TRANSACTION;
+                 FOR $d IN $batch {{
+                    UPDATE type::record('repo', $d.repo) SET pulls = (pulls OR 0) + $d.count,
+                        last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
+                    IF $d.tag != NONE AND $d.tag != NULL {{
+                        UPDATE type::record('tag', [$d.repo, $d.tag]) SET pulls = (pulls OR 0) + $d.count,
+                            last_pulled_ms = math::max([last_pulled_ms OR 0, $d.last_ms]) RETURN NONE;
+                    }};
+                 }};
+                 {announce}
+                 COMMIT TRANSACTION;"
+        );
+        self.run(|| self.db.query(sql.as_str()).bind(("batch", rows.clone())).bind(("outbox", outbox.clone()))).await?;
         Ok(())
     }
 
@@ -287,34 +286,6 @@ impl Metadata {
             .await?;
         Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
     }
-}
-
-/// A batch as groups of record ids that move alike: `(ids, count, last)`,
-/// one per (count, second of the last pull). A repository's count is the sum
-/// of its keys' (pulls by tag and by digest); a tag's is its own. `last` is
-/// the latest pull in the group, so a record's last pull is exact to the second.
-fn pull_groups(batch: &[PullDelta]) -> Vec<(Vec<surrealdb::types::Value>, u64, i64)> {
-    use surrealdb::types::{Array, RecordId, Value};
-    let mut repos: BTreeMap<&RepoName, (u64, i64)> = BTreeMap::new();
-    let mut groups: BTreeMap<(u64, i64), (Vec<Value>, i64)> = BTreeMap::new();
-    let mut add = |id: RecordId, n: u64, last: i64| {
-        let g = groups.entry((n, last.div_euclid(1000))).or_insert((Vec::new(), last));
-        g.0.push(Value::RecordId(id));
-        g.1 = g.1.max(last);
-    };
-    for d in batch {
-        let r = repos.entry(&d.repo).or_insert((0, d.last_ms));
-        r.0 += d.count;
-        r.1 = r.1.max(d.last_ms);
-        if let Some(tag) = &d.tag {
-            let key = Array::from(vec![Value::String(d.repo.to_string()), Value::String(tag.to_string())]);
-            add(RecordId::new("tag", key), d.count, d.last_ms);
-        }
-    }
-    for (repo, (n, last)) in repos {
-        add(RecordId::new("repo", repo.to_string()), n, last);
-    }
-    groups.into_iter().map(|((n, _), (ids, last))| (ids, n, last)).collect()
 }
 
 const NS_PROFILE: &str = "name, tenant, description OR '' AS description, labels OR {} AS labels, project_id OR '' AS project_id, \
@@ -618,60 +589,5 @@ mod conflict_tests {
         assert_eq!(md.policy_state().await.unwrap().version, 16);
         let p = md.repo_profile(&repo).await.unwrap().unwrap();
         assert_eq!((p.pushes, p.pulls), (16, 16));
-    }
-}
-
-#[cfg(test)]
-mod pull_cost {
-    use super::*;
-    use crate::{ManifestRow, MetadataConfig, TagRow};
-
-    /// Measures (not a check): the CPU of one flush of distinct pull keys.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore]
-    async fn measure_pull_flush() {
-        let dir = std::env::temp_dir().join(format!("pullcost-{}", std::process::id()));
-        let md = Metadata::connect(&MetadataConfig::new(format!("surrealkv://{}", dir.display()))).await.unwrap();
-        let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(20000);
-        let t0 = std::time::Instant::now();
-        let mut batch = vec![];
-        for i in 0..n {
-            let repo: RepoName = format!("ns{}/repo{i}", i % 100).parse().unwrap();
-            let bytes = format!("m{i}");
-            let m = ManifestRow {
-                repo: repo.clone(),
-                digest: Digest::sha256(bytes.as_bytes()),
-                media_type: berth_oci::manifest::OCI_MANIFEST.into(),
-                size: 2,
-                artifact_type: None,
-                subject: None,
-                annotations: None,
-                created_ms: 1,
-                content_size: 2,
-                refs: Some(vec![]),
-                findings: vec![],
-            };
-            let t = TagRow { repo: repo.clone(), name: "latest".parse().unwrap(), digest: m.digest.clone(), updated_ms: 1 };
-            md.commit_manifest(&crate::Guard::any(), &m, Some(&t), false, &[]).await.unwrap();
-            batch.push(PullDelta { repo, tag: Some("latest".parse().unwrap()), count: 1, last_ms: i as i64 });
-        }
-        eprintln!("fill {n}: {:?}", t0.elapsed());
-        for round in 0..3 {
-            let cpu0 = cpu();
-            let t = std::time::Instant::now();
-            md.record_pulls(&batch, &[]).await.unwrap();
-            eprintln!("round {round}: {} keys: wall {:?}, cpu {:?}", batch.len(), t.elapsed(), cpu() - cpu0);
-        }
-        let p = md.repo_profile(&batch[7].repo).await.unwrap().unwrap();
-        let t = md.tag_infos(&batch[7].repo).await.unwrap();
-        assert_eq!((p.pulls, t[0].pulls), (3, 3));
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    fn cpu() -> std::time::Duration {
-        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        std::time::Duration::from_millis(ticks * 10)
     }
 }
