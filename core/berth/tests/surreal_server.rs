@@ -51,7 +51,7 @@ impl Surreal {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("the SurrealDB server on {port} exited ({status}) before it was ready"));
             }
-            if ready(port) {
+            if berth_testkit::surreal_ready(port) {
                 return Ok(Surreal { child, port });
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -62,18 +62,14 @@ impl Surreal {
     }
 }
 
-/// Whether the server on `port` answers `GET /ready` with 200.
-fn ready(port: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-    if c.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
-        return false;
+/// The SurrealDB server binary (`BERTH_TEST_SURREAL`); without it, `test`
+/// says so and is skipped.
+fn surreal_bin(test: &str) -> Option<String> {
+    let bin = std::env::var("BERTH_TEST_SURREAL").ok();
+    if bin.is_none() {
+        eprintln!("{test}: set BERTH_TEST_SURREAL to the surreal binary (.ci/run builds tools/surreal-server)");
     }
-    let mut head = [0u8; 12];
-    c.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    bin
 }
 
 impl Drop for Surreal {
@@ -114,8 +110,7 @@ fn berth_on(dir: &TempDir, port: u16, auth: &str, more: &str) -> Server {
 
 #[test]
 fn berth_runs_over_a_surrealdb_server() {
-    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
-        eprintln!("berth_runs_over_a_surrealdb_server: set BERTH_TEST_SURREAL to the surreal binary (.ci/run builds tools/surreal-server)");
+    let Some(bin) = surreal_bin("berth_runs_over_a_surrealdb_server") else {
         return;
     };
     let dir = TempDir::new("surreal");
@@ -164,8 +159,7 @@ fn berth_runs_over_a_surrealdb_server() {
 /// (`metadata.connect_wait_secs`) instead of exiting on the refused connection.
 #[test]
 fn berth_waits_for_a_server_that_starts_after_it() {
-    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
-        eprintln!("berth_waits_for_a_server_that_starts_after_it: set BERTH_TEST_SURREAL");
+    let Some(bin) = surreal_bin("berth_waits_for_a_server_that_starts_after_it") else {
         return;
     };
     let dir = TempDir::new("surreal-late");
@@ -190,8 +184,7 @@ fn berth_waits_for_a_server_that_starts_after_it() {
 /// verified it (and kept it in its cache of verified credentials).
 #[test]
 fn a_changed_password_stops_working_on_every_replica() {
-    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
-        eprintln!("a_changed_password_stops_working_on_every_replica: set BERTH_TEST_SURREAL");
+    let Some(bin) = surreal_bin("a_changed_password_stops_working_on_every_replica") else {
         return;
     };
     let (one, two) = (TempDir::new("surreal-a"), TempDir::new("surreal-b"));
@@ -229,8 +222,7 @@ fn a_changed_password_stops_working_on_every_replica() {
 /// pushes of one tag through both lose no update.
 #[test]
 fn replicas_serve_each_others_writes_at_once() {
-    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
-        eprintln!("replicas_serve_each_others_writes_at_once: set BERTH_TEST_SURREAL");
+    let Some(bin) = surreal_bin("replicas_serve_each_others_writes_at_once") else {
         return;
     };
     let (one, two, blobs) = (TempDir::new("coherent-a"), TempDir::new("coherent-b"), TempDir::new("coherent-blobs"));
@@ -422,8 +414,7 @@ async fn until_refused(s: &Server, token: &str) -> bool {
 /// and within a refresh on the other replica; no restart anywhere.
 #[test]
 fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
-    let Ok(bin) = std::env::var("BERTH_TEST_SURREAL") else {
-        eprintln!("rotated_keys_retire_on_every_replica_and_are_sealed_at_rest: set BERTH_TEST_SURREAL");
+    let Some(bin) = surreal_bin("rotated_keys_retire_on_every_replica_and_are_sealed_at_rest") else {
         return;
     };
     let (one, two) = (TempDir::new("keys-a"), TempDir::new("keys-b"));

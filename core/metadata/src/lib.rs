@@ -1072,7 +1072,7 @@ mod tests {
                 // Ready, not only listening: the server binds before its
                 // startup work is done when that is slow.
                 for _ in 0..600 {
-                    if ready(port) {
+                    if berth_testkit::surreal_ready(port) {
                         return format!("ws://127.0.0.1:{port}");
                     }
                     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1080,20 +1080,6 @@ mod tests {
                 panic!("the SurrealDB server was not ready on {port} within 30 s");
             })
             .clone()
-        }
-
-        /// Whether the server on `port` answers `GET /ready` with 200.
-        fn ready(port: u16) -> bool {
-            use std::io::{Read, Write};
-            let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                return false;
-            };
-            let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-            let mut head = [0u8; 12];
-            c.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
-                && c.read_exact(&mut head).is_ok()
-                && head.starts_with(b"HTTP/1.")
-                && &head[9..12] == b"200"
         }
     }
 

@@ -32,6 +32,23 @@ const KEY_ID: &str = "GK0123456789abcdef01234567";
 const SECRET: &str = "6265727468207465737473206f6e206761726167652c2061207265616c205333";
 const RPC_SECRET: &str = "4265727468277320746573747320737065616b20746f204761726167652e2e2e";
 
+/// Whether the SurrealDB server on `127.0.0.1:port` answers `GET /ready` with
+/// 200: started and able to serve. A TCP connect alone is not enough: the server
+/// binds before its startup work is done when that is slow, and the port may
+/// belong to another process.
+pub fn surreal_ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = [0u8; 12];
+    c.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n").is_ok()
+        && c.read_exact(&mut head).is_ok()
+        && head.starts_with(b"HTTP/1.")
+        && &head[9..12] == b"200"
+}
+
 /// Whether this run puts stores on S3. Panics when S3 is asked for and no
 /// Garage binary is named.
 pub fn s3_wanted() -> bool {
