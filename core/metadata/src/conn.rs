@@ -34,13 +34,16 @@ pub(crate) enum Target {
     Url(String),
 }
 
+/// Cloned by every holder of a [`crate::Metadata`], so the SDK handle is
+/// shared, not cloned: each clone of a `Surreal` opens a session of its own
+/// (a message to the engine, three concurrent maps, about 5 KiB), and a clone
+/// per request made sessions the largest item on the heap under cold reads.
 #[derive(Clone)]
 pub(crate) struct Conn {
-    kind: Kind,
+    kind: Arc<Kind>,
     gate: Arc<Gate>,
 }
 
-#[derive(Clone)]
 enum Kind {
     /// The SDK handle, and the datastore under it (to shut it down).
     Embedded(Surreal<Db>, Arc<Datastore>),
@@ -131,7 +134,7 @@ impl Conn {
             Kind::Embedded(db, _) => db.use_ns(&config.namespace).use_db(&config.database).await?,
             Kind::Url(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
         };
-        Ok(Conn { kind, gate: Arc::default() })
+        Ok(Conn { kind: Arc::new(kind), gate: Arc::default() })
     }
 
     /// Refuse further queries, wait (up to [`CLOSE_WAIT`]) for the running ones,
@@ -155,7 +158,7 @@ impl Conn {
         if waited.is_err() {
             tracing::warn!(queries = gate.running.load(Ordering::SeqCst), "closing the metadata store with queries still running");
         }
-        if let Kind::Embedded(db, ds) = &self.kind {
+        if let Kind::Embedded(db, ds) = &*self.kind {
             if let Err(e) = ds.shutdown().await {
                 tracing::warn!(error = %e, "closing the embedded metadata store");
             }
@@ -168,7 +171,7 @@ impl Conn {
     }
 
     pub(crate) fn query<'a>(&'a self, sql: impl Into<Cow<'a, str>>) -> Q<'a> {
-        let kind = match &self.kind {
+        let kind = match &*self.kind {
             Kind::Embedded(db, _) => QKind::Embedded(db.query(sql)),
             Kind::Url(db) => QKind::Url(db.query(sql)),
         };
