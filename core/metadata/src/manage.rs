@@ -269,7 +269,8 @@ impl Metadata {
             crate::CATALOG_BUMP,
             crate::outbox::add("$outbox", outbox),
             crate::usage::TENANT_OF,
-            crate::usage::ref_release("array::concat($manifests, $links)")
+            // Not array::concat: it refuses an output over 1 MiB of values.
+            crate::usage::ref_release("array::flatten([$manifests, $links])")
         );
         let outbox = crate::outbox::bind(outbox)?;
         let _catalog = self.catalog_turn(true).await;

@@ -142,9 +142,9 @@ impl Metadata {
             .db
             .query(
                 "LET $repos = (SELECT VALUE name FROM repo WHERE namespace IN (SELECT VALUE name FROM namespace WHERE tenant = $t));
-                 LET $all = array::distinct(array::concat(
+                 LET $all = array::distinct(array::flatten([
                     (SELECT VALUE [digest, size] FROM blob_link WHERE repo IN $repos),
-                    (SELECT VALUE [digest, size] FROM manifest WHERE repo IN $repos)));
+                    (SELECT VALUE [digest, size] FROM manifest WHERE repo IN $repos)]));
                  RETURN math::sum($all.map(|$x| $x[1]));",
             )
             .bind(("t", tenant.to_string()))
@@ -167,7 +167,7 @@ impl Metadata {
                     "BEGIN TRANSACTION;
                  DELETE tenant_blob RETURN NONE;
                  UPDATE stored_blob SET refs = 0 RETURN NONE;
-                 FOR $r IN array::concat((SELECT repo, digest, size FROM blob_link), (SELECT repo, digest, size FROM manifest)) {
+                 FOR $r IN array::flatten([(SELECT repo, digest, size FROM blob_link), (SELECT repo, digest, size FROM manifest)]) {
                     LET $ns = (SELECT VALUE namespace FROM ONLY type::record('repo', $r.repo)) OR '';
                     LET $tenant = (SELECT VALUE tenant FROM ONLY type::record('namespace', $ns)) OR '';
                     UPSERT type::record('tenant_blob', [$tenant, $r.digest])
