@@ -61,10 +61,11 @@ pub struct MetadataConfig {
     #[serde(default)]
     pub cache_mib: Option<u64>,
     /// The embedded store's in-memory write buffer, in MiB (`surrealkv://` only;
-    /// default 256): it is flushed to disk when full, and bounds the largest
-    /// single transaction. SurrealKV would otherwise size it by the machine's
-    /// memory (1 GiB on 16–64 GiB). Each flush is a chance for SurrealKV
-    /// 0.21's lock-order deadlock (see `watchdog_secs`), so it is not small.
+    /// default 64): it is flushed to disk when full (a second one fills while
+    /// the first is written, so up to twice this is resident), and it bounds
+    /// the largest single transaction. SurrealKV would otherwise size it by the
+    /// machine's memory (1 GiB on 16–64 GiB). Each flush is a chance for
+    /// SurrealKV 0.21's lock-order deadlock (see `watchdog_secs`).
     #[serde(default)]
     pub memtable_mib: Option<u64>,
     /// Exit when the metadata store has not answered a read for this long
@@ -83,7 +84,7 @@ pub struct MetadataConfig {
 
 /// The embedded store's cache and write buffer when the config names none.
 pub const DEFAULT_CACHE_MIB: u64 = 64;
-pub const DEFAULT_MEMTABLE_MIB: u64 = 256;
+pub const DEFAULT_MEMTABLE_MIB: u64 = 64;
 pub const DEFAULT_WATCHDOG_SECS: u64 = 60;
 pub const DEFAULT_CONNECT_WAIT_SECS: u64 = 30;
 
