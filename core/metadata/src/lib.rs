@@ -566,12 +566,15 @@ impl Metadata {
         let mut r = self
             .db
             .query("BEGIN TRANSACTION")
-            .query("SELECT name, version OR '' AS version FROM repo")
+            // Pairs, not objects: rows as objects (a map each, in the engine's
+            // values and again in JSON) took 90 MiB of heap at a start over
+            // 100,000 repositories (heap profile, 2026-12-06).
+            .query("SELECT VALUE [name, version OR ''] FROM repo")
             .query("SELECT VALUE version FROM ONLY meta:catalog")
             .query("COMMIT TRANSACTION")
             .await?
             .check()?;
-        let heads = rows(&mut r, 1)?;
+        let heads = rows::<(RepoName, String)>(&mut r, 1)?.into_iter().map(|(name, version)| RepoHead { name, version }).collect();
         Ok((heads, one::<String>(&mut r, 2)?.unwrap_or_default()))
     }
 
