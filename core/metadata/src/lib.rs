@@ -63,10 +63,10 @@ pub struct MetadataConfig {
     /// The embedded store's in-memory write buffer, in MiB (`surrealkv://` only;
     /// default 64): it is flushed to disk when full (a second one fills while
     /// the first is written, so up to twice this is resident), and it bounds
-    /// the largest single transaction (a repository delete writes about 2.6 KiB
-    /// per tag: about 25,000 tags at 64 MiB). SurrealKV would otherwise size it by the
-    /// machine's memory (1 GiB on 16–64 GiB). Each flush is a chance for
-    /// SurrealKV 0.21's lock-order deadlock (see `watchdog_secs`).
+    /// the largest single transaction (a repository delete writes about
+    /// 2.6 KiB per tag: about 25,000 tags at 64 MiB). SurrealKV would otherwise
+    /// size it by the machine's memory (1 GiB on 16–64 GiB). Each flush is a
+    /// chance for SurrealKV 0.21's lock-order deadlock (see `watchdog_secs`).
     #[serde(default)]
     pub memtable_mib: Option<u64>,
     /// Exit when the metadata store has not answered a read for this long
