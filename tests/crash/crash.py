@@ -86,6 +86,7 @@ class Worker:
         self.in_flight = None   # what was being done when the server died
         self.errors = []
         self.uploads = []       # upload locations begun (some interrupted)
+        self.gone = set()       # repositories whose delete was acknowledged (until pushed again)
 
     def check(self, what, status, ok, body=b""):
         if status >= 500:
@@ -121,6 +122,7 @@ class Worker:
 
     def push_image(self, port):
         repo = self.rng.choice(self.repos)
+        self.gone.discard(repo)
         config = json.dumps({"worker": self.i, "n": self.rng.random()}).encode()
         layers = [os.urandom(self.rng.choice([100, 5000, 70_000, 600_000])) for _ in range(self.rng.randint(1, 3))]
         descs = []
@@ -168,6 +170,7 @@ class Worker:
         if not have:
             return
         d = self.rng.choice(have)
+        self.gone.discard(dst)
         self.in_flight = ("blob", dst, d)
         s, _, b = req(port, "POST", f"/v2/{dst}/blobs/uploads/?mount={d}&from={src}")
         if self.check("mount", s, (201, 202), b) and s == 201:
@@ -183,7 +186,18 @@ class Worker:
         # for this repository is no longer known exactly.
         self.forget(repo)
 
+    def delete_repo(self, port):
+        repo = self.rng.choice(self.repos)
+        self.in_flight = ("repo", repo, None)
+        s, _, b = req(port, "DELETE", f"/api/v1/repositories/{repo}")
+        if self.check("repository delete", s, (200, 404), b):
+            for table in (self.tags, self.manifests, self.blobs):
+                for k in [k for k in table if k[0] == repo]:
+                    table.pop(k)
+            self.gone.add(repo)
+
     def forget(self, repo):
+        self.gone.discard(repo)
         for k in [k for k in self.tags if k[0] == repo]:
             self.tags.pop(k)
         for k in [k for k in self.manifests if k[0] == repo]:
@@ -198,7 +212,7 @@ class Worker:
         self.check("gc pass", s, (200,), b)
 
     def run(self, port, stop):
-        ops = [self.push_image] * 6 + [self.delete_tag, self.delete_manifest, self.mount, self.mount, self.collect] + [self.retention] * (1 if self.i == 0 else 0)
+        ops = [self.push_image] * 6 + [self.delete_tag, self.delete_manifest, self.mount, self.mount, self.collect, self.delete_repo] + [self.retention] * (1 if self.i == 0 else 0)
         try:
             while not stop.is_set():
                 self.rng.choice(ops)(port)
@@ -237,6 +251,13 @@ class Worker:
             for d, n in self.manifests.get((repo, md), (b"", []))[1]:
                 s, _, data = req(port, "GET", f"/v2/{repo}/blobs/{d}", timeout=60)
                 check(s == 200 and sha(data) == d and len(data) == n, f"{repo}@{d}: {s}, {len(data)} bytes")
+        for repo in sorted(self.gone):
+            if flight and flight[1] == repo:
+                continue
+            s, _, b = req(port, "GET", f"/v2/{repo}/tags/list")
+            check(s == 404, f"{repo} was deleted (acknowledged): its tags list answered {s} {b[:120]!r}")
+        if flight and flight[0] == "repo":
+            self.forget(flight[1])  # deleted or not, or its retention ran: unknown
         for loc in self.uploads[-3:]:
             s, _, b = req(port, "GET", loc)
             check(s in (204, 404), f"upload status {loc} after the restart: {s} {b[:120]!r}")

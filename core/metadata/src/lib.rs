@@ -184,6 +184,14 @@ pub enum MetadataError {
     /// wrote it): the change was not made; read the repository again and retry.
     #[error("the repository changed meanwhile")]
     Stale,
+    /// A delete of the repository is still removing what it held (see
+    /// [`Metadata::hide_repo`]): it cannot be made again until that ends.
+    #[error("a delete of the repository is still finishing")]
+    Deleting,
+    /// The change is larger than one transaction may be: the embedded store's
+    /// write buffer (`metadata.memtable_mib`) bounds what one transaction writes.
+    #[error("the change is larger than the metadata write buffer allows (metadata.memtable_mib)")]
+    TooLarge,
     #[error("configuration: {0}")]
     Config(String),
     #[error("{0}")]
@@ -351,8 +359,10 @@ pub struct Snapshot {
 
 /// Creates the repository record on first use (implicit creation by a push),
 /// marks it updated and moves it to the guard's version; binds `$repo`,
-/// `$namespace`, `$now`, and the guard's (see [`Guard::bind`]).
+/// `$namespace`, `$now`, and the guard's (see [`Guard::bind`]). Refuses
+/// ([`MetadataError::Deleting`]) while a delete of the name is still sweeping.
 const REPO_TOUCH: &str = "LET $repo_new = !(SELECT VALUE name FROM ONLY type::record('repo', $repo)); \
+     IF $repo_new AND (SELECT VALUE repo FROM ONLY type::record('repo_gone', $repo)) { THROW 'berth:deleting'; }; \
      UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
      created_ms = created_ms OR $now, updated_ms = $now, version = $next RETURN NONE; \
      IF $repo_new { UPSERT meta:catalog SET version = $next RETURN NONE; };";
@@ -594,6 +604,29 @@ impl Metadata {
         pinned: bool,
         outbox: &[OutboxRow],
     ) -> Result<u64> {
+        self.after_sweep(&link.repo, || self.link_blob_once(guard, link, ends_upload, pinned, outbox)).await
+    }
+
+    /// Run `change`, which may make `repo`; if a delete of that name is still
+    /// sweeping, finish the sweep here and run it once more.
+    async fn after_sweep<T, F: std::future::Future<Output = Result<T>>>(&self, repo: &RepoName, change: impl Fn() -> F) -> Result<T> {
+        match change().await {
+            Err(MetadataError::Deleting) => {
+                self.sweep_repo(repo, &mut Default::default()).await?;
+                change().await
+            }
+            res => res,
+        }
+    }
+
+    async fn link_blob_once(
+        &self,
+        guard: &Guard,
+        link: &LinkRow,
+        ends_upload: Option<&UploadId>,
+        pinned: bool,
+        outbox: &[OutboxRow],
+    ) -> Result<u64> {
         let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
         let announce = outbox::add("$outbox", outbox);
         let outbox = outbox::bind(outbox)?;
@@ -687,6 +720,16 @@ impl Metadata {
     /// commit, the bytes the tenant's usage grew by. `outboxes[i]`: the events
     /// announcing commit `i` (missing: none).
     pub async fn commit_manifests(
+        &self,
+        guard: &Guard,
+        batch: &[(ManifestRow, Option<TagRow>, bool)],
+        outboxes: &[Vec<OutboxRow>],
+    ) -> Result<Vec<u64>> {
+        let Some((first, _, _)) = batch.first() else { return Ok(vec![]) };
+        self.after_sweep(&first.repo, || self.commit_manifests_once(guard, batch, outboxes)).await
+    }
+
+    async fn commit_manifests_once(
         &self,
         guard: &Guard,
         batch: &[(ManifestRow, Option<TagRow>, bool)],
@@ -935,6 +978,12 @@ impl Metadata {
             }
             if errors.values().any(|e| e.to_string().contains("berth:stale")) {
                 return Err(MetadataError::Stale);
+            }
+            if errors.values().any(|e| e.to_string().contains("berth:deleting")) {
+                return Err(MetadataError::Deleting);
+            }
+            if errors.values().any(|e| e.to_string().contains("arena is full")) {
+                return Err(MetadataError::TooLarge);
             }
             let retryable = errors.values().any(|e| matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)));
             if !retryable || attempt >= 16 {

@@ -126,6 +126,8 @@ pub struct NamespaceStats {
 pub(crate) const SCHEMA: &str = r#"
 DEFINE INDEX IF NOT EXISTS repo_namespace ON repo FIELDS namespace;
 DEFINE INDEX IF NOT EXISTS blob_link_repo ON blob_link FIELDS repo;
+DEFINE TABLE IF NOT EXISTS repo_gone SCHEMALESS;
+DEFINE INDEX IF NOT EXISTS repo_gone_swept ON repo_gone FIELDS swept_ms;
 "#;
 
 /// The profile's fields, with defaults for rows written before they existed.
@@ -137,7 +139,13 @@ impl Metadata {
     /// Create an empty repository explicitly; `false` if it exists. `outbox`:
     /// the events announcing it, written only if it was created.
     pub async fn create_repo(&self, p: &RepoProfile, outbox: &[crate::OutboxRow]) -> Result<bool> {
-        self.create_announcing("repo", p.name.as_str(), profile_row(p)?, outbox, crate::CATALOG_BUMP).await
+        // Not while a delete of the name is still sweeping (see `hide_repo`).
+        let also = format!(
+            "IF (SELECT VALUE repo FROM ONLY type::record('repo_gone', $name)) {{ THROW 'berth:deleting'; }}; {}",
+            crate::CATALOG_BUMP
+        );
+        let row = profile_row(p)?;
+        self.after_sweep(&p.name, || self.create_announcing("repo", p.name.as_str(), row.clone(), outbox, &also)).await
     }
 
     pub async fn repo_profile(&self, name: &RepoName) -> Result<Option<RepoProfile>> {
@@ -247,30 +255,41 @@ impl Metadata {
         Ok(())
     }
 
-    /// Delete a repository with every tag, manifest and blob link it has: one
-    /// transaction, which also releases the tenant's references (`freed_bytes`:
-    /// what leaves its usage). Stored bytes stay for the collector.
+    /// Delete a repository with every tag, manifest and blob link it has:
+    /// [`Metadata::hide_repo`], then [`Metadata::sweep_repo`].
     pub async fn delete_repo(&self, guard: &crate::Guard, name: &RepoName, outbox: &[crate::OutboxRow]) -> Result<Removed> {
+        let mut removed = Removed::default();
+        if self.hide_repo(guard, name, outbox).await? {
+            self.sweep_repo(name, &mut removed).await?;
+        }
+        Ok(removed)
+    }
+
+    /// The first step of a repository delete, one small transaction whatever
+    /// the repository holds: its record and shares go (so no read finds it, and
+    /// the catalog moves), its deletion is announced, and a marker
+    /// (`repo_gone:⟨name⟩`, with the owning tenant) stays until
+    /// [`Metadata::sweep_repo`] has removed what it held. While the marker
+    /// stays, nothing makes a repository of that name again: a write that would
+    /// finishes the sweep first. `false`: there is no such repository (and
+    /// nothing was written).
+    pub async fn hide_repo(&self, guard: &crate::Guard, name: &RepoName, outbox: &[crate::OutboxRow]) -> Result<bool> {
         let sql = format!(
             "BEGIN TRANSACTION;
              {}
+             IF !(SELECT VALUE name FROM ONLY type::record('repo', $repo)) {{ RETURN false; }};
              {}
              {}
              {}
-             LET $tags = count((DELETE tag WHERE repo = $name RETURN BEFORE));
-             LET $manifests = (DELETE manifest WHERE repo = $name RETURN BEFORE).digest;
-             LET $links = (DELETE blob_link WHERE repo = $name RETURN BEFORE).digest;
-             DELETE type::record('repo', $name) RETURN NONE;
-             DELETE share WHERE repo = $name RETURN NONE;
-             {}
-             RETURN {{ tags: $tags, manifests: count($manifests), blob_links: count($links), freed_bytes: $freed }};
+             DELETE type::record('repo', $repo) RETURN NONE;
+             DELETE share WHERE repo = $repo RETURN NONE;
+             UPSERT type::record('repo_gone', $repo) SET repo = $repo, tenant = $tenant, since_ms = $now, swept_ms = $now RETURN NONE;
+             RETURN true;
              COMMIT TRANSACTION;",
             crate::REPO_GUARD,
             crate::CATALOG_BUMP,
             crate::outbox::add("$outbox", outbox),
             crate::usage::TENANT_OF,
-            // Not array::concat: it refuses an output over 1 MiB of values.
-            crate::usage::ref_release("array::flatten([$manifests, $links])")
         );
         let outbox = crate::outbox::bind(outbox)?;
         let _catalog = self.catalog_turn(true).await;
@@ -278,16 +297,93 @@ impl Metadata {
             .run(|| {
                 guard
                     .bind(self.db.query(sql.as_str()))
-                    .bind(("name", name.to_string()))
                     .bind(("repo", name.to_string()))
                     .bind(("namespace", name.namespace().to_string()))
                     .bind(("now", crate::now_ms()))
                     .bind(("outbox", outbox.clone()))
             })
             .await?;
-        Ok(returned::<Removed>(&mut r)?.unwrap_or_default())
+        Ok(returned::<bool>(&mut r)?.unwrap_or(false))
+    }
+
+    /// Remove what a hidden repository held ([`Metadata::hide_repo`]), in
+    /// transactions of at most [`SWEEP_PART`] tags, manifests and links each
+    /// (one transaction for all would be bounded by the write buffer: about
+    /// 2.6 KiB per tag), releasing the tenant's references as it goes; the last
+    /// part removes the marker. Answers what it removed (nothing if the marker
+    /// is gone), added to `total` part by part (so a sweep that fails
+    /// part-way still tells what it did). Safe to run again after a crash, and
+    /// beside another sweep of the same repository (every part writes the
+    /// marker, so two parts conflict and one is retried).
+    pub async fn sweep_repo(&self, name: &RepoName, total: &mut Removed) -> Result<()> {
+        self.sweep_in_parts(name, SWEEP_PART, total).await
+    }
+
+    pub(crate) async fn sweep_in_parts(&self, name: &RepoName, part: usize, total: &mut Removed) -> Result<()> {
+        #[derive(Deserialize)]
+        struct Part {
+            #[serde(flatten)]
+            removed: Removed,
+            done: bool,
+        }
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             LET $gone = (SELECT tenant FROM ONLY type::record('repo_gone', $repo));
+             IF !$gone {{ RETURN {{ tags: 0, manifests: 0, blob_links: 0, freed_bytes: 0, done: true }}; }};
+             LET $tenant = $gone.tenant;
+             LET $t = SELECT VALUE id FROM tag WHERE repo = $repo LIMIT $part;
+             LET $m = SELECT VALUE id FROM manifest WHERE repo = $repo LIMIT $part;
+             LET $l = SELECT VALUE id FROM blob_link WHERE repo = $repo LIMIT $part;
+             DELETE $t RETURN NONE;
+             LET $manifests = (DELETE $m RETURN BEFORE).digest;
+             LET $links = (DELETE $l RETURN BEFORE).digest;
+             LET $done = count($t) < $part AND count($m) < $part AND count($l) < $part;
+             IF $done {{ DELETE type::record('repo_gone', $repo) RETURN NONE; }}
+             ELSE {{ UPDATE type::record('repo_gone', $repo) SET swept_ms = $now RETURN NONE; }};
+             {}
+             RETURN {{ tags: count($t), manifests: count($manifests), blob_links: count($links), freed_bytes: $freed, done: $done }};
+             COMMIT TRANSACTION;",
+            // Not array::concat: it refuses an output over 1 MiB of values.
+            crate::usage::ref_release("array::flatten([$manifests, $links])")
+        );
+        loop {
+            let mut r = self
+                .run(|| self.db.query(sql.as_str()).bind(("repo", name.to_string())).bind(("part", part)).bind(("now", crate::now_ms())))
+                .await?;
+            let Some(p) = returned::<Part>(&mut r)? else { return Ok(()) };
+            total.tags += p.removed.tags;
+            total.manifests += p.removed.manifests;
+            total.blob_links += p.removed.blob_links;
+            total.freed_bytes += p.removed.freed_bytes;
+            if p.done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Finish the repository deletes that stopped part-way (a crash, or a
+    /// sweep that failed): every marker not swept for `idle_ms`. Answers how
+    /// many repositories it finished.
+    pub async fn sweep_hidden(&self, idle_ms: i64) -> Result<usize> {
+        let mut r = self
+            .db
+            .query("SELECT VALUE repo FROM repo_gone WHERE swept_ms < $before LIMIT 100")
+            .bind(("before", crate::now_ms() - idle_ms))
+            .await?
+            .check()?;
+        let names: Vec<RepoName> = rows(&mut r, 0)?;
+        for name in &names {
+            let mut removed = Removed::default();
+            self.sweep_repo(name, &mut removed).await?;
+            tracing::info!(repository = %name, tags = removed.tags, manifests = removed.manifests, "finished deleting a repository");
+        }
+        Ok(names.len())
     }
 }
+
+/// The most tags, manifests and blob links one transaction of a repository
+/// delete removes (each kind): about 2.6 MiB of writes per thousand tags.
+pub const SWEEP_PART: usize = 1_000;
 
 const NS_PROFILE: &str = "name, tenant, description OR '' AS description, labels OR {} AS labels, project_id OR '' AS project_id, \
      public_default OR false AS public_default, created_ms OR 0 AS created_ms, updated_ms OR created_ms OR 0 AS updated_ms";

@@ -268,6 +268,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_repository_delete_hides_it_then_sweeps_in_parts() {
+        let md = mem().await;
+        let acme: AccountName = "acme".parse().unwrap();
+        md.create_namespace(&NamespaceRow { name: acme.clone(), tenant: acme.clone() }).await.unwrap();
+        let big: RepoName = "acme/big".parse().unwrap();
+        // Seven tagged manifests and five links: four parts of two.
+        let fill = |repo: RepoName, salt: &'static str| {
+            let md = md.clone();
+            async move {
+                for i in 0..5 {
+                    let link = LinkRow { repo: repo.clone(), digest: Digest::sha256(format!("{salt}-layer-{i}").as_bytes()), size: 10 };
+                    md.link_blob(&crate::Guard::any(), &link, None, false, &[]).await.unwrap();
+                }
+                for i in 0..7 {
+                    let m = manifest(&repo, format!("{salt}-manifest-{i}").as_bytes());
+                    let tag = crate::TagRow {
+                        repo: repo.clone(),
+                        name: format!("v{i}").parse().unwrap(),
+                        digest: m.digest.clone(),
+                        updated_ms: 1,
+                    };
+                    md.commit_manifest(&crate::Guard::any(), &m, Some(&tag), false, &[]).await.unwrap();
+                }
+            }
+        };
+        fill(big.clone(), "a").await;
+        let stored = md.tenant_usage(&acme).await.unwrap().storage_bytes;
+        assert_eq!(stored, 5 * 10 + 7 * 12);
+
+        // Hidden: no read finds it, its name is not listed, it is not counted;
+        // its references stay until the sweep.
+        assert!(md.hide_repo(&crate::Guard::any(), &big, &[]).await.unwrap());
+        assert_eq!(md.repo_profile(&big).await.unwrap(), None);
+        assert!(md.repo_snapshot(&big).await.unwrap().repos.is_empty());
+        assert!(!md.all_repo_heads().await.unwrap().0.iter().any(|h| h.name == big));
+        assert_eq!(md.tenant_usage(&acme).await.unwrap(), TenantUsage { namespaces: 1, repositories: 0, storage_bytes: stored });
+        assert!(!md.hide_repo(&crate::Guard::any(), &big, &[]).await.unwrap(), "hidden once");
+
+        let mut removed = crate::Removed::default();
+        md.sweep_in_parts(&big, 2, &mut removed).await.unwrap();
+        assert_eq!(removed, crate::Removed { tags: 7, manifests: 7, blob_links: 5, freed_bytes: stored });
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 0);
+        assert_eq!(md.recount_storage(&acme).await.unwrap(), 0);
+        let mut again = crate::Removed::default();
+        md.sweep_in_parts(&big, 2, &mut again).await.unwrap();
+        assert_eq!(again, crate::Removed::default(), "a second sweep finds nothing");
+
+        // A push to the name while a sweep is unfinished (a crash part-way)
+        // finishes the sweep first: nothing of the old repository comes back.
+        fill(big.clone(), "b").await;
+        assert!(md.hide_repo(&crate::Guard::any(), &big, &[]).await.unwrap());
+        let fresh = LinkRow { repo: big.clone(), digest: Digest::sha256(b"fresh"), size: 3 };
+        assert_eq!(md.link_blob(&crate::Guard::any(), &fresh, None, false, &[]).await.unwrap(), 3);
+        let snap = md.repo_snapshot(&big).await.unwrap();
+        assert_eq!((snap.repos.len(), snap.tags.len(), snap.manifests.len(), snap.links.len()), (1, 0, 0, 1));
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 3);
+        assert_eq!(md.recount_storage(&acme).await.unwrap(), 3);
+
+        // So does an explicit create; and the periodic sweep finishes what no
+        // one else did.
+        let other: RepoName = "acme/other".parse().unwrap();
+        fill(other.clone(), "c").await;
+        assert!(md.hide_repo(&crate::Guard::any(), &other, &[]).await.unwrap());
+        assert_eq!(md.sweep_hidden(60_000).await.unwrap(), 0, "a marker swept just now is left to its sweeper");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(md.sweep_hidden(0).await.unwrap(), 1);
+        assert_eq!(md.sweep_hidden(0).await.unwrap(), 0);
+        assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 3);
+        fill(other.clone(), "d").await;
+        assert!(md.hide_repo(&crate::Guard::any(), &other, &[]).await.unwrap());
+        let profile = crate::RepoProfile {
+            name: other.clone(),
+            created_ms: 1,
+            updated_ms: 1,
+            description: String::new(),
+            category: String::new(),
+            labels: Default::default(),
+            pulls: 0,
+            pushes: 0,
+            last_pulled_ms: None,
+            last_pushed_ms: None,
+        };
+        assert!(md.create_repo(&profile, &[]).await.unwrap());
+        assert!(md.repo_snapshot(&other).await.unwrap().tags.is_empty());
+        assert_eq!(md.recount_storage(&acme).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
     async fn counts_are_built_once_for_an_older_store() {
         let md = mem().await;
         let acme: AccountName = "acme".parse().unwrap();

@@ -124,9 +124,15 @@ pub(crate) fn internal<E: std::fmt::Display + 'static>(what: &str, e: E) -> Regi
     tracing::error!(error = %e, "{what} failed");
     // A metadata server out of reach is a condition to retry, not a fault.
     let any: &dyn std::any::Any = &e;
-    if any.downcast_ref::<berth_metadata::MetadataError>().is_some_and(|e| e.is_unreachable()) {
-        return RegistryError::new(ErrorCode::Unavailable)
-            .with_detail(format!("{what} failed: the metadata server is out of reach; try again"));
+    match any.downcast_ref::<berth_metadata::MetadataError>() {
+        Some(e) if e.is_unreachable() => {
+            return RegistryError::new(ErrorCode::Unavailable)
+                .with_detail(format!("{what} failed: the metadata server is out of reach; try again"));
+        }
+        Some(e @ (berth_metadata::MetadataError::Deleting | berth_metadata::MetadataError::TooLarge)) => {
+            return RegistryError::new(ErrorCode::Unavailable).with_detail(format!("{what} failed: {e}"));
+        }
+        _ => {}
     }
     RegistryError::internal().with_detail(format!("{what} failed"))
 }
@@ -257,6 +263,15 @@ impl Registry {
                 })
             });
         }
+        // Repository deletes that stopped part-way (a crash, a failed sweep):
+        // their markers untouched for a minute are finished here.
+        Periodic::start(&registry, "sweep", SWEEP_EVERY_SECS, |r| {
+            Box::pin(async move {
+                if let Err(e) = r.meta.sweep_hidden(SWEEP_EVERY_SECS as i64 * 1000).await {
+                    tracing::warn!(error = %e, "finishing deleted repositories failed");
+                }
+            })
+        });
         if registry.config.retention.enabled {
             Periodic::start(&registry, "retention", registry.config.retention.interval_secs, |r| {
                 Box::pin(async move { r.run_all_retention().await })
@@ -1015,6 +1030,9 @@ impl Drop for LeaseHeld<'_> {
         }
     }
 }
+
+/// How often repository deletes that stopped part-way are looked for.
+const SWEEP_EVERY_SECS: u64 = 60;
 
 /// The future a scheduled job runs.
 type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;

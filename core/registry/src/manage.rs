@@ -254,6 +254,7 @@ impl Registry {
         }
         let quota = self.quotas.reserve(name, self.quotas.op_key(), 0).await?;
         let removed = Self::ask(&self.repo_actor(name), repo::DeleteRepo(quota, self.announcer(name, by).await?)).await??;
+        let removed = removed.ok_or_else(|| name_unknown(name))?;
         self.repos.lock().unwrap().remove(name);
         self.quotas.repo_gone(name).await;
         Ok(removed)

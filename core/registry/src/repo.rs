@@ -521,39 +521,44 @@ impl Handler<Link> for RepoActor {
     }
 }
 
-/// Delete the whole repository: its tags, manifests and blob links, in one
-/// metadata transaction, then its index entry (settling the tenant's ticket with
-/// the bytes freed).
+/// Delete the whole repository: hide it (one small metadata transaction,
+/// after which no read finds it), drop its index entry, then remove its tags,
+/// manifests and blob links in parts (settling the tenant's ticket with the
+/// bytes freed). A sweep that fails part-way is finished by the periodic sweep
+/// ([`crate::Registry`]'s "sweep" job); the answer then counts what was removed.
+/// `None`: the repository does not exist.
 pub struct DeleteRepo(pub Option<Ticket>, pub Option<Announce>);
 impl Message for DeleteRepo {
-    type Result = Result<Removed, RegistryError>;
+    type Result = Result<Option<Removed>, RegistryError>;
 }
 
 impl Handler<DeleteRepo> for RepoActor {
-    type Result = AtomicResponse<Self, Result<Removed, RegistryError>>;
+    type Result = AtomicResponse<Self, Result<Option<Removed>, RegistryError>>;
 
     fn handle(&mut self, msg: DeleteRepo, _: &mut Context<Self>) -> Self::Result {
         let (quota, announce) = (msg.0, msg.1);
-        let (meta, name, index, co) = (self.meta.clone(), self.name.clone(), self.index.clone(), self.coherence.clone());
+        let (meta, name, index) = (self.meta.clone(), self.name.clone(), self.index.clone());
         AtomicResponse::new(Box::pin(
             async move {
-                // Whatever the repository holds goes: the guard only keeps a
-                // change made meanwhile from being deleted unseen by the index.
-                for attempt in 0..TRIES {
-                    let guard = current(&co, &name, attempt).await?.map_or_else(|| Guard::at(""), |s| guard_of(&s));
-                    let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
-                        a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
-                    });
-                    let res = meta.delete_repo(&guard, &name, &outbox).await;
-                    if retry(announce.as_ref(), &outbox, &res) {
-                        continue;
+                // Whatever the repository holds goes, changed meanwhile or not.
+                let outbox = announce.as_ref().map_or_else(Vec::new, |a| {
+                    a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
+                });
+                let hidden = meta.hide_repo(&Guard::any(), &name, &outbox).await;
+                let hidden = reported(announce.as_ref(), &outbox, hidden.map_err(|e| internal("delete repository", e)))?;
+                index.remove_repo(&name);
+                if !hidden {
+                    if let Some(a) = &announce {
+                        a.committed(&outbox, false);
                     }
-                    let removed = reported(announce.as_ref(), &outbox, res.map_err(|e| internal("delete repository", e)))?;
-                    settle(quota, -(removed.freed_bytes as i64));
-                    index.remove_repo(&name);
-                    return Ok(removed);
+                    return Ok(None);
                 }
-                Err(busy(&name))
+                let mut removed = Removed::default();
+                if let Err(e) = meta.sweep_repo(&name, &mut removed).await {
+                    tracing::warn!(repository = %name, error = %e, "removing a deleted repository's records stopped; the periodic sweep finishes it");
+                }
+                settle(quota, -(removed.freed_bytes as i64));
+                Ok(Some(removed))
             }
             .into_actor(self),
         ))
