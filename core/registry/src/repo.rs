@@ -545,12 +545,13 @@ impl Handler<DeleteRepo> for RepoActor {
                     a.rows(EventKind::RepositoryDeleted { tenant: a.tenant(), repository: name.to_string(), by: a.by.clone() }, false)
                 });
                 let hidden = meta.hide_repo(&Guard::any(), &name, &outbox).await;
-                let hidden = reported(announce.as_ref(), &outbox, hidden.map_err(|e| internal("delete repository", e)))?;
+                // The event was written only if the repository was there.
+                if let Some(a) = &announce {
+                    a.committed(&outbox, matches!(hidden, Ok(true)));
+                }
+                let hidden = hidden.map_err(|e| internal("delete repository", e))?;
                 index.remove_repo(&name);
                 if !hidden {
-                    if let Some(a) = &announce {
-                        a.committed(&outbox, false);
-                    }
                     return Ok(None);
                 }
                 let mut removed = Removed::default();
