@@ -3,8 +3,8 @@
 //! A manifest `GET` adds one to a small in-memory tally ([`PullTally::count`]: a
 //! map update under a mutex, no allocation beyond the key, no I/O, no mailbox).
 //! The [`CounterActor`] owns the persisted counts: every `flush` interval it swaps
-//! the tally out and writes it to metadata as one transaction
-//! ([`berth_metadata::Metadata::record_pulls`]). A failed write puts the batch
+//! the tally out and writes it to metadata in transactions of at most
+//! [`COUNTS_PER_TX`] keys ([`berth_metadata::Metadata::record_pulls`]). A failed write puts the batch
 //! back, so counts wait for the database rather than being lost; memory stays
 //! bounded by the number of distinct (repository, tag) keys pulled in
 //! the meantime, not by the number of pulls.
@@ -42,6 +42,11 @@ type Key = (RepoName, Option<Tag>);
 /// Pull events written per transaction (each holds the metadata store and its
 /// thread for about a millisecond).
 pub const EVENTS_PER_TX: usize = 128;
+
+/// Pull counts (distinct repository and tag keys) written per transaction:
+/// each key rewrites a tag and a repository record, and a transaction holds
+/// what it writes in memory until it commits.
+pub const COUNTS_PER_TX: usize = 1_000;
 
 /// Pulls counted since the last flush.
 #[derive(Default)]
@@ -105,20 +110,21 @@ impl PullTally {
         self.flush_events(meta).await && counted
     }
 
-    /// Write the counts (one transaction); on failure the batch goes back.
+    /// Write the counts, [`COUNTS_PER_TX`] keys per transaction; on failure
+    /// what was not written goes back.
     async fn flush_counts(&self, meta: &Metadata) -> bool {
-        let batch = self.take();
-        if batch.is_empty() {
-            return true;
-        }
-        match meta.record_pulls(&batch, &[]).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, keys = batch.len(), "writing pull counters failed; kept for the next flush");
+        let mut batch = self.take();
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(COUNTS_PER_TX));
+            if let Err(e) = meta.record_pulls(&batch, &[]).await {
+                tracing::warn!(error = %e, keys = batch.len() + rest.len(), "writing pull counters failed; kept for the next flush");
                 self.put_back(batch);
-                false
+                self.put_back(rest);
+                return false;
             }
+            batch = rest;
         }
+        true
     }
 
     /// Write the waiting pull events, [`EVENTS_PER_TX`] per transaction, one
