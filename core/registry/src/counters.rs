@@ -4,8 +4,9 @@
 //! map update under a mutex, no allocation beyond the key, no I/O, no mailbox).
 //! The [`CounterActor`] owns the persisted counts: every `flush` interval it swaps
 //! the tally out and writes it to metadata in transactions of at most
-//! [`COUNTS_PER_TX`] keys ([`berth_metadata::Metadata::record_pulls`]). A failed write puts the batch
-//! back, so counts wait for the database rather than being lost; memory stays
+//! [`COUNTS_PER_TX`] keys ([`berth_metadata::Metadata::record_pulls`]). A
+//! failed write puts the batch back, so counts wait for the database rather
+//! than being lost; memory stays
 //! bounded by the number of distinct (repository, tag) keys pulled in
 //! the meantime, not by the number of pulls.
 //!
