@@ -23,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -37,6 +38,34 @@ def rss_mib(pid, field="VmRSS"):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class Sampler:
+    """Resident memory sampled every 50 ms, the highest kept per phase, split
+    into anonymous memory (heap, caches) and file-backed pages (the binary's
+    code), so a peak can be put on what the server was doing."""
+
+    def __init__(self, pid):
+        self.pid, self.phase, self.peaks = pid, "start", {}
+        self.stop = threading.Event()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    v = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS", "RssAnon", "RssFile"))}
+            except (OSError, ValueError, IndexError):
+                return
+            best = self.peaks.get(self.phase)
+            if best is None or v["VmRSS"] > best["VmRSS"]:
+                self.peaks[self.phase] = v
+            time.sleep(0.05)
+
+    def report(self):
+        self.stop.set()
+        return {f"peak RSS in {k}: all / anon / file (MiB)": f"{v['VmRSS'] // 1024} / {v['RssAnon'] // 1024} / {v['RssFile'] // 1024}"
+                for k, v in self.peaks.items()}
 
 
 def call(base, method, path, body=None, headers=None):
@@ -67,7 +96,7 @@ class Server:
 
     def start(self):
         """Start; answers (seconds to the first answer, seconds to ready)."""
-        env = dict(os.environ, BERTH_ADMIN_PASSWORD=PASSWORD, BERTH_LOG="warn")
+        env = dict(os.environ, BERTH_ADMIN_PASSWORD=PASSWORD, BERTH_LOG=os.environ.get("BERTH_LOG", "warn"))
         env = {k: v for k, v in env.items() if not (k.startswith("BERTH_") and k not in ("BERTH_ADMIN_PASSWORD", "BERTH_LOG"))}
         err = open(os.path.join(self.work, "berth.err"), "a")
         t0 = time.perf_counter()
@@ -235,22 +264,27 @@ def main():
     first, ready = srv.start()
     r["start, filled: first answer / ready (s)"] = f"{first:.2f} / {ready:.2f}"
     r["RSS after the restart (MiB)"] = round(srv.rss())
+    sampler = Sampler(srv.proc.pid)
     # Tags of any repository at random: with the default budget most
     # repositories' states are not held (cold), a few clients, then many.
     for conns in (4, 16):
+        sampler.phase = f"cold reads, {conns} conns"
         cold = wrk(a.work, "cold", srv.base, get_lua(a.repos, per_repo, a.repos), conns, f"{a.secs}s", threads=min(2, conns))
         r[f"manifest GET, any repository, {conns} conns (req/s)"] = round(cold["req/s"])
         r[f"manifest GET, any repository, {conns} conns: p50 / p99 (ms)"] = f"{cold['p50 ms']:.2f} / {cold['p99 ms']:.2f}"
     r["states held after it"] = int(srv.metric("berth_index_states"))
     hot_set = min(100, a.repos)
+    sampler.phase = "hot reads"
     wrk(a.work, "warm", srv.base, get_lua(a.repos, per_repo, hot_set), 64, "3s")
     hot = wrk(a.work, "hot", srv.base, get_lua(a.repos, per_repo, hot_set), 64, f"{a.secs}s")
     r[f"manifest GET, {hot_set} hot repositories, 64 conns (req/s)"] = round(hot["req/s"])
     r[f"manifest GET, {hot_set} hot repositories: p50 / p99 (ms)"] = f"{hot['p50 ms']:.2f} / {hot['p99 ms']:.2f}"
     # The same machine's figure for one manifest, as the reference for the hot set.
+    sampler.phase = "one manifest"
     one = wrk(a.work, "one", srv.base, get_lua(1, 1, 1), 64, f"{a.secs}s")
     r["manifest GET, one manifest, 64 conns (req/s)"] = round(one["req/s"])
 
+    sampler.phase = "listings"
     t0 = time.perf_counter()
     s, _, b = call(srv.base, "GET", f"/v2/{repo(a.repos // 2)}/tags/list")
     assert s == 200 and len(json.loads(b)["tags"]) == per_repo, (s, b[:200])
@@ -269,6 +303,7 @@ def main():
     time.sleep(6)
     r["RSS 6 s later (MiB)"] = round(srv.rss())
     r["peak RSS since the restart (MiB)"] = round(srv.rss("VmHWM"))
+    r.update(sampler.report())
     srv.stop()
     width = max(len(k) for k in r)
     for k, v in r.items():
