@@ -4,6 +4,7 @@
 #
 #   tests/bench/run.sh            # full run (1 GiB blob, 10,000 tags/repos)
 #   BENCH_QUICK=1 tests/bench/run.sh   # a smaller smoke run
+#   BENCH_REPOS=100000 tests/bench/run.sh   # the catalog at 100,000 repositories
 #   BENCH_BERTH_CONFIG=berth.toml tests/bench/run.sh   # Berth with a config file
 #   (for example `[storage]` with `backend = "fs"`, `root = …`, `direct_io = false`)
 #   BENCH_STORAGE=s3 tests/bench/run.sh   # both registries' blobs on one Garage
@@ -22,8 +23,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release -p berth
-BERTH="$CARGO_TARGET_DIR/release/berth"
+# BENCH_BERTH_BIN: a release binary built already (else it is built here).
+if [ -n "${BENCH_BERTH_BIN:-}" ]; then
+  BERTH="$BENCH_BERTH_BIN"
+else
+  cargo build --release -p berth
+  BERTH="$CARGO_TARGET_DIR/release/berth"
+fi
 
 work=$(mktemp -d /tmp/berth-bench.XXXXXX)
 pids=()
