@@ -32,12 +32,14 @@ USER, PASSWORD = "admin", "bench-admin-password"
 AUTH = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
-def rss_mib(pid, field="VmRSS"):
+def status_kib(pid, fields):
+    """Memory fields of /proc/PID/status, in KiB."""
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+        return {l.split(":")[0]: int(l.split()[1]) for l in f if l.split(":")[0] in fields}
+
+
+def rss_mib(pid, field="VmRSS"):
+    return status_kib(pid, (field,)).get(field, float("nan") * 1024) / 1024
 
 
 class Sampler:
@@ -53,8 +55,7 @@ class Sampler:
     def run(self):
         while not self.stop.is_set():
             try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    v = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS", "RssAnon", "RssFile"))}
+                v = status_kib(self.pid, ("VmRSS", "RssAnon", "RssFile"))
             except (OSError, ValueError, IndexError):
                 return
             best = self.peaks.get(self.phase)

@@ -283,7 +283,6 @@ async fn trim_memory() {
         if !(grown || after_burst) {
             continue;
         }
-        let before = anon;
         let started = std::time::Instant::now();
         // SAFETY: malloc_trim only releases free memory; it is thread-safe.
         let after = tokio::task::spawn_blocking(|| unsafe {
@@ -291,9 +290,9 @@ async fn trim_memory() {
             anon_bytes()
         })
         .await
-        .unwrap_or(before);
+        .unwrap_or(anon);
         tracing::debug!(
-            before_mib = before >> 20,
+            before_mib = anon >> 20,
             after_mib = after >> 20,
             took_ms = started.elapsed().as_millis() as u64,
             quiet,
