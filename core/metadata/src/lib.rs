@@ -211,7 +211,7 @@ impl MetadataError {
     }
 
     /// An optimistic transaction lost to a concurrent one ("can be retried").
-    pub(crate) fn is_conflict(&self) -> bool {
+    pub fn is_conflict(&self) -> bool {
         matches!(self, MetadataError::Db(e) if matches!(e.query_details(), Some(surrealdb::types::QueryError::TransactionConflict)))
     }
 }

@@ -27,7 +27,7 @@
 //! counts two repository pulls. A pull by tag also counts for that tag.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +50,6 @@ pub const EVENTS_PER_TX: usize = 128;
 pub const COUNTS_PER_TX: usize = 1_000;
 
 /// Pulls counted since the last flush.
-#[derive(Default)]
 pub struct PullTally {
     pending: Mutex<HashMap<Key, (u64, i64)>>,
     /// Pull events for plugins, written at the next flush (bounded by the
@@ -58,13 +57,30 @@ pub struct PullTally {
     events: Mutex<Vec<OutboxRow>>,
     /// A writer of `events` is running.
     writing: AtomicBool,
+    /// Keys per count transaction now (see `flush_counts`).
+    per_tx: AtomicUsize,
+    /// Held while counts are written.
+    counting: tokio::sync::Mutex<()>,
     deliveries: Option<Arc<Deliveries>>,
+}
+
+impl Default for PullTally {
+    fn default() -> PullTally {
+        PullTally::new(None)
+    }
 }
 
 impl PullTally {
     /// A tally whose pull events go to `deliveries`' queues.
     pub fn new(deliveries: Option<Arc<Deliveries>>) -> PullTally {
-        PullTally { deliveries, ..PullTally::default() }
+        PullTally {
+            pending: Mutex::default(),
+            events: Mutex::default(),
+            writing: AtomicBool::new(false),
+            per_tx: AtomicUsize::new(COUNTS_PER_TX),
+            counting: tokio::sync::Mutex::new(()),
+            deliveries,
+        }
     }
 
     /// Queue pull events for the next flush.
@@ -111,20 +127,40 @@ impl PullTally {
         self.flush_events(meta).await && counted
     }
 
-    /// Write the counts, [`COUNTS_PER_TX`] keys per transaction; on failure
-    /// what was not written goes back.
+    /// Write the counts, at most [`COUNTS_PER_TX`] keys per transaction; on
+    /// failure what was not written goes back.
+    ///
+    /// Pushes write the same repository records. A transaction of many keys
+    /// that keeps losing to them (past the metadata crate's retries) is split:
+    /// a quarter the size, down to one key, for this flush and the next ones,
+    /// growing back by half after each flush written whole. Without that, a
+    /// registry pushed to across many repositories never wrote its counts
+    /// (every flush failed, each try costing a full transaction's work).
     async fn flush_counts(&self, meta: &Metadata) -> bool {
+        // One writer at a time: the last flush at shutdown waits for an
+        // interval's flush still running, and writes what that one put back.
+        let _one = self.counting.lock().await;
         let mut batch = self.take();
+        let mut per_tx = self.per_tx.load(Ordering::Relaxed).clamp(1, COUNTS_PER_TX);
         while !batch.is_empty() {
-            let rest = batch.split_off(batch.len().min(COUNTS_PER_TX));
-            if let Err(e) = meta.record_pulls(&batch, &[]).await {
-                tracing::warn!(error = %e, keys = batch.len() + rest.len(), "writing pull counters failed; kept for the next flush");
-                self.put_back(batch);
-                self.put_back(rest);
-                return false;
+            let rest = batch.split_off(batch.len().min(per_tx));
+            match meta.record_pulls(&batch, &[]).await {
+                Ok(()) => batch = rest,
+                Err(e) if e.is_conflict() && per_tx > 1 => {
+                    per_tx = (per_tx / 4).max(1);
+                    tracing::debug!(keys_per_tx = per_tx, "pull counts conflicted with other writes; smaller transactions");
+                    batch.extend(rest);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, keys = batch.len() + rest.len(), "writing pull counters failed; kept for the next flush");
+                    self.per_tx.store(per_tx, Ordering::Relaxed);
+                    self.put_back(batch);
+                    self.put_back(rest);
+                    return false;
+                }
             }
-            batch = rest;
         }
+        self.per_tx.store((per_tx + per_tx / 2 + 1).min(COUNTS_PER_TX), Ordering::Relaxed);
         true
     }
 
@@ -239,6 +275,64 @@ mod tests {
         let left: Vec<String> = t.events.lock().unwrap().iter().map(|r| r.event_id.clone()).collect();
         assert_eq!(left, ["e00000".to_string(), format!("e{:05}", n + 1)]);
         assert!(!t.writing.load(Ordering::Acquire), "a failed writer lets the next one run");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counts_are_written_while_other_writes_hit_their_repositories() {
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let repos: Vec<RepoName> = (0..50).map(|i| format!("acme/r{i:02}").parse().unwrap()).collect();
+        for name in &repos {
+            let p = berth_metadata::RepoProfile {
+                name: name.clone(),
+                created_ms: 1,
+                updated_ms: 1,
+                description: String::new(),
+                category: String::new(),
+                labels: Default::default(),
+                pulls: 0,
+                pushes: 0,
+                last_pulled_ms: None,
+                last_pushed_ms: None,
+            };
+            assert!(meta.create_repo(&p, &[]).await.unwrap());
+        }
+        // Another writer rewrites the same repository records without pause,
+        // as pushes across many repositories do.
+        let stop = Arc::new(AtomicBool::new(false));
+        let other = {
+            let (meta, repos, stop) = (meta.clone(), repos.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut written = 0u64;
+                for i in 0usize.. {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let d = PullDelta { repo: repos[i % repos.len()].clone(), tag: None, count: 1, last_ms: 1 };
+                    if meta.record_pulls(&[d], &[]).await.is_ok() {
+                        written += 1;
+                    }
+                }
+                written
+            })
+        };
+        // A full transaction's worth of keys, spread over those repositories.
+        let t = PullTally::default();
+        for r in &repos {
+            for n in 0..COUNTS_PER_TX / repos.len() {
+                t.count(r, Some(&format!("t{n}").parse().unwrap()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let flushed = t.flush_counts(&meta).await;
+        stop.store(true, Ordering::Release);
+        let others = other.await.unwrap();
+        assert!(flushed, "the flush lost to the other writes");
+        assert!(t.take().is_empty(), "nothing left over");
+        let mut total = 0;
+        for r in &repos {
+            total += meta.repo_profile(r).await.unwrap().unwrap().pulls;
+        }
+        assert_eq!(total, COUNTS_PER_TX as u64 + others, "every count written once");
     }
 
     #[test]
