@@ -7,7 +7,8 @@ measures what the issue's targets name:
 - resident memory after the fill, after a restart, and after cold reads;
 - start-up: from exec to the first answer, and to `/readyz` 200;
 - manifest GET by tag on tags spread over every repository (cold: their
-  repositories' states mostly not held) and on a small hot set, with wrk;
+  repositories' states mostly not held), alone and beside 8 pushing clients,
+  and on a small hot set, with wrk;
 - tags list of one repository and a catalog walk.
 
     scale.py --berth BIN --work DIR [--repos N] [--tags N]
@@ -187,10 +188,25 @@ def repo(i):
     return f"fill/r{i:06d}"
 
 
+def seed_blobs():
+    """The config and layer every filled manifest refers to."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    return config, hashlib.sha512(b"scale").digest() * 1024
+
+
+def manifest_head():
+    """A filled manifest's JSON without its closing brace (an annotation follows)."""
+    config, layer = seed_blobs()
+    digest = lambda b: "sha256:" + hashlib.sha256(b).hexdigest()
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(config), "size": len(config)},
+                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(layer), "size": len(layer)}]},
+                      separators=(",", ":"))[:-1]
+
+
 def fill(srv, work, repos, tags):
     base = srv.base
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-    layer = hashlib.sha512(b"scale").digest() * 1024
+    config, layer = seed_blobs()
     cd, ld = push_blob(base, "fill/seed", config), push_blob(base, "fill/seed", layer)
     figures = {}
     # Each repository mounts the two blobs from the seed (two links each).
@@ -201,16 +217,52 @@ def fill(srv, work, repos, tags):
     # Tag t of repository r points at its own manifest (an annotation makes each
     # distinct). A repository's tags are pushed together, as a pipeline pushes a
     # release's tags: the clients' requests interleave over a few repositories.
-    head = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": len(config)},
-                       "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": len(layer)}]},
-                      separators=(",", ":"))[:-1]
+    head = manifest_head()
     per_repo = tags // repos
     puts = (("PUT", f"/v2/{repo(i // per_repo)}/manifests/t{i % per_repo:04d}", f'{head},"annotations":{{"n":"{i}"}}}}'.encode(), OCI_MANIFEST)
             for i in range(tags))
     figures["fill: manifest PUT (req/s)"] = round(drive(base, puts, tags))
     figures["fill: whole (s)"] = round(time.perf_counter() - t0, 1)
     return figures
+
+
+def beside_writes(srv, work, repos, per_repo, secs):
+    """Cold manifest GETs (4 clients) while 8 clients PUT manifests, moving
+    existing tags; the PUT rate, and the pull-count flushes that failed."""
+    head = manifest_head()
+    stamp, done = time.time_ns(), [0]
+    stop = time.monotonic() + secs + 3
+
+    def puts():
+        for i in range(10**9):
+            if time.monotonic() > stop:
+                return
+            done[0] += 1
+            body = f'{head},"annotations":{{"w":"{stamp}-{i}"}}}}'.encode()
+            yield "PUT", f"/v2/{repo(i % repos)}/manifests/t{(i // repos) % per_repo:04d}", body, OCI_MANIFEST
+
+    log = os.path.join(work, "berth.err")
+    failed_before = open(log, errors="replace").read().count("writing pull counters failed")
+    rate = [0.0]
+
+    def write():
+        t0 = time.perf_counter()
+        drive(srv.base, puts(), 0, conns=8)
+        rate[0] = done[0] / (time.perf_counter() - t0)
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(1)
+    cold = wrk(work, "beside", srv.base, get_lua(repos, per_repo, repos), 4, f"{secs}s", threads=2)
+    writer.join()
+    # Counts of the reads are written within a flush interval (5 s).
+    time.sleep(6)
+    failed = open(log, errors="replace").read().count("writing pull counters failed") - failed_before
+    return {
+        "manifest GET, any repository, 4 conns, beside 8 pushing (req/s)": round(cold["req/s"]),
+        "the same: p50 / p99 (ms)": f"{cold['p50 ms']:.2f} / {cold['p99 ms']:.2f}",
+        "manifest PUT beside it, 8 conns (req/s)": round(rate[0]),
+        "pull-count flushes that failed": failed,
+    }
 
 
 def get_lua(repos, per_repo, spread):
@@ -273,6 +325,11 @@ def main():
         cold = wrk(a.work, "cold", srv.base, get_lua(a.repos, per_repo, a.repos), conns, f"{a.secs}s", threads=min(2, conns))
         r[f"manifest GET, any repository, {conns} conns (req/s)"] = round(cold["req/s"])
         r[f"manifest GET, any repository, {conns} conns: p50 / p99 (ms)"] = f"{cold['p50 ms']:.2f} / {cold['p99 ms']:.2f}"
+    # The same cold reads while 8 clients push: each PUT moves an existing tag
+    # to a manifest of its own (tags stay as filled), spread over every
+    # repository, as CI pipelines pushing across a registry do.
+    sampler.phase = "cold reads beside writes"
+    r.update(beside_writes(srv, a.work, a.repos, per_repo, a.secs))
     r["states held after it"] = int(srv.metric("berth_index_states"))
     hot_set = min(100, a.repos)
     sampler.phase = "hot reads"
