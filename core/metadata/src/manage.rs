@@ -35,6 +35,25 @@ pub struct RepoProfile {
     pub last_pushed_ms: Option<i64>,
 }
 
+impl RepoProfile {
+    /// A new repository's profile, made at `now_ms`: no description, category
+    /// or labels, nothing pulled or pushed yet.
+    pub fn new(name: RepoName, now_ms: i64) -> RepoProfile {
+        RepoProfile {
+            name,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            description: String::new(),
+            category: String::new(),
+            labels: BTreeMap::new(),
+            pulls: 0,
+            pushes: 0,
+            last_pulled_ms: None,
+            last_pushed_ms: None,
+        }
+    }
+}
+
 /// Fields of a repository profile to change; `None` leaves one as it is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RepoPatch {
@@ -521,16 +540,10 @@ mod tests {
         let empty: RepoName = "acme/empty".parse().unwrap();
         let other: RepoName = "beta/x".parse().unwrap();
         let p = RepoProfile {
-            name: empty.clone(),
-            created_ms: 5,
-            updated_ms: 5,
             description: "d".into(),
             category: "c".into(),
             labels: [("team".to_string(), "core".to_string())].into(),
-            pulls: 0,
-            pushes: 0,
-            last_pulled_ms: None,
-            last_pushed_ms: None,
+            ..RepoProfile::new(empty.clone(), 5)
         };
         assert!(md.create_repo(&p, &[]).await.unwrap());
         assert!(!md.create_repo(&p, &[]).await.unwrap());

@@ -338,18 +338,7 @@ mod tests {
         assert_eq!(md.tenant_usage(&acme).await.unwrap().storage_bytes, 3);
         fill(other.clone(), "d").await;
         assert!(md.hide_repo(&crate::Guard::any(), &other, &[]).await.unwrap());
-        let profile = crate::RepoProfile {
-            name: other.clone(),
-            created_ms: 1,
-            updated_ms: 1,
-            description: String::new(),
-            category: String::new(),
-            labels: Default::default(),
-            pulls: 0,
-            pushes: 0,
-            last_pulled_ms: None,
-            last_pushed_ms: None,
-        };
+        let profile = crate::RepoProfile::new(other.clone(), 1);
         assert!(md.create_repo(&profile, &[]).await.unwrap());
         assert!(md.repo_snapshot(&other).await.unwrap().tags.is_empty());
         assert_eq!(md.recount_storage(&acme).await.unwrap(), 3);

@@ -282,18 +282,7 @@ mod tests {
         let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
         let repos: Vec<RepoName> = (0..50).map(|i| format!("acme/r{i:02}").parse().unwrap()).collect();
         for name in &repos {
-            let p = berth_metadata::RepoProfile {
-                name: name.clone(),
-                created_ms: 1,
-                updated_ms: 1,
-                description: String::new(),
-                category: String::new(),
-                labels: Default::default(),
-                pulls: 0,
-                pushes: 0,
-                last_pulled_ms: None,
-                last_pushed_ms: None,
-            };
+            let p = berth_metadata::RepoProfile::new(name.clone(), 1);
             assert!(meta.create_repo(&p, &[]).await.unwrap());
         }
         // Another writer rewrites the same repository records without pause,

@@ -109,19 +109,7 @@ impl Registry {
         labels: BTreeMap<String, String>,
         by: &str,
     ) -> Result<bool, RegistryError> {
-        let now = now_ms();
-        let profile = RepoProfile {
-            name: name.clone(),
-            created_ms: now,
-            updated_ms: now,
-            description,
-            category,
-            labels,
-            pulls: 0,
-            pushes: 0,
-            last_pulled_ms: None,
-            last_pushed_ms: None,
-        };
+        let profile = RepoProfile { description, category, labels, ..RepoProfile::new(name.clone(), now_ms()) };
         self.quotas.admit_repo(name).await?;
         let announce = self.announcer(name, by).await?;
         let outbox = announce.as_ref().map_or_else(Vec::new, |a| a.rows(a.repository_created(name), false));
