@@ -61,25 +61,6 @@ struct Gate {
     idle: tokio::sync::Notify,
 }
 
-/// The embedded store's own runtime. SurrealKV runs its memtable flushes and
-/// level compactions as tasks doing blocking work (seconds each at scale) on
-/// the runtime current when the store opens; on the request runtime each would
-/// hold one of its few workers, and the requests queued behind it. Here they
-/// hold only these threads. Queries still run on the caller's runtime. Built
-/// once, never dropped (stores opened by tests share it).
-fn store_runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        // Two workers: a flush is not held up behind a long compaction.
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("berth-meta")
-            .enable_all()
-            .build()
-            .expect("building the metadata store's runtime")
-    })
-}
-
 /// A handle of each embedded store closed by [`Conn::shutdown`] (see there).
 static KEPT: std::sync::Mutex<Vec<Surreal<Db>>> = std::sync::Mutex::new(Vec::new());
 
@@ -123,27 +104,18 @@ impl Conn {
                     .with_key_value("datastore_sync", sync)
                     .with_key_value("surrealkv_block_cache_capacity", cache_bytes.to_string())
                     .with_key_value("surrealkv_max_memtable_size", memtable_bytes.to_string());
-                let path = format!("surrealkv://{dir}");
-                let failed = move |e: &dyn std::fmt::Display| MetadataError::Open(format!("opening the embedded store in {dir}: {e}"));
-                // Opened on the store's own runtime (see [`store_runtime`]): the
-                // engine's flush and compaction tasks start during the open, on
-                // the runtime current then. As the SDK's own connector does,
-                // maintenance tasks start only after the version check, so a
-                // new store gets its version key first.
-                let open = async move {
-                    let ds = Datastore::builder()
-                        .with_config(settings)
-                        .without_maintenance_tasks()
-                        .build_with_path(&path)
-                        .await
-                        .map_err(|e| failed(&e))?;
-                    ds.check_version().await.map_err(|e| failed(&e))?;
-                    ds.bootstrap().await.map_err(|e| failed(&e))?;
-                    ds.start_maintenance_tasks();
-                    Ok::<_, MetadataError>(ds)
-                };
-                let ds =
-                    store_runtime().spawn(open).await.map_err(|e| MetadataError::Open(format!("opening the embedded store: {e}")))??;
+                let failed = |e: &dyn std::fmt::Display| MetadataError::Open(format!("opening the embedded store in {dir}: {e}"));
+                // As the SDK's own connector does: maintenance tasks start only
+                // after the version check, so a new store gets its version key first.
+                let ds = Datastore::builder()
+                    .with_config(settings)
+                    .without_maintenance_tasks()
+                    .build_with_path(&format!("surrealkv://{dir}"))
+                    .await
+                    .map_err(|e| failed(&e))?;
+                ds.check_version().await.map_err(|e| failed(&e))?;
+                ds.bootstrap().await.map_err(|e| failed(&e))?;
+                ds.start_maintenance_tasks();
                 // No notification channel: Berth runs no live queries.
                 Kind::Embedded(Surreal::<Db>::unstable_from_datastore(ds.clone(), None).await?, ds)
             }
