@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -234,7 +235,7 @@ def beside_writes(srv, work, repos, per_repo, secs):
     stop = time.monotonic() + secs + 3
 
     def puts():
-        for i in range(10**9):
+        for i in itertools.count():
             if time.monotonic() > stop:
                 return
             done[0] += 1
