@@ -44,7 +44,7 @@ use berth_oci::manifest::Descriptor;
 use berth_oci::range::{parse_range, ByteRange};
 use berth_oci::{Digest, DigestAlgorithm, Digester, ErrorCode, ParsedManifest, Reference, RegistryError, RepoName, Tag, UploadId};
 pub use berth_storage::ByteStream;
-use berth_storage::{BlobStore, StorageError};
+use berth_storage::{BlobStore, StorageError, Unpublished};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -601,6 +601,23 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
+        self.receive(session, content_range, body, None).await.map(|_| ())
+    }
+
+    /// Receive a chunk into the session's staging or, with `in_place` (a blob
+    /// received whole on a store that [writes in place](BlobStore::writes_in_place)),
+    /// straight to that blob's key, unpublished. On an error nothing is kept.
+    async fn receive<S, E>(
+        &self,
+        session: &mut Session,
+        content_range: Option<ByteRange>,
+        body: S,
+        in_place: Option<&Digest>,
+    ) -> Result<Option<Unpublished>, RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
         if let Some(r) = content_range {
             if r.start != session.offset {
                 return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
@@ -625,8 +642,12 @@ impl Registry {
         });
         let mut staging = session.staging.clone();
         let mut digester = session.digester.clone();
-        let written =
-            self.store.write_chunk(&session.id, &mut staging, session.offset, body, &mut digester, self.config.max_blob_bytes).await;
+        let max = self.config.max_blob_bytes;
+        let written = match in_place {
+            None => self.store.write_chunk(&session.id, &mut staging, session.offset, body, &mut digester, max).await.map(|n| (n, None)),
+            Some(digest) => self.store.write_unpublished(digest, body, &mut digester, max).await.map(|(n, u)| (n, Some(u))),
+        };
+        // A chunk cut off by the quota failed in the store: nothing was kept.
         if over.load(std::sync::atomic::Ordering::Relaxed) {
             // Reserving what the chunk needed names the quota and its figures.
             self.quotas.reserve_upload(&session.repo, session.id, session.offset + cap.unwrap_or(0) + 1).await?;
@@ -636,21 +657,25 @@ impl Registry {
             return Err(RegistryError::new(ErrorCode::Denied)
                 .with_detail(format!("storage quota of tenant {tenant} exceeded while the chunk arrived; send it again")));
         }
-        let written = written.map_err(|e| storage_err("write upload chunk", e))?;
+        let (written, unpublished) = written.map_err(|e| storage_err("write upload chunk", e))?;
         metrics::received(written);
-        if let Some(r) = content_range {
-            if written != r.len() {
-                return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
-                    .with_status(416)
-                    .with_detail(format!("Content-Range announces {} bytes, body had {written}", r.len())));
+        let accepted = match content_range {
+            Some(r) if written != r.len() => Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
+                .with_status(416)
+                .with_detail(format!("Content-Range announces {} bytes, body had {written}", r.len()))),
+            // The chunk is acknowledged only if the tenant's quota holds its bytes.
+            _ => self.quotas.reserve_upload(&session.repo, session.id, session.offset + written).await,
+        };
+        if let Err(e) = accepted {
+            if let Some(u) = unpublished {
+                u.discard().await;
             }
+            return Err(e);
         }
-        // The chunk is acknowledged only if the tenant's quota holds its bytes.
-        self.quotas.reserve_upload(&session.repo, session.id, session.offset + written).await?;
         session.offset += written;
         session.staging = staging;
         session.digester = digester;
-        Ok(())
+        Ok(unpublished)
     }
 
     /// Complete an upload (`PUT ?digest=`), with an optional final chunk that
@@ -699,10 +724,36 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        if let Some(body) = body {
-            self.write_chunk(session, content_range, body).await?;
+        // A blob received whole in this request, on a store of one object per
+        // chunk, goes straight to its key (published below, once verified and
+        // pinned) instead of being staged, copied and deleted.
+        let in_place =
+            (session.offset == 0 && self.store.writes_in_place() && session.digester.algorithm() == digest.algorithm()).then_some(digest);
+        let mut unpublished = match body {
+            Some(body) => self.receive(session, content_range, body, in_place).await?,
+            None => None,
+        };
+        let linked = self.verify_and_link(session, digest, &mut unpublished, by).await;
+        // Not published (refused before that step): it never becomes visible.
+        if let Some(u) = unpublished {
+            u.discard().await;
         }
-        let computed = if session.digester.algorithm() == digest.algorithm() {
+        linked
+    }
+
+    /// The rest of [`Self::commit`]: check the content against `digest`, then
+    /// publish it (the `unpublished` blob, taken, or the session's staging) and
+    /// link it.
+    async fn verify_and_link(
+        &self,
+        session: &mut Session,
+        digest: &Digest,
+        unpublished: &mut Option<Unpublished>,
+        by: &str,
+    ) -> Result<(), RegistryError> {
+        let computed = if let Some(u) = unpublished {
+            u.computed().clone()
+        } else if session.digester.algorithm() == digest.algorithm() {
             session.digester.finish()
         } else {
             // The session hashed with another algorithm: hash the staged bytes again.
@@ -734,18 +785,24 @@ impl Registry {
         if pinned {
             self.pin(digest).await?;
         }
-        let linked = async {
-            self.store
-                .commit_upload(&session.id, &session.staging, session.offset, digest)
-                .await
-                .map_err(|e| internal("commit upload", e))?;
-            Self::ask(
-                &self.repo_actor(&session.repo),
-                repo::Link { digest: digest.clone(), size: Some(session.offset), ends_upload: Some(session.id), quota, pinned, announce },
-            )
-            .await?
-        }
-        .await;
+        let published = match unpublished.take() {
+            Some(u) => u.publish().await,
+            None => self.store.commit_upload(&session.id, &session.staging, session.offset, digest).await,
+        };
+        let linked = match published {
+            Err(e) => Err(internal("commit upload", e)),
+            Ok(()) => {
+                let link = repo::Link {
+                    digest: digest.clone(),
+                    size: Some(session.offset),
+                    ends_upload: Some(session.id),
+                    quota,
+                    pinned,
+                    announce,
+                };
+                Self::ask(&self.repo_actor(&session.repo), link).await.and_then(|r| r)
+            }
+        };
         if linked.is_err() && pinned {
             self.unpin(digest).await;
         }
@@ -1157,6 +1214,37 @@ mod tests {
         }
         assert_eq!(next.map_err(|e| e.detail_or_message()), Ok(11), "the lease of the dropped request was never given back");
         assert_eq!(registry.upload_status(&repo, &id).await.unwrap(), 11);
+        registry.shutdown();
+    }
+
+    /// On a store that writes a blob received whole straight to its key (memory,
+    /// like S3), a monolithic upload is published only once its digest matches:
+    /// a wrong digest or a short Content-Range leaves nothing stored, and the
+    /// right one is stored, linked and leaves no staging behind.
+    #[tokio::test]
+    async fn a_blob_received_whole_is_published_in_place_only_when_verified() {
+        let registry = in_memory().await;
+        assert!(registry.store.writes_in_place());
+        let repo: RepoName = "library/app".parse().unwrap();
+        let body = |b: &'static [u8]| Some(futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b))]));
+        let digest = Digest::sha256(b"layer bytes");
+        let wrong = Digest::sha256(b"other bytes");
+        let id = registry.start_upload(&repo, "admin").await.unwrap();
+        let refused = registry.finish_upload(&repo, &id, &wrong, None, body(b"layer bytes"), "admin").await.unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::DigestInvalid);
+        let short = ByteRange { start: 0, end: 4 };
+        let id = registry.start_upload(&repo, "admin").await.unwrap();
+        let refused = registry.finish_upload(&repo, &id, &digest, Some(short), body(b"layer bytes"), "admin").await.unwrap_err();
+        assert_eq!(refused.status(), 416);
+        for d in [&digest, &wrong] {
+            assert_eq!(registry.store.stat_blob(d).await.unwrap(), None, "{d} is stored though it was refused");
+        }
+        // The session the short range left is still open and takes the blob.
+        registry.finish_upload(&repo, &id, &digest, None, body(b"layer bytes"), "admin").await.unwrap();
+        assert_eq!(registry.store.stat_blob(&digest).await.unwrap(), Some(11));
+        let state = registry.state(&repo).await.unwrap().expect("the repository exists");
+        assert_eq!(state.read().unwrap().blobs.get(&digest), Some(&11));
+        assert!(registry.store.staged_uploads().await.unwrap().is_empty());
         registry.shutdown();
     }
 

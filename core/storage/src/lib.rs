@@ -334,41 +334,91 @@ impl BlobStore {
                 digester.clone(),
             ),
         };
-        let mut written = 0u64;
-        // Frames that are already received travel together: one wake-up of the
-        // hashing and writing threads per batch rather than per frame.
-        let mut body = body.ready_chunks(BATCH_FRAMES);
-        let budget = Arc::new(tokio::sync::Semaphore::new(self.upload_in_flight_kib));
-        let result: Result<(), StorageError> = async {
-            while let Some(frames) = body.next().await {
-                let mut batch = Vec::with_capacity(frames.len());
-                for frame in frames {
-                    let frame = frame.map_err(|e| StorageError::Client(e.to_string()))?;
-                    written += frame.len() as u64;
-                    batch.push(frame);
-                }
-                if offset + written > max_total {
-                    return Err(StorageError::TooLarge);
-                }
-                // A batch larger than the budget takes all of it (it is still bounded
-                // by the frames one poll gathers), so no batch waits forever.
-                let kib = batch.iter().map(|b| b.len()).sum::<usize>().div_ceil(1024).clamp(1, self.upload_in_flight_kib);
-                let permit = budget.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
-                let shared = self.in_flight.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
-                sink.write(Arc::new(Frames { bytes: batch, _permits: (permit, shared) })).await?;
-            }
-            Ok(())
-        }
-        .await;
-        let hashed = match result {
-            Ok(()) => sink.close().await?,
+        let written = match self.pour(&mut sink, offset, body, max_total).await {
+            Ok(n) => n,
             Err(e) => return Err(sink.abort(e).await),
         };
+        let hashed = sink.close().await?;
         if !self.append && written > 0 {
             staging.parts.push(offset);
         }
         *digester = hashed;
         Ok(written)
+    }
+
+    /// Feed a chunk's body to `sink` batch by batch, within the upload's and the
+    /// store's in-flight budgets; `offset` is where the chunk starts in its blob
+    /// (for the size limit). Returns the bytes fed; on an error the caller aborts
+    /// the sink.
+    async fn pour<S, E>(&self, sink: &mut Sink, offset: u64, body: S, max_total: u64) -> Result<u64, StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut written = 0u64;
+        // Frames that are already received travel together: one wake-up of the
+        // hashing and writing threads per batch rather than per frame.
+        let mut body = body.ready_chunks(BATCH_FRAMES);
+        let budget = Arc::new(tokio::sync::Semaphore::new(self.upload_in_flight_kib));
+        while let Some(frames) = body.next().await {
+            let mut batch = Vec::with_capacity(frames.len());
+            for frame in frames {
+                let frame = frame.map_err(|e| StorageError::Client(e.to_string()))?;
+                written += frame.len() as u64;
+                batch.push(frame);
+            }
+            if offset + written > max_total {
+                return Err(StorageError::TooLarge);
+            }
+            // A batch larger than the budget takes all of it (it is still bounded
+            // by the frames one poll gathers), so no batch waits forever.
+            let kib = batch.iter().map(|b| b.len()).sum::<usize>().div_ceil(1024).clamp(1, self.upload_in_flight_kib);
+            let permit = budget.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
+            let shared = self.in_flight.clone().acquire_many_owned(kib as u32).await.expect("budget is never closed");
+            sink.write(Arc::new(Frames { bytes: batch, _permits: (permit, shared) })).await?;
+        }
+        Ok(written)
+    }
+
+    /// Whether a blob received whole in one request is written straight to its
+    /// key ([`Self::write_unpublished`]) rather than staged: on stores that stage
+    /// uploads as one object per chunk, where staging would cost a copy of the
+    /// object and a delete at commit.
+    pub fn writes_in_place(&self) -> bool {
+        self.local.is_none() && !self.append
+    }
+
+    /// Write a blob received whole, expected to be `digest`, straight to its key,
+    /// feeding every byte to `digester`. Nothing is visible until
+    /// [`Unpublished::publish`], which only bytes that hash to `digest` pass (on
+    /// S3 the object is a multipart upload not yet completed, or a body not yet
+    /// sent). Only where [`Self::writes_in_place`].
+    pub async fn write_unpublished<S, E>(
+        &self,
+        digest: &Digest,
+        body: S,
+        digester: &mut Digester,
+        max_total: u64,
+    ) -> Result<(u64, Unpublished), StorageError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        if !self.writes_in_place() || digester.algorithm() != digest.algorithm() {
+            return Err(StorageError::Staging("this store stages uploads; it does not write them in place".into()));
+        }
+        let key = layout::blob(digest);
+        let writer = self.op.writer_with(&key).chunk(WRITE_CHUNK).concurrent(WRITE_CONCURRENT).await?;
+        let mut sink = Sink::dal(writer, digester.clone());
+        let written = match self.pour(&mut sink, 0, body, max_total).await {
+            Ok(n) => n,
+            Err(e) => return Err(sink.abort(e).await),
+        };
+        let Sink::Dal { writer, tx, hasher } = sink else { unreachable!("a store that writes in place has no local sink") };
+        drop(tx);
+        let hashed = hasher.await.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+        *digester = hashed.clone();
+        Ok((written, Unpublished { writer, expected: digest.clone(), computed: hashed.finish() }))
     }
 
     async fn copy_prefix(&self, from: &str, to: &str, len: u64) -> Result<(), StorageError> {
@@ -445,7 +495,15 @@ impl BlobStore {
                 }
             }
         }
-        self.delete_upload(id).await
+        if self.append {
+            return self.delete_upload(id).await;
+        }
+        // The parts recorded, by key: no listing of the upload's prefix. A part a
+        // failed last chunk left unrecorded goes with the sweep of staging no
+        // session owns.
+        let parts: Vec<String> = staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect();
+        self.op.delete_iter(parts).await?;
+        Ok(())
     }
 
     /// Stream the `total` bytes staged so far for an upload (to re-hash them with a
@@ -562,6 +620,39 @@ impl std::ops::Deref for Frames {
 }
 
 type Batch = Arc<Frames>;
+
+/// A blob written to its key by [`BlobStore::write_unpublished`] and not yet
+/// visible. Dropped or discarded, it never becomes visible.
+pub struct Unpublished {
+    writer: opendal::Writer,
+    expected: Digest,
+    computed: Digest,
+}
+
+impl Unpublished {
+    /// The digest of the bytes written.
+    pub fn computed(&self) -> &Digest {
+        &self.computed
+    }
+
+    /// Make the blob visible under its key, if its bytes are the digest it was
+    /// written for; otherwise it is discarded and an error returned.
+    pub async fn publish(mut self) -> Result<(), StorageError> {
+        if self.computed != self.expected {
+            let _ = self.writer.abort().await;
+            return Err(StorageError::Staging(format!("content digest is {}, not {}", self.computed, self.expected)));
+        }
+        self.writer.close().await?;
+        Ok(())
+    }
+
+    /// Give the blob up (an S3 multipart upload is aborted).
+    pub async fn discard(mut self) {
+        if let Err(e) = self.writer.abort().await {
+            tracing::warn!(error = %e, digest = %self.expected, "aborting an unpublished blob failed");
+        }
+    }
+}
 
 /// Where [`BlobStore::write_chunk`] sends a chunk's bytes to be hashed and stored.
 // One per chunk being written, held by its task: its size costs nothing worth a box.
@@ -852,6 +943,74 @@ mod tests {
             assert_eq!(&store.read_blob_bytes(&digest, n).await.unwrap()[..], b"hello world");
             assert!(store.staged_uploads().await.unwrap().is_empty());
         }
+    }
+
+    /// A blob written in place is invisible until published, and only bytes that
+    /// hash to its digest are published; one refused, discarded or cut off
+    /// mid-body never appears. Small (one request to S3) and large (a multipart
+    /// upload) alike.
+    #[tokio::test]
+    async fn blobs_written_in_place_appear_only_once_verified_and_published() {
+        let mut in_place = 0;
+        for (store, _dir) in stores().await {
+            if !store.writes_in_place() {
+                let mut d = Digester::new(DigestAlgorithm::Sha256);
+                let refused = store.write_unpublished(&Digest::sha256(b"x"), chunks(&[b"x"]), &mut d, u64::MAX).await;
+                assert!(refused.is_err(), "a store that stages uploads does not write them in place");
+                continue;
+            }
+            in_place += 1;
+            for size in [11usize, (13 << 20) + 7] {
+                let data = Bytes::from((0..size).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[1]).collect::<Vec<u8>>());
+                let pieces = |b: Bytes| {
+                    futures::stream::iter((0..b.len()).step_by(65_537).map(move |i| Ok::<_, String>(b.slice(i..(i + 65_537).min(b.len())))))
+                };
+                let digest = Digest::sha256(&data);
+                let write = || {
+                    let (store, digest, data) = (store.clone(), digest.clone(), data.clone());
+                    async move {
+                        let mut d = Digester::new(DigestAlgorithm::Sha256);
+                        (store.write_unpublished(&digest, pieces(data), &mut d, u64::MAX).await, d)
+                    }
+                };
+                // Discarded: never visible.
+                let (r, _) = write().await;
+                let (n, unpublished) = r.unwrap();
+                assert_eq!((n, unpublished.computed()), (size as u64, &digest));
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), None, "visible before it was published");
+                unpublished.discard().await;
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), None);
+                // Cut off mid-body: an error, nothing visible.
+                let broken = pieces(data.slice(..size / 2)).chain(futures::stream::iter([Err("reset".to_string())]));
+                let mut d = Digester::new(DigestAlgorithm::Sha256);
+                assert!(store.write_unpublished(&digest, broken, &mut d, u64::MAX).await.is_err());
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), None);
+                // Bytes that are not the digest: publishing refuses them.
+                let other = Digest::sha256(b"something else");
+                let mut d = Digester::new(DigestAlgorithm::Sha256);
+                let (_, wrong) = store.write_unpublished(&other, pieces(data.clone()), &mut d, u64::MAX).await.unwrap();
+                assert_eq!(wrong.computed(), &digest);
+                assert!(wrong.publish().await.is_err());
+                assert_eq!(store.stat_blob(&other).await.unwrap(), None);
+                // Too large for the limit: refused while it arrives.
+                let mut d = Digester::new(DigestAlgorithm::Sha256);
+                let over = store.write_unpublished(&digest, pieces(data.clone()), &mut d, size as u64 - 1).await;
+                assert!(matches!(over, Err(StorageError::TooLarge)));
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), None);
+                // Verified and published: visible, exact, and nothing staged.
+                let (r, d) = write().await;
+                assert_eq!(d.finish(), digest, "the caller's digester saw every byte");
+                r.unwrap().1.publish().await.unwrap();
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(size as u64));
+                assert_eq!(store.read_blob_bytes(&digest, size as u64).await.unwrap(), data);
+                assert!(store.staged_uploads().await.unwrap().is_empty());
+                // The same blob written again and given up leaves the stored one be.
+                let (r, _) = write().await;
+                r.unwrap().1.discard().await;
+                assert_eq!(store.read_blob_bytes(&digest, size as u64).await.unwrap(), data);
+            }
+        }
+        assert!(in_place >= 1, "the memory store writes in place");
     }
 
     /// An upload of no bytes at all publishes the empty blob.
