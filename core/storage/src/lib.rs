@@ -414,9 +414,7 @@ impl BlobStore {
             Ok(n) => n,
             Err(e) => return Err(sink.abort(e).await),
         };
-        let Sink::Dal { writer, tx, hasher } = sink else { unreachable!("a store that writes in place has no local sink") };
-        drop(tx);
-        let hashed = hasher.await.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+        let (hashed, writer) = sink.hashed_unclosed().await?;
         *digester = hashed.clone();
         Ok((written, Unpublished { writer, expected: digest.clone(), computed: hashed.finish() }))
     }
@@ -469,7 +467,7 @@ impl BlobStore {
                     self.op.copy(&key, &target).await?;
                 }
             } else {
-                let parts: Vec<String> = staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect();
+                let parts = part_keys(id, staging);
                 match parts.len() {
                     0 => {
                         self.op.write(&target, Bytes::new()).await?;
@@ -501,8 +499,7 @@ impl BlobStore {
         // The parts recorded, by key: no listing of the upload's prefix. A part a
         // failed last chunk left unrecorded goes with the sweep of staging no
         // session owns.
-        let parts: Vec<String> = staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect();
-        self.op.delete_iter(parts).await?;
+        self.op.delete_iter(part_keys(id, staging)).await?;
         Ok(())
     }
 
@@ -512,11 +509,7 @@ impl BlobStore {
         if total == 0 {
             return Ok(Box::pin(futures::stream::empty()));
         }
-        let keys: Vec<String> = if self.append {
-            vec![layout::upload_data(id, staging.generation)]
-        } else {
-            staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect()
-        };
+        let keys: Vec<String> = if self.append { vec![layout::upload_data(id, staging.generation)] } else { part_keys(id, staging) };
         let op = self.op.clone();
         let limit = if self.append { Some(total) } else { None };
         let stream = futures::stream::iter(keys)
@@ -620,6 +613,11 @@ impl std::ops::Deref for Frames {
 }
 
 type Batch = Arc<Frames>;
+
+/// The keys of an upload's staged parts (parts mode), in order.
+fn part_keys(id: &UploadId, staging: &Staging) -> Vec<String> {
+    staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect()
+}
 
 /// A blob written to its key by [`BlobStore::write_unpublished`] and not yet
 /// visible. Dropped or discarded, it never becomes visible.
@@ -750,12 +748,22 @@ impl Sink {
         }
     }
 
+    /// An OpenDAL sink's digester, once it has seen every byte, and its writer
+    /// not yet closed (nothing published).
+    async fn hashed_unclosed(self) -> Result<(Digester, opendal::Writer), StorageError> {
+        let Sink::Dal { writer, tx, hasher } = self else {
+            return Err(StorageError::Staging("a local sink has no OpenDAL writer".into()));
+        };
+        drop(tx);
+        let digester = hasher.await.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+        Ok((digester, writer))
+    }
+
     /// Make the written bytes durable; returns the digester having seen them.
     async fn close(self) -> Result<Digester, StorageError> {
         match self {
-            Sink::Dal { mut writer, tx, hasher } => {
-                drop(tx);
-                let digester = hasher.await.map_err(|e| StorageError::Staging(format!("hasher: {e}")))?;
+            dal @ Sink::Dal { .. } => {
+                let (digester, mut writer) = dal.hashed_unclosed().await?;
                 writer.close().await?;
                 Ok(digester)
             }
