@@ -158,3 +158,53 @@ fn metrics_count_bytes_sessions_actors_failures_and_tenant_storage() {
         }
     });
 }
+
+/// A blob store that stops answering (Garage stopped with SIGSTOP: connections
+/// taken, nothing answered): readiness goes false, and a push is answered
+/// 503 UNAVAILABLE once the store's deadline and retries are spent, instead of
+/// being held for as long as the store stalls. Once the store runs again,
+/// Berth is ready and the same push succeeds.
+#[test]
+fn a_stalled_blob_store_answers_503_and_readiness_goes_false() {
+    let Some(bin) = std::env::var_os(berth_testkit::ENV_GARAGE) else {
+        eprintln!("no S3 store: set {} to a garage binary (.ci/run builds it)", berth_testkit::ENV_GARAGE);
+        return;
+    };
+    let dir = TempDir::new("health-stalled-store");
+    let g = berth_testkit::Garage::start(std::path::Path::new(&bin), &dir.path().join("garage"));
+    let toml = format!(
+        "[storage]\nbackend = \"s3\"\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\n\
+         secret_access_key = \"{}\"\nrequest_timeout_secs = 3\n",
+        g.bucket, g.endpoint, g.region, g.access_key_id, g.secret_access_key
+    );
+    let s = Server::start_configured(&dir, &toml);
+    block_on(async {
+        let (c, anon) = (client(), anon_client());
+        push_image(&c, &s, "library/app", "v1", 1, serde_json::json!({})).await;
+        let data = bytes(7, 100_000);
+        let digest = sha256(&data);
+
+        g.pause();
+        let push = c.post(s.url(&format!("/v2/library/app/blobs/uploads/?digest={digest}"))).body(data.clone()).send();
+        // Not a timing assertion: a bound far past the deadlines and retries
+        // (five 3 s attempts, about 15 s of backoff), to fail instead of hang.
+        let r = tokio::time::timeout(Duration::from_secs(300), push).await.expect("a push to a stalled store was held").unwrap();
+        let ready = anon.get(s.url("/readyz")).send().await.unwrap();
+        let ready = (ready.status().as_u16(), ready.json::<Value>().await.unwrap());
+        g.resume();
+        expect_error(r, 503, "UNAVAILABLE", "a push to a stalled store").await;
+        assert_eq!(ready, (503, serde_json::json!({"status": "not ready", "reason": "storage unreachable"})));
+
+        let resumed = Instant::now();
+        while anon.get(s.url("/readyz")).send().await.unwrap().status() != 200 {
+            assert!(resumed.elapsed() < Duration::from_secs(120), "not ready again after the store came back");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(push_blob(&c, &s, "library/app", &data).await, digest);
+        let r = c.get(s.url(&format!("/v2/library/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.unwrap() == data, "the blob pushed after the stall reads back exact");
+        let r = c.get(s.url("/v2/library/app/manifests/v1")).header("accept", OCI_MANIFEST).send().await.unwrap();
+        assert_eq!(r.status(), 200, "what was stored before the stall is served");
+    });
+}

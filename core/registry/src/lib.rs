@@ -134,6 +134,9 @@ pub(crate) fn internal<E: std::fmt::Display + 'static>(what: &str, e: E) -> Regi
         }
         _ => {}
     }
+    if matches!(any.downcast_ref::<StorageError>(), Some(e) if e.is_unavailable()) {
+        return RegistryError::new(ErrorCode::Unavailable).with_detail(format!("{what} failed: the blob store did not answer; try again"));
+    }
     RegistryError::internal().with_detail(format!("{what} failed"))
 }
 
@@ -702,8 +705,11 @@ impl Registry {
             // The commit removed the staging data and, with the link, the record.
             Ok(()) => Self::ask(&self.uploads, uploads::End { id: *id, repo: repo.clone(), cancel: false, committed: true }).await??,
             // A body that failed mid-way leaves the session as it was: the client may retry.
-            // So does a refusal by the quota: the tenant may free space and retry.
-            Err(e) if matches!(e.code(), ErrorCode::BlobUploadInvalid | ErrorCode::Unknown | ErrorCode::Denied) => {
+            // So does a refusal by the quota (the tenant may free space and retry)
+            // and a store or database out of reach (try again).
+            Err(e)
+                if matches!(e.code(), ErrorCode::BlobUploadInvalid | ErrorCode::Unknown | ErrorCode::Denied | ErrorCode::Unavailable) =>
+            {
                 Self::ask(&self.uploads, uploads::Release { id: *id, updated: None }).await??
             }
             // A digest mismatch ends the session: its content can never become that blob.

@@ -53,11 +53,22 @@ pub enum StorageConfig {
         access_key_id: Option<String>,
         #[serde(default)]
         secret_access_key: Option<String>,
+        /// The longest one request to the store may take (a read of one piece, a
+        /// part, a server-side copy of at most 256 MiB, a listing page);
+        /// a request that takes longer is cut off and retried, like any
+        /// temporary failure, so a store that stops answering fails requests
+        /// instead of holding them.
+        #[serde(default = "request_timeout_secs")]
+        request_timeout_secs: u64,
     },
 }
 
 fn yes() -> bool {
     true
+}
+
+fn request_timeout_secs() -> u64 {
+    60
 }
 
 impl StorageConfig {
@@ -86,6 +97,12 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether the store did not answer, or kept failing in a way that may pass
+    /// (after the retries): a condition to try again, not a fault.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StorageError::Backend(e) if e.is_temporary() || e.is_persistent())
+    }
+
     fn from_dal(e: opendal::Error) -> Self {
         if e.kind() == ErrorKind::NotFound {
             StorageError::NotFound
@@ -128,6 +145,10 @@ pub struct BlobStore {
     append: bool,
     rename: bool,
     copy: bool,
+    /// Copies of any size (in parts; S3), not only up to [`COPY_MAX`].
+    copy_multi: bool,
+    /// The most one server-side copy request copies ([`COPY_PIECE`]).
+    copy_piece: u64,
     compose: bool,
     /// Received upload bytes not yet hashed and written, across all uploads.
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -141,10 +162,18 @@ const READ_CHUNK: usize = 4 * 1024 * 1024;
 /// S3, the parts of a multipart upload (S3 refuses parts under 5 MiB but the last).
 const WRITE_CHUNK: usize = 8 * 1024 * 1024;
 /// The largest object one server-side copy may publish (S3's CopyObject limit);
-/// a larger one-part upload is streamed through a multipart writer instead.
+/// on a store without multipart copies, a larger one-part upload is streamed
+/// through a multipart writer instead.
 const COPY_MAX: u64 = 5 << 30;
 /// Parts of one multipart upload sent at once.
 const WRITE_CONCURRENT: usize = 2;
+/// The most one server-side copy request copies (a single copy or one part of a
+/// multipart copy): a bound on how long one request to the store lasts.
+const COPY_PIECE: u64 = 256 << 20;
+/// Server-side copies of one commit in flight at once.
+const COPY_CONCURRENT: usize = 4;
+/// Retries of a request that failed temporarily (or stalled past its deadline).
+const RETRIES: usize = 4;
 /// Chunks in flight between the writer and the hashing thread.
 const HASH_QUEUE: usize = 64;
 /// Bytes of one upload in flight between the socket and the disk (received but
@@ -171,7 +200,7 @@ impl BlobStore {
                 Operator::new(services::Fs::default().root(root).atomic_write_dir(&tmp.to_string_lossy()))?
             }
             StorageConfig::Memory => Operator::new(services::Memory::default())?,
-            StorageConfig::S3 { bucket, endpoint, region, root, access_key_id, secret_access_key } => {
+            StorageConfig::S3 { bucket, endpoint, region, root, access_key_id, secret_access_key, request_timeout_secs } => {
                 let mut b = services::S3::default().bucket(bucket);
                 if let Some(v) = endpoint {
                     b = b.endpoint(v);
@@ -186,10 +215,15 @@ impl BlobStore {
                 if let Some(v) = secret_access_key {
                     b = b.secret_access_key(v);
                 }
-                // A remote store answers "slow down", resets connections and times
-                // out now and then: such temporary failures are retried with
-                // jittered backoff before they become a request's error.
-                Operator::new(b)?.layer(opendal::layers::RetryLayer::new().with_jitter().with_max_times(4))
+                // A remote store answers "slow down", resets connections and
+                // stalls now and then: such temporary failures are retried with
+                // jittered backoff before they become a request's error. Each
+                // attempt has a deadline (inside the retries, so a stalled
+                // attempt is cut and tried again on a fresh connection).
+                let deadline = std::time::Duration::from_secs((*request_timeout_secs).max(1));
+                Operator::new(b)?
+                    .layer(opendal::layers::TimeoutLayer::new().with_timeout(deadline).with_io_timeout(deadline))
+                    .layer(opendal::layers::RetryLayer::new().with_jitter().with_max_times(RETRIES))
             }
         };
         let cap = op.info().capability();
@@ -201,6 +235,8 @@ impl BlobStore {
             append,
             rename: cap.rename,
             copy: cap.copy,
+            copy_multi: cap.copy_can_multi,
+            copy_piece: COPY_PIECE,
             compose: cap.compose,
             op,
             in_flight: Arc::new(tokio::sync::Semaphore::new(ALL_IN_FLIGHT_KIB)),
@@ -467,26 +503,38 @@ impl BlobStore {
                     self.op.copy(&key, &target).await?;
                 }
             } else {
-                let parts = part_keys(id, staging);
-                match parts.len() {
-                    0 => {
+                let parts = part_spans(id, staging, total);
+                match parts.as_slice() {
+                    [] => {
                         self.op.write(&target, Bytes::new()).await?;
                     }
-                    1 if self.rename => self.op.rename(&parts[0], &target).await?,
-                    1 if self.copy && total <= COPY_MAX => {
-                        self.op.copy(&parts[0], &target).await?;
+                    [(key, _)] if self.rename => self.op.rename(key, &target).await?,
+                    [(key, len)] if self.copy && (self.copy_multi || *len <= COPY_MAX) => {
+                        // A server-side copy; one larger than a piece goes as a
+                        // multipart copy of pieces. The length is the recorded
+                        // one (a part is never rewritten once recorded), which
+                        // spares a HEAD of the part.
+                        let options = opendal::options::CopyOptions {
+                            source_content_length_hint: Some(*len),
+                            chunk: Some(self.copy_piece as usize),
+                            concurrent: COPY_CONCURRENT,
+                            ..Default::default()
+                        };
+                        self.op.copy_options(key, &target, options).await?;
                     }
                     _ if self.compose => {
-                        self.op.compose(parts, &target).await?;
+                        self.op.compose(parts.into_iter().map(|(k, _)| k).collect::<Vec<_>>(), &target).await?;
                     }
                     _ => {
-                        // Concatenate through one writer, published on close.
-                        let mut w = self.op.writer_with(&target).chunk(WRITE_CHUNK).concurrent(WRITE_CONCURRENT).await?;
-                        for part in &parts {
-                            let mut s = self.op.reader_with(part).chunk(READ_CHUNK).await?.into_bytes_stream(..).await?;
-                            while let Some(b) = s.next().await {
-                                w.write(b.map_err(|e| StorageError::Staging(e.to_string()))?).await?;
-                            }
+                        // Concatenated by one writer, published on close. Where
+                        // the store copies server-side (S3's UploadPartCopy),
+                        // OpenDAL copies each part there, in pieces; elsewhere,
+                        // and for a part under the store's least part size, it
+                        // streams the bytes through.
+                        let mut w = self.op.writer_with(&target).concurrent(COPY_CONCURRENT).await?;
+                        if let Err(e) = concatenate(&mut w, &parts, self.copy_piece).await {
+                            let _ = w.abort().await;
+                            return Err(e.into());
                         }
                         w.close().await?;
                     }
@@ -619,6 +667,26 @@ fn part_keys(id: &UploadId, staging: &Staging) -> Vec<String> {
     staging.parts.iter().map(|o| layout::upload_part(id, *o)).collect()
 }
 
+/// The keys and lengths of an upload's staged parts, `total` bytes in all.
+fn part_spans(id: &UploadId, staging: &Staging, total: u64) -> Vec<(String, u64)> {
+    let ends = staging.parts.iter().skip(1).copied().chain(std::iter::once(total));
+    staging.parts.iter().zip(ends).map(|(start, end)| (layout::upload_part(id, *start), end.saturating_sub(*start))).collect()
+}
+
+/// Write `parts` into `w` in order, each by server-side copies of at most
+/// `piece` bytes where the store has them.
+async fn concatenate(w: &mut opendal::Writer, parts: &[(String, u64)], piece: u64) -> opendal::Result<()> {
+    for (key, len) in parts {
+        let mut at = 0;
+        while at < *len {
+            let n = (*len - at).min(piece);
+            w.copy_from(key, at..at + n).await?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
 /// A blob written to its key by [`BlobStore::write_unpublished`] and not yet
 /// visible. Dropped or discarded, it never becomes visible.
 pub struct Unpublished {
@@ -640,7 +708,15 @@ impl Unpublished {
             let _ = self.writer.abort().await;
             return Err(StorageError::Staging(format!("content digest is {}, not {}", self.computed, self.expected)));
         }
-        self.writer.close().await?;
+        if let Err(e) = self.writer.close().await {
+            // Given up in the background: on a store that stopped answering the
+            // abort waits out its own deadline, and the client's answer need not.
+            let mut writer = self.writer;
+            tokio::spawn(async move {
+                let _ = writer.abort().await;
+            });
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -888,6 +964,7 @@ mod tests {
                     root: Some(format!("/{}/", UploadId::random())),
                     access_key_id: Some(g.access_key_id.clone()),
                     secret_access_key: Some(g.secret_access_key.clone()),
+                    request_timeout_secs: 60,
                 };
                 let s3 = BlobStore::open(&config).await.unwrap();
                 assert!(!s3.appends(), "S3 stages uploads as parts");
@@ -1019,6 +1096,110 @@ mod tests {
             }
         }
         assert!(in_place >= 1, "the memory store writes in place");
+    }
+
+    /// Staged parts are published by server-side copies where the store has them
+    /// (S3's UploadPartCopy), a part larger than a copy piece in several pieces,
+    /// and parts under the store's least part size streamed in between: the
+    /// blob is the parts' bytes in order, whatever their sizes.
+    #[tokio::test]
+    async fn staged_parts_publish_exactly_by_copies_in_pieces() {
+        for (mut store, _dir) in stores().await {
+            store.copy_piece = (5 << 20) + 3;
+            let sizes: &[&[usize]] = &[&[(12 << 20) + 5, 1 << 20, 7 << 20, 3], &[(12 << 20) + 5], &[6 << 20, 6 << 20]];
+            for (n, sizes) in sizes.iter().enumerate() {
+                let total: usize = sizes.iter().sum();
+                let data =
+                    Bytes::from((0..total).map(|i| ((i as u32 ^ n as u32).wrapping_mul(2_654_435_761) >> 11) as u8).collect::<Vec<u8>>());
+                let (id, mut staging, mut d, mut at) =
+                    (UploadId::random(), Staging::default(), Digester::new(DigestAlgorithm::Sha256), 0u64);
+                for size in sizes.iter() {
+                    let chunk = data.slice(at as usize..at as usize + size);
+                    let body = futures::stream::iter(
+                        (0..chunk.len()).step_by(1 << 20).map(|i| Ok::<_, String>(chunk.slice(i..(i + (1 << 20)).min(chunk.len())))),
+                    );
+                    at += store.write_chunk(&id, &mut staging, at, body, &mut d, u64::MAX).await.unwrap();
+                }
+                let digest = d.finish();
+                assert_eq!(digest, Digest::sha256(&data));
+                store.commit_upload(&id, &staging, at, &digest).await.unwrap();
+                assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(total as u64));
+                let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+                assert!(whole.concat() == data[..], "parts {sizes:?} published out of order or incomplete");
+                assert!(store.staged_uploads().await.unwrap().is_empty());
+            }
+        }
+    }
+
+    /// A store that stops answering fails each request at its deadline (after
+    /// the retries) instead of holding it for as long as the store stalls; once
+    /// it answers again, what was stored is intact and a cut-off commit
+    /// completes.
+    #[tokio::test]
+    async fn a_stalled_store_fails_requests_instead_of_holding_them() {
+        let Some(bin) = std::env::var_os(berth_testkit::ENV_GARAGE) else {
+            assert!(!berth_testkit::s3_wanted());
+            eprintln!("no S3 store: set {} to a garage binary (.ci/run builds it)", berth_testkit::ENV_GARAGE);
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("berth-garage-stall-{}", UploadId::random()));
+        let g = berth_testkit::Garage::start(std::path::Path::new(&bin), &dir);
+        let open = |request_timeout_secs| {
+            BlobStore::open(&StorageConfig::S3 {
+                bucket: g.bucket.clone(),
+                endpoint: Some(g.endpoint.clone()),
+                region: Some(g.region.clone()),
+                root: None,
+                access_key_id: Some(g.access_key_id.clone()),
+                secret_access_key: Some(g.secret_access_key.clone()),
+                request_timeout_secs,
+            })
+        };
+        // What is stored before the stall goes through the default deadline (a
+        // busy machine may take more than a second); the stalled requests
+        // through a handle with a short one.
+        let (store, hasty) = (open(60).await.unwrap(), open(1).await.unwrap());
+        let kept = Bytes::from_static(b"stored before the stall");
+        let kept_digest = Digest::sha256(&kept);
+        store.put_blob(&kept_digest, kept.clone()).await.unwrap();
+        let staged = Bytes::from(vec![7u8; 6 << 20]);
+        let (id, mut staging, mut d) = (UploadId::random(), Staging::default(), Digester::new(DigestAlgorithm::Sha256));
+        let n = store
+            .write_chunk(&id, &mut staging, 0, futures::stream::iter([Ok::<_, String>(staged.clone())]), &mut d, u64::MAX)
+            .await
+            .unwrap();
+        let staged_digest = d.finish();
+
+        g.pause();
+        let fresh = Bytes::from_static(b"sent while the store stalls");
+        let fresh_digest = Digest::sha256(&fresh);
+        let stalled = async {
+            tokio::join!(
+                hasty.probe(),
+                hasty.stat_blob(&kept_digest),
+                hasty.read_blob_bytes(&kept_digest, kept.len() as u64),
+                async {
+                    let mut d = Digester::new(DigestAlgorithm::Sha256);
+                    let (_, unpublished) =
+                        hasty.write_unpublished(&fresh_digest, chunks(&[b"sent while the store stalls"]), &mut d, u64::MAX).await?;
+                    unpublished.publish().await
+                },
+                hasty.commit_upload(&id, &staging, n, &staged_digest),
+            )
+        };
+        // Not a timing assertion: a bound far past the deadlines and retries
+        // (five 1 s attempts, about 15 s of backoff), to fail instead of hang.
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(240), stalled).await;
+        g.resume();
+        let (probe, stat, read, put, commit) = outcome.expect("requests to a stalled store were held, not failed");
+        assert!(probe.is_err(), "the probe of a stalled store succeeded");
+        assert!(stat.is_err() && read.is_err(), "a stat or read of a stalled store succeeded");
+        assert!(put.is_err() && commit.is_err(), "a write to a stalled store succeeded");
+
+        store.probe().await.unwrap();
+        assert_eq!(store.read_blob_bytes(&kept_digest, kept.len() as u64).await.unwrap(), kept);
+        store.commit_upload(&id, &staging, n, &staged_digest).await.unwrap();
+        assert_eq!(store.read_blob_bytes(&staged_digest, n).await.unwrap(), staged);
     }
 
     /// An upload of no bytes at all publishes the empty blob.

@@ -163,6 +163,22 @@ impl Garage {
         g
     }
 
+    /// Stop the node answering (SIGSTOP): the kernel still accepts connections
+    /// and takes requests, and no answer comes, as from a stalled store.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Let a paused node run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{name} garage: {status}");
+    }
+
     /// The folder holding the node's data, metadata, configuration and log.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -72,6 +72,7 @@ fn s3_config(data: &Path, env: &[(&str, &str)]) -> Option<(PathBuf, berth_storag
         root: Some(format!("/{prefix}/")),
         access_key_id: Some(g.access_key_id.clone()),
         secret_access_key: Some(g.secret_access_key.clone()),
+        request_timeout_secs: 60,
     };
     #[derive(serde::Serialize)]
     struct File<'a> {
