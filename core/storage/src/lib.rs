@@ -1144,21 +1144,19 @@ mod tests {
         };
         let dir = std::env::temp_dir().join(format!("berth-garage-stall-{}", UploadId::random()));
         let g = berth_testkit::Garage::start(std::path::Path::new(&bin), &dir);
-        let open = |request_timeout_secs| {
-            BlobStore::open(&StorageConfig::S3 {
-                bucket: g.bucket.clone(),
-                endpoint: Some(g.endpoint.clone()),
-                region: Some(g.region.clone()),
-                root: None,
-                access_key_id: Some(g.access_key_id.clone()),
-                secret_access_key: Some(g.secret_access_key.clone()),
-                request_timeout_secs,
-            })
+        let config = |request_timeout_secs| StorageConfig::S3 {
+            bucket: g.bucket.clone(),
+            endpoint: Some(g.endpoint.clone()),
+            region: Some(g.region.clone()),
+            root: None,
+            access_key_id: Some(g.access_key_id.clone()),
+            secret_access_key: Some(g.secret_access_key.clone()),
+            request_timeout_secs,
         };
         // What is stored before the stall goes through the default deadline (a
         // busy machine may take more than a second); the stalled requests
         // through a handle with a short one.
-        let (store, hasty) = (open(60).await.unwrap(), open(1).await.unwrap());
+        let (store, hasty) = (BlobStore::open(&config(60)).await.unwrap(), BlobStore::open(&config(1)).await.unwrap());
         let kept = Bytes::from_static(b"stored before the stall");
         let kept_digest = Digest::sha256(&kept);
         store.put_blob(&kept_digest, kept.clone()).await.unwrap();
