@@ -156,8 +156,8 @@ impl Registry {
         }
 
         if rehash {
-            for d in stored.keys() {
-                match self.rehash(d).await {
+            for (d, (size, _)) in &stored {
+                match self.rehash(d, *size).await {
                     Ok(actual) if &actual == d => {}
                     Ok(actual) => rep.digest_mismatches.add(format!("{d}: content hashes to {actual}")),
                     Err(e) => rep.digest_mismatches.add(format!("{d}: unreadable ({})", e.detail_or_message())),
@@ -195,9 +195,9 @@ impl Registry {
         Ok(rep)
     }
 
-    async fn rehash(&self, d: &Digest) -> Result<Digest, RegistryError> {
+    async fn rehash(&self, d: &Digest, size: u64) -> Result<Digest, RegistryError> {
         let mut h = Digester::new(d.algorithm());
-        let mut s = self.store.read_blob(d, None).await.map_err(|e| internal("read blob", e))?;
+        let mut s = self.store.read_blob(d, size, None).await.map_err(|e| internal("read blob", e))?;
         while let Some(chunk) = s.next().await {
             h.update(&chunk.map_err(|e| internal("read blob", e))?);
         }

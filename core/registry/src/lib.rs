@@ -489,7 +489,7 @@ impl Registry {
             None => None,
         };
         let stream = if body {
-            match self.store.read_blob(digest, range).await {
+            match self.store.read_blob(digest, size, range).await {
                 Ok(s) => Some(Box::pin(s.inspect(|r| {
                     if let Ok(b) = r {
                         metrics::sent(b.len() as u64)

@@ -60,7 +60,7 @@ impl BlobReader for Blobs {
             return Ok(vec![]);
         }
         let end = size.min(offset.saturating_add(max)) - 1;
-        let mut stream = self.0.read_blob(&d, Some(ByteRange { start: offset, end })).await.map_err(|e| e.to_string())?;
+        let mut stream = self.0.read_blob(&d, size, Some(ByteRange { start: offset, end })).await.map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity((end - offset + 1) as usize);
         while let Some(chunk) = stream.next().await {
             out.extend_from_slice(&chunk.map_err(|e| e.to_string())?);

@@ -111,6 +111,20 @@ impl StorageError {
         }
     }
 
+    /// An error of a stream read from the backend (OpenDAL's own, carried in an
+    /// I/O error), classified as its own would be.
+    fn from_stream(e: std::io::Error) -> Self {
+        if e.get_ref().is_none() {
+            return StorageError::from_io(e);
+        }
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<opendal::Error>()) {
+            Some(Ok(dal)) => StorageError::from_dal(*dal),
+            Some(Err(other)) => StorageError::from_io(std::io::Error::new(kind, other)),
+            None => StorageError::from_io(std::io::Error::from(kind)),
+        }
+    }
+
     fn from_io(e: std::io::Error) -> Self {
         if e.kind() == std::io::ErrorKind::NotFound {
             StorageError::NotFound
@@ -157,7 +171,11 @@ pub struct BlobStore {
 }
 
 /// Reads are fetched from the backend in pieces of this size.
-const READ_CHUNK: usize = 4 * 1024 * 1024;
+const READ_CHUNK: usize = 2 * 1024 * 1024;
+/// Pieces of one blob read in flight at once: while one is sent to the client,
+/// the next ones are on their way. At most this many pieces of a read are held
+/// in memory.
+const READ_AHEAD: usize = 3;
 /// Writes are gathered into pieces of this size before reaching the backend: on
 /// S3, the parts of a multipart upload (S3 refuses parts under 5 MiB but the last).
 const WRITE_CHUNK: usize = 8 * 1024 * 1024;
@@ -266,19 +284,31 @@ impl BlobStore {
         }
     }
 
-    /// Stream a blob (or one byte range of it).
-    pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+    /// Stream a blob of `size` bytes (its recorded size), or one byte range of it.
+    ///
+    /// On S3 the blob is read as ranged `GET`s of [`READ_CHUNK`], [`READ_AHEAD`]
+    /// of them in flight: the next pieces are on their way while one is sent to
+    /// the client, and a failed piece is retried alone. The recorded size bounds the
+    /// reads, so no `HEAD` precedes them; the first piece is awaited here, so a
+    /// blob missing from the store is [`StorageError::NotFound`] before an answer
+    /// has begun.
+    pub async fn read_blob(&self, digest: &Digest, size: u64, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
         if let Some(local) = &self.local {
             let range = range.map(|r| (r.start, r.end + 1));
             return local.read(&layout::blob(digest), range).await.map_err(StorageError::from_io);
         }
-        let reader = self.op.reader_with(&layout::blob(digest)).chunk(READ_CHUNK).await.map_err(StorageError::from_dal)?;
-        let stream = match range {
-            Some(r) => reader.into_bytes_stream(r.start..r.end + 1).await,
-            None => reader.into_bytes_stream(..).await,
+        let span = match range {
+            Some(r) => r.start..r.end + 1,
+            None => 0..size,
+        };
+        let reader =
+            self.op.reader_with(&layout::blob(digest)).chunk(READ_CHUNK).concurrent(READ_AHEAD).await.map_err(StorageError::from_dal)?;
+        let mut stream = reader.into_bytes_stream(span).await.map_err(StorageError::from_dal)?;
+        match stream.next().await {
+            None => Ok(Box::pin(futures::stream::empty())),
+            Some(Err(e)) => Err(StorageError::from_stream(e)),
+            Some(Ok(first)) => Ok(Box::pin(futures::stream::once(async { Ok(first) }).chain(stream))),
         }
-        .map_err(StorageError::from_dal)?;
-        Ok(Box::pin(stream))
     }
 
     /// Read a whole small blob of `size` bytes (its recorded size), such as a
@@ -1000,7 +1030,7 @@ mod tests {
             assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(11));
             assert_eq!(&store.read_blob_bytes(&digest, 11).await.unwrap()[..], b"hello world");
             let part: Vec<Bytes> =
-                store.read_blob(&digest, Some(ByteRange { start: 6, end: 9 })).await.unwrap().try_collect().await.unwrap();
+                store.read_blob(&digest, 11, Some(ByteRange { start: 6, end: 9 })).await.unwrap().try_collect().await.unwrap();
             assert_eq!(part.concat(), b"worl");
             assert!(store.staged_uploads().await.unwrap().is_empty());
         }
@@ -1124,7 +1154,7 @@ mod tests {
                 assert_eq!(digest, Digest::sha256(&data));
                 store.commit_upload(&id, &staging, at, &digest).await.unwrap();
                 assert_eq!(store.stat_blob(&digest).await.unwrap(), Some(total as u64));
-                let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+                let whole: Vec<Bytes> = store.read_blob(&digest, total as u64, None).await.unwrap().try_collect().await.unwrap();
                 assert!(whole.concat() == data[..], "parts {sizes:?} published out of order or incomplete");
                 assert!(store.staged_uploads().await.unwrap().is_empty());
             }
@@ -1176,6 +1206,7 @@ mod tests {
                 hasty.probe(),
                 hasty.stat_blob(&kept_digest),
                 hasty.read_blob_bytes(&kept_digest, kept.len() as u64),
+                hasty.read_blob(&kept_digest, kept.len() as u64, None),
                 async {
                     let mut d = Digester::new(DigestAlgorithm::Sha256);
                     let (_, unpublished) =
@@ -1189,9 +1220,12 @@ mod tests {
         // (five 1 s attempts, about 15 s of backoff), to fail instead of hang.
         let outcome = tokio::time::timeout(std::time::Duration::from_secs(240), stalled).await;
         g.resume();
-        let (probe, stat, read, put, commit) = outcome.expect("requests to a stalled store were held, not failed");
+        let (probe, stat, read, streamed, put, commit) = outcome.expect("requests to a stalled store were held, not failed");
         assert!(probe.is_err(), "the probe of a stalled store succeeded");
         assert!(stat.is_err() && read.is_err(), "a stat or read of a stalled store succeeded");
+        // A streamed read fails before its stream is handed out (so before an
+        // answer begins), as a store out of reach: the registry's 503.
+        assert!(matches!(&streamed, Err(e) if e.is_unavailable()), "a streamed read of a stalled store did not fail as unavailable");
         assert!(put.is_err() && commit.is_err(), "a write to a stalled store succeeded");
 
         store.probe().await.unwrap();
@@ -1232,10 +1266,11 @@ mod tests {
             let digest = d.finish();
             assert_eq!(digest, Digest::sha256(&data));
             store.commit_upload(&id, &staging, n1 + n2, &digest).await.unwrap();
-            let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+            let whole: Vec<Bytes> = store.read_blob(&digest, n1 + n2, None).await.unwrap().try_collect().await.unwrap();
             assert_eq!(whole.concat(), &data[..]);
             for (start, end) in [(0u64, 0u64), (4 << 20, 4 << 20), ((4 << 20) - 1, (8 << 20) + 1), (5, (13 << 20) + 6)] {
-                let part: Vec<Bytes> = store.read_blob(&digest, Some(ByteRange { start, end })).await.unwrap().try_collect().await.unwrap();
+                let part: Vec<Bytes> =
+                    store.read_blob(&digest, n1 + n2, Some(ByteRange { start, end })).await.unwrap().try_collect().await.unwrap();
                 assert_eq!(part.concat(), &data[start as usize..=end as usize], "range {start}-{end}");
             }
         }
@@ -1277,11 +1312,11 @@ mod tests {
             assert_eq!(got.concat(), &data[start as usize..end as usize], "range {start}..{end}");
         }
         // The store picks direct reads for an uncached blob; the bytes are the same.
-        let whole: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+        let whole: Vec<Bytes> = store.read_blob(&digest, data.len() as u64, None).await.unwrap().try_collect().await.unwrap();
         assert_eq!(whole.concat(), &data[..]);
         assert!(!local.cached(&key), "a first cold read does not fill the page cache");
         // A second read goes through the page cache, which then keeps the blob.
-        let again: Vec<Bytes> = store.read_blob(&digest, None).await.unwrap().try_collect().await.unwrap();
+        let again: Vec<Bytes> = store.read_blob(&digest, data.len() as u64, None).await.unwrap().try_collect().await.unwrap();
         assert_eq!(again.concat(), &data[..]);
         assert!(local.cached(&key), "a blob read twice ends up in the page cache");
     }
@@ -1336,6 +1371,12 @@ mod tests {
             assert_eq!(store.stat_blob(&Digest::sha256(b"nope")).await.unwrap(), None);
             assert!(matches!(store.read_blob_bytes(&Digest::sha256(b"nope"), 4).await, Err(StorageError::NotFound)));
             assert!(matches!(store.read_blob_bytes(&Digest::sha256(b"nope"), 0).await, Err(StorageError::NotFound)));
+            // A streamed read of a missing blob fails before any byte is handed out.
+            assert!(matches!(store.read_blob(&Digest::sha256(b"nope"), 4, None).await, Err(StorageError::NotFound)));
+            assert!(matches!(
+                store.read_blob(&Digest::sha256(b"nope"), 4, Some(ByteRange { start: 1, end: 2 })).await,
+                Err(StorageError::NotFound)
+            ));
             store.delete_upload(&id).await.unwrap();
         }
     }
