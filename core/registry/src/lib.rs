@@ -590,13 +590,28 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let mut session = self.lease_upload(repo, id).await?;
         let lease = LeaseHeld::on(&self.uploads, *id);
         let result = self.write_chunk(&mut session, content_range, body).await;
         lease.settled();
         let updated = result.is_ok().then(|| session.clone());
         Self::ask(&self.uploads, uploads::Release { id: *id, updated }).await??;
         result.map(|_| session.offset)
+    }
+
+    /// Take an upload session for writing, waiting up to [`uploads::LEASE_WAIT`]
+    /// for another request holding it to give it back.
+    async fn lease_upload(&self, repo: &RepoName, id: &UploadId) -> Result<Session, RegistryError> {
+        let deadline = tokio::time::Instant::now() + uploads::LEASE_WAIT;
+        loop {
+            if let Some(session) = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await?? {
+                return Ok(session);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(uploads::busy());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn write_chunk<S, E>(&self, session: &mut Session, content_range: Option<ByteRange>, body: S) -> Result<(), RegistryError>
@@ -697,7 +712,7 @@ impl Registry {
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        let mut session = Self::ask(&self.uploads, uploads::Lease { id: *id, repo: repo.clone() }).await??;
+        let mut session = self.lease_upload(repo, id).await?;
         let lease = LeaseHeld::on(&self.uploads, *id);
         let result = self.commit(&mut session, digest, content_range, body, by).await;
         lease.settled();

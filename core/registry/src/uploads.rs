@@ -161,34 +161,43 @@ impl Handler<Create> for UploadSessions {
     }
 }
 
-/// Take the session for writing (or finishing). Fails if another request holds it.
+/// Take the session for writing (or finishing): `None` while another request
+/// holds it.
 pub struct Lease {
     pub id: UploadId,
     pub repo: RepoName,
 }
 impl Message for Lease {
-    type Result = Result<Session, RegistryError>;
+    type Result = Result<Option<Session>, RegistryError>;
+}
+
+/// How long a request waits for a session another request holds before it is
+/// refused with [`busy`]. The holder is most often a request whose client went
+/// away mid-chunk and is still being wound up, while the client already resumes.
+pub const LEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// The refusal of a session another request is writing.
+pub fn busy() -> RegistryError {
+    RegistryError::new(ErrorCode::BlobUploadInvalid).with_status(416).with_detail("another request is writing to this upload")
 }
 
 impl UploadSessions {
-    fn take(&mut self, id: &UploadId, repo: &RepoName) -> Result<Session, RegistryError> {
+    fn take(&mut self, id: &UploadId, repo: &RepoName) -> Result<Option<Session>, RegistryError> {
         let e = self.sessions.get_mut(id).ok_or_else(|| unknown(id))?;
         if &e.session.repo != repo {
             return Err(unknown(id));
         }
         if e.busy {
-            return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
-                .with_status(416)
-                .with_detail("another request is writing to this upload"));
+            return Ok(None);
         }
         e.busy = true;
         e.touched_ms = now_ms();
-        Ok(e.session.clone())
+        Ok(Some(e.session.clone()))
     }
 }
 
 impl Handler<Lease> for UploadSessions {
-    type Result = ResponseActFuture<Self, Result<Session, RegistryError>>;
+    type Result = ResponseActFuture<Self, Result<Option<Session>, RegistryError>>;
 
     fn handle(&mut self, msg: Lease, _: &mut Context<Self>) -> Self::Result {
         if self.meta.is_shared() {
@@ -215,7 +224,7 @@ impl Handler<Lease> for UploadSessions {
 impl UploadSessions {
     /// A lease with a shared store: taken in the database (another replica may
     /// be writing the session, or have moved it on), with its state as stored.
-    fn lease_shared(&mut self, msg: Lease) -> ResponseActFuture<Self, Result<Session, RegistryError>> {
+    fn lease_shared(&mut self, msg: Lease) -> ResponseActFuture<Self, Result<Option<Session>, RegistryError>> {
         if self.sessions.get(&msg.id).is_some_and(|e| e.busy) {
             return Box::pin(fut::ready(self.take(&msg.id, &msg.repo)));
         }
@@ -239,9 +248,7 @@ impl UploadSessions {
             .into_actor(self)
             .map(move |res, act, _| {
                 let Some(row) = res? else {
-                    return Err(RegistryError::new(ErrorCode::BlobUploadInvalid)
-                        .with_status(416)
-                        .with_detail("another request is writing to this upload"));
+                    return Ok(None);
                 };
                 let session = Session::from_row(row).ok_or_else(|| internal("decode upload session", id))?;
                 if session.repo != msg.repo {
@@ -253,7 +260,7 @@ impl UploadSessions {
                     return Err(unknown(&id));
                 }
                 act.sessions.insert(id, Entry { session: session.clone(), busy: true, touched_ms: now_ms(), lease: Some(token) });
-                Ok(session)
+                Ok(Some(session))
             }),
         )
     }
