@@ -219,6 +219,9 @@ pub struct Auth {
     config: AuthConfig,
     policy: policy::Policy,
     keys: KeyRing,
+    /// When the last reload of the keys for a token signed with a key this
+    /// replica did not know began (see [`Auth::verify_bearer`]).
+    keys_reloaded: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     master: secret::MasterKey,
     tokens: TokenView,
     token_actor: Addr<TokenActor>,
@@ -249,6 +252,9 @@ pub type RepoProbe = Box<dyn Fn(&RepoName) -> bool + Send + Sync>;
 const VERIFIED_TTL_MS: i64 = 60_000;
 /// How far replicas' clocks may disagree on when a credential changed.
 const CLOCK_SKEW_MS: i64 = 10_000;
+/// The least time between two reloads of the signing keys for tokens signed
+/// with a key this replica does not know.
+const UNKNOWN_KEY_RELOAD: Duration = Duration::from_secs(1);
 
 impl Auth {
     /// Load keys, policy, namespaces and tokens; create the bootstrap admin on
@@ -289,6 +295,7 @@ impl Auth {
             config,
             policy,
             keys,
+            keys_reloaded: tokio::sync::Mutex::new(None),
             master,
             tokens: view,
             token_actor,
@@ -359,6 +366,11 @@ impl Auth {
                 self.users_checked_ms.store(since, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        self.reload_keys().await;
+    }
+
+    /// The signing keys from the store: other replicas' rotations and retirements.
+    async fn reload_keys(&self) {
         match self.meta.signing_keys().await {
             Ok(rows) => {
                 let keys = self.verifying_keys(rows);
@@ -369,6 +381,34 @@ impl Auth {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "signing keys refresh"),
+        }
+    }
+
+    /// Verify a bearer token. One signed with a key this replica does not know
+    /// may come from another replica that has just created or rotated its key
+    /// (replicas starting together each create one; a rotation signs at once
+    /// with the new key): the keys are reloaded then, before the next refresh
+    /// tick, and the token checked again. Such reloads run one at a time, at
+    /// least [`UNKNOWN_KEY_RELOAD`] apart, and a token that arrived before one
+    /// began is checked against it: made-up key ids wait, but cannot load the
+    /// store with more than one small query a second.
+    async fn verify_bearer(&self, token: &str) -> Result<Claims, secret::JwtError> {
+        let verify = || self.keys.verify(token, &self.config.service, now_secs(), self.config.clock_skew_secs as i64);
+        match verify() {
+            Err(secret::JwtError::UnknownKey) => {
+                let arrived = tokio::time::Instant::now();
+                let mut last = self.keys_reloaded.lock().await;
+                if last.is_none_or(|began| began < arrived) {
+                    if let Some(began) = *last {
+                        tokio::time::sleep_until(began + UNKNOWN_KEY_RELOAD).await;
+                    }
+                    *last = Some(tokio::time::Instant::now());
+                    self.reload_keys().await;
+                }
+                drop(last);
+                verify()
+            }
+            r => r,
         }
     }
 
@@ -428,13 +468,12 @@ impl Auth {
                 Ok(Identity { principal: Principal::User(user), credential })
             }
             "bearer" => {
-                let claims =
-                    self.keys.verify(value.trim(), &self.config.service, now_secs(), self.config.clock_skew_secs as i64).map_err(|e| {
-                        // One answer for every failed check: which one failed (format,
-                        // key id, signature, lifetime, audience) would guide a forger.
-                        tracing::debug!(reason = %e, source, "bearer token refused");
-                        unauthorized("invalid or expired bearer token")
-                    })?;
+                let claims = self.verify_bearer(value.trim()).await.map_err(|e| {
+                    // One answer for every failed check: which one failed (format,
+                    // key id, signature, lifetime, audience) would guide a forger.
+                    tracing::debug!(reason = %e, source, "bearer token refused");
+                    unauthorized("invalid or expired bearer token")
+                })?;
                 if let Some(tid) = &claims.tid {
                     if !self.token_known(tid).await {
                         return Err(unauthorized("the access token behind this bearer token was revoked or expired"));

@@ -408,6 +408,33 @@ async fn until_refused(s: &Server, token: &str) -> bool {
     false
 }
 
+/// A bearer token signed on one replica with a key it has just made (a
+/// rotation, or replicas starting together) verifies at once on another that
+/// has not refreshed its keys since: an unknown key id makes it reload them. A
+/// made-up key id is still refused.
+#[test]
+fn a_token_signed_with_a_new_key_verifies_at_once_on_another_replica() {
+    let Some(bin) = surreal_bin("a_token_signed_with_a_new_key_verifies_at_once_on_another_replica") else {
+        return;
+    };
+    let (one, two) = (TempDir::new("newkey-a"), TempDir::new("newkey-b"));
+    let db = Surreal::start_free(&bin, &one.path().join("db"));
+    // No refresh tick during the test: only the reload on demand can help.
+    let slow = "refresh_secs = 3600\n";
+    let a = berth_with(&one, db.port, slow);
+    let b = berth_with(&two, db.port, slow);
+    block_on(async {
+        assert_eq!(client().post(a.url("/api/v1/keys/rotate")).send().await.unwrap().status(), 200);
+        let r = client().get(a.url("/auth/token?service=berth&scope=repository:library/app:pull")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_owned();
+        assert_eq!(bearer_status(&a, &token).await, 200);
+        assert_eq!(bearer_status(&b, &token).await, 200, "a token from the other replica's new key is refused");
+        assert_eq!(bearer_status(&b, &forge("made-up", &[7; 32])).await, 401);
+        assert_eq!(bearer_status(&b, &token).await, 200);
+    });
+}
+
 /// Signing keys are sealed at rest (a database backup alone holds no key), a
 /// rotated key stops verifying on every replica once the longest bearer
 /// lifetime has passed, and an emergency rotation drops old keys at once here
