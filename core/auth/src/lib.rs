@@ -1632,7 +1632,12 @@ async fn bootstrap_admin(meta: &Metadata, configured: Option<&str>) -> Result<Op
             };
             let hash = tokio::task::spawn_blocking(move || secret::hash_password(&pw)).await.map_err(|e| e.to_string())?;
             let row = UserRow { name, tenant: None, password_hash: hash, created_ms: tokens::now_ms() };
-            meta.create_user(&row).await.map_err(|e| e.to_string())?;
+            // Replicas starting together over one database race here: one
+            // creates the admin, and only its password (if generated) is told.
+            if !meta.create_user(&row).await.map_err(|e| e.to_string())? {
+                tracing::info!("the platform admin user 'admin' was created by another replica");
+                return Ok(None);
+            }
             tracing::info!("created the platform admin user 'admin'");
             Ok(generated)
         }
@@ -1666,5 +1671,22 @@ mod proxy_tests {
         assert_eq!(client(&c, "10.0.0.5", &["6.6.6.6, garbage"]), ip("10.0.0.5"), "an unparseable hop ends the walk");
         assert_eq!(client(&c, "8.8.8.8", &["1.2.3.4"]), ip("8.8.8.8"), "a peer that is no proxy: header ignored");
         assert_eq!(client(&c, "fd00::1", &["2001:db8::7"]), ip("2001:db8::7"));
+    }
+}
+
+#[cfg(test)]
+mod bootstrap_tests {
+    use super::*;
+
+    /// Replicas starting together over one database: one creates the admin,
+    /// and only that one tells a generated password, which is the one that works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_replica_that_created_the_admin_tells_its_password() {
+        let meta = Metadata::connect(&berth_metadata::MetadataConfig::new("mem://")).await.unwrap();
+        let (a, b) = tokio::join!(bootstrap_admin(&meta, None), bootstrap_admin(&meta, None));
+        let told: Vec<String> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+        assert_eq!(told.len(), 1, "passwords told: {told:?}");
+        let admin = meta.user(&ADMIN_USER.parse().unwrap()).await.unwrap().unwrap();
+        assert!(secret::verify_password(&told[0], &admin.password_hash), "the password told does not open the admin");
     }
 }
