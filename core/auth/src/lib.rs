@@ -384,18 +384,19 @@ impl Auth {
         }
     }
 
-    /// Verify a bearer token. One signed with a key this replica does not know
-    /// may come from another replica that has just created or rotated its key
-    /// (replicas starting together each create one; a rotation signs at once
-    /// with the new key): the keys are reloaded then, before the next refresh
-    /// tick, and the token checked again. Such reloads run one at a time, at
-    /// least [`UNKNOWN_KEY_RELOAD`] apart, and a token that arrived before one
-    /// began is checked against it: made-up key ids wait, but cannot load the
-    /// store with more than one small query a second.
+    /// Verify a bearer token. Over a shared store, one signed with a key this
+    /// replica does not know may come from another replica that has just created or
+    /// rotated its key (replicas starting together each create one; a rotation
+    /// signs at once with the new key): the keys are reloaded then, before the next
+    /// refresh tick, and the token checked again. Such reloads run one at a time,
+    /// at least [`UNKNOWN_KEY_RELOAD`] apart, and a token that arrived before one
+    /// began is checked against it: made-up key ids wait, but cannot load the store
+    /// with more than one small query a second.
     async fn verify_bearer(&self, token: &str) -> Result<Claims, secret::JwtError> {
         let verify = || self.keys.verify(token, &self.config.service, now_secs(), self.config.clock_skew_secs as i64);
         match verify() {
-            Err(secret::JwtError::UnknownKey) => {
+            // Alone on an embedded store, every key was made here and is known.
+            Err(secret::JwtError::UnknownKey) if self.meta.is_shared() => {
                 let arrived = tokio::time::Instant::now();
                 let mut last = self.keys_reloaded.lock().await;
                 if last.is_none_or(|began| began < arrived) {
