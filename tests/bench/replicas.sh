@@ -15,8 +15,10 @@ elif [ ! -x "$garage" ]; then
   CARGO_TARGET_DIR="$HOME/.cache/berth/garage-target" cargo install --locked garage --version 2.5.0 \
     --no-default-features --features bundled-libs,sqlite --root "$HOME/.cache/berth/garage"
 fi
-surreal="${BERTH_TEST_SURREAL:-$HOME/.cache/berth/surreal/bin/surreal}"
+# The release SurrealDB server (not the tests' unoptimized one): about 30 minutes
+# to build on 2 cores, once.
+surreal="$HOME/.cache/berth/surreal/bin/surreal"
 [ -x "$surreal" ] || CARGO_TARGET_DIR="$HOME/.cache/berth/surreal-target" cargo install --locked --path tools/surreal-server --root "$HOME/.cache/berth/surreal"
 cargo build --release -p berth -p berth-testkit --bins
 exec python3 tests/cluster/cluster.py --bench --secs "${BENCH_SECS:-10}" --berth "$CARGO_TARGET_DIR/release/berth" \
-  --surreal "$HOME/.cache/berth/surreal/bin/surreal" --garage "$garage" --garage-up "$CARGO_TARGET_DIR/release/garage-up"
+  --surreal "$surreal" --garage "$garage" --garage-up "$CARGO_TARGET_DIR/release/garage-up"

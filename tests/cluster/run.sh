@@ -21,10 +21,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-surreal="${BERTH_TEST_SURREAL:-$HOME/.cache/berth/surreal/bin/surreal}"
+# Both unoptimized, as .ci/run builds them: the checks are of correctness.
+surreal="${BERTH_TEST_SURREAL:-$HOME/.cache/berth/surreal-debug/bin/surreal}"
 if [ ! -x "$surreal" ]; then
-  CARGO_TARGET_DIR="$HOME/.cache/berth/surreal-target" cargo install --locked --path tools/surreal-server --root "$HOME/.cache/berth/surreal"
-  surreal="$HOME/.cache/berth/surreal/bin/surreal"
+  CARGO_TARGET_DIR="$HOME/.cache/berth/surreal-debug-target" CARGO_PROFILE_DEV_DEBUG=0 cargo install --locked --debug \
+    --path tools/surreal-server --root "$HOME/.cache/berth/surreal-debug"
+  surreal="$HOME/.cache/berth/surreal-debug/bin/surreal"
 fi
 garage="${BERTH_TEST_GARAGE:-$HOME/.cache/berth/garage-debug/bin/garage}"
 if [ ! -x "$garage" ]; then
