@@ -22,11 +22,19 @@ with SIGKILL, restarts it, and checks:
 - once the upload lifetime has passed, no staging is left behind.
 Any 5xx during the load, a panic in the log, or a failed check fails the run.
 
+With --surreal, --garage and --garage-up (binaries), the same rounds run in
+the scaled-out form: blobs on a Garage S3 store and metadata on a SurrealDB
+server, both started here and left running while Berth is killed; the staging
+check then lists the bucket.
+
     tests/crash/crash.py target/debug/berth [--rounds 20] [--workers 12]
+    tests/crash/crash.py target/debug/berth --surreal BIN --garage BIN --garage-up BIN
 """
 import argparse
 import base64
+import datetime
 import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -39,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import xml.etree.ElementTree as ET
 
 PASSWORD = "crash-admin-password"
 AUTH = "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()
@@ -282,19 +292,125 @@ def start(binary, data, cfg, log):
     return p, port
 
 
+class Backends:
+    """A SurrealDB server and a Garage node for the scaled-out form, kept up
+    across the rounds (only Berth is killed)."""
+
+    def __init__(self, a, work):
+        self.procs = []
+        sport = free_port()
+        self.procs.append(subprocess.Popen(
+            [a.surreal, "start", "--user", "root", "--pass", "root", "--bind", f"127.0.0.1:{sport}",
+             "--log", "warn", f"surrealkv://{work}/db"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "surreal.log"), "ab"), start_new_session=True))
+        env_file = os.path.join(work, "garage.env")
+        with open(env_file, "w") as out:
+            self.procs.append(subprocess.Popen([a.garage_up, a.garage, os.path.join(work, "garage")],
+                                               stdout=out, stderr=subprocess.DEVNULL, start_new_session=True))
+        self.g = {}
+        for _ in range(600):
+            self.g = dict(l.strip().split("=", 1) for l in open(env_file) if "=" in l)
+            if "GARAGE_SECRET" in self.g and up(sport):
+                break
+            time.sleep(0.1)
+        else:
+            self.stop()
+            raise SystemExit("the SurrealDB server or Garage did not start")
+        key = os.path.join(work, "master.key")
+        with open(key, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+        g = self.g
+        self.config = f"""[storage]
+backend = "s3"
+bucket = "{g['GARAGE_BUCKET']}"
+endpoint = "{g['GARAGE_ENDPOINT']}"
+region = "{g['GARAGE_REGION']}"
+root = "/crash/"
+access_key_id = "{g['GARAGE_KEY_ID']}"
+secret_access_key = "{g['GARAGE_SECRET']}"
+[metadata]
+url = "ws://127.0.0.1:{sport}"
+username = "root"
+password = "root"
+namespace = "berth"
+database = "crash"
+[auth]
+master_key_file = "{key}"
+"""
+
+    def staged(self):
+        """The keys under the store's uploads/ (ListObjectsV2, signed with SigV4)."""
+        g = self.g
+        url = urllib.parse.urlsplit(g["GARAGE_ENDPOINT"])
+        query = urllib.parse.urlencode(sorted({"list-type": "2", "prefix": "crash/uploads/", "max-keys": "100"}.items()),
+                                       quote_via=urllib.parse.quote)
+        path = f"/{g['GARAGE_BUCKET']}"
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        empty = hashlib.sha256(b"").hexdigest()
+        headers = {"host": url.netloc, "x-amz-content-sha256": empty, "x-amz-date": stamp}
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join(["GET", path, query, "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed, empty])
+        scope = f"{day}/{g['GARAGE_REGION']}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        k = ("AWS4" + g["GARAGE_SECRET"]).encode()
+        for part in (day, g["GARAGE_REGION"], "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={g['GARAGE_KEY_ID']}/{scope}, "
+                                    f"SignedHeaders={signed}, Signature={sig}")
+        c = http.client.HTTPConnection(url.netloc, timeout=30)
+        try:
+            c.request("GET", f"{path}?{query}", headers=headers)
+            r = c.getresponse()
+            body = r.read()
+        finally:
+            c.close()
+        if r.status != 200:
+            raise SystemExit(f"listing the bucket: {r.status} {body[:300]!r}")
+        ns = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
+        return [e.text for e in ET.fromstring(body).findall("s3:Contents/s3:Key", ns)]
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def up(port):
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        c.request("GET", "/health")
+        ok = c.getresponse().status == 200
+        c.close()
+        return ok
+    except (ConnectionError, OSError, http.client.HTTPException):
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--surreal", help="the SurrealDB server binary: metadata on a server (with --garage, --garage-up)")
+    ap.add_argument("--garage", help="the Garage binary: blobs on S3")
+    ap.add_argument("--garage-up", help="berth-testkit's garage-up binary")
     a = ap.parse_args()
+    scaled = [a.surreal, a.garage, a.garage_up]
+    if any(scaled) and not all(scaled):
+        ap.error("--surreal, --garage and --garage-up go together")
     rng = random.Random(a.seed)
     work = tempfile.mkdtemp(prefix="berth-crash-")
     data = os.path.join(work, "data")
     cfg = os.path.join(work, "berth.toml")
+    backends = Backends(a, work) if all(scaled) else None
     with open(cfg, "w") as f:
         f.write("[registry]\nupload_sweep_secs = 1\n[registry.gc]\ninterval_secs = 1\ngrace_secs = 1\n[registry.retention]\ninterval_secs = 1\n")
+        if backends:
+            f.write(backends.config)
     log_path = os.path.join(work, "berth.log")
     log = open(log_path, "ab")
     workers = [Worker(i, random.Random(rng.random())) for i in range(a.workers)]
@@ -327,7 +443,10 @@ def main():
             check(s == 200 and report.get("clean"), f"fsck after the restart: {s} {json.dumps(report)[:2000]}")
             # Interrupted uploads expire and their staging goes.
             time.sleep(UPLOAD_TTL + 2.5)
-            staged = os.listdir(os.path.join(data, "blobs", "uploads")) if os.path.isdir(os.path.join(data, "blobs", "uploads")) else []
+            if backends:
+                staged = backends.staged()
+            else:
+                staged = os.listdir(os.path.join(data, "blobs", "uploads")) if os.path.isdir(os.path.join(data, "blobs", "uploads")) else []
             check(not staged, f"staging left after the upload lifetime: {staged[:5]}")
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
@@ -345,12 +464,14 @@ def main():
                 failures.append(f"log: {line}")
     finally:
         log.close()
+        if backends:
+            backends.stop()
     if failures:
         print("\n".join(failures[:50]))
         print(f"log: {log_path}")
         sys.exit(1)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"crash harness: {a.rounds} rounds, every check held")
+    print(f"crash harness{' (S3 and a SurrealDB server)' if backends else ''}: {a.rounds} rounds, every check held")
 
 
 if __name__ == "__main__":
