@@ -22,10 +22,13 @@ with SIGKILL, restarts it, and checks:
 - once the upload lifetime has passed, no staging is left behind.
 Any 5xx during the load, a panic in the log, or a failed check fails the run.
 
-With --surreal, --garage and --garage-up (binaries), the same rounds run in
-the scaled-out form: blobs on a Garage S3 store and metadata on a SurrealDB
-server, both started here and left running while Berth is killed; the staging
-check then lists the bucket.
+With --surreal, --garage and --garage-up (binaries), the rounds run in the
+scaled-out form: blobs on a Garage S3 store and metadata on a SurrealDB server,
+both started here, and the staging check lists the bucket. The rounds take
+turns at what is killed: Berth; Berth and the database server together (the
+whole deployment losing power, but for Garage); the database server alone,
+under load, with Berth left running (its answers are 503 until the server is
+back, after which it must serve everything again without a restart).
 
     tests/crash/crash.py target/debug/berth [--rounds 20] [--workers 12]
     tests/crash/crash.py target/debug/berth --surreal BIN --garage BIN --garage-up BIN
@@ -64,6 +67,11 @@ class Down(Exception):
     """The server went away (the kill); the operation's outcome is unknown."""
 
 
+# Set while the database server is down: a 503 is then the right answer, and
+# the outcome of the operation that got it is unknown, as for a kill.
+OUTAGE = threading.Event()
+
+
 def req(port, method, path, body=None, headers=None, timeout=30):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -73,6 +81,8 @@ def req(port, method, path, body=None, headers=None, timeout=30):
             h["Content-Length"] = str(len(body))
         c.request(method, path, body=body, headers=h)
         r = c.getresponse()
+        if r.status == 503 and OUTAGE.is_set():
+            raise Down("503 while the database server is down")
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     except (ConnectionError, OSError, http.client.HTTPException) as e:
         raise Down(str(e))
@@ -297,16 +307,14 @@ class Backends:
     across the rounds (only Berth is killed)."""
 
     def __init__(self, a, work):
-        self.procs = []
-        sport = free_port()
-        self.procs.append(subprocess.Popen(
-            [a.surreal, "start", "--user", "root", "--pass", "root", "--bind", f"127.0.0.1:{sport}",
-             "--log", "warn", f"surrealkv://{work}/db"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "surreal.log"), "ab"), start_new_session=True))
+        self.a, self.work = a, work
+        self.sport = sport = free_port()
+        self.db = None
+        self.start_db(wait=False)
         env_file = os.path.join(work, "garage.env")
         with open(env_file, "w") as out:
-            self.procs.append(subprocess.Popen([a.garage_up, a.garage, os.path.join(work, "garage")],
-                                               stdout=out, stderr=subprocess.DEVNULL, start_new_session=True))
+            self.garage = subprocess.Popen([a.garage_up, a.garage, os.path.join(work, "garage")],
+                                           stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
         self.g = {}
         for _ in range(600):
             self.g = dict(l.strip().split("=", 1) for l in open(env_file) if "=" in l)
@@ -371,11 +379,30 @@ master_key_file = "{key}"
         ns = {"s3": "http://s3.amazonaws.com/doc/2006-03-01/"}
         return [e.text for e in ET.fromstring(body).findall("s3:Contents/s3:Key", ns)]
 
+    def start_db(self, wait=True):
+        """The SurrealDB server, on its port and data folder (again after a kill)."""
+        self.db = subprocess.Popen(
+            [self.a.surreal, "start", "--user", "root", "--pass", "root", "--bind", f"127.0.0.1:{self.sport}",
+             "--log", "warn", f"surrealkv://{self.work}/db"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "surreal.log"), "ab"), start_new_session=True)
+        deadline = time.time() + 60
+        while wait and not up(self.sport):
+            if time.time() > deadline or self.db.poll() is not None:
+                raise SystemExit(f"the SurrealDB server did not start again; see {self.work}/surreal.log")
+            time.sleep(0.1)
+
+    def kill_db(self):
+        kill(self.db)
+
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill(self.db)
+        kill(self.garage)
+
+
+def kill(p):
+    if p and p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def up(port):
@@ -423,12 +450,29 @@ def main():
             for t in threads:
                 t.start()
             time.sleep(rng.uniform(0.5, 3.0))
-            server.send_signal(signal.SIGKILL)
-            server.wait()
+            killed = ("Berth", "Berth and the database", "the database")[(rnd - 1) % 3] if backends else "Berth"
+            if killed != "the database":
+                server.send_signal(signal.SIGKILL)
+                server.wait()
+            if killed != "Berth":
+                # Down for a second, then back (as a supervisor would restart it).
+                OUTAGE.set()
+                backends.kill_db()
+                time.sleep(1)
+                backends.start_db()
             stop.set()
             for t in threads:
                 t.join(timeout=60)
-            server, port = start(a.binary, data, cfg, log)
+            OUTAGE.clear()
+            if killed != "the database":
+                server, port = start(a.binary, data, cfg, log)
+            else:
+                # The same Berth, which must find the server again on its own.
+                deadline = time.time() + 60
+                while req(port, "GET", "/readyz")[0] != 200:
+                    if time.time() > deadline:
+                        raise SystemExit("berth never became ready again after the database server came back")
+                    time.sleep(0.2)
             problems = []
 
             def check(ok, what):
@@ -451,7 +495,7 @@ def main():
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
             acked = sum(len(w.tags) for w in workers)
-            print(f"round {rnd}: killed under load, restarted; {acked} acknowledged tags checked, fsck "
+            print(f"round {rnd}: {killed} killed under load, restarted; {acked} acknowledged tags checked, fsck "
                   f"{'clean' if report.get('clean') else 'NOT clean'}, {len(problems)} problems", flush=True)
             failures.extend(f"round {rnd}: {p}" for p in problems)
             if problems:
