@@ -477,3 +477,52 @@ fn rotated_keys_retire_on_every_replica_and_are_sealed_at_rest() {
         assert!(stored_keys(db.port).await.iter().all(|k| k["retired_ms"].is_null()), "only the new key is left");
     });
 }
+
+/// A metadata server that stops answering (SIGSTOP: its connections stay open,
+/// nothing answers). Once a query has waited out the timeout, the breaker opens:
+/// one query at a time tries the server, and the others fail at once, so
+/// requests answer 503 without each waiting 15 s. When the server answers
+/// again the breaker closes by itself and everything is served as before.
+#[test]
+fn requests_fail_at_once_while_the_metadata_server_is_out_of_reach() {
+    let Some(bin) = surreal_bin("requests_fail_at_once_while_the_metadata_server_is_out_of_reach") else {
+        return;
+    };
+    let dir = TempDir::new("surreal-reach");
+    let db = Surreal::start_free(&bin, &dir.path().join("db"));
+    let s = berth(&dir, db.port);
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &db.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    };
+    block_on(async {
+        let admin = client();
+        let pushed = push_image(&admin, &s, "library/app", "v1", 1, json!({})).await;
+        let get = || admin.get(s.url("/v2/library/app/manifests/v1")).header("accept", OCI_MANIFEST).send();
+        let refused_before = metric(&s, "berth_metadata_refused_total").await;
+
+        signal("-STOP");
+        // The first read waits out the query timeout, then answers 503 (never stale).
+        assert_eq!(get().await.unwrap().status(), 503, "a read while the server is stopped");
+        // Now eight at once: at most one of them is the probe.
+        let answers = futures::future::join_all((0..8).map(|_| get())).await;
+        signal("-CONT");
+        for r in answers {
+            assert_eq!(r.unwrap().status(), 503, "a read while the server is stopped");
+        }
+
+        let resumed = std::time::Instant::now();
+        loop {
+            let r = get().await.unwrap();
+            if r.status() == 200 {
+                assert_eq!(sha256(&r.bytes().await.unwrap()), pushed, "served as before the outage");
+                break;
+            }
+            assert!(resumed.elapsed() < std::time::Duration::from_secs(120), "not serving again after the server came back");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let refused = metric(&s, "berth_metadata_refused_total").await - refused_before;
+        assert!(refused >= 7.0, "the breaker failed {refused} queries at once, not the seven reads (at least) that were not the probe");
+        assert_eq!(metric(&s, "berth_metadata_out_of_reach").await, 0.0, "the breaker closed again");
+    });
+}

@@ -54,11 +54,30 @@ enum Kind {
 /// they reach the engine, and the engine closes only when the queries already
 /// running have finished (a query arriving at a closing engine is an error the
 /// engine logs as such, and one cut off mid-commit is lost work).
+///
+/// With a metadata server the gate is also a circuit breaker: once a query has
+/// failed for want of the server (cut off, restarting, not answering within
+/// [`SERVER_QUERY_TIMEOUT`]), one query at a time goes on to it as a probe and
+/// the others fail at once as unreachable (503), instead of each waiting out
+/// the timeout; the first answer from the server closes the breaker.
 #[derive(Default)]
 struct Gate {
     closing: AtomicBool,
     running: AtomicUsize,
     idle: tokio::sync::Notify,
+    out_of_reach: AtomicBool,
+    probing: AtomicBool,
+    /// Queries the open breaker failed at once.
+    refused: std::sync::atomic::AtomicU64,
+}
+
+/// The probe's turn, given back however its query ends (dropped with its request too).
+struct Probe<'a>(&'a Gate);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A handle of each embedded store closed by [`Conn::shutdown`] (see there).
@@ -73,6 +92,9 @@ const SERVER_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What a query sent after closing began answers.
 pub(crate) const CLOSED: &str = "the metadata store is closed (Berth is shutting down)";
+
+/// What a query answers while the breaker is open and another query probes.
+const OUT_OF_REACH: &str = "the metadata server is out of reach (a query is finding out when it is back)";
 
 /// A query on either connection: `bind` it, then await it.
 pub(crate) struct Q<'a> {
@@ -170,6 +192,12 @@ impl Conn {
         }
     }
 
+    /// Whether the breaker is open (a metadata server out of reach), and how
+    /// many queries it has failed at once so far.
+    pub(crate) fn reach(&self) -> (bool, u64) {
+        (self.gate.out_of_reach.load(Ordering::SeqCst), self.gate.refused.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn query<'a>(&'a self, sql: impl Into<Cow<'a, str>>) -> Q<'a> {
         let kind = match &*self.kind {
             Kind::Embedded(db, _) => QKind::Embedded(db.query(sql)),
@@ -243,16 +271,34 @@ impl<'a> IntoFuture for Q<'a> {
             if !remote {
                 return query.await;
             }
+            let _probe = if gate.out_of_reach.load(Ordering::SeqCst) {
+                if gate.probing.swap(true, Ordering::SeqCst) {
+                    gate.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(surrealdb::Error::connection(OUT_OF_REACH.to_owned(), None));
+                }
+                Some(Probe(gate))
+            } else {
+                None
+            };
             // A server that stopped answering (cut off, overloaded, a
             // connection being re-established) fails the query, rather than
             // holding the request that waits on it.
-            match tokio::time::timeout(SERVER_QUERY_TIMEOUT, query).await {
+            let r = match tokio::time::timeout(SERVER_QUERY_TIMEOUT, query).await {
                 Ok(r) => r,
                 Err(_) => Err(surrealdb::Error::connection(
                     format!("the metadata server did not answer within {} s", SERVER_QUERY_TIMEOUT.as_secs()),
                     None,
                 )),
+            };
+            let unreachable = matches!(&r, Err(e) if e.is_connection());
+            if gate.out_of_reach.swap(unreachable, Ordering::SeqCst) != unreachable {
+                if unreachable {
+                    tracing::warn!("the metadata server is out of reach: one query at a time tries it, the others fail at once");
+                } else {
+                    tracing::info!("the metadata server answers again");
+                }
             }
+            r
         })
     }
 }

@@ -461,6 +461,13 @@ impl Metadata {
         Ok(md)
     }
 
+    /// With a metadata server: whether it is out of reach now (queries fail at
+    /// once while one probes it; `conn.rs`), and how many queries that has
+    /// failed at once since the start.
+    pub fn reach(&self) -> (bool, u64) {
+        self.db.reach()
+    }
+
     /// Whether other processes (replicas) may write this store: a SurrealDB
     /// server. An embedded store belongs to one process (it holds the lock).
     pub fn is_shared(&self) -> bool {

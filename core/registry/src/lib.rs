@@ -331,6 +331,7 @@ impl Registry {
             states_held: self.index.held_figures(),
             uploads,
             tenant_storage,
+            metadata_reach: self.meta.reach(),
         })
     }
 

@@ -176,6 +176,8 @@ pub struct Metrics {
     failures: Family<BackendLabel, Counter>,
     waiting: Family<ActorLabel, Gauge>,
     uploads: Gauge,
+    metadata_out_of_reach: Gauge,
+    metadata_refused: Counter,
     tenant_storage: Family<TenantLabel, Gauge>,
     tenant_scan: tokio::sync::Mutex<Option<TenantScan>>,
     plugins: PluginSeries,
@@ -204,6 +206,8 @@ pub(crate) struct Readings {
     pub uploads: usize,
     /// Per tenant, the bytes its repositories reference (as quotas count them).
     pub tenant_storage: Vec<(String, u64)>,
+    /// The metadata server out of reach now, and the queries failed at once for it.
+    pub metadata_reach: (bool, u64),
 }
 
 impl Default for Metrics {
@@ -233,6 +237,8 @@ impl Default for Metrics {
             failures: Family::default(),
             waiting: Family::default(),
             uploads: Gauge::default(),
+            metadata_out_of_reach: Gauge::default(),
+            metadata_refused: Counter::default(),
             tenant_storage: Family::default(),
             tenant_scan: tokio::sync::Mutex::new(None),
             plugins: PluginSeries::default(),
@@ -282,6 +288,12 @@ impl Default for Metrics {
             m.waiting.clone(),
         );
         r.register("upload_sessions", "Upload sessions open in this process", m.uploads.clone());
+        r.register(
+            "metadata_out_of_reach",
+            "1 while the metadata server is out of reach (one query at a time tries it; the others fail at once)",
+            m.metadata_out_of_reach.clone(),
+        );
+        r.register("metadata_refused", "Queries failed at once because the metadata server was out of reach", m.metadata_refused.clone());
         r.register_with_unit(
             "tenant_storage",
             "Per tenant, the bytes its repositories reference (each digest once, as quotas count)",
@@ -400,6 +412,8 @@ impl Metrics {
         self.states_held_bytes.set(now.states_held.1 as i64);
         self.resident.set(resident_bytes() as i64);
         self.uploads.set(now.uploads as i64);
+        self.metadata_out_of_reach.set(now.metadata_reach.0 as i64);
+        catch_up(&self.metadata_refused, now.metadata_reach.1);
         catch_up(&self.received, RECEIVED.load(Ordering::Relaxed));
         catch_up(&self.sent, SENT.load(Ordering::Relaxed));
         catch_up(&self.failures.get_or_create(&BackendLabel { backend: "metadata" }), METADATA_FAILURES.load(Ordering::Relaxed));
