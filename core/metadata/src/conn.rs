@@ -57,26 +57,70 @@ enum Kind {
 ///
 /// With a metadata server the gate is also a circuit breaker: once a query has
 /// failed for want of the server (cut off, restarting, not answering within
-/// [`SERVER_QUERY_TIMEOUT`]), one query at a time goes on to it as a probe and
-/// the others fail at once as unreachable (503), instead of each waiting out
-/// the timeout; the first answer from the server closes the breaker.
+/// [`SERVER_QUERY_TIMEOUT`]), queries fail at once as unreachable (503)
+/// instead of each waiting out the timeout, while one task of the gate's own
+/// ([`probe`]) tries the server every [`PROBE_PAUSE`]; its first answer, or
+/// any query's, closes the breaker.
 #[derive(Default)]
 struct Gate {
     closing: AtomicBool,
     running: AtomicUsize,
     idle: tokio::sync::Notify,
     out_of_reach: AtomicBool,
+    /// Whether the probe task runs.
     probing: AtomicBool,
     /// Queries the open breaker failed at once.
     refused: std::sync::atomic::AtomicU64,
+    /// The handle the probe task queries with (a server only).
+    prober: std::sync::OnceLock<Surreal<Any>>,
 }
 
-/// The probe's turn, given back however its query ends (dropped with its request too).
-struct Probe<'a>(&'a Gate);
+/// How often an open breaker tries the server.
+const PROBE_PAUSE: Duration = Duration::from_millis(500);
 
-impl Drop for Probe<'_> {
-    fn drop(&mut self) {
-        self.0.probing.store(false, Ordering::SeqCst);
+impl Gate {
+    /// A query failed for want of the server: open the breaker, and start the
+    /// probe task unless it runs.
+    fn lost(self: &Arc<Gate>) {
+        if !self.out_of_reach.swap(true, Ordering::SeqCst) {
+            tracing::warn!("the metadata server is out of reach: queries fail at once until it answers again");
+        }
+        if !self.probing.swap(true, Ordering::SeqCst) {
+            tokio::spawn(probe(self.clone()));
+        }
+    }
+
+    /// The server answered a query.
+    fn answered(&self) {
+        if self.out_of_reach.swap(false, Ordering::SeqCst) {
+            tracing::info!("the metadata server answers again");
+        }
+    }
+}
+
+/// Try the server while the breaker is open; any answer that is not a
+/// connection failure (an error from the server is an answer) closes it.
+async fn probe(gate: Arc<Gate>) {
+    loop {
+        while gate.out_of_reach.load(Ordering::SeqCst) && !gate.closing.load(Ordering::SeqCst) {
+            tokio::time::sleep(PROBE_PAUSE).await;
+            let Some(db) = gate.prober.get() else {
+                gate.answered();
+                break;
+            };
+            match tokio::time::timeout(SERVER_QUERY_TIMEOUT, db.query("RETURN 1")).await {
+                Ok(Err(e)) if e.is_connection() => {}
+                Ok(_) => gate.answered(),
+                Err(_) => {}
+            }
+        }
+        gate.probing.store(false, Ordering::SeqCst);
+        // A query may have opened the breaker again after the loop saw it
+        // closed and before `probing` was given back: then it found this task
+        // running and started none.
+        if !gate.out_of_reach.load(Ordering::SeqCst) || gate.closing.load(Ordering::SeqCst) || gate.probing.swap(true, Ordering::SeqCst) {
+            return;
+        }
     }
 }
 
@@ -93,13 +137,13 @@ const SERVER_QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// What a query sent after closing began answers.
 pub(crate) const CLOSED: &str = "the metadata store is closed (Berth is shutting down)";
 
-/// What a query answers while the breaker is open and another query probes.
-const OUT_OF_REACH: &str = "the metadata server is out of reach (a query is finding out when it is back)";
+/// What a query answers while the breaker is open.
+const OUT_OF_REACH: &str = "the metadata server is out of reach (tried again every half second)";
 
 /// A query on either connection: `bind` it, then await it.
 pub(crate) struct Q<'a> {
     kind: QKind<'a>,
-    gate: &'a Gate,
+    gate: &'a Arc<Gate>,
 }
 
 enum QKind<'a> {
@@ -156,7 +200,11 @@ impl Conn {
             Kind::Embedded(db, _) => db.use_ns(&config.namespace).use_db(&config.database).await?,
             Kind::Url(db) => db.use_ns(&config.namespace).use_db(&config.database).await?,
         };
-        Ok(Conn { kind: Arc::new(kind), gate: Arc::default() })
+        let gate = Arc::new(Gate::default());
+        if let Kind::Url(db) = &kind {
+            let _ = gate.prober.set(db.clone());
+        }
+        Ok(Conn { kind: Arc::new(kind), gate })
     }
 
     /// Refuse further queries, wait (up to [`CLOSE_WAIT`]) for the running ones,
@@ -271,15 +319,10 @@ impl<'a> IntoFuture for Q<'a> {
             if !remote {
                 return query.await;
             }
-            let _probe = if gate.out_of_reach.load(Ordering::SeqCst) {
-                if gate.probing.swap(true, Ordering::SeqCst) {
-                    gate.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(surrealdb::Error::connection(OUT_OF_REACH.to_owned(), None));
-                }
-                Some(Probe(gate))
-            } else {
-                None
-            };
+            if gate.out_of_reach.load(Ordering::SeqCst) {
+                gate.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(surrealdb::Error::connection(OUT_OF_REACH.to_owned(), None));
+            }
             // A server that stopped answering (cut off, overloaded, a
             // connection being re-established) fails the query, rather than
             // holding the request that waits on it.
@@ -290,13 +333,9 @@ impl<'a> IntoFuture for Q<'a> {
                     None,
                 )),
             };
-            let unreachable = matches!(&r, Err(e) if e.is_connection());
-            if gate.out_of_reach.swap(unreachable, Ordering::SeqCst) != unreachable {
-                if unreachable {
-                    tracing::warn!("the metadata server is out of reach: one query at a time tries it, the others fail at once");
-                } else {
-                    tracing::info!("the metadata server answers again");
-                }
+            match &r {
+                Err(e) if e.is_connection() => gate.lost(),
+                _ => gate.answered(),
             }
             r
         })
