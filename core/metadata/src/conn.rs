@@ -59,8 +59,8 @@ enum Kind {
 /// failed for want of the server (cut off, restarting, not answering within
 /// [`SERVER_QUERY_TIMEOUT`]), queries fail at once as unreachable (503)
 /// instead of each waiting out the timeout, while one task of the gate's own
-/// ([`probe`]) tries the server every [`PROBE_PAUSE`]; its first answer, or
-/// any query's, closes the breaker.
+/// ([`probe`]) tries the server, at once and then every [`PROBE_PAUSE`]; its
+/// first answer, or any query's, closes the breaker.
 #[derive(Default)]
 struct Gate {
     closing: AtomicBool,
@@ -102,16 +102,16 @@ impl Gate {
 /// connection failure (an error from the server is an answer) closes it.
 async fn probe(gate: Arc<Gate>) {
     loop {
+        // At once first: a blip (one connection reset) closes it again within a round trip.
         while gate.out_of_reach.load(Ordering::SeqCst) && !gate.closing.load(Ordering::SeqCst) {
-            tokio::time::sleep(PROBE_PAUSE).await;
             let Some(db) = gate.prober.get() else {
                 gate.answered();
                 break;
             };
             match tokio::time::timeout(SERVER_QUERY_TIMEOUT, db.query("RETURN 1")).await {
-                Ok(Err(e)) if e.is_connection() => {}
+                Ok(Err(e)) if e.is_connection() => tokio::time::sleep(PROBE_PAUSE).await,
                 Ok(_) => gate.answered(),
-                Err(_) => {}
+                Err(_) => tokio::time::sleep(PROBE_PAUSE).await,
             }
         }
         gate.probing.store(false, Ordering::SeqCst);
