@@ -303,8 +303,9 @@ def start(binary, data, cfg, log):
 
 
 class Backends:
-    """A SurrealDB server and a Garage node for the scaled-out form, kept up
-    across the rounds (only Berth is killed)."""
+    """A SurrealDB server and a Garage node for the scaled-out form. Garage
+    stays up across the rounds; the database server is killed and started
+    again in the rounds that say so."""
 
     def __init__(self, a, work):
         self.a, self.work = a, work

@@ -462,8 +462,8 @@ impl Metadata {
     }
 
     /// With a metadata server: whether it is out of reach now (queries fail at
-    /// once while one probes it; `conn.rs`), and how many queries that has
-    /// failed at once since the start.
+    /// once while a background task tries it; `conn.rs`), and how many queries
+    /// that has failed at once since the start.
     pub fn reach(&self) -> (bool, u64) {
         self.db.reach()
     }

@@ -290,7 +290,7 @@ impl Default for Metrics {
         r.register("upload_sessions", "Upload sessions open in this process", m.uploads.clone());
         r.register(
             "metadata_out_of_reach",
-            "1 while the metadata server is out of reach (one query at a time tries it; the others fail at once)",
+            "1 while the metadata server is out of reach (queries fail at once; Berth tries it every half second)",
             m.metadata_out_of_reach.clone(),
         );
         r.register("metadata_refused", "Queries failed at once because the metadata server was out of reach", m.metadata_refused.clone());
