@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use berth_auth::AuthConfig;
+use berth_http::tls::TlsConfig;
 use berth_metadata::MetadataConfig;
 use berth_registry::RegistryConfig;
 use berth_storage::StorageConfig;
@@ -29,6 +30,9 @@ pub const ENV_MASTER_KEY_FILE: &str = "BERTH_MASTER_KEY_FILE";
 pub const ENV_UPLOAD_TTL: &str = "BERTH_UPLOAD_TTL_SECS";
 pub const ENV_ADMIN_PASSWORD: &str = "BERTH_ADMIN_PASSWORD";
 pub const ENV_EXTERNAL_URL: &str = "BERTH_EXTERNAL_URL";
+/// `[tls] certificate` and `key`: serve HTTPS (both or neither).
+pub const ENV_TLS_CERTIFICATE: &str = "BERTH_TLS_CERTIFICATE";
+pub const ENV_TLS_KEY: &str = "BERTH_TLS_KEY";
 pub const ENV_POLICY_DIR: &str = "BERTH_POLICY_DIR";
 /// Where plugin modules are installed (default `<data_dir>/plugins`).
 pub const ENV_PLUGIN_DIR: &str = "BERTH_PLUGIN_DIR";
@@ -50,6 +54,8 @@ const KNOWN_ENV: &[&str] = &[
     ENV_UPLOAD_TTL,
     ENV_ADMIN_PASSWORD,
     ENV_EXTERNAL_URL,
+    ENV_TLS_CERTIFICATE,
+    ENV_TLS_KEY,
     ENV_POLICY_DIR,
     ENV_MASTER_KEY_FILE,
     ENV_PLUGIN_DIR,
@@ -72,6 +78,8 @@ pub struct FileConfig {
     pub log: Option<LogConfig>,
     pub auth: Option<AuthConfig>,
     pub plugins: Option<PluginsFile>,
+    /// HTTPS on the main listener.
+    pub tls: Option<TlsConfig>,
     /// Seconds between SIGTERM and the listener closing, while `/readyz`
     /// answers 503 and requests are still served (default 0; behind a load
     /// balancer, its health-check interval times the failures it needs).
@@ -130,6 +138,7 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub plugins: PluginsConfig,
+    pub tls: Option<TlsConfig>,
     pub drain_secs: u64,
 }
 
@@ -233,11 +242,18 @@ impl Config {
             dir: env.get(ENV_PLUGIN_DIR).map(PathBuf::from).or(plugins_file.dir).unwrap_or_else(|| data_dir.join("plugins")),
             cache_dir: data_dir.join("plugins-cache"),
         };
+        let tls = match (env.get(ENV_TLS_CERTIFICATE), env.get(ENV_TLS_KEY), file.tls) {
+            (None, None, file) => file,
+            (Some(c), Some(k), _) => Some(TlsConfig { certificate: c.into(), key: k.into() }),
+            (Some(c), None, Some(f)) => Some(TlsConfig { certificate: c.into(), ..f }),
+            (None, Some(k), Some(f)) => Some(TlsConfig { key: k.into(), ..f }),
+            _ => return Err(format!("TLS needs a certificate and a key: set both {ENV_TLS_CERTIFICATE} and {ENV_TLS_KEY} (or [tls])")),
+        };
         let drain_secs = file.drain_secs.unwrap_or(0);
         if drain_secs > 600 {
             return Err(format!("drain_secs {drain_secs}: at most 600"));
         }
-        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins, drain_secs })
+        Ok(Config { listen, data_dir, storage, metadata, registry, log, auth, plugins, tls, drain_secs })
     }
 }
 
@@ -251,6 +267,20 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_a_key() {
+        assert_eq!(Config::load(&env(&[]), Overrides::default()).unwrap().tls, None);
+        let both = env(&[(ENV_TLS_CERTIFICATE, "/c.pem"), (ENV_TLS_KEY, "/k.pem")]);
+        let tls = Config::load(&both, Overrides::default()).unwrap().tls.unwrap();
+        assert_eq!((tls.certificate, tls.key), (PathBuf::from("/c.pem"), PathBuf::from("/k.pem")));
+        for one in [ENV_TLS_CERTIFICATE, ENV_TLS_KEY] {
+            let err = Config::load(&env(&[(one, "/x.pem")]), Overrides::default()).unwrap_err();
+            assert!(err.contains("a certificate and a key"), "{err}");
+        }
+        assert!(toml::from_str::<FileConfig>("[tls]\ncertificate = \"/c.pem\"\n").is_err(), "[tls] without a key");
+        assert!(toml::from_str::<FileConfig>("[tls]\ncertificate = \"/c\"\nkey = \"/k\"\nca = \"/a\"\n").is_err(), "unknown key");
     }
 
     #[test]

@@ -330,6 +330,7 @@ fn init_logging(cfg: &Config) {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)?;
+    let tls = cfg.tls.as_ref().map(berth_http::tls::Tls::open).transpose().map_err(|e| anyhow::anyhow!(e))?;
     let store = BlobStore::open(&cfg.storage).await.map_err(|e| anyhow::anyhow!("opening storage: {e}"))?;
     let meta = Metadata::connect(&cfg.metadata).await.map_err(|e| anyhow::anyhow!("opening metadata {}: {e}", cfg.metadata.url))?;
     let plugins = if cfg.plugins.enabled {
@@ -351,9 +352,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("binding {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), storage = ?storage_kind(&cfg), metadata = %cfg.metadata.url, "berth listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, data_dir = %cfg.data_dir.display(), storage = ?storage_kind(&cfg), metadata = %cfg.metadata.url, "berth listening");
     // The line tests and scripts wait for (the bound port may have been 0).
-    println!("berth listening on http://{addr}");
+    println!("berth listening on {scheme}://{addr}");
     if let Some(pw) = &auth.generated_admin_password {
         // Shown once, on the first start of a new data directory.
         println!("berth created the platform admin: user 'admin', password '{pw}' (shown once; set BERTH_ADMIN_PASSWORD to choose it)");
@@ -376,7 +378,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tokio::time::sleep(drain).await;
         }
     };
-    berth_http::serve(services, listener, shutdown).await;
+    berth_http::serve(services, listener, tls, shutdown).await;
     tracing::info!("shutting down");
     registry.flush_counters().await;
     auth.close().await;

@@ -10,19 +10,27 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 
-/// The peer's address, put into every request's extensions.
+/// The peer's address and whether it came over TLS, put into every request's
+/// extensions.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Peer(pub(crate) SocketAddr);
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls: bool,
+}
 
 /// Accept connections until `shutdown` resolves, then let open connections finish
-/// the requests they are serving.
+/// the requests they are serving. With `tls`, each connection's handshake comes
+/// first (a client that does not finish it within [`crate::tls::HANDSHAKE_TIMEOUT`]
+/// is dropped; a failed handshake is the client's doing, logged at `debug`).
 pub(crate) async fn serve(
     services: crate::Services,
     listener: tokio::net::TcpListener,
+    tls: Option<crate::tls::Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tower_service::Service;
+    use warp::http::header::{HeaderValue, HOST};
 
     let app = crate::app(services);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -39,14 +47,33 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let svc = warp::service(app.clone());
+        let mark = Peer { addr: peer, tls: tls.is_some() };
         let svc = warp::hyper::service::service_fn(move |mut req: warp::hyper::Request<warp::hyper::body::Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
+            req.extensions_mut().insert(mark);
+            // HTTP/2 names the host in the :authority pseudo-header (the URI);
+            // everything downstream reads the Host header.
+            if !req.headers().contains_key(HOST) {
+                let authority = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(v) = authority {
+                    req.headers_mut().insert(HOST, v);
+                }
+            }
             svc.clone().call(req)
         });
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(tls) => match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => return tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                },
+            };
+            // HTTP/1.1, or HTTP/2 by its preface.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(peer = %peer, error = %e, "connection closed on an error");
             }
@@ -55,6 +82,10 @@ pub(crate) async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 /// A failure that concerns one connection is skipped; any other (too many open
 /// files) is logged and pauses accepting for a moment instead of spinning.

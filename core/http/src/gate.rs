@@ -22,7 +22,8 @@ pub(crate) fn external_base(auth: &Auth, req: &Request) -> String {
     if let Some(u) = &auth.config().external_url {
         return u.trim_end_matches('/').to_owned();
     }
-    let (mut proto, mut host) = ("http".to_owned(), req.header("host").unwrap_or("localhost").to_owned());
+    let scheme = if req.secure { "https" } else { "http" };
+    let (mut proto, mut host) = (scheme.to_owned(), req.header("host").unwrap_or("localhost").to_owned());
     if auth.config().trust_proxy {
         if let Some(p) = req.header("x-forwarded-proto").and_then(|v| v.split(',').next()) {
             proto = p.trim().to_owned();

@@ -29,6 +29,7 @@ mod plugins;
 mod quotas;
 mod retention;
 pub mod route;
+pub mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,41 +91,35 @@ pub fn app(services: Services) -> impl Filter<Extract = (Reply,), Error = warp::
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
-        .and(warp::ext::optional::<conn::Peer>().map(|p: Option<conn::Peer>| p.map(|p| p.0)))
+        .and(warp::ext::optional::<conn::Peer>())
         .and(warp::body::stream().map(box_body))
-        .then(
-            move |method: Method,
-                  path: warp::path::FullPath,
-                  query: String,
-                  headers: HeaderMap,
-                  remote: Option<std::net::SocketAddr>,
-                  body: Body| {
-                let services = services.clone();
-                let id = BEGUN.fetch_add(1, Ordering::AcqRel);
-                // Counts the request as answered however its future ends (a client
-                // that goes away mid-upload drops it).
-                let answered = Answered;
-                async move {
-                    let _answered = answered;
-                    let started = Instant::now();
-                    let request_id = format!("{:x}-{id:x}", std::process::id());
-                    let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
-                    let req = Request { method, query, headers, remote, body: Some(body) };
-                    let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
-                    let h = resp.headers_mut();
-                    h.insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
-                    if let Ok(v) = HeaderValue::from_str(&request_id) {
-                        h.insert("x-request-id", v);
-                    }
-                    let took = started.elapsed();
-                    services.registry.metrics().request(label, resp.status().as_u16(), took);
-                    span.in_scope(|| {
-                        tracing::info!(route = label, status = resp.status().as_u16(), micros = took.as_micros() as u64, "served");
-                    });
-                    resp
+        .then(move |method: Method, path: warp::path::FullPath, query: String, headers: HeaderMap, peer: Option<conn::Peer>, body: Body| {
+            let services = services.clone();
+            let id = BEGUN.fetch_add(1, Ordering::AcqRel);
+            // Counts the request as answered however its future ends (a client
+            // that goes away mid-upload drops it).
+            let answered = Answered;
+            async move {
+                let _answered = answered;
+                let started = Instant::now();
+                let request_id = format!("{:x}-{id:x}", std::process::id());
+                let span = tracing::info_span!("request", id = %request_id, method = %method, path = path.as_str());
+                let (remote, secure) = (peer.map(|p| p.addr), peer.is_some_and(|p| p.tls));
+                let req = Request { method, query, headers, remote, secure, body: Some(body) };
+                let (label, mut resp) = handle(&services, path.as_str(), req).instrument(span.clone()).await;
+                let h = resp.headers_mut();
+                h.insert("docker-distribution-api-version", HeaderValue::from_static(API_VERSION));
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
+                    h.insert("x-request-id", v);
                 }
-            },
-        )
+                let took = started.elapsed();
+                services.registry.metrics().request(label, resp.status().as_u16(), took);
+                span.in_scope(|| {
+                    tracing::info!(route = label, status = resp.status().as_u16(), micros = took.as_micros() as u64, "served");
+                });
+                resp
+            }
+        })
 }
 
 /// The management API's OpenAPI 3 document (what `/api/v1/openapi.json` serves).
@@ -132,9 +127,14 @@ pub fn openapi_json() -> String {
     manage::document().to_pretty_json().unwrap_or_default()
 }
 
-/// Serve until `shutdown` resolves, then drain in-flight requests.
-pub async fn serve(services: Services, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) {
-    conn::serve(services, listener, shutdown).await;
+/// Serve until `shutdown` resolves, then drain in-flight requests; HTTPS with `tls`.
+pub async fn serve(
+    services: Services,
+    listener: tokio::net::TcpListener,
+    tls: Option<tls::Tls>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    conn::serve(services, listener, tls, shutdown).await;
 }
 
 pub(crate) struct Request {
@@ -142,6 +142,8 @@ pub(crate) struct Request {
     query: String,
     headers: HeaderMap,
     pub(crate) remote: Option<std::net::SocketAddr>,
+    /// Whether it came over Berth's own TLS listener.
+    pub(crate) secure: bool,
     body: Option<Body>,
 }
 

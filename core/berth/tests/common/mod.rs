@@ -127,7 +127,7 @@ impl Server {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read banner");
         let base = line.trim().strip_prefix("berth listening on ").unwrap_or_else(|| panic!("unexpected banner {line:?}")).to_string();
-        let addr = base.trim_start_matches("http://").to_string();
+        let addr = base.trim_start_matches("http://").trim_start_matches("https://").to_string();
         Server { child: Some(child), base, addr, data: data.to_path_buf(), storage }
     }
 
@@ -208,12 +208,28 @@ pub fn client() -> reqwest::Client {
 pub fn client_as(user: &str, secret: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(reqwest::header::AUTHORIZATION, basic(user, secret).parse().unwrap());
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).default_headers(h).build().unwrap()
+    client_builder().default_headers(h).build().unwrap()
 }
 
 /// A client that sends no credentials.
 pub fn anon_client() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    client_builder().build().unwrap()
+}
+
+static TRUSTED_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Clients made from now on also trust the certificate authority `ca_pem` (for
+/// servers started with TLS). Once per test binary.
+pub fn trust(ca_pem: &[u8]) {
+    TRUSTED_CA.set(ca_pem.to_vec()).expect("trust() once per test binary");
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    match TRUSTED_CA.get() {
+        Some(pem) => b.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap()),
+        None => b,
+    }
 }
 
 /// Deterministic pseudo-random bytes.
