@@ -194,6 +194,22 @@ fn https_serves_the_registry_over_http2_and_http11_with_an_https_realm() {
     // Without the authority skopeo refuses the certificate.
     let out = Command::new("skopeo").args(["inspect", "--creds", &creds, &from]).output().unwrap();
     assert!(!out.status.success(), "skopeo must not accept a certificate it cannot verify");
+
+    // The admin CLI: the system's authorities, or the one SSL_CERT_FILE names.
+    let cli = |ca: Option<&Path>| {
+        let mut berth = Command::new(env!("CARGO_BIN_EXE_berth"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_") || k == "SSL_CERT_FILE") {
+            berth.env_remove(k);
+        }
+        if let Some(ca) = ca {
+            berth.env("SSL_CERT_FILE", ca);
+        }
+        berth.args(["repo", "list"]).env("BERTH_SERVER", &s.base).env("BERTH_USER", "admin").env("BERTH_PASSWORD", ADMIN_PASSWORD);
+        berth.env("BERTH_CREDENTIALS", dir.path().join("none.json")).output().unwrap()
+    };
+    let out = cli(Some(&pki().ca));
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("tls/app"), "{out:?}");
+    assert!(!cli(None).status.success(), "the CLI must not accept a certificate it cannot verify");
 }
 
 #[test]
@@ -251,7 +267,12 @@ fn bad_certificate_files_stop_the_start_with_the_file_named() {
     std::fs::write(&garbage, "not a certificate\n").unwrap();
     let missing = dir.path().join("missing.pem");
     let start = |c: &Path, k: &Path| {
-        let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        let mut berth = Command::new(env!("CARGO_BIN_EXE_berth"));
+        // Only what the test sets: the runner's own BERTH_* variables stay out.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
+            berth.env_remove(k);
+        }
+        let out = berth
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .env("BERTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
