@@ -48,13 +48,22 @@ class AuthConn(http.client.HTTPConnection):
             self.putheader("Authorization", self.authorization)
 
 
+class AuthTlsConn(AuthConn, http.client.HTTPSConnection):
+    """The same over TLS."""
+
+
 class Target:
-    def __init__(self, spec, credentials=None):
+    def __init__(self, spec, credentials=None, ca=None):
         name, rest = spec.split("=", 1)
         url, pid = rest.rsplit(",", 1)
         self.name, self.base, self.pid = name, url, int(pid)
         u = urllib.parse.urlparse(url)
         self.host, self.port = u.hostname, u.port
+        # https targets: the certificate checked against the authority `ca`.
+        self.tls = None
+        if u.scheme == "https":
+            import ssl
+            self.tls = ssl.create_default_context(cafile=ca)
         self.authorization = None
         if credentials:
             self.authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
@@ -63,7 +72,10 @@ class Target:
         return [f"Authorization: {self.authorization}"] if self.authorization else []
 
     def conn(self):
-        c = AuthConn(self.host, self.port, timeout=900, blocksize=MiB)
+        if self.tls:
+            c = AuthTlsConn(self.host, self.port, timeout=900, blocksize=MiB, context=self.tls)
+        else:
+            c = AuthConn(self.host, self.port, timeout=900, blocksize=MiB)
         c.authorization = self.authorization
         return c
 
@@ -350,9 +362,10 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--target", action="append", required=True)
     ap.add_argument("--credentials", action="append", default=[], help="name=user:password (Basic auth for that target)")
+    ap.add_argument("--ca", help="the certificate authority of https targets")
     a = ap.parse_args()
     creds = dict(c.split("=", 1) for c in a.credentials)
-    targets = [Target(s, creds.get(s.split("=", 1)[0])) for s in a.target]
+    targets = [Target(s, creds.get(s.split("=", 1)[0]), a.ca) for s in a.target]
     print(f"generating {2 * REPS} blobs of {BLOB_SIZE // MiB} MiB …", flush=True)
     blobs = []
     for i in range(2 * REPS):

@@ -11,6 +11,8 @@
 #   (S3, started here; a release build of Garage 2.5.0 is cached in
 #   ~/.cache/berth/garage), each under a prefix of the same bucket; Distribution
 #   with redirects off, so both stream blobs through themselves
+#   BENCH_TLS=1 tests/bench/run.sh   # both registries serve HTTPS themselves
+#   (a certificate from an authority made here with openssl; the clients verify it)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
@@ -78,6 +80,24 @@ TOML
     disable: true"
 fi
 
+scheme=http dist_tls="" curl_ca=() bench_ca=()
+if [ "${BENCH_TLS:-0}" = 1 ]; then
+  scheme=https
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=bench CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign -keyout "$work/ca.key" -out "$work/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$work/tls.key" -out "$work/tls.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$work/tls.ext"
+  openssl x509 -req -in "$work/tls.csr" -CA "$work/ca.crt" -CAkey "$work/ca.key" -set_serial 1 -days 2 \
+    -extfile "$work/tls.ext" -out "$work/tls.crt" 2>/dev/null
+  export BERTH_TLS_CERTIFICATE="$work/tls.crt" BERTH_TLS_KEY="$work/tls.key"
+  dist_tls="  tls:
+    certificate: $work/tls.crt
+    key: $work/tls.key"
+  curl_ca=(--cacert "$work/ca.crt") bench_ca=(--ca "$work/ca.crt")
+  echo "TLS: both registries serve HTTPS (ECDSA P-256 certificate)"
+fi
+
 BERTH_ADMIN_PASSWORD=bench-admin-password BERTH_LOG=warn "$BERTH" serve ${BENCH_BERTH_CONFIG:+--config "$BENCH_BERTH_CONFIG"} --listen "127.0.0.1:$BERTH_PORT" --data-dir "$work/berth" >"$work/berth.out" 2>"$work/berth.err" &
 pids+=($!); berth_pid=$!
 
@@ -95,13 +115,14 @@ $dist_storage
     enabled: true
 http:
   addr: 127.0.0.1:$DIST_PORT
+$dist_tls
 YML
 # AWS_CA_BUNDLE (set on some machines) makes Distribution's S3 client refuse to start.
 env -u AWS_CA_BUNDLE docker-registry serve "$work/dist.yml" >"$work/dist.out" 2>&1 &
 pids+=($!); dist_pid=$!
 
-for url in "http://127.0.0.1:$BERTH_PORT/v2/" "http://127.0.0.1:$DIST_PORT/v2/"; do
-  for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.1; done
+for url in "$scheme://127.0.0.1:$BERTH_PORT/v2/" "$scheme://127.0.0.1:$DIST_PORT/v2/"; do
+  for _ in $(seq 100); do curl -s "${curl_ca[@]}" -o /dev/null "$url" && break; sleep 0.1; done
 done
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -109,7 +130,7 @@ echo "single-core SHA-256 (openssl speed -evp sha256, 16 KiB blocks):"
 openssl speed -evp sha256 -seconds 2 2>/dev/null | awk '/^sha256/ {print "  " $NF " (kB/s)"}'
 
 python3 tests/bench/bench.py \
-  --work "$work" \
-  --target "berth=http://127.0.0.1:$BERTH_PORT,$berth_pid" \
+  --work "$work" "${bench_ca[@]}" \
+  --target "berth=$scheme://127.0.0.1:$BERTH_PORT,$berth_pid" \
   --credentials "berth=admin:bench-admin-password" \
-  --target "distribution=http://127.0.0.1:$DIST_PORT,$dist_pid"
+  --target "distribution=$scheme://127.0.0.1:$DIST_PORT,$dist_pid"
