@@ -8,10 +8,7 @@ use common::*;
 use serde_json::{json, Value};
 
 fn fsck_offline(data: &std::path::Path, args: &[&str]) -> (Option<i32>, Value) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
-        cmd.env_remove(k);
-    }
+    let mut cmd = berth_command();
     let out = cmd.args(["--json", "fsck", "--offline", "--data-dir"]).arg(data).args(args).env("BERTH_LOG", "warn").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text} {}", String::from_utf8_lossy(&out.stderr)));

@@ -340,10 +340,7 @@ fn namespaces_lifecycle_and_isolation() {
 
 /// Run the CLI with only the given environment (no BERTH_* of the runner).
 fn cli(env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_berth"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
-        cmd.env_remove(k);
-    }
+    let mut cmd = berth_command();
     cmd.args(args).envs(env.iter().copied()).stdin(std::process::Stdio::null());
     let out = cmd.output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())

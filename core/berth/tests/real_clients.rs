@@ -340,8 +340,8 @@ fn podman_push_and_pull() {
     // podman takes a run root of at most 50 characters: a folder of its own.
     let runroot = TempDir::new("p");
     let runroot = runroot.path();
-    let global = ["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap(), "--storage-driver", "vfs"];
-    let global = [&global[..], &["--events-backend", "none"]].concat();
+    let global =
+        ["--root", root.to_str().unwrap(), "--runroot", runroot.to_str().unwrap(), "--storage-driver", "vfs", "--events-backend", "none"];
     let podman = |args: &[&str], stdin: Option<&str>| run_in("podman", &[&global[..], args].concat(), &[], stdin);
     let tar = rootfs_tar(dir.path());
     let image = format!("{}/podman/e2e:v1", s.addr);
@@ -372,7 +372,7 @@ fn podman_push_and_pull() {
     podman(&["logout", "--authfile", auth, &s.addr], None);
     // Without credentials the private image cannot be pulled.
     podman(&["rmi", &image], None);
-    let out = Command::new("podman").args(&global).args(["pull", "--tls-verify=false", "--authfile", auth, &image]).output().unwrap();
+    let out = Command::new("podman").args(global).args(["pull", "--tls-verify=false", "--authfile", auth, &image]).output().unwrap();
     assert!(!out.status.success(), "anonymous podman pull of a private image must fail");
 }
 

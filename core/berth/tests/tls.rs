@@ -197,10 +197,8 @@ fn https_serves_the_registry_over_http2_and_http11_with_an_https_realm() {
 
     // The admin CLI: the system's authorities, or the one SSL_CERT_FILE names.
     let cli = |ca: Option<&Path>| {
-        let mut berth = Command::new(env!("CARGO_BIN_EXE_berth"));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_") || k == "SSL_CERT_FILE") {
-            berth.env_remove(k);
-        }
+        let mut berth = berth_command();
+        berth.env_remove("SSL_CERT_FILE");
         if let Some(ca) = ca {
             berth.env("SSL_CERT_FILE", ca);
         }
@@ -267,12 +265,7 @@ fn bad_certificate_files_stop_the_start_with_the_file_named() {
     std::fs::write(&garbage, "not a certificate\n").unwrap();
     let missing = dir.path().join("missing.pem");
     let start = |c: &Path, k: &Path| {
-        let mut berth = Command::new(env!("CARGO_BIN_EXE_berth"));
-        // Only what the test sets: the runner's own BERTH_* variables stay out.
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
-            berth.env_remove(k);
-        }
-        let out = berth
+        let out = berth_command()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
             .env("BERTH_ADMIN_PASSWORD", ADMIN_PASSWORD)

@@ -97,16 +97,12 @@ impl Server {
     /// As [`Server::start_at`], with the command adjusted last by `adjust`
     /// (its working directory, an environment variable removed).
     pub fn start_with(data: &Path, listen: &str, env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        let mut cmd = berth_command();
         cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
             .env("BERTH_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // Only what the test sets: the runner's own BERTH_* variables stay out.
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
-            cmd.env_remove(k);
-        }
         cmd.env("BERTH_LOG", "warn");
         cmd.env("BERTH_ADMIN_PASSWORD", ADMIN_PASSWORD);
         // The repository's own policies, wherever the test runs from.
@@ -185,6 +181,16 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// The `berth` binary with only what the test sets: the runner's own `BERTH_*`
+/// variables (CI exports `BERTH_TEST_*`, which `serve` would refuse) stay out.
+pub fn berth_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BERTH_")) {
+        cmd.env_remove(k);
+    }
+    cmd
 }
 
 pub fn sha256(b: &[u8]) -> String {
