@@ -6,8 +6,7 @@
 //! worker threads like the server on this project's 2-core machines.
 //!
 //! ```text
-//! cargo build --release -p berth-metadata --example txcost
-//! target/release/examples/txcost surrealkv:///tmp/txcost   # or mem://, ws://…
+//! cargo run --release -p berth-metadata --example txcost -- surrealkv:///tmp/txcost   # or mem://, ws://…
 //! ```
 //!
 //! See docs/PERFORMANCE.md ("What a push costs in metadata").
@@ -70,7 +69,8 @@ where
 async fn main() {
     let url = std::env::args().nth(1).expect("usage: txcost URL (surrealkv:///dir, mem://, ws://host:port)");
     let config: MetadataConfig = serde_json::from_value(serde_json::json!({ "url": url })).expect("a config");
-    let md = Arc::new(Metadata::connect(&config).await.expect("the store opens"));
+    // `Metadata` is a handle: clones share one store.
+    let md = Metadata::connect(&config).await.expect("the store opens");
     for round in 0..3 {
         let link = |pinned: bool| {
             let md = md.clone();
