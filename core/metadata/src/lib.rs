@@ -15,7 +15,6 @@ pub mod accounts;
 pub mod audit;
 mod conn;
 pub mod gc;
-mod links;
 pub mod manage;
 pub mod outbox;
 pub mod plugins;
@@ -338,14 +337,6 @@ impl Guard {
     pub(crate) fn bind<'a>(&self, q: conn::Q<'a>) -> conn::Q<'a> {
         q.bind(("check", self.expect.is_some())).bind(("expect", self.expect.clone().unwrap_or_default())).bind(("next", self.next.clone()))
     }
-
-    /// The same as `$check_{i}`, `$expect_{i}` and `$next_{i}`: the guard of
-    /// change `i` of several in one transaction.
-    pub(crate) fn bind_as<'a>(&self, q: conn::Q<'a>, i: usize) -> conn::Q<'a> {
-        q.bind((format!("check_{i}"), self.expect.is_some()))
-            .bind((format!("expect_{i}"), self.expect.clone().unwrap_or_default()))
-            .bind((format!("next_{i}"), self.next.clone()))
-    }
 }
 
 /// Refuses the transaction when `$repo` is not at `$expect` (see [`Guard`]).
@@ -373,7 +364,7 @@ pub struct Snapshot {
 /// marks it updated and moves it to the guard's version; binds `$repo`,
 /// `$namespace`, `$now`, and the guard's (see [`Guard::bind`]). Refuses
 /// ([`MetadataError::Deleting`]) while a delete of the name is still sweeping.
-pub(crate) const REPO_TOUCH: &str = "LET $repo_new = !(SELECT VALUE name FROM ONLY type::record('repo', $repo)); \
+const REPO_TOUCH: &str = "LET $repo_new = !(SELECT VALUE name FROM ONLY type::record('repo', $repo)); \
      IF $repo_new AND (SELECT VALUE repo FROM ONLY type::record('repo_gone', $repo)) { THROW 'berth:deleting'; }; \
      UPSERT type::record('repo', $repo) SET name = $repo, namespace = $namespace, \
      created_ms = created_ms OR $now, updated_ms = $now, version = $next RETURN NONE; \
@@ -424,8 +415,6 @@ pub struct Metadata {
     catalog: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// A server that other processes (replicas) may write too.
     shared: bool,
-    /// Blob links waiting for the next group ([`links`]).
-    links: std::sync::Arc<std::sync::Mutex<links::Queue>>,
 }
 
 const STRIPES: usize = 64;
@@ -452,7 +441,6 @@ impl Metadata {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             catalog: Default::default(),
             shared: config.is_server(),
-            links: Default::default(),
         };
         for schema in [
             SCHEMA,
@@ -610,6 +598,25 @@ impl Metadata {
         Ok((heads, one::<String>(&mut r, 2)?.unwrap_or_default()))
     }
 
+    /// Link a verified blob into a repository (creating the repository record); when
+    /// the blob is the result of an upload session, that session's record goes in
+    /// the same transaction. Answers the bytes the owning tenant's usage grew by
+    /// (0 when the link existed or another of its repositories holds the blob).
+    ///
+    /// `pinned`: the bytes were pinned ([`Metadata::pin_blob`]) before they were
+    /// stored, and this link releases the pin. `outbox`: the events announcing it
+    /// ([`outbox`]), written with it.
+    pub async fn link_blob(
+        &self,
+        guard: &Guard,
+        link: &LinkRow,
+        ends_upload: Option<&UploadId>,
+        pinned: bool,
+        outbox: &[OutboxRow],
+    ) -> Result<u64> {
+        self.after_sweep(&link.repo, || self.link_blob_once(guard, link, ends_upload, pinned, outbox)).await
+    }
+
     /// Run `change`, which may make `repo`; if a delete of that name is still
     /// sweeping, finish the sweep here and run it once more.
     async fn after_sweep<T, F: std::future::Future<Output = Result<T>>>(&self, repo: &RepoName, change: impl Fn() -> F) -> Result<T> {
@@ -620,6 +627,50 @@ impl Metadata {
             }
             res => res,
         }
+    }
+
+    async fn link_blob_once(
+        &self,
+        guard: &Guard,
+        link: &LinkRow,
+        ends_upload: Option<&UploadId>,
+        pinned: bool,
+        outbox: &[OutboxRow],
+    ) -> Result<u64> {
+        let end = if ends_upload.is_some() { "DELETE type::record('upload', $upload) RETURN NONE;" } else { "" };
+        let announce = outbox::add("$outbox", outbox);
+        let outbox = outbox::bind(outbox)?;
+        let sql = format!(
+            "BEGIN TRANSACTION;
+             {REPO_GUARD}
+             {REPO_TOUCH}
+             {announce}
+             {TENANT_OF}
+             LET $new = !(SELECT VALUE digest FROM ONLY type::record('blob_link', [$repo, $digest]));
+             {REF_ADD}
+             IF $new {{ CREATE type::record('blob_link', [$repo, $digest]) CONTENT {{ repo: $repo, digest: $digest, size: $size, linked_ms: $now }} RETURN NONE; }}
+             ELSE {{ UPDATE type::record('blob_link', [$repo, $digest]) SET linked_ms = $now RETURN NONE; }};
+             {end}
+             RETURN {{ bytes: $added }};
+             COMMIT TRANSACTION;"
+        );
+        let _turn = self.digest_turn(&link.digest).await;
+        let _catalog = self.catalog_turn(guard.may_create()).await;
+        let mut r = self
+            .run(|| {
+                guard
+                    .bind(self.db.query(sql.as_str()))
+                    .bind(("upload", ends_upload.map(|u| u.to_string()).unwrap_or_default()))
+                    .bind(("repo", link.repo.to_string()))
+                    .bind(("namespace", link.repo.namespace().to_string()))
+                    .bind(("now", now_ms()))
+                    .bind(("digest", link.digest.to_string()))
+                    .bind(("size", link.size))
+                    .bind(("pinned", pinned))
+                    .bind(("outbox", outbox.clone()))
+            })
+            .await?;
+        Ok(returned::<Bytes>(&mut r)?.map_or(0, |b| b.bytes))
     }
 
     /// Remove a blob link; answers the bytes the owning tenant's usage shrank by
