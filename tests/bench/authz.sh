@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
 cargo build --release -p berth
 BERTH="$CARGO_TARGET_DIR/release/berth"
 
-work=$(mktemp -d /tmp/berth-authz.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-authz.XXXXXX")
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

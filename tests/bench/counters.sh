@@ -12,7 +12,7 @@ cargo build --release -p berth
 BERTH="$CARGO_TARGET_DIR/release/berth"
 ROUNDS=${ROUNDS:-5}; WRK_SECS=${WRK_SECS:-10}; CONNS=${CONNS:-64}
 
-work=$(mktemp -d /tmp/berth-counters.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-counters.XXXXXX")
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
 cargo build --release -p berth
 BERTH="$CARGO_TARGET_DIR/release/berth"
-work=$(mktemp -d /tmp/berth-gc.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-gc.XXXXXX")
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

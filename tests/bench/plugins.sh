@@ -15,7 +15,7 @@ cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml 
 BERTH="$CARGO_TARGET_DIR/release/berth"
 WASM="$CARGO_TARGET_DIR/wasm-plugins/wasm32-wasip2/release"
 
-work=$(mktemp -d /tmp/berth-plugins.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-plugins.XXXXXX")
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

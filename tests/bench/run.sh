@@ -13,6 +13,12 @@
 #   with redirects off, so both stream blobs through themselves
 #   BENCH_TLS=1 tests/bench/run.sh   # both registries serve HTTPS themselves
 #   (a certificate from an authority made here with openssl; the clients verify it)
+#   BENCH_DIR=/mnt/bench tests/bench/run.sh   # both registries' data there (default
+#   /tmp; the other scripts here take it too). Push figures depend on the
+#   filesystem (docs/PERFORMANCE.md, "What a push costs in metadata"): the test
+#   machines' root is ext4 without a journal; a journaled one from an image:
+#   truncate -s 16G /work/bench.img && mkfs.ext4 -q /work/bench.img &&
+#   mkdir -p /mnt/bench && mount -o loop /work/bench.img /mnt/bench
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth/target}"
@@ -33,7 +39,8 @@ else
   BERTH="$CARGO_TARGET_DIR/release/berth"
 fi
 
-work=$(mktemp -d /tmp/berth-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-bench.XXXXXX")
+echo "data under $work ($(findmnt -no FSTYPE,SOURCE -T "$work"))"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT

@@ -26,7 +26,7 @@ WASM="$CARGO_TARGET_DIR/wasm-plugins/wasm32-wasip2/release"
 ROUNDS=${ROUNDS:-5}; WRK_SECS=${WRK_SECS:-10}; CONNS=${CONNS:-64}
 PORT=5181; RX=5182
 
-work=$(mktemp -d /tmp/berth-webhook.XXXXXX)
+work=$(mktemp -d "${BENCH_DIR:-/tmp}/berth-webhook.XXXXXX")
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
