@@ -1,9 +1,11 @@
 //! What each kind of metadata transaction a push makes costs in CPU, on the
 //! real store (no HTTP, no blob bytes): a pin, a blob link into a new
-//! repository (its first link), a link into one that exists, and a ping (the
-//! SDK's round trip alone). 350 of each per round (a round of the benchmark's
-//! 50 concurrent 5-layer pushes makes 350 pins and links), 50 at a time, on two
-//! worker threads like the server on this project's 2-core machines.
+//! repository (its first link), the same link again (repository and link
+//! exist: no reference counts move), and a ping (the SDK's round trip alone).
+//! 350 of each per round (a round of the benchmark's 50 concurrent 5-layer
+//! pushes pins 350 blobs and manifests, and makes 300 links and 50 manifest
+//! commits), 50 at a time, on two worker threads like the server on this
+//! project's 2-core machines.
 //!
 //! ```text
 //! cargo run --release -p berth-metadata --example txcost -- surrealkv:///tmp/txcost   # or mem://, ws://…
