@@ -484,6 +484,87 @@ async fn abandoned_uploads_expire() {
     assert!(gone, "session and staging should expire");
 }
 
+/// A full disk: the chunk that finds it is told so (`507`, not an opaque `500`),
+/// nothing of that chunk is kept, the session stays where it was, and once
+/// there is room again the upload goes on and the registry serves as before.
+/// Runs where the test may mount a small tmpfs (as root), on the filesystem
+/// store (`BERTH_TEST_STORAGE=s3` puts blobs elsewhere).
+#[tokio::test]
+async fn a_full_disk_is_told_and_keeps_nothing() {
+    if std::env::var("BERTH_TEST_STORAGE").as_deref() == Ok("s3") {
+        return;
+    }
+    let dir = TempDir::new("full");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mount = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"]).arg(&data).output();
+    if !mount.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no tmpfs can be mounted here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let mut s = Server::start_in(&data, &[]);
+    let c = client();
+    push_image(&c, &s, "full/disk", "v1", 5, json!({})).await;
+
+    // 64 MiB in 1 MiB chunks into 40 MiB: one chunk finds the disk full.
+    let big = bytes(3, 64 << 20);
+    let r = c.post(s.url("/v2/full/disk/blobs/uploads/")).send().await.unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let mut offset = 0;
+    let refused = loop {
+        assert!(offset < big.len(), "64 MiB fitted in a 40 MiB disk");
+        let end = offset + (1 << 20);
+        let r = c
+            .patch(s.url(&loc))
+            .header("content-range", format!("{offset}-{}", end - 1))
+            .body(big[offset..end].to_vec())
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 202 {
+            break r;
+        }
+        offset = end;
+    };
+    assert_eq!(refused.status(), 507);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE", "{body}");
+    assert!(body["errors"][0]["detail"].as_str().unwrap().contains("storage is full"), "{body}");
+    // The session is where the last acknowledged chunk left it.
+    let st = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(st.status(), 204);
+    assert_eq!(st.headers()["range"], format!("0-{}", offset - 1).as_str());
+    assert_eq!(c.get(s.url("/v2/full/disk/manifests/v1")).send().await.unwrap().status(), 200);
+
+    // Room again (the operator grows the disk): the upload resumes and completes.
+    let grown = std::process::Command::new("mount").args(["-o", "remount,size=200m"]).arg(&data).status().unwrap();
+    assert!(grown.success());
+    while offset < big.len() {
+        let end = offset + (1 << 20);
+        let r = c
+            .patch(s.url(&loc))
+            .header("content-range", format!("{offset}-{}", end - 1))
+            .body(big[offset..end].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{:?}", r.text().await);
+        offset = end;
+    }
+    let d = sha256(&big);
+    assert_eq!(c.put(s.url(&format!("{loc}?digest={d}"))).send().await.unwrap().status(), 201);
+    let got = c.get(s.url(&format!("/v2/full/disk/blobs/{d}"))).send().await.unwrap().bytes().await.unwrap();
+    assert!(got == big, "the blob reads back as pushed");
+    s.stop();
+}
+
 #[tokio::test]
 async fn bad_input_gets_spec_errors() {
     let dir = TempDir::new("bad");

@@ -137,6 +137,11 @@ pub(crate) fn internal<E: std::fmt::Display + 'static>(what: &str, e: E) -> Regi
     if matches!(any.downcast_ref::<StorageError>(), Some(e) if e.is_unavailable()) {
         return RegistryError::new(ErrorCode::Unavailable).with_detail(format!("{what} failed: the blob store did not answer; try again"));
     }
+    if matches!(any.downcast_ref::<StorageError>(), Some(e) if e.is_out_of_space()) {
+        return RegistryError::new(ErrorCode::Unavailable)
+            .with_status(507)
+            .with_detail(format!("{what} failed: the registry's storage is full; try again once space is freed"));
+    }
     RegistryError::internal().with_detail(format!("{what} failed"))
 }
 

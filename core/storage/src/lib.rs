@@ -103,6 +103,26 @@ impl StorageError {
         matches!(self, StorageError::Backend(e) if e.is_temporary() || e.is_persistent())
     }
 
+    /// Whether the store's disk is full (or the process's disk quota spent): an
+    /// operator's matter, told as such rather than as an opaque fault.
+    pub fn is_out_of_space(&self) -> bool {
+        fn full(e: &std::io::Error) -> bool {
+            matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = match self {
+            StorageError::Io(e) => Some(e),
+            StorageError::Backend(e) => Some(e),
+            _ => None,
+        };
+        while let Some(e) = cause {
+            if e.downcast_ref::<std::io::Error>().is_some_and(full) {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     fn from_dal(e: opendal::Error) -> Self {
         if e.kind() == ErrorKind::NotFound {
             StorageError::NotFound
@@ -971,6 +991,19 @@ fn local_worker(
 mod tests {
     use super::*;
     use berth_oci::DigestAlgorithm;
+
+    #[test]
+    fn a_full_disk_is_told_apart() {
+        // ENOSPC on Linux, where the tests run.
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        assert!(StorageError::Io(enospc()).is_out_of_space());
+        // OpenDAL's own error, carrying the file system's.
+        let dal = opendal::Error::new(ErrorKind::Unexpected, "write").set_source(enospc());
+        assert!(StorageError::Backend(dal).is_out_of_space());
+        assert!(!StorageError::Io(std::io::Error::other("disk on fire")).is_out_of_space());
+        assert!(!StorageError::Backend(opendal::Error::new(ErrorKind::Unexpected, "write")).is_out_of_space());
+        assert!(!StorageError::NotFound.is_out_of_space());
+    }
 
     fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
         futures::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p))).collect::<Vec<_>>())
