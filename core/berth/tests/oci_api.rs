@@ -517,21 +517,18 @@ async fn a_full_disk_is_told_and_keeps_nothing() {
     let big = bytes(3, 64 << 20);
     let r = c.post(s.url("/v2/full/disk/blobs/uploads/")).send().await.unwrap();
     let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let patch = |offset: usize| {
+        let end = offset + (1 << 20);
+        c.patch(s.url(&loc)).header("content-range", format!("{offset}-{}", end - 1)).body(big[offset..end].to_vec()).send()
+    };
     let mut offset = 0;
     let refused = loop {
         assert!(offset < big.len(), "64 MiB fitted in a 40 MiB disk");
-        let end = offset + (1 << 20);
-        let r = c
-            .patch(s.url(&loc))
-            .header("content-range", format!("{offset}-{}", end - 1))
-            .body(big[offset..end].to_vec())
-            .send()
-            .await
-            .unwrap();
+        let r = patch(offset).await.unwrap();
         if r.status() != 202 {
             break r;
         }
-        offset = end;
+        offset += 1 << 20;
     };
     assert_eq!(refused.status(), 507);
     let body: serde_json::Value = refused.json().await.unwrap();
@@ -547,16 +544,9 @@ async fn a_full_disk_is_told_and_keeps_nothing() {
     let grown = std::process::Command::new("mount").args(["-o", "remount,size=200m"]).arg(&data).status().unwrap();
     assert!(grown.success());
     while offset < big.len() {
-        let end = offset + (1 << 20);
-        let r = c
-            .patch(s.url(&loc))
-            .header("content-range", format!("{offset}-{}", end - 1))
-            .body(big[offset..end].to_vec())
-            .send()
-            .await
-            .unwrap();
+        let r = patch(offset).await.unwrap();
         assert_eq!(r.status(), 202, "{:?}", r.text().await);
-        offset = end;
+        offset += 1 << 20;
     }
     let d = sha256(&big);
     assert_eq!(c.put(s.url(&format!("{loc}?digest={d}"))).send().await.unwrap().status(), 201);
